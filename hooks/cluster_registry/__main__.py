@@ -1,0 +1,3 @@
+from cluster_registry.cli import main
+
+main()

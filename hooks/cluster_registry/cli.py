@@ -1,0 +1,51 @@
+"""The ``cluster-registry`` command line: one click group, each subcommand imported on first use."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from cluster_registry import __version__, logs
+
+# subcommand -> "module:attribute"; imported lazily so `webhook` never loads the GC's code and so on.
+COMMANDS = {
+    "webhook": "cluster_registry.webhook.cli:webhook",
+    "reconcile": "cluster_registry.reconcile.cli:reconcile",
+    "gc": "cluster_registry.gc.cli:gc",
+    "validate": "cluster_registry.install.validate:validate",
+    "preload": "cluster_registry.install.preload:preload",
+    "sideload": "cluster_registry.install.sideload:sideload",
+    "export": "cluster_registry.install.export:export",
+    "copy": "cluster_registry.oci.cli:copy",
+    # Beyond the fixed list: the registry's write gate and the webhook's certificate manager.
+    "gate": "cluster_registry.gate.cli:gate",
+    "certs": "cluster_registry.certs.cli:certs",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"auto_envvar_prefix": "CLUSTER_REGISTRY"})
+@click.version_option(__version__)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--log-level", default="INFO", show_default=True)
+def cli(log_format: str, log_level: str) -> None:
+    """In-cluster image registry for Kubernetes."""
+    logs.setup(log_format, log_level)
+
+
+def main() -> None:
+    cli()
