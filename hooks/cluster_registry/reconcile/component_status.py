@@ -1,0 +1,150 @@
+"""The component reconciler's pure core: which Artifacts a Component wants, and its status.
+
+No I/O; ``now`` is passed in. Status shape (``ready: "3/4"``, per-image states and a standard ``Ready``
+condition with ``observedGeneration``) is what kstatus (Flux) and an Argo CD health check read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from cluster_registry import reference
+from cluster_registry.api import API_VERSION, LABEL_MANAGED_BY, ComponentStatus, Condition, ImageStatus, Phase
+from cluster_registry.errors import InvalidReferenceError
+from cluster_registry.reconcile.status import READY, condition, set_condition
+
+LABEL_COMPONENT = "clusterregistry.io/component"
+MANAGED_BY = "cluster-registry"
+
+
+@dataclass(frozen=True)
+class Desired:
+    """The Artifacts a Component wants (by normalised source) and the image strings that do not parse."""
+
+    sources: tuple[str, ...]
+    invalid: tuple[tuple[str, str], ...] = ()  # (image as written, why)
+
+
+def desired(listed: Iterable[str], from_chart: Iterable[str] = ()) -> Desired:
+    """Normalise and deduplicate ``spec.images`` plus the chart's images, first-seen order."""
+    sources: dict[str, None] = {}
+    invalid: dict[str, str] = {}
+    for image in [*listed, *from_chart]:
+        try:
+            sources.setdefault(reference.normalize(image.strip()), None)
+        except InvalidReferenceError as err:
+            invalid.setdefault(image, err.message)
+    return Desired(tuple(sources), tuple(invalid.items()))
+
+
+def owner_reference(component: Mapping[str, Any]) -> dict[str, Any]:
+    meta = component["metadata"]
+    return {"apiVersion": API_VERSION, "kind": "Component", "name": meta["name"], "uid": meta["uid"]}
+
+
+def artifact_body(component: Mapping[str, Any], source: str, pull_secrets: Iterable[str]) -> dict[str, Any]:
+    """A new Artifact for ``source``, owned by ``component``."""
+    meta = component["metadata"]
+    spec: dict[str, Any] = {"sourceArtifact": source}
+    secrets = list(dict.fromkeys(pull_secrets))
+    if secrets:
+        spec["pullSecrets"] = secrets
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Artifact",
+        "metadata": {
+            "name": reference.artifact_name(source),
+            "namespace": meta["namespace"],
+            "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: meta["name"]},
+            "ownerReferences": [owner_reference(component)],
+        },
+        "spec": spec,
+    }
+
+
+def pull_secrets(spec: Mapping[str, Any]) -> list[str]:
+    """The Component's pull secrets for its images: ``spec.pullSecrets`` then ``spec.chart.pullSecrets``."""
+    chart = spec.get("chart") or {}
+    names = [*(spec.get("pullSecrets") or []), *(chart.get("pullSecrets") or [])]
+    return [n for n in dict.fromkeys(names) if isinstance(n, str) and n]
+
+
+def owners_adding(artifact: Mapping[str, Any], component: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The Artifact's ownerReferences with ``component`` added, or None when it is already an owner."""
+    refs = list((artifact.get("metadata") or {}).get("ownerReferences") or [])
+    uid = component["metadata"]["uid"]
+    if any(r.get("uid") == uid for r in refs):
+        return None
+    return [*refs, owner_reference(component)]
+
+
+def owners_removing(artifact: Mapping[str, Any], component_uid: str) -> list[dict[str, Any]] | None:
+    """The Artifact's ownerReferences without the component, or None when it is not an owner."""
+    refs = list((artifact.get("metadata") or {}).get("ownerReferences") or [])
+    kept = [r for r in refs if r.get("uid") != component_uid]
+    return None if len(kept) == len(refs) else kept
+
+
+def component_owners(artifact: Mapping[str, Any]) -> list[str]:
+    """Names of the Components owning an Artifact (same namespace, by ownerReference)."""
+    refs = (artifact.get("metadata") or {}).get("ownerReferences") or []
+    return [str(r["name"]) for r in refs if r.get("kind") == "Component" and str(r.get("apiVersion", "")).startswith("clusterregistry.io/")]
+
+
+def image_state(source: str, artifact: Mapping[str, Any] | None) -> ImageStatus:
+    name = reference.artifact_name(source)
+    if artifact is None:
+        return ImageStatus(sourceArtifact=source, artifact=name, phase=Phase.PENDING.value, message="Artifact not created yet")
+    status = artifact.get("status") or {}
+    phase = str(status.get("phase") or Phase.PENDING.value)
+    ready = condition(status.get("conditions"), READY) or {}
+    out = ImageStatus(sourceArtifact=source, artifact=name, phase=phase)
+    if phase != Phase.READY and ready.get("message"):
+        out["message"] = str(ready["message"])
+    return out
+
+
+def compute_status(
+    current: Mapping[str, Any],
+    generation: int,
+    want: Desired,
+    artifacts: Mapping[str, Mapping[str, Any]],
+    now: float,
+    render_error: str | None = None,
+) -> ComponentStatus:
+    """The Component's status from its desired sources and the Artifacts (by name) in its namespace."""
+    images = [image_state(s, artifacts.get(reference.artifact_name(s))) for s in want.sources]
+    for image, why in want.invalid:
+        images.append(ImageStatus(sourceArtifact=image, artifact="", phase=Phase.FAILED.value, message=why))
+    total = len(images)
+    ready_count = sum(1 for i in images if i["phase"] == Phase.READY)
+    phases = {i["phase"] for i in images}
+    status_value: Any
+    if render_error is not None:
+        status_value, reason, message = "False", "ChartRenderFailed", render_error
+    elif want.invalid:
+        image, why = want.invalid[0]
+        status_value, reason, message = "False", "InvalidImage", why
+    elif total == 0:
+        status_value, reason, message = "True", "NoImages", "the Component lists no images"
+    elif ready_count == total:
+        status_value, reason, message = "True", "AllReady", f"all {total} images are in the cluster registry"
+    elif Phase.FAILED in phases:
+        failed = next(i for i in images if i["phase"] == Phase.FAILED)
+        status_value, reason = "False", "ArtifactFailed"
+        message = f"{ready_count}/{total} ready; {failed['sourceArtifact']}: {failed.get('message', 'failed')}"
+    elif Phase.DEFERRED in phases:
+        status_value, reason = "False", "Deferred"
+        message = f"{ready_count}/{total} ready; copies wait for the garbage-collection read-only window to end"
+    else:
+        status_value, reason, message = "False", "Progressing", f"{ready_count}/{total} images ready"
+    conditions: list[Condition] = set_condition(
+        current.get("conditions"), READY, status_value, reason, message, now, generation
+    )
+    return ComponentStatus(
+        observedGeneration=generation,
+        ready=f"{ready_count}/{total}",
+        images=images,
+        conditions=conditions,
+    )
