@@ -1,0 +1,1 @@
+"""The pod mutating admission webhook: pure core (``mutate``), Artifact view, recorder, server."""

@@ -1,0 +1,102 @@
+"""``cluster-registry webhook``: serve the pod mutating admission webhook."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import click
+from prometheus_client import CollectorRegistry
+
+from cluster_registry.errors import ConfigError
+from cluster_registry.webhook.mutate import Mutator, Policy, Settings
+from cluster_registry.webhook.recorder import KubeArtifactApi, Recorder
+from cluster_registry.webhook.server import TlsFiles, Webhook, serve_forever
+from cluster_registry.webhook.view import ArtifactView, KubeArtifactSource
+
+log = logging.getLogger(__name__)
+
+
+def split_host_port(text: str, default_port: int = 8443) -> tuple[str, int]:
+    """``HOST:PORT``, ``[v6]:PORT``, or a bare host (default port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    try:
+        return host or "0.0.0.0", int(port) if port else default_port
+    except ValueError as err:
+        raise ConfigError(f"bad address {text!r}: the port must be a number") from err
+
+
+@click.command()
+@click.option("--listen", default="0.0.0.0:8443", show_default=True, help="HOST:PORT to serve HTTPS on.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate chain (reloaded on change).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key (reloaded on change).")
+@click.option("--registry-host", required=True, help="The cluster registry as nodes pull from it (HOST:PORT).")
+@click.option(
+    "--rewrite-policy",
+    type=click.Choice([p.value for p in Policy]),
+    default=Policy.WHEN_READY.value,
+    show_default=True,
+    help="WhenReady: rewrite once the Artifact is Ready; Always: rewrite unconditionally.",
+)
+@click.option("--exclude-registry", multiple=True, help="Source registry never rewritten (repeatable; *.domain ok).")
+@click.option("--allow-registry", multiple=True, help="Only rewrite these source registries (repeatable).")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="Default: in-cluster, then $KUBECONFIG.")
+@click.option(
+    "--namespace",
+    envvar=["CLUSTER_REGISTRY_WEBHOOK_NAMESPACE", "POD_NAMESPACE"],
+    default="",
+    help="The release namespace.",
+)
+@click.option("--tls-reload-interval", default=5.0, show_default=True, help="Seconds between TLS file checks.")
+@click.option("--batch-interval", default=0.2, show_default=True, help="Seconds to batch Artifact writes.")
+@click.option(
+    "--offline",
+    is_flag=True,
+    hidden=True,
+    help="No API server: nothing is Ready and no Artifact is written (benchmarks, local trials).",
+)
+@click.option("--insecure-http", is_flag=True, hidden=True, help="Serve plain HTTP (tests only).")
+def webhook(
+    listen: str,
+    tls_cert: str | None,
+    tls_key: str | None,
+    registry_host: str,
+    rewrite_policy: str,
+    exclude_registry: tuple[str, ...],
+    allow_registry: tuple[str, ...],
+    kubeconfig: str | None,
+    namespace: str,
+    tls_reload_interval: float,
+    batch_interval: float,
+    offline: bool,
+    insecure_http: bool,
+) -> None:
+    """Serve the pod mutating admission webhook (AdmissionReview v1 on /mutate)."""
+    host, port = split_host_port(listen)
+    if not insecure_http and not (tls_cert and tls_key):
+        raise click.UsageError("--tls-cert and --tls-key are required (the API server only calls HTTPS)")
+    settings = Settings.build(registry_host, rewrite_policy, exclude_registry, allow_registry)
+    if offline:
+        view = ArtifactView(None)
+        recorder = Recorder(None, view)
+    else:
+        from cluster_registry.kube import api_client
+
+        client = api_client(kubeconfig)
+        view = ArtifactView(KubeArtifactSource(client))
+        recorder = Recorder(KubeArtifactApi(client), view, batch_interval=batch_interval)
+    hook = Webhook(
+        mutator=Mutator(settings),
+        view=view,
+        recorder=recorder,
+        tls=None if insecure_http else TlsFiles(str(tls_cert), str(tls_key)),
+        registry=CollectorRegistry(),
+    )
+    asyncio.run(serve_forever(hook, host, port, tls_reload_interval))

@@ -1,0 +1,275 @@
+"""The webhook's pure core: an AdmissionReview in, the response and the Artifacts to ensure out.
+
+No I/O and no clock: the caller passes the request body (already decoded from JSON), a view of
+which Artifacts are Ready, and gets back an :class:`Outcome`. Everything that touches the API server
+(creating Artifacts, resolving owners, reading service accounts) happens elsewhere, off the request
+path, from the :class:`Intent` values this module returns.
+
+What is rewritten: every image in ``initContainers``, ``containers`` and ``ephemeralContainers`` of
+a pod on CREATE, and the *new* ephemeral containers on an UPDATE of the ``pods/ephemeralcontainers``
+subresource (the API server refuses changes to ephemeral containers that already exist). The target
+is ``str(reference.rewrite(parse(image), registry_host))``.
+
+What is never rewritten: references already in the cluster registry, excluded registries, sources
+outside a non-empty allow-list, mirror pods, and pods labelled ``clusterregistry.io/skip: "true"``.
+Under ``WhenReady`` an image is rewritten only when the Artifact for its source in the pod's
+namespace is Ready; either way the Artifact is asked for (unless the request is a dry run).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import lru_cache
+from typing import Any, Protocol
+
+from cluster_registry import reference
+from cluster_registry.api import LABEL_OPT_OUT
+from cluster_registry.errors import InvalidReferenceError
+
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
+CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")
+REVIEW_VERSIONS = frozenset({"admission.k8s.io/v1", "admission.k8s.io/v1beta1"})
+INTERNAL_ERROR_WARNING = "cluster-registry webhook: internal error, pod admitted unchanged"
+
+
+class Policy(str, Enum):
+    WHEN_READY = "WhenReady"
+    ALWAYS = "Always"
+
+
+class Skip(str, Enum):
+    """Why an image (or a whole request) was left alone; the label of the skips metric."""
+
+    LOCAL = "local"  # already points at the cluster registry
+    EXCLUDED = "excluded"  # on the exclusion list
+    NOT_ALLOWED = "not-allowed"  # outside a non-empty allow-list
+    INVALID = "invalid-reference"  # does not parse (the kubelet will fail it, not us)
+    NOT_READY = "not-ready"  # WhenReady and the Artifact is not Ready (yet)
+    MIRROR = "mirror-pod"
+    OPT_OUT = "opt-out"
+    OPERATION = "operation"  # not a pod CREATE / pods/ephemeralcontainers UPDATE
+    ERROR = "internal-error"
+
+
+class BadRequest(ValueError):
+    """The body is not an AdmissionReview with a request: answered with HTTP 400."""
+
+
+class ReadinessView(Protocol):
+    def is_ready(self, namespace: str, source: str) -> bool:
+        """Whether the Artifact for normalised ``source`` in ``namespace`` is Ready."""
+
+
+class NothingReady:
+    """A view in which no Artifact is Ready (for tests and for the ``Always`` policy)."""
+
+    def is_ready(self, namespace: str, source: str) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class Settings:
+    registry_host: str
+    policy: Policy = Policy.WHEN_READY
+    exclude: frozenset[str] = frozenset()  # registry hosts; "*.example.com" matches subdomains
+    allow: frozenset[str] = frozenset()  # empty: every source registry
+
+    @staticmethod
+    def build(
+        registry_host: str,
+        policy: Policy | str = Policy.WHEN_READY,
+        exclude: tuple[str, ...] | list[str] = (),
+        allow: tuple[str, ...] | list[str] = (),
+    ) -> Settings:
+        return Settings(
+            registry_host=registry_host.strip().lower(),
+            policy=Policy(policy),
+            exclude=frozenset(_norm_host(h) for h in exclude if h.strip()),
+            allow=frozenset(_norm_host(h) for h in allow if h.strip()),
+        )
+
+
+def _norm_host(host: str) -> str:
+    host = host.strip().lower().rstrip("/")
+    return reference.DOCKER_HUB if host in ("index.docker.io", "registry-1.docker.io") else host
+
+
+def _host_matches(host: str, patterns: frozenset[str]) -> bool:
+    if host in patterns:
+        return True
+    bare = host.partition(":")[0] if not host.startswith("[") else host
+    if bare in patterns:
+        return True
+    return any(p.startswith("*.") and bare.endswith(p[1:]) for p in patterns)
+
+
+@dataclass(frozen=True)
+class Owner:
+    api_version: str
+    kind: str
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class Intent:
+    """Make sure the Artifact for ``source`` exists in ``namespace`` and records this pod's use."""
+
+    namespace: str
+    source: str  # normalised
+    pull_secrets: tuple[str, ...] = ()  # the pod's own imagePullSecrets
+    service_account: str = "default"  # whose imagePullSecrets are added off the request path
+    owner: Owner | None = None  # the pod's controller (resolved to the top owner later), or the pod
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One image string classified: either a skip reason, or its source and rewrite target."""
+
+    source: str = ""
+    target: str = ""
+    skip: Skip | None = None
+
+
+@dataclass
+class Outcome:
+    review: dict[str, Any]  # the AdmissionReview to answer with
+    intents: frozenset[Intent] = frozenset()
+    rewrites: int = 0
+    skips: Counter[str] = field(default_factory=Counter)
+    error: BaseException | None = None  # an internal error (already turned into "allowed")
+
+
+class Mutator:
+    """The admission decision for one set of settings. Image classifications are memoised."""
+
+    def __init__(self, settings: Settings, cache_size: int = 16384) -> None:
+        self.settings = settings
+        self.classify = lru_cache(maxsize=cache_size)(self._classify)
+
+    def _classify(self, image: str) -> Plan:
+        s = self.settings
+        try:
+            ref = reference.parse(image)
+        except InvalidReferenceError:
+            return Plan(skip=Skip.INVALID)
+        host = ref.host.lower()
+        if host == s.registry_host:
+            return Plan(skip=Skip.LOCAL)
+        if s.exclude and _host_matches(host, s.exclude):
+            return Plan(skip=Skip.EXCLUDED)
+        if s.allow and not _host_matches(host, s.allow):
+            return Plan(skip=Skip.NOT_ALLOWED)
+        try:
+            target = str(reference.rewrite(ref, s.registry_host))
+            reference.parse(target)  # the rewritten name must stay a valid reference (length)
+        except (InvalidReferenceError, ValueError):
+            return Plan(skip=Skip.INVALID)
+        return Plan(source=str(ref), target=target)
+
+    def review(self, body: Any, view: ReadinessView) -> Outcome:
+        """Decide on ``body`` (a decoded AdmissionReview). Raises BadRequest for anything else."""
+        if not isinstance(body, dict) or body.get("kind") != "AdmissionReview":
+            raise BadRequest("body is not an AdmissionReview")
+        api_version = body.get("apiVersion")
+        if api_version not in REVIEW_VERSIONS:
+            raise BadRequest(f"unsupported AdmissionReview apiVersion {api_version!r}")
+        request = body.get("request")
+        if not isinstance(request, dict) or not isinstance(request.get("uid"), str):
+            raise BadRequest("AdmissionReview without a request uid")
+        uid: str = request["uid"]
+        try:
+            return self._review(api_version, uid, request, view)
+        except Exception as err:  # never block the cluster: allowed, unchanged, with a warning
+            response = {"uid": uid, "allowed": True, "warnings": [INTERNAL_ERROR_WARNING]}
+            out = Outcome(review=_envelope(api_version, response), error=err)
+            out.skips[Skip.ERROR.value] += 1
+            return out
+
+    def _review(self, api_version: str, uid: str, request: dict[str, Any], view: ReadinessView) -> Outcome:
+        response: dict[str, Any] = {"uid": uid, "allowed": True}
+        out = Outcome(review=_envelope(api_version, response))
+        fields, known = _scope(request)
+        pod = request.get("object")
+        if fields is None or not isinstance(pod, dict):
+            out.skips[Skip.OPERATION.value] += 1
+            return out
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if labels.get(LABEL_OPT_OUT) == "true":
+            out.skips[Skip.OPT_OUT.value] += 1
+            return out
+        if MIRROR_ANNOTATION in (meta.get("annotations") or {}):
+            out.skips[Skip.MIRROR.value] += 1
+            return out
+        spec = pod.get("spec") or {}
+        namespace = request.get("namespace") or meta.get("namespace") or "default"
+        always = self.settings.policy is Policy.ALWAYS
+        ops: list[dict[str, str]] = []
+        sources: set[str] = set()
+        for name in fields:
+            containers = spec.get(name)
+            if not containers:
+                continue
+            for i, container in enumerate(containers):
+                if known and container.get("name") in known:
+                    continue  # an existing ephemeral container: immutable
+                image = container.get("image")
+                if not isinstance(image, str):
+                    out.skips[Skip.INVALID.value] += 1
+                    continue
+                plan = self.classify(image)
+                if plan.skip is not None:
+                    out.skips[plan.skip.value] += 1
+                    continue
+                sources.add(plan.source)
+                if always or view.is_ready(namespace, plan.source):
+                    ops.append({"op": "replace", "path": f"/spec/{name}/{i}/image", "value": plan.target})
+                else:
+                    out.skips[Skip.NOT_READY.value] += 1
+        if ops:
+            response["patchType"] = "JSONPatch"
+            response["patch"] = base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode()
+            out.rewrites = len(ops)
+        if sources and not request.get("dryRun"):
+            secrets = tuple(
+                sorted({s["name"] for s in spec.get("imagePullSecrets") or () if isinstance(s, dict) and s.get("name")})
+            )
+            sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+            owner = _controller(meta)
+            out.intents = frozenset(Intent(namespace, src, secrets, sa, owner) for src in sources)
+        return out
+
+
+def _envelope(api_version: str, response: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": api_version, "kind": "AdmissionReview", "response": response}
+
+
+def _scope(request: dict[str, Any]) -> tuple[tuple[str, ...] | None, frozenset[str]]:
+    """Which container lists to look at, and the names of containers that must not change."""
+    resource = request.get("resource") or {}
+    if resource.get("resource") != "pods" or resource.get("group", ""):
+        return None, frozenset()
+    sub = request.get("subResource") or ""
+    op = request.get("operation")
+    if op == "CREATE" and sub == "":
+        return CONTAINER_FIELDS, frozenset()
+    if op == "UPDATE" and sub == "ephemeralcontainers":
+        old = request.get("oldObject") or {}
+        existing = (old.get("spec") or {}).get("ephemeralContainers") or ()
+        return ("ephemeralContainers",), frozenset(str(c.get("name")) for c in existing if isinstance(c, dict))
+    return None, frozenset()
+
+
+def _controller(meta: dict[str, Any]) -> Owner | None:
+    for ref in meta.get("ownerReferences") or ():
+        if isinstance(ref, dict) and ref.get("controller") is True:
+            return Owner(str(ref.get("apiVersion", "")), str(ref.get("kind", "")), str(ref.get("name", "")), str(ref.get("uid", "")))
+    name = meta.get("name")
+    if name:  # a bare pod owns itself; its uid is not known at admission time
+        return Owner("v1", "Pod", str(name), str(meta.get("uid") or ""))
+    return None

@@ -1,0 +1,392 @@
+"""Makes sure an Artifact exists for every image the webhook admits, off the request path.
+
+The request path only calls :meth:`Recorder.submit`, which deduplicates the pod's intents against
+what is pending and what was recently written (dict lookups, no I/O). A background task takes the
+pending intents in batches and, in a worker thread (the Kubernetes client blocks), resolves each
+pod's top controlling owner (Pod -> ReplicaSet -> Deployment, Job -> CronJob; cached by uid) and its
+service account's imagePullSecrets (cached for a while), then creates the Artifact, or merges the
+missing owners and pull secrets into it. An Artifact that the watch-fed view already shows with
+everything in it costs no write, so a rollout of 1,000 pods of one Deployment writes once per image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cluster_registry import api, reference
+from cluster_registry.webhook.mutate import Intent, Owner
+from cluster_registry.webhook.view import ArtifactState, ArtifactView, state_of
+
+log = logging.getLogger(__name__)
+MAX_OWNER_DEPTH = 6
+
+
+class Conflict(Exception):
+    """409 from the API server: the object exists, or changed since it was read."""
+
+
+class ArtifactApi(Protocol):
+    """The blocking API calls the recorder needs (a Kubernetes implementation and test fakes)."""
+
+    def get_artifact(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    def create_artifact(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def patch_artifact(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]: ...
+
+    def controller_of(self, namespace: str, owner: Owner) -> Owner | None:
+        """The controlling owner of ``owner`` (None: it is the top, or it cannot be read)."""
+
+    def service_account_secrets(self, namespace: str, name: str) -> list[str]: ...
+
+
+@dataclass
+class Stats:
+    submitted: int = 0
+    deduplicated: int = 0
+    creates: int = 0
+    patches: int = 0
+    unchanged: int = 0
+    errors: int = 0
+    api_reads: int = 0
+
+
+def owner_dict(owner: Owner) -> dict[str, str]:
+    return {"apiVersion": owner.api_version, "kind": owner.kind, "name": owner.name, "uid": owner.uid}
+
+
+def _owner_id(o: dict[str, Any]) -> tuple[str, ...]:
+    return (str(o.get("uid")),) if o.get("uid") else (str(o.get("kind")), str(o.get("name")))
+
+
+def artifact_body(namespace: str, source: str, owners: list[dict[str, str]], secrets: list[str]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"sourceArtifact": source}
+    if secrets:
+        spec["pullSecrets"] = sorted(secrets)
+    if owners:
+        spec["owners"] = owners
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": "Artifact",
+        "metadata": {
+            "name": reference.artifact_name(source),
+            "namespace": namespace,
+            "labels": {api.LABEL_MANAGED_BY: "cluster-registry"},
+        },
+        "spec": spec,
+    }
+
+
+def merge(
+    state: ArtifactState, owners: list[dict[str, str]], secrets: set[str]
+) -> dict[str, Any] | None:
+    """The merge patch adding what ``state`` lacks (guarded by its resourceVersion), or None."""
+    have = {_owner_id(o) for o in state.owners}
+    new_owners = [o for o in owners if _owner_id(o) not in have]
+    new_secrets = secrets - state.pull_secrets
+    if not new_owners and not new_secrets:
+        return None
+    spec: dict[str, Any] = {}
+    if new_owners:
+        spec["owners"] = [dict(o) for o in state.owners] + new_owners
+    if new_secrets:
+        spec["pullSecrets"] = sorted(state.pull_secrets | new_secrets)
+    return {"metadata": {"resourceVersion": state.resource_version}, "spec": spec}
+
+
+class Recorder:
+    def __init__(
+        self,
+        kube: ArtifactApi | None,
+        view: ArtifactView,
+        batch_interval: float = 0.2,
+        recent_ttl: float = 60.0,
+        sa_ttl: float = 60.0,
+        max_recent: int = 100_000,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.kube = kube
+        self.view = view
+        self.batch_interval = batch_interval
+        self.recent_ttl = recent_ttl
+        self.sa_ttl = sa_ttl
+        self.max_recent = max_recent
+        self.clock = clock
+        self.stats = Stats()
+        self._pending: set[Intent] = set()
+        self._recent: OrderedDict[Intent, float] = OrderedDict()
+        self._owners: OrderedDict[str, Owner] = OrderedDict()  # uid -> top owner
+        self._sa: dict[tuple[str, str], tuple[float, list[str]]] = {}
+        self._wake: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+
+    # -- request path
+    def submit(self, intents: Iterable[Intent]) -> None:
+        if self.kube is None:
+            return
+        now = self.clock()
+        added = False
+        for intent in intents:
+            self.stats.submitted += 1
+            if intent in self._pending:
+                self.stats.deduplicated += 1
+                continue
+            seen = self._recent.get(intent)
+            if seen is not None and (
+                now - seen < self.recent_ttl or self.view.get(intent.namespace, intent.source) is not None
+            ):
+                self.stats.deduplicated += 1
+                continue
+            self._pending.add(intent)
+            added = True
+        if added and self._wake is not None:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # -- background
+    async def run(self) -> None:
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        if self._pending:
+            self._wake.set()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._idle.clear()
+            await asyncio.sleep(self.batch_interval)  # let a burst of admissions accumulate
+            batch, self._pending = self._pending, set()
+            failed, done = await asyncio.to_thread(self.flush, batch)
+            self.remember(done)
+            if failed:
+                self._pending |= failed
+                await asyncio.sleep(min(5.0, self.batch_interval * 10))
+                self._wake.set()
+            if not self._pending:
+                self._idle.set()
+
+    async def drained(self, timeout: float = 10.0) -> bool:
+        """Wait until nothing is pending (for tests and graceful shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._pending and (self._idle is None or self._idle.is_set()):
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    def remember(self, done: Iterable[Intent]) -> None:
+        """Note intents as recently written (on the event loop's thread, like ``submit``)."""
+        now = self.clock()
+        for intent in done:
+            self._recent[intent] = now
+            self._recent.move_to_end(intent)
+        while len(self._recent) > self.max_recent:
+            self._recent.popitem(last=False)
+
+    def flush(self, batch: set[Intent]) -> tuple[set[Intent], list[Intent]]:
+        """Write what ``batch`` needs (blocking); return the intents that failed and those done."""
+        assert self.kube is not None
+        groups: dict[tuple[str, str], list[Intent]] = {}
+        for intent in batch:
+            groups.setdefault((intent.namespace, intent.source), []).append(intent)
+        failed: set[Intent] = set()
+        done: list[Intent] = []
+        for (namespace, source), intents in sorted(groups.items()):
+            try:
+                owners: dict[tuple[str, ...], dict[str, str]] = {}
+                secrets: set[str] = set()
+                for intent in intents:
+                    secrets.update(intent.pull_secrets)
+                    secrets.update(self._sa_secrets(namespace, intent.service_account))
+                    if intent.owner is not None:
+                        top = owner_dict(self._top_owner(namespace, intent.owner))
+                        owners.setdefault(_owner_id(top), top)
+                self._ensure(namespace, source, sorted(owners.values(), key=_owner_id), secrets)
+            except Exception as err:  # noqa: BLE001 - retried with the next batch
+                self.stats.errors += 1
+                log.warning("recording Artifact for %s in %s failed: %s", source, namespace, err)
+                failed.update(intents)
+                continue
+            done.extend(intents)
+        return failed, done
+
+    def _ensure(self, namespace: str, source: str, owners: list[dict[str, str]], secrets: set[str]) -> None:
+        assert self.kube is not None
+        name = reference.artifact_name(source)
+        state = self.view.get(namespace, source)
+        for _attempt in range(4):
+            if state is None:
+                try:
+                    self.kube.create_artifact(namespace, artifact_body(namespace, source, owners, sorted(secrets)))
+                    self.stats.creates += 1
+                    log.info("created Artifact %s/%s for %s", namespace, name, source)
+                    return
+                except Conflict:
+                    pass
+                state = self._read(namespace, name)
+                continue
+            patch = merge(state, owners, secrets)
+            if patch is None:
+                self.stats.unchanged += 1
+                return
+            try:
+                self.kube.patch_artifact(namespace, state.name, patch)
+                self.stats.patches += 1
+                return
+            except Conflict:
+                state = self._read(namespace, name)
+        raise RuntimeError(f"Artifact {namespace}/{name} kept changing under us")
+
+    def _read(self, namespace: str, name: str) -> ArtifactState | None:
+        assert self.kube is not None
+        self.stats.api_reads += 1
+        obj = self.kube.get_artifact(namespace, name)
+        keyed = state_of(obj) if obj is not None else None
+        return keyed[1] if keyed else None
+
+    def _top_owner(self, namespace: str, owner: Owner) -> Owner:
+        assert self.kube is not None
+        if not owner.uid or owner.kind == "Pod":
+            return owner
+        cached = self._owners.get(owner.uid)
+        if cached is not None:
+            return cached
+        top = owner
+        for _ in range(MAX_OWNER_DEPTH):
+            self.stats.api_reads += 1
+            parent = self.kube.controller_of(namespace, top)
+            if parent is None:
+                break
+            top = parent
+        self._owners[owner.uid] = top
+        while len(self._owners) > 10_000:
+            self._owners.popitem(last=False)
+        return top
+
+    def _sa_secrets(self, namespace: str, name: str) -> list[str]:
+        assert self.kube is not None
+        now = self.clock()
+        hit = self._sa.get((namespace, name))
+        if hit is not None and now - hit[0] < self.sa_ttl:
+            return hit[1]
+        self.stats.api_reads += 1
+        secrets = self.kube.service_account_secrets(namespace, name)
+        self._sa[(namespace, name)] = (now, secrets)
+        return secrets
+
+
+def _as_dict(obj: object) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise TypeError(f"expected a JSON object from the API server, got {type(obj).__name__}")
+    return obj
+
+
+class KubeArtifactApi:
+    """:class:`ArtifactApi` over the Kubernetes Python client."""
+
+    # kind -> (API class, read method) for the controllers whose owners we follow
+    _READERS = {
+        ("apps/v1", "ReplicaSet"): ("AppsV1Api", "read_namespaced_replica_set"),
+        ("apps/v1", "Deployment"): ("AppsV1Api", "read_namespaced_deployment"),
+        ("apps/v1", "StatefulSet"): ("AppsV1Api", "read_namespaced_stateful_set"),
+        ("apps/v1", "DaemonSet"): ("AppsV1Api", "read_namespaced_daemon_set"),
+        ("batch/v1", "Job"): ("BatchV1Api", "read_namespaced_job"),
+        ("batch/v1", "CronJob"): ("BatchV1Api", "read_namespaced_cron_job"),
+    }
+
+    def __init__(self, api_client: Any) -> None:
+        from kubernetes import client
+
+        self.client = client
+        self.api_client = api_client
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+
+    def _status(self, err: Exception) -> int:
+        return int(getattr(err, "status", 0) or 0)
+
+    def get_artifact(self, namespace: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            got = self.custom.get_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, api.ARTIFACTS, name, _request_timeout=10
+            )
+            return _as_dict(got)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def create_artifact(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            got = self.custom.create_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, api.ARTIFACTS, body, _request_timeout=10
+            )
+            return _as_dict(got)
+        except ApiException as err:
+            if err.status == 409:
+                raise Conflict(str(err.reason)) from err
+            raise
+
+    def patch_artifact(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            got = self.custom.patch_namespaced_custom_object(
+                api.GROUP,
+                api.VERSION,
+                namespace,
+                api.ARTIFACTS,
+                name,
+                patch,
+                _content_type="application/merge-patch+json",
+                _request_timeout=10,
+            )
+            return _as_dict(got)
+        except ApiException as err:
+            if err.status == 409:
+                raise Conflict(str(err.reason)) from err
+            raise
+
+    def controller_of(self, namespace: str, owner: Owner) -> Owner | None:
+        from kubernetes.client.exceptions import ApiException
+
+        reader = self._READERS.get((owner.api_version, owner.kind))
+        if reader is None:
+            return None
+        api_class, method = reader
+        try:
+            obj = getattr(getattr(self.client, api_class)(self.api_client), method)(
+                owner.name, namespace, _request_timeout=10
+            )
+        except ApiException as err:
+            if err.status in (403, 404):
+                return None
+            raise
+        for ref in obj.metadata.owner_references or ():
+            if ref.controller:
+                return Owner(ref.api_version, ref.kind, ref.name, ref.uid)
+        return None
+
+    def service_account_secrets(self, namespace: str, name: str) -> list[str]:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            sa = self.core.read_namespaced_service_account(name, namespace, _request_timeout=10)
+        except ApiException as err:
+            if err.status in (403, 404):
+                return []
+            raise
+        return sorted({s.name for s in sa.image_pull_secrets or () if s.name})

@@ -1,0 +1,219 @@
+"""The webhook's HTTPS server (aiohttp): ``/mutate``, ``/healthz``, ``/readyz``, ``/metrics``.
+
+TLS 1.2 or newer; the certificate and key files are polled and, when their contents change and the
+new pair loads, swapped into the live SSL context so new connections get the new certificate with no
+restart (a Secret volume's atomic symlink swap, cert-manager, or ``certs`` renewing the Secret).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import signal
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from cluster_registry.webhook.mutate import BadRequest, Mutator, Skip
+from cluster_registry.webhook.recorder import Recorder
+from cluster_registry.webhook.view import ArtifactView
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class TlsFiles:
+    """A server SSL context whose certificate follows the files ``cert`` and ``key``."""
+
+    def __init__(self, cert: str, key: str) -> None:
+        self.cert = cert
+        self.key = key
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.set_alpn_protocols(["http/1.1"])
+        self.fingerprint = ""
+        self.reloads = 0
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.fingerprint)
+
+    def _read(self) -> tuple[bytes, bytes]:
+        with open(self.cert, "rb") as c, open(self.key, "rb") as k:
+            return c.read(), k.read()
+
+    def reload_if_changed(self) -> bool:
+        """Load the files if they changed and form a valid pair; True if the certificate changed."""
+        cert, key = self._read()
+        fingerprint = hashlib.sha256(cert + b"\0" + key).hexdigest()
+        if fingerprint == self.fingerprint:
+            return False
+        trial = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        trial.load_cert_chain(self.cert, self.key)  # raises on a half-written or mismatched pair
+        self.context.load_cert_chain(self.cert, self.key)
+        first = not self.fingerprint
+        self.fingerprint = fingerprint
+        self.reloads += 1
+        log.info("TLS certificate %s", "loaded" if first else "reloaded", extra={"sha256": fingerprint[:16]})
+        return True
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.reload_if_changed()
+            except (OSError, ssl.SSLError) as err:
+                log.warning("TLS files not reloaded (keeping the current certificate): %s", err)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, recorder: Recorder, view: ArtifactView) -> None:
+        p = "cluster_registry_webhook"
+        self.requests = Counter(f"{p}_requests", "AdmissionReview requests by result", ["result"], registry=registry)
+        self.latency = Histogram(
+            f"{p}_request_duration_seconds", "Time to answer /mutate", buckets=BUCKETS, registry=registry
+        )
+        self.rewrites = Counter(f"{p}_rewrites", "Image references rewritten", registry=registry)
+        self.skips = Counter(f"{p}_skips", "Images or requests left unchanged, by reason", ["reason"], registry=registry)
+        self.by_result = {r: self.requests.labels(r) for r in ("patched", "unchanged", "bad_request", "error")}
+        self.by_reason = {s.value: self.skips.labels(s.value) for s in Skip}
+        Gauge(f"{p}_artifacts_known", "Artifacts in the watch-fed view", registry=registry).set_function(
+            lambda: len(view)
+        )
+        Gauge(f"{p}_artifact_intents_pending", "Artifact intents waiting to be written", registry=registry).set_function(
+            lambda: recorder.pending
+        )
+        writes = Gauge(f"{p}_artifact_api_writes", "Artifact writes since start", ["op"], registry=registry)
+        writes.labels("create").set_function(lambda: recorder.stats.creates)
+        writes.labels("patch").set_function(lambda: recorder.stats.patches)
+        Gauge(f"{p}_artifact_errors", "Failed Artifact batches since start", registry=registry).set_function(
+            lambda: recorder.stats.errors
+        )
+
+
+@dataclass
+class Webhook:
+    mutator: Mutator
+    view: ArtifactView
+    recorder: Recorder
+    tls: TlsFiles | None
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.registry, self.recorder, self.view)
+
+    async def mutate(self, request: web.Request) -> web.Response:
+        start = time.perf_counter()
+        m = self.metrics
+        try:
+            body = await request.read()
+            outcome = self.mutator.review(json.loads(body), self.view)
+        except (BadRequest, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            m.by_result["bad_request"].inc()
+            return web.json_response({"error": f"not an AdmissionReview: {err}"}, status=400)
+        if outcome.error is not None:
+            log.error(
+                "internal error, admitting unchanged",
+                exc_info=outcome.error,
+                extra={"uid": outcome.review["response"]["uid"]},
+            )
+            m.by_result["error"].inc()
+        else:
+            m.by_result["patched" if outcome.rewrites else "unchanged"].inc()
+        if outcome.rewrites:
+            m.rewrites.inc(outcome.rewrites)
+        for reason, n in outcome.skips.items():
+            m.by_reason[reason].inc(n)
+        if outcome.intents:
+            try:
+                self.recorder.submit(outcome.intents)
+            except Exception:  # noqa: BLE001 - recording must never fail an admission
+                log.exception("could not queue Artifact intents")
+        response = web.Response(body=json.dumps(outcome.review).encode(), content_type="application/json")
+        m.latency.observe(time.perf_counter() - start)
+        return response
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        problems = []
+        if not self.view.synced:
+            problems.append("artifact view not synced")
+        if self.tls is not None and not self.tls.loaded:
+            problems.append("TLS not loaded")
+        if problems:
+            return web.Response(status=503, text="; ".join(problems))
+        return web.Response(text="ok")
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_post("/mutate", self.mutate)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_handler)
+        return app
+
+
+class Running:
+    """A started server: its port, and how to stop it."""
+
+    def __init__(self, runner: web.AppRunner, port: int, tasks: list[asyncio.Task[Any]], webhook: Webhook) -> None:
+        self.runner = runner
+        self.port = port
+        self.tasks = tasks
+        self.webhook = webhook
+
+    async def stop(self, drain: float = 5.0) -> None:
+        await self.runner.cleanup()
+        await self.webhook.recorder.drained(drain)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.webhook.view.stop()
+
+
+async def start(webhook: Webhook, host: str, port: int, reload_interval: float = 5.0) -> Running:
+    """Start serving ``webhook`` on host:port (port 0: any free port); returns once listening."""
+    tasks: list[asyncio.Task[Any]] = []
+    ssl_context = None
+    if webhook.tls is not None:
+        webhook.tls.reload_if_changed()
+        ssl_context = webhook.tls.context
+        tasks.append(asyncio.create_task(webhook.tls.watch(reload_interval)))
+    webhook.view.start()
+    tasks.append(asyncio.create_task(webhook.recorder.run()))
+    runner = web.AppRunner(webhook.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024, reuse_address=True)
+    await site.start()
+    server: Any = site._server
+    sockets = server.sockets if server is not None else ()
+    actual = sockets[0].getsockname()[1] if sockets else port
+    return Running(runner, int(actual), tasks, webhook)
+
+
+async def serve_forever(webhook: Webhook, host: str, port: int, reload_interval: float = 5.0) -> None:
+    running = await start(webhook, host, port, reload_interval)
+    log.info(
+        "webhook listening",
+        extra={"address": f"{host}:{running.port}", "policy": webhook.mutator.settings.policy.value},
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await running.stop()
