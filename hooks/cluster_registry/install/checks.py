@@ -101,6 +101,8 @@ class Volume:
     name: str
     storage_class: str
     requested: str  # spec.resources.requests.storage as written
+    access_modes: tuple[str, ...] = ()
+    exists: bool = True  # False: an existingClaim that was looked for and not found
 
 
 @dataclass(frozen=True)
@@ -232,8 +234,34 @@ def selected_class(v: V.Values, f: Facts) -> StorageClass | None:
     return defaults[0] if len(defaults) == 1 else None
 
 
+def check_existing_claim(v: V.Values, f: Facts) -> list[Problem]:
+    if not (v.uses_volume and v.existing_claim) or f.volume is None:
+        return []
+    if not f.volume.exists:
+        return [
+            _err(
+                "existing-claim",
+                f"existingClaim {v.existing_claim!r} does not exist in the release namespace; create it "
+                "first or set existingClaim to \"\" to let the chart create the registry volume",
+                V.K_EXISTING_CLAIM,
+            )
+        ]
+    if v.registry_ha and "ReadWriteMany" not in f.volume.access_modes:
+        modes = ", ".join(f.volume.access_modes) or "none"
+        return [
+            _err(
+                "existing-claim",
+                f"existingClaim {v.existing_claim!r} has access modes {modes}, but {V.K_REGISTRY_HA} needs "
+                "ReadWriteMany (3 replicas share the volume); use a ReadWriteMany claim or turn registry "
+                "high availability off",
+                V.K_EXISTING_CLAIM,
+            )
+        ]
+    return []
+
+
 def check_storage_class(v: V.Values, f: Facts) -> list[Problem]:
-    if not v.enable_cluster_registry or f.storage_classes is None:
+    if not v.uses_volume or v.existing_claim or f.storage_classes is None:
         return []
     names = ", ".join(sorted(c.name for c in f.storage_classes)) or "none"
     if v.storage_class_name:
@@ -279,7 +307,7 @@ def access_modes(sc: StorageClass) -> frozenset[str] | None:
 
 
 def check_access_mode(v: V.Values, f: Facts) -> list[Problem]:
-    if not (v.enable_cluster_registry and v.registry_ha):
+    if not (v.uses_volume and v.registry_ha) or v.existing_claim:
         return []
     if v.storage_access_mode:
         if v.storage_access_mode == "ReadWriteMany":
@@ -321,7 +349,7 @@ def check_access_mode(v: V.Values, f: Facts) -> list[Problem]:
 
 
 def check_storage_size(v: V.Values, f: Facts) -> list[Problem]:
-    if not v.enable_cluster_registry:
+    if not v.uses_volume or v.existing_claim:
         return []
     try:
         size = parse_quantity(v.storage_size)
@@ -333,7 +361,7 @@ def check_storage_size(v: V.Values, f: Facts) -> list[Problem]:
 
 
 def check_storage_immutable(v: V.Values, f: Facts) -> list[Problem]:
-    if not v.enable_cluster_registry or f.volume is None:
+    if not v.uses_volume or v.existing_claim or f.volume is None or not f.volume.exists:
         return []
     out = []
     vol = f.volume
@@ -441,6 +469,7 @@ CHECKS: tuple[Check, ...] = (
         check_ha_nodes,
         True,
     ),
+    Check("existing-claim", "existingClaim exists and, with HA, is ReadWriteMany", check_existing_claim, True),
     Check("storage-class", "the storage class exists (or a default class when none is named)", check_storage_class, True),
     Check("storage-access-mode", "registry high availability has ReadWriteMany storage", check_access_mode, True),
     Check(

@@ -86,6 +86,7 @@ def volume_fact(pvc: Mapping[str, Any]) -> C.Volume:
         name=(pvc.get("metadata") or {}).get("name", ""),
         storage_class=spec.get("storageClassName") or "",
         requested=str(((spec.get("resources") or {}).get("requests") or {}).get("storage", "")),
+        access_modes=tuple(spec.get("accessModes") or ()),
     )
 
 
@@ -170,7 +171,11 @@ def gather(
         except ApiException as err:
             unavailable.append(f"cannot list storage classes ({api_error_message(err)}): storage not checked")
         try:
-            volume = _find_volume(api, core, namespace, release, pvc_name)
+            if values.uses_volume:
+                claim = values.existing_claim or pvc_name
+                volume = _find_volume(api, core, namespace, release, claim)
+                if volume is None and values.existing_claim:
+                    volume = C.Volume(values.existing_claim, "", "", exists=False)
         except ApiException as err:
             unavailable.append(
                 f"cannot read the registry volume ({api_error_message(err)}): storage changes not checked"
@@ -255,6 +260,13 @@ def _http_get(url: str, authorization: str | None, timeout: float) -> None:
     request = urllib.request.Request(url, headers={"Authorization": authorization} if authorization else {})
     with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) only)
         response.read(1024)
+
+
+def _service_account_namespace() -> str:
+    try:
+        return Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
+    except OSError:
+        return ""
 
 
 def read_credentials(path: str) -> tuple[str, str]:
@@ -342,6 +354,7 @@ def validate(
         click.echo(f"validate: cannot read values file {values_file}: {err}", err=True)
         sys.exit(EXIT_USAGE)
     values, value_problems = V.load(document)
+    namespace = namespace or _service_account_namespace()
     if system_pool_label:
         values = V.Values(**{**values.__dict__, "system_pool_label": system_pool_label})
     if dry_run:
@@ -360,6 +373,8 @@ def validate(
             insecure=set(insecure),
             credentials=credentials,
         )
+    except click.ClickException:
+        raise
     except Exception as err:  # noqa: BLE001 (the API server unreachable or the client misconfigured)
         log.debug("gathering facts failed", exc_info=True)
         click.echo(f"validate: cannot read the cluster: {err}", err=True)

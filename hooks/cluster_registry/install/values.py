@@ -30,11 +30,14 @@ K_GC_CADENCE = "clusterRegistry.clusterRegistryGCCadence"
 K_GC_THRESHOLD = "clusterRegistry.clusterRegistryGCThreshold"
 K_SCALE = "clusterRegistry.registryService.scale"
 K_HA_ALLOW_FEWER_NODES = "validation.allowHighAvailabilityOnFewerNodes"
-K_SYSTEM_POOL_LABEL = "validation.systemPoolLabel"
+K_SYSTEM_POOL_LABEL = "systemPool.nodeLabel"
+K_STORAGE_DRIVER = "clusterRegistry.storage.driver"
+K_EXISTING_CLAIM = "clusterRegistry.existingClaim"
 
 DEFAULT_SYSTEM_POOL_LABEL = "kubernetes.azure.com/mode=system"
 ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce")
 SCALES = ("small", "medium", "large")
+STORAGE_DRIVERS = ("filesystem", "s3", "azure")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,12 @@ class Values:
     scale: str = "medium"
     ha_allow_fewer_nodes: bool = False
     system_pool_label: str = DEFAULT_SYSTEM_POOL_LABEL
+    storage_driver: str = "filesystem"  # filesystem (a PVC), s3 or azure (no PVC)
+    existing_claim: str = ""
+
+    @property
+    def uses_volume(self) -> bool:
+        return self.enable_cluster_registry and self.storage_driver == "filesystem"
 
     @property
     def any_ha(self) -> bool:
@@ -158,5 +167,7 @@ def load(document: Any) -> tuple[Values, list[ValueProblem]]:
         scale=string(K_SCALE, defaults.scale, SCALES),
         ha_allow_fewer_nodes=boolean(K_HA_ALLOW_FEWER_NODES, False),
         system_pool_label=string(K_SYSTEM_POOL_LABEL, DEFAULT_SYSTEM_POOL_LABEL),
+        storage_driver=string(K_STORAGE_DRIVER, defaults.storage_driver, STORAGE_DRIVERS),
+        existing_claim=string(K_EXISTING_CLAIM, ""),
     )
     return values, problems
