@@ -1,0 +1,48 @@
+{{/*
+Usage: include "cluster-registry.validate" $ (from templates/validate.yaml) -> nothing, or `fail` with a clear message.
+Every value combination the schema cannot express is rejected here, in one place.
+*/}}
+{{- define "cluster-registry.validate" -}}
+{{- $v := .Values.global.networkfunctionextension -}}
+{{- $r := $v.clusterRegistry -}}
+{{- $p := "global.networkfunctionextension" -}}
+{{- if and $v.enableEarlyLoading (not $v.enableClusterRegistry) -}}
+{{- fail (printf "%s.enableEarlyLoading=true needs %s.enableClusterRegistry=true: images are preloaded into the cluster registry" $p $p) -}}
+{{- end -}}
+{{- if and $v.enableLocalRegistry (not $v.enableClusterRegistry) -}}
+{{- fail (printf "%s.enableLocalRegistry=true needs %s.enableClusterRegistry=true: side-loaded images are imported into the cluster registry" $p $p) -}}
+{{- end -}}
+{{- if and $v.enableEarlyLoading (not $v.earlyLoading.images) -}}
+{{- fail (printf "%s.enableEarlyLoading=true needs at least one image in %s.earlyLoading.images" $p $p) -}}
+{{- end -}}
+{{- if and $v.enableLocalRegistry (eq $v.localRegistry.source "persistentVolumeClaim") (not $v.localRegistry.claimName) -}}
+{{- fail (printf "%s.localRegistry.source=persistentVolumeClaim needs %s.localRegistry.claimName" $p $p) -}}
+{{- end -}}
+{{- if and $r.highAvailability.enabled (eq $r.storage.driver "filesystem") (eq $r.storageAccessMode "ReadWriteOnce") -}}
+{{- fail (printf "%s.clusterRegistry.highAvailability.enabled=true needs ReadWriteMany storage: %s.clusterRegistry.storageAccessMode=ReadWriteOnce cannot be mounted by 3 replicas on different nodes (use ReadWriteMany, object storage, or turn HA off)" $p $p) -}}
+{{- end -}}
+{{- if and (ne $r.storage.driver "filesystem") $r.existingClaim -}}
+{{- fail (printf "%s.clusterRegistry.existingClaim is only used with storage.driver=filesystem, not %s" $p $r.storage.driver) -}}
+{{- end -}}
+{{- if and (eq $r.storage.driver "s3") (or (not $r.storage.s3.bucket) (not $r.storage.s3.region)) -}}
+{{- fail (printf "%s.clusterRegistry.storage.driver=s3 needs storage.s3.bucket and storage.s3.region" $p) -}}
+{{- end -}}
+{{- if and (eq $r.storage.driver "azure") (or (not $r.storage.azure.accountName) (not $r.storage.azure.container)) -}}
+{{- fail (printf "%s.clusterRegistry.storage.driver=azure needs storage.azure.accountName and storage.azure.container" $p) -}}
+{{- end -}}
+{{- if and (ne $r.registryService.type "NodePort") (gt (int $r.registryService.nodePort) 0) -}}
+{{- fail (printf "%s.clusterRegistry.registryService.nodePort is set but registryService.type is %s, not NodePort" $p $r.registryService.type) -}}
+{{- end -}}
+{{- if and $v.webhook.url (not (hasPrefix "https://" $v.webhook.url)) -}}
+{{- fail (printf "%s.webhook.url must be an https:// URL (the API server only calls webhooks over TLS), not %q" $p $v.webhook.url) -}}
+{{- end -}}
+{{- if and $v.webhook.caBundle (not $v.webhook.url) -}}
+{{- fail (printf "%s.webhook.caBundle is only used in URL mode (%s.webhook.url); in-cluster TLS is managed by webhook.tls.mode" $p $p) -}}
+{{- end -}}
+{{- if and (eq $v.webhook.tls.mode "certManager") $v.webhook.tls.certManager.issuerRef.name (eq $v.webhook.tls.certManager.issuerRef.kind "") -}}
+{{- fail (printf "%s.webhook.tls.certManager.issuerRef.kind must be set with issuerRef.name" $p) -}}
+{{- end -}}
+{{- if and (not $v.enableClusterRegistry) (or $v.webhook.url $v.enableEarlyLoading) -}}
+{{- fail (printf "%s.webhook.url is set but %s.enableClusterRegistry=false deploys no webhook configuration" $p $p) -}}
+{{- end -}}
+{{- end -}}
