@@ -120,6 +120,7 @@ class Recorder:
         self.clock = clock
         self.stats = Stats()
         self._pending: set[Intent] = set()
+        self._inflight: set[Intent] = set()
         self._recent: OrderedDict[Intent, float] = OrderedDict()
         self._owners: OrderedDict[str, Owner] = OrderedDict()  # uid -> top owner
         self._sa: dict[tuple[str, str], tuple[float, list[str]]] = {}
@@ -134,7 +135,7 @@ class Recorder:
         added = False
         for intent in intents:
             self.stats.submitted += 1
-            if intent in self._pending:
+            if intent in self._pending or intent in self._inflight:
                 self.stats.deduplicated += 1
                 continue
             seen = self._recent.get(intent)
@@ -165,8 +166,12 @@ class Recorder:
             self._idle.clear()
             await asyncio.sleep(self.batch_interval)  # let a burst of admissions accumulate
             batch, self._pending = self._pending, set()
-            failed, done = await asyncio.to_thread(self.flush, batch)
-            self.remember(done)
+            self._inflight = batch
+            try:
+                failed, done = await asyncio.to_thread(self.flush, batch)
+                self.remember(done)
+            finally:
+                self._inflight = set()
             if failed:
                 self._pending |= failed
                 await asyncio.sleep(min(5.0, self.batch_interval * 10))
