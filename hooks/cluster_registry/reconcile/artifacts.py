@@ -1,0 +1,346 @@
+"""The artifact reconciler: copies each Artifact's source into the cluster registry and reports status.
+
+Flow: an :class:`~.kubeio.Informer` lists then watches Artifacts; each one maps to its destination
+(``<registry host>/<reference.local_repository(source)>`` with tag and digest), and the destination
+is the unit of work in a deduplicating :class:`~.queue.DelayQueue`, so Artifacts of the same source
+in many namespaces cause one copy while each gets its own status. ``workers`` asyncio tasks take due
+destinations; what to do and when to come back is decided by the pure core in :mod:`.status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster_registry import reference
+from cluster_registry.api import ARTIFACTS, Phase
+from cluster_registry.errors import ClusterRegistryError, InvalidReferenceError
+from cluster_registry.oci.auth import Credentials, credentials_from_docker_config
+from cluster_registry.oci.client import RegistryOptions, RegistrySession
+from cluster_registry.oci.copy import CopyOptions, CopyResult, copy_image
+from cluster_registry.reconcile import status as st
+from cluster_registry.reconcile.kubeio import Informer, Kube, Obj, key_of
+from cluster_registry.reconcile.metrics import ArtifactMetrics
+from cluster_registry.reconcile.queue import DelayQueue, Groups
+
+log = logging.getLogger(__name__)
+
+CONTROLLER = "clusterregistry.io/artifact-reconciler"
+
+# (source, destination, source credentials) -> result; raises ClusterRegistryError
+CopyFn = Callable[[reference.Reference, reference.Reference, Credentials | None], Awaitable[CopyResult]]
+# destination -> the digest the cluster registry holds for it, or None when absent
+VerifyFn = Callable[[reference.Reference], Awaitable[str | None]]
+
+
+@dataclass(frozen=True)
+class Config:
+    registry_host: str
+    registry_insecure: bool = False
+    registry_credentials: Credentials | None = None
+    workers: int = 4
+    insecure_registries: frozenset[str] = frozenset()
+    ca_bundle: str | None = None
+    verify_interval: float = 600.0
+    policy: st.BackoffPolicy = field(default_factory=st.BackoffPolicy)
+    identity: str = "artifact-reconciler"
+    copy_concurrency: int = 8
+
+    def registry_options(self) -> RegistryOptions:
+        insecure = set(self.insecure_registries)
+        if self.registry_insecure:
+            insecure.add(self.registry_host)
+        return RegistryOptions(insecure_hosts=frozenset(insecure), ca_bundle=self.ca_bundle)
+
+
+def _rv(obj: Obj) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+class ArtifactReconciler:
+    def __init__(
+        self,
+        kube: Kube,
+        config: Config,
+        metrics: ArtifactMetrics,
+        *,
+        copy: CopyFn | None = None,
+        verify: VerifyFn | None = None,
+        rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.kube = kube
+        self.config = config
+        self.metrics = metrics
+        self._copy = copy
+        self._verify = verify
+        self.rand = rand
+        self.clock = clock
+        self.objects: dict[str, Obj] = {}
+        self.groups = Groups()
+        self.queue = DelayQueue()
+        self.handled: dict[str, int] = {}  # artifact key -> generation the scheduler owns
+        self.copy_wanted: set[str] = set()  # destinations to copy (not just verify)
+        self.attempts: dict[str, int] = {}  # destination -> consecutive failures
+        self.informer: Informer | None = None
+        self.session: RegistrySession | None = None
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- adapters to the copy engine ----------------------------------------------------------------
+
+    async def copy(self, src: reference.Reference, dst: reference.Reference, creds: Credentials | None) -> CopyResult:
+        if self._copy is not None:
+            return await self._copy(src, dst, creds)
+        assert self.session is not None
+        return await copy_image(
+            src, dst, session=self.session, src_auth=creds, dst_auth=self.config.registry_credentials,
+            options=CopyOptions(concurrency=self.config.copy_concurrency),
+        )
+
+    async def verify(self, dst: reference.Reference) -> str | None:
+        if self._verify is not None:
+            return await self._verify(dst)
+        assert self.session is not None
+        repo = self.session.repository(dst.host, dst.repository, self.config.registry_credentials)
+        found = await repo.head_manifest(dst.tag or dst.pull_ref)
+        return found[0] if found else None
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def _remember(self, obj: Obj) -> None:
+        key = key_of(obj)
+        old = self.objects.get(key)
+        if old is None or _rv(obj) >= _rv(old):
+            self.objects[key] = obj
+
+    def on_event(self, type_: str, obj: Obj) -> None:
+        key = key_of(obj)
+        if type_ == "DELETED":
+            self.objects.pop(key, None)
+            self.handled.pop(key, None)
+            dest = self.groups.set(key, None)
+            if dest is not None and not self.groups.members(dest):
+                self.queue.forget(dest)
+                self.copy_wanted.discard(dest)
+                self.attempts.pop(dest, None)
+            self._gauges()
+            return
+        self._remember(obj)
+        v = st.view(self.objects[key])
+        try:
+            dest = st.destination(v.source, self.config.registry_host)
+        except InvalidReferenceError as err:
+            self.groups.set(key, None)
+            if self.handled.get(key) != v.generation:
+                self.handled[key] = v.generation
+                self._spawn(self._write(v, st.CopyFailed("InvalidReference", err.message, False)))
+            return
+        old = self.groups.set(key, dest)
+        if self.handled.get(key) == v.generation and old == dest:
+            return  # our own status write, or nothing the scheduler does not already own
+        self.handled[key] = v.generation
+        due, mode = st.first_due(v, self.clock(), self.config.verify_interval, self.rand(), self.config.policy)
+        if mode is st.Mode.COPY:
+            self.copy_wanted.add(dest)
+            if not v.observed:
+                self.attempts.pop(dest, None)  # a new spec starts a fresh backoff
+        self.queue.add(dest, due)
+        self._wake.set()
+        self._gauges()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _gauges(self) -> None:
+        now = self.clock()
+        self.metrics.queue_depth.set(self.queue.due_count(now))
+        self.metrics.queue_scheduled.set(len(self.queue))
+
+    # -- workers ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until cancelled (the leader elector cancels it when leadership is lost)."""
+        loop = asyncio.get_running_loop()
+        self.session = RegistrySession(self.config.registry_options())
+        self.informer = Informer(self.kube, ARTIFACTS, loop, self.on_event)
+        self.informer.start()
+        workers = [asyncio.ensure_future(self.worker(i)) for i in range(max(1, self.config.workers))]
+        phase_task = asyncio.ensure_future(self._phase_gauge())
+        try:
+            await asyncio.gather(*workers, phase_task)
+        finally:
+            self.informer.stop()
+            for task in [*workers, phase_task, *self._tasks]:
+                task.cancel()
+            await asyncio.gather(*workers, phase_task, *self._tasks, return_exceptions=True)
+            await self.session.close()
+
+    async def _phase_gauge(self) -> None:
+        while True:
+            counts = {p.value: 0 for p in Phase}
+            for obj in list(self.objects.values()):
+                phase = str((obj.get("status") or {}).get("phase") or Phase.PENDING.value)
+                counts[phase] = counts.get(phase, 0) + 1
+            for phase, n in counts.items():
+                self.metrics.artifacts.labels(phase).set(n)
+            self._gauges()
+            await asyncio.sleep(5)
+
+    async def worker(self, n: int) -> None:
+        while True:
+            now = self.clock()
+            dest = self.queue.pop(now)
+            if dest is None:
+                nxt = self.queue.next_due()
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), None if nxt is None else max(0.01, nxt - now))
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            self._gauges()
+            next_at: float | None = None
+            try:
+                next_at = await self.process(dest)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug or an API outage: log, back off, carry on
+                log.exception("reconciling %s failed", dest)
+                attempt = self.attempts[dest] = self.attempts.get(dest, 0) + 1
+                next_at = self.clock() + st.backoff_delay(attempt, True, self.rand(), self.config.policy)
+            finally:
+                self.queue.done(dest, next_at)
+                self._wake.set()
+                self._gauges()
+
+    def members(self, dest: str) -> list[st.ArtifactView]:
+        return [st.view(self.objects[k]) for k in self.groups.members(dest) if k in self.objects]
+
+    async def process(self, dest: str) -> float | None:
+        """Verify or copy one destination for all its Artifacts; return when to look again."""
+        members = self.members(dest)
+        if not members:
+            return None
+        src = reference.parse(members[0].source)
+        dst = reference.parse(dest)
+        cfg = self.config
+        copy_needed = dest in self.copy_wanted or any(not m.observed or m.phase != Phase.READY for m in members)
+        if not copy_needed:
+            want = str(members[0].status.get("digest") or "")
+            try:
+                have = await self.verify(dst)
+            except Exception as err:  # noqa: BLE001 - the registry may be briefly away
+                self.metrics.verifications.labels("error").inc()
+                attempt = self.attempts[dest] = self.attempts.get(dest, 0) + 1
+                log.warning("verifying %s failed (%s); retrying later", dest, getattr(err, "message", type(err).__name__))
+                return self.clock() + st.backoff_delay(attempt, True, self.rand(), cfg.policy)
+            if have and (not want or have == want):
+                self.metrics.verifications.labels("present").inc()
+                self.attempts.pop(dest, None)
+                return self.clock() + cfg.verify_interval * (0.9 + 0.2 * self.rand())
+            self.metrics.verifications.labels("missing").inc()
+            log.warning("%s is missing from the cluster registry (or holds another digest): copying again", dest)
+            for m in members:
+                await self._event(m, st.Event("Warning", "Missing", f"{dest} is gone from the cluster registry; copying it again"))
+        self.copy_wanted.add(dest)
+        for m in members:
+            await self._write(m, st.Started(str(src), dest))
+        creds, missing = await self._credentials(members, src.host)
+        started = time.monotonic()
+        outcome: st.Outcome
+        try:
+            result = await self.copy(src, dst, creds)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - classified below; unknown ones count as temporary
+            outcome = st.failure(err)
+            if not isinstance(err, ClusterRegistryError):
+                log.exception("copying %s raised %s", dest, type(err).__name__)
+            elif isinstance(outcome, st.CopyFailed):
+                log.warning(
+                    "copy failed", extra={"destination": dest, "reason": outcome.reason, "error": err.message, "detail": err.detail}
+                )
+        else:
+            outcome = st.Copied(dest, result.digest, result.size, tuple(result.platforms))
+            self.metrics.copy_bytes.inc(result.bytes_copied)
+            log.info(
+                "copied", extra={"destination": dest, "digest": result.digest, "size": result.size, "seconds": round(result.seconds, 3)}
+            )
+        elapsed = time.monotonic() - started
+        if isinstance(outcome, st.CopyFailed) and missing and outcome.reason in ("Authentication", "AccessDenied", "NotFound"):
+            outcome = st.CopyFailed(outcome.reason, f"{outcome.message} (pull secrets not found: {', '.join(missing)})", outcome.temporary)
+        result_label = {st.Copied: "ready", st.CopyFailed: "failed", st.Locked: "deferred"}[type(outcome)]
+        self.metrics.copies.labels(result_label).inc()
+        self.metrics.copy_seconds.labels(result_label).observe(elapsed)
+        for m in self.members(dest):  # fresh: members may have changed during the copy
+            await self._write(m, outcome)
+        now = self.clock()
+        if isinstance(outcome, st.Copied):
+            self.copy_wanted.discard(dest)
+            self.attempts.pop(dest, None)
+            return now + cfg.verify_interval * (0.9 + 0.2 * self.rand())
+        if isinstance(outcome, st.Locked):
+            return now + st.deferred_delay(self.rand(), cfg.policy)
+        assert isinstance(outcome, st.CopyFailed)
+        self.metrics.failures.labels(outcome.reason, "temporary" if outcome.temporary else "permanent").inc()
+        attempt = self.attempts[dest] = self.attempts.get(dest, 0) + 1
+        return now + st.backoff_delay(attempt, outcome.temporary, self.rand(), cfg.policy)
+
+    async def _credentials(self, members: list[st.ArtifactView], host: str) -> tuple[Credentials | None, list[str]]:
+        """Source credentials from the members' pull secrets (first match wins), and the missing ones."""
+        missing: list[str] = []
+        for m in members:
+            for name in m.pull_secrets:
+                try:
+                    data = await asyncio.to_thread(self.kube.docker_config, m.namespace, name)
+                except Exception as err:  # noqa: BLE001
+                    log.warning("reading pull secret %s/%s failed: %s", m.namespace, name, getattr(err, "status", type(err).__name__))
+                    continue
+                if data is None:
+                    missing.append(f"{m.namespace}/{name}")
+                    continue
+                try:
+                    creds = credentials_from_docker_config(data, host)
+                except ClusterRegistryError as err:
+                    log.warning("pull secret %s/%s: %s", m.namespace, name, err.message)
+                    continue
+                if creds is not None:
+                    return creds, missing
+        return None, missing
+
+    async def _write(self, m: st.ArtifactView, outcome: st.Outcome) -> None:
+        """Write the status after ``outcome`` (only what changed) and the Event of the transition."""
+        new = st.next_status(m.status, m.generation, outcome, self.clock())
+        patch = st.status_patch(m.status, new)
+        if patch is None:
+            return
+        try:
+            obj = await asyncio.to_thread(self.kube.patch_status, ARTIFACTS, m.namespace, m.name, patch)
+        except Exception as err:  # noqa: BLE001
+            if getattr(err, "status", None) == 404:
+                return  # deleted meanwhile
+            raise
+        self._remember(obj)
+        event = st.transition_event(m.status, new)
+        if event is not None:
+            await self._event(st.view(obj), event, obj)
+
+    async def _event(self, m: st.ArtifactView, event: st.Event, obj: Obj | None = None) -> None:
+        target = obj or self.objects.get(m.key)
+        if target is None:
+            return
+        await asyncio.to_thread(
+            self.kube.event, target, event.type, event.reason, event.note,
+            action="Copy", controller=CONTROLLER, instance=self.config.identity,
+        )
