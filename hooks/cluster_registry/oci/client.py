@@ -1,0 +1,614 @@
+"""The OCI distribution API client: one pooled HTTP session, per-repository handles.
+
+``RegistrySession`` owns the aiohttp connection pool (keep-alive, reused across blobs and
+images), the token cache and the knowledge of which blob already sits in which repository of a
+destination registry (for cross-repository mounts). ``Repository`` is a handle on one repository
+with one set of credentials; every request goes through :meth:`Repository.request`, which
+authenticates (basic or the bearer-token flow), retries connection errors, 429 and 5xx with bounded
+backoff, and maps failures to the error hierarchy. Nothing here logs or raises a credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urljoin
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from cluster_registry import __version__
+from cluster_registry.errors import ClusterRegistryError, ConfigError, WriteLockedError
+from cluster_registry.oci import media
+from cluster_registry.oci.auth import Challenge, Credentials, parse_challenge, scope
+from cluster_registry.oci.errors import (
+    AccessDeniedError,
+    AuthenticationError,
+    CorruptBlobError,
+    NotFoundError,
+    RateLimitedError,
+    RegistryProtocolError,
+    RegistryUnavailableError,
+    TLSError,
+)
+from cluster_registry.oci.retry import RetryPolicy, is_retryable_status, parse_retry_after
+
+log = logging.getLogger(__name__)
+
+LOCK_HEADER = "X-Cluster-Registry-Lock"
+MAX_MANIFEST = 4 * 1024 * 1024
+_DOCKER_HUB_API = "registry-1.docker.io"
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    """Transport settings shared by every registry a session talks to.
+
+    ``insecure_hosts``: hosts (``host[:port]`` as in references) spoken to over plain HTTP.
+    ``ca_bundle``: a PEM file of extra CAs trusted for HTTPS (added to the system's).
+    """
+
+    insecure_hosts: frozenset[str] = frozenset()
+    ca_bundle: str | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    connections_per_host: int = 16
+    chunk_size: int = 1 << 20
+    connect_timeout: float = 30.0
+    read_timeout: float = 300.0
+
+    def scheme(self, host: str) -> str:
+        return "http" if host.lower() in {h.lower() for h in self.insecure_hosts} else "https"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    body: bytes
+    media_type: str
+    digest: str
+
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+
+@dataclass
+class _Token:
+    value: str
+    expires: float
+
+
+class RegistrySession:
+    """A pool of connections and tokens. Use as ``async with RegistrySession(opts) as s:``."""
+
+    def __init__(self, options: RegistryOptions | None = None) -> None:
+        self.options = options or RegistryOptions()
+        self._http: aiohttp.ClientSession | None = None
+        self._tokens: dict[tuple[str, str, tuple[str, ...]], _Token] = {}
+        self._challenges: dict[str, Challenge] = {}
+        self._token_locks: dict[tuple[str, str, tuple[str, ...]], asyncio.Lock] = {}
+        #: (registry host, blob digest) -> a repository on that host known to hold the blob.
+        self.known_blobs: dict[tuple[str, str], str] = {}
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            ctx: ssl.SSLContext | bool = True
+            if self.options.ca_bundle:
+                ctx = ssl.create_default_context()
+                try:
+                    ctx.load_verify_locations(cafile=self.options.ca_bundle)
+                except (OSError, ssl.SSLError) as err:
+                    raise ConfigError(f"cannot load CA bundle {self.options.ca_bundle}: {err}") from err
+            connector = aiohttp.TCPConnector(
+                limit=0, limit_per_host=self.options.connections_per_host, ssl=ctx, ttl_dns_cache=300
+            )
+            self._http = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.options.connect_timeout, sock_read=self.options.read_timeout
+                ),
+                auto_decompress=False,
+                read_bufsize=self.options.chunk_size,
+                headers={"User-Agent": f"cluster-registry/{__version__}"},
+            )
+        return self._http
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def __aenter__(self) -> RegistrySession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def repository(
+        self, host: str, name: str, auth: Credentials | None = None, *, push: bool = False
+    ) -> Repository:
+        return Repository(self, host, name, auth or Credentials(), push=push)
+
+    def base_url(self, host: str) -> str:
+        api = _DOCKER_HUB_API if host == "docker.io" else host
+        return f"{self.options.scheme(host)}://{api}"
+
+    # -- tokens -------------------------------------------------------------------------------
+
+    async def token(self, host: str, creds: Credentials, scopes: tuple[str, ...], challenge: Challenge) -> str:
+        key = (host, creds.username, scopes)
+        cached = self._tokens.get(key)
+        if cached and cached.expires > time.monotonic():
+            return cached.value
+        lock = self._token_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            cached = self._tokens.get(key)
+            if cached and cached.expires > time.monotonic():
+                return cached.value
+            value, ttl = await self._fetch_token(host, creds, scopes, challenge)
+            self._tokens[key] = _Token(value, time.monotonic() + max(ttl - 10, 1))
+            return value
+
+    async def _fetch_token(
+        self, host: str, creds: Credentials, scopes: tuple[str, ...], challenge: Challenge
+    ) -> tuple[str, float]:
+        realm = challenge.realm
+        if not realm.startswith(("http://", "https://")):
+            raise RegistryProtocolError(f"registry {host} sent a bearer challenge without a usable realm")
+        params: list[tuple[str, str]] = []
+        if challenge.params.get("service"):
+            params.append(("service", challenge.params["service"]))
+        params += [("scope", s) for s in scopes]
+        policy = self.options.retry
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if creds.token and not creds.token_is_bearer:
+                    form = dict(params[:1]) | {
+                        "grant_type": "refresh_token",
+                        "refresh_token": creds.token,
+                        "client_id": "cluster-registry",
+                        "scope": " ".join(scopes),
+                    }
+                    resp = await self.http.post(realm, data=form)
+                else:
+                    headers = {} if creds.anonymous else {"Authorization": creds.basic_header()}
+                    resp = await self.http.get(realm, params=params, headers=headers)
+                async with resp:
+                    if is_retryable_status(resp.status) and policy.should_retry(attempt):
+                        await asyncio.sleep(policy.delay(attempt, parse_retry_after(resp.headers.get("Retry-After"), time.time())))
+                        continue
+                    if resp.status in (401, 403):
+                        raise AuthenticationError(
+                            f"the token service of {host} refused the credentials"
+                            f"{' for user ' + repr(creds.username) if creds.username else ' (anonymous)'}: "
+                            "check the pull secret or registry credentials"
+                        )
+                    if resp.status != 200:
+                        raise (RegistryUnavailableError if resp.status >= 500 else RegistryProtocolError)(
+                            f"the token service of {host} answered HTTP {resp.status}"
+                        )
+                    doc = await resp.json(content_type=None)
+            except aiohttp.ClientConnectionError as err:
+                if policy.should_retry(attempt):
+                    await asyncio.sleep(policy.delay(attempt))
+                    continue
+                raise RegistryUnavailableError(f"cannot reach the token service of {host}: {type(err).__name__}") from None
+            token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
+            if not isinstance(token, str) or not token:
+                raise RegistryProtocolError(f"the token service of {host} returned no token")
+            ttl = doc.get("expires_in", 60)
+            return token, float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else 60.0
+
+
+class SourceFailure:
+    """Holds an error raised while producing a streamed request body (the source side)."""
+
+    error: BaseException | None = None
+
+
+class Repository:
+    """One repository on one registry, with one set of credentials."""
+
+    def __init__(self, session: RegistrySession, host: str, name: str, auth: Credentials, *, push: bool) -> None:
+        self.session = session
+        self.host = host
+        self.name = name
+        self.auth = auth
+        self.push = push
+        self.base = session.base_url(host) + f"/v2/{name}"
+        self._authz: dict[tuple[str, ...], str] = {}
+
+    def __repr__(self) -> str:
+        return f"Repository({self.host}/{self.name})"
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}/{self.name}"
+
+    # -- the request core -------------------------------------------------------------------------
+
+    def _scopes(self, extra: tuple[str, ...]) -> tuple[str, ...]:
+        return (scope(self.name, self.push), *extra)
+
+    async def _authorize(self, scopes: tuple[str, ...], challenge: Challenge | None) -> str | None:
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            if self.auth.anonymous:
+                raise AuthenticationError(
+                    f"registry {self.host} requires credentials and none were given: add a pull secret or credentials"
+                )
+            return self.auth.basic_header()
+        if challenge.scheme == "bearer":
+            if self.auth.token and self.auth.token_is_bearer:
+                return f"Bearer {self.auth.token}"
+            return "Bearer " + await self.session.token(self.host, self.auth, scopes, challenge)
+        raise AuthenticationError(f"registry {self.host} asks for unsupported auth scheme {challenge.scheme!r}")
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        data: bytes | AsyncIterable[bytes] | None = None,
+        extra_scopes: tuple[str, ...] = (),
+        retry: bool = True,
+        what: str = "",
+    ) -> aiohttp.ClientResponse:
+        """Send one API request; return the response (caller releases it) for any non-retryable status.
+
+        Streamed bodies (async iterables) are sent once (``retry`` must be False for them).
+        """
+        if not url.startswith(("http://", "https://")):
+            url = self.base + url
+        scopes = self._scopes(extra_scopes)
+        policy = self.session.options.retry
+        attempt = 0
+        reauthed = False
+        what = what or f"{method} {self.where}"
+        while True:
+            attempt += 1
+            hdrs = CIMultiDict(headers or {})
+            authz = self._authz.get(scopes)
+            if authz is None:
+                challenge = self.session._challenges.get(self.host)
+                authz = await self._authorize(scopes, challenge) if challenge else None
+                if authz:
+                    self._authz[scopes] = authz
+            if authz:
+                hdrs["Authorization"] = authz
+            try:
+                resp = await self.session.http.request(
+                    method, URL(url, encoded="%" in url), headers=hdrs, params=params, data=data, allow_redirects=True
+                )
+            except aiohttp.ClientConnectorCertificateError as err:
+                raise TLSError(
+                    f"TLS certificate of {self.host} does not verify ({err.certificate_error}): "
+                    "give its CA with --ca-bundle or list the host as insecure"
+                ) from None
+            except aiohttp.ClientSSLError as err:
+                raise TLSError(f"TLS handshake with {self.host} failed ({type(err).__name__}); plain HTTP registry? list it as insecure") from None
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as err:
+                if retry and policy.should_retry(attempt):
+                    delay = policy.delay(attempt)
+                    log.debug("retrying %s after %s in %.2fs", what, type(err).__name__, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                raise RegistryUnavailableError(f"{what}: cannot reach registry {self.host} ({_describe(err)})") from None
+            if resp.status == 401 and not reauthed and not (data is not None and not retry):
+                header = resp.headers.get("WWW-Authenticate", "")
+                resp.release()
+                challenge = parse_challenge(header)
+                if challenge is None:
+                    raise AuthenticationError(f"{what}: registry {self.host} answered 401 without a challenge")
+                self.session._challenges[self.host] = challenge
+                self._authz.pop(scopes, None)
+                authz = await self._authorize(scopes, challenge)
+                if authz:
+                    self._authz[scopes] = authz
+                reauthed = True
+                attempt -= 1
+                continue
+            if resp.status == 503 and resp.headers.get(LOCK_HEADER, "").lower() == "gc":
+                resp.release()
+                raise WriteLockedError(
+                    f"{what}: the cluster registry {self.host} is read-only while garbage collection runs; "
+                    "the write will be retried when the lock is released"
+                )
+            if is_retryable_status(resp.status):
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
+                resp.release()
+                if retry and policy.should_retry(attempt):
+                    if retry_after is not None and retry_after > policy.max_retry_after:
+                        raise RateLimitedError(f"{what}: registry {self.host} asks to wait {retry_after:.0f}s")
+                    delay = policy.delay(attempt, retry_after)
+                    log.debug("retrying %s after HTTP %s in %.2fs", what, resp.status, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                cls = RateLimitedError if resp.status == 429 else RegistryUnavailableError
+                raise cls(f"{what}: registry {self.host} answered HTTP {resp.status} (after {attempt} tries)")
+            return resp
+
+    async def fail(self, resp: aiohttp.ClientResponse, what: str) -> ClusterRegistryError:
+        """The error for an unexpected response (the response is released)."""
+        detail = ""
+        try:
+            text = (await resp.content.read(2048)).decode("utf-8", "replace")
+            detail = _error_detail(text)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            pass
+        finally:
+            resp.release()
+        suffix = f": {detail}" if detail else ""
+        status = resp.status
+        if status == 401:
+            who = f"user {self.auth.username!r}" if self.auth.username else "anonymous access"
+            return AuthenticationError(
+                f"{what}: registry {self.host} refused {who}{suffix}; check the pull secret or credentials"
+            )
+        if status == 403:
+            action = "push to" if self.push else "pull from"
+            return AccessDeniedError(f"{what}: not allowed to {action} {self.where}{suffix}")
+        if status == 404:
+            return NotFoundError(f"{what}: not found in {self.where}{suffix}")
+        if status == 400 and ("DIGEST_INVALID" in detail or "SIZE_INVALID" in detail):
+            return CorruptBlobError(f"{what}: {self.where} rejected the content{suffix}")
+        return RegistryProtocolError(f"{what}: registry {self.host} answered HTTP {status}{suffix}")
+
+    # -- manifests --------------------------------------------------------------------------------
+
+    async def get_manifest(self, ref: str) -> Manifest:
+        """The manifest at tag or digest ``ref``: exact bytes, media type, digest (verified if pinned)."""
+        what = f"manifest {self.where}{'@' if ':' in ref else ':'}{ref}"
+        resp = await self.request("GET", f"/manifests/{ref}", headers={"Accept": media.ACCEPT}, what=f"get {what}")
+        if resp.status != 200:
+            raise await self.fail(resp, f"get {what}")
+        async with resp:
+            if (resp.content_length or 0) > MAX_MANIFEST:
+                raise RegistryProtocolError(f"{what} is larger than {MAX_MANIFEST} bytes")
+            try:
+                body = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                raise RegistryUnavailableError(f"get {what}: {_describe(err)}") from None
+            ctype = resp.headers.get("Content-Type")
+        mt = media.detect_media_type(body, ctype)
+        if ":" in ref:
+            media.verify_manifest(body, ref, what)
+            digest = ref
+        else:
+            digest = media.digest_of(body)
+        return Manifest(body, mt, digest)
+
+    async def head_manifest(self, ref: str) -> tuple[str, str, int] | None:
+        """(digest, media type, size) of the manifest at ``ref``, or None if absent."""
+        resp = await self.request("HEAD", f"/manifests/{ref}", headers={"Accept": media.ACCEPT}, what=f"head manifest {self.where}:{ref}")
+        async with resp:
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                raise await self.fail(resp, f"head manifest {self.where}:{ref}")
+            digest = resp.headers.get("Docker-Content-Digest", "")
+            return digest, resp.headers.get("Content-Type", "").split(";")[0], int(resp.headers.get("Content-Length", "0") or 0)
+
+    async def put_manifest(self, ref: str, body: bytes, media_type: str) -> CIMultiDict[str]:
+        """Push ``body`` byte for byte at tag or digest ``ref``; returns the response headers."""
+        what = f"push manifest {self.where}{'@' if ':' in ref else ':'}{ref}"
+        resp = await self.request(
+            "PUT", f"/manifests/{ref}", headers={"Content-Type": media_type}, data=body, what=what
+        )
+        async with resp:
+            if resp.status not in (200, 201, 202):
+                raise await self.fail(resp, what)
+            got = resp.headers.get("Docker-Content-Digest")
+            want = media.digest_of(body)
+            if got and got != want:
+                raise RegistryProtocolError(f"{what}: registry stored digest {got}, expected {want}")
+            return CIMultiDict(resp.headers)
+
+    async def delete_manifest(self, digest: str) -> bool:
+        """Delete the manifest ``digest`` (untags every tag pointing at it). False if it was absent."""
+        what = f"delete manifest {self.where}@{digest}"
+        resp = await self.request("DELETE", f"/manifests/{media.check_digest(digest)}", what=what)
+        async with resp:
+            if resp.status == 404:
+                return False
+            if resp.status not in (200, 202):
+                raise await self.fail(resp, what)
+            return True
+
+    async def list_tags(self, page_size: int = 1000) -> list[str]:
+        """Every tag of the repository (follows ``Link`` pagination). Empty if the repository is absent."""
+        tags: list[str] = []
+        url = f"/tags/list?n={page_size}"
+        while url:
+            resp = await self.request("GET", url, what=f"list tags of {self.where}")
+            async with resp:
+                if resp.status == 404:
+                    return tags
+                if resp.status != 200:
+                    raise await self.fail(resp, f"list tags of {self.where}")
+                doc = await resp.json(content_type=None)
+                tags += [t for t in (doc.get("tags") or []) if isinstance(t, str)]
+                link = resp.headers.get("Link", "")
+            url = ""
+            if link and 'rel="next"' in link:
+                target = link.split(";", 1)[0].strip().strip("<>")
+                url = urljoin(self.session.base_url(self.host) + "/", target)
+        return tags
+
+    async def referrers(self, digest: str) -> list[media.Descriptor] | None:
+        """The referrers of ``digest`` via the OCI 1.1 referrers API; None if the registry lacks it."""
+        what = f"list referrers of {self.where}@{digest}"
+        resp = await self.request("GET", f"/referrers/{digest}", headers={"Accept": media.OCI_INDEX}, what=what)
+        async with resp:
+            if resp.status in (404, 405, 400):
+                return None
+            if resp.status != 200:
+                raise await self.fail(resp, what)
+            ctype = resp.headers.get("Content-Type", "").split(";")[0]
+            if ctype != media.OCI_INDEX:
+                return None
+            doc = await resp.json(content_type=None)
+        return list(media.inspect(_dumps(doc), media.OCI_INDEX).children)
+
+    # -- blobs ------------------------------------------------------------------------------------
+
+    async def blob_size(self, digest: str) -> int | None:
+        """The size of blob ``digest`` if the repository has it, else None."""
+        resp = await self.request("HEAD", f"/blobs/{digest}", what=f"check blob {self.where}@{digest}")
+        async with resp:
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                raise await self.fail(resp, f"check blob {self.where}@{digest}")
+            return int(resp.headers.get("Content-Length", "-1"))
+
+    async def open_blob(self, digest: str, size: int | None = None) -> AsyncIterator[bytes]:
+        """Stream blob ``digest`` in chunks, verifying size and SHA-256 as it goes.
+
+        The last chunk is held back until the whole blob verified, so a consumer that forwards
+        chunks never forwards the end of corrupt content. Raises CorruptBlobError on a mismatch and
+        RegistryUnavailableError when the connection drops midway.
+        """
+        what = f"get blob {self.where}@{digest}"
+        algorithm = media.check_digest(digest).split(":", 1)[0]
+        resp = await self.request("GET", f"/blobs/{digest}", what=what)
+        if resp.status != 200:
+            raise await self.fail(resp, what)
+        if size is None and resp.content_length is not None:
+            size = resp.content_length
+        return self._verified(resp, digest, algorithm, size, what)
+
+    async def _verified(
+        self, resp: aiohttp.ClientResponse, digest: str, algorithm: str, size: int | None, what: str
+    ) -> AsyncIterator[bytes]:
+        hasher = hashlib.new(algorithm)
+        got = 0
+        chunk_size = self.session.options.chunk_size
+        held: bytes | None = None
+        try:
+            while True:
+                try:
+                    chunk = await resp.content.read(chunk_size)
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as err:
+                    raise RegistryUnavailableError(f"{what}: connection dropped after {got} bytes ({_describe(err)})") from None
+                if not chunk:
+                    break
+                hasher.update(chunk)
+                got += len(chunk)
+                if size is not None and got > size:
+                    raise CorruptBlobError(f"{what}: registry sent more than the {size} bytes the descriptor says")
+                if held is not None:
+                    yield held
+                held = chunk
+            if size is not None and got != size:
+                raise CorruptBlobError(f"{what}: registry sent {got} bytes, descriptor says {size} (truncated)")
+            actual = f"{algorithm}:{hasher.hexdigest()}"
+            if actual != digest:
+                raise CorruptBlobError(f"{what}: content hashes to {actual}: the source served corrupt data")
+            if held is not None:
+                yield held
+        finally:
+            resp.release() if got == size else resp.close()
+
+    async def start_upload(self, digest: str, *, mount_from: str | None = None) -> URL | None:
+        """POST an upload session; None if the blob got mounted from ``mount_from`` instead.
+
+        A mount the registry declines starts an ordinary upload, so trying one costs no request.
+        """
+        what = f"push blob {self.where}@{digest}"
+        params: dict[str, str] = {}
+        extra: tuple[str, ...] = ()
+        if mount_from and mount_from != self.name:
+            params = {"mount": digest, "from": mount_from}
+            extra = (scope(mount_from, False),)
+        resp = await self.request("POST", "/blobs/uploads/", params=params, extra_scopes=extra, what=what)
+        async with resp:
+            if resp.status == 201 and params:
+                return None
+            if resp.status != 202:
+                raise await self.fail(resp, what)
+            location = resp.headers.get("Location")
+            if not location:
+                raise RegistryProtocolError(f"{what}: registry {self.host} gave no upload location")
+            return URL(urljoin(str(resp.url), location), encoded=True).update_query({"digest": digest})
+
+    async def finish_upload(
+        self,
+        upload: URL,
+        digest: str,
+        size: int,
+        body: AsyncIterable[bytes] | bytes,
+        *,
+        failure: SourceFailure | None = None,
+    ) -> None:
+        """One monolithic PUT to ``upload`` whose body is streamed from ``body`` (``size`` bytes).
+
+        ``failure`` carries an error the body's producer raised; it wins over the transport error
+        aiohttp reports when a body generator fails.
+        """
+        what = f"push blob {self.where}@{digest}"
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        try:
+            resp = await self.request(
+                "PUT", str(upload), headers=headers, data=body, retry=isinstance(body, bytes), what=what
+            )
+        except ClusterRegistryError:
+            if failure is not None and failure.error is not None:
+                raise failure.error from None
+            raise
+        if failure is not None and failure.error is not None:
+            resp.close()
+            raise failure.error
+        async with resp:
+            if resp.status != 201:
+                raise await self.fail(resp, what)
+
+    async def upload_blob(self, digest: str, data: bytes, *, mount_from: str | None = None) -> bool:
+        """Upload an in-memory blob (skipping it if present). True if it was uploaded or mounted."""
+        if await self.blob_size(digest) is not None:
+            return False
+        upload = await self.start_upload(digest, mount_from=mount_from)
+        if upload is not None:
+            await self.finish_upload(upload, digest, len(data), data)
+        return True
+
+
+def _dumps(doc: Any) -> bytes:
+    import json
+
+    return json.dumps(doc).encode()
+
+
+def _error_detail(text: str) -> str:
+    """The codes and messages of a distribution error body, else a short excerpt."""
+    import json
+
+    try:
+        doc = json.loads(text)
+        errors = doc.get("errors") if isinstance(doc, dict) else None
+        if isinstance(errors, list) and errors:
+            return "; ".join(f"{e.get('code', '')} {e.get('message', '')}".strip() for e in errors if isinstance(e, dict))
+    except ValueError:
+        pass
+    return " ".join(text.split())[:200]
+
+
+def _describe(err: BaseException) -> str:
+    """A credential-free description of a transport error (no URL query, no headers)."""
+    if isinstance(err, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(err, aiohttp.ClientOSError) and err.strerror:
+        return f"{type(err).__name__}: {err.strerror}"
+    return type(err).__name__

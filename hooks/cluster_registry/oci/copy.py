@@ -1,0 +1,370 @@
+"""The copy engine: one image (and everything attached to it) from a registry to a registry.
+
+Order of work, so that a failure leaves nothing tagged at the destination:
+
+1. fetch the source's top manifest (verified against the digest when the reference is pinned);
+   if the destination tag already holds that digest, only attached artifacts are refreshed;
+2. every blob of every platform: HEAD at the destination (skip), else a cross-repository mount
+   (same registry, or a repository this session already pushed it to), else a stream from
+   source to destination, hashed and counted on the way; bounded concurrency, shared
+   connections, each blob at most once even when platforms share it;
+3. child manifests pushed by digest, byte for byte;
+4. attached artifacts: OCI 1.1 referrers (API, else the ``sha256-<hex>`` tag schema) and
+   cosign-style tags (``sha256-<hex>.sig``/``.att``/``.sbom``);
+5. the top manifest, by tag (or by digest), last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cluster_registry.errors import ClusterRegistryError, PermanentError, TemporaryError, WriteLockedError
+from cluster_registry.oci import media
+from cluster_registry.oci.auth import Credentials
+from cluster_registry.oci.client import Manifest, RegistrySession, Repository, SourceFailure
+from cluster_registry.oci.errors import AccessDeniedError, AuthenticationError, CorruptBlobError, NotFoundError
+from cluster_registry.reference import Reference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CopyOptions:
+    """``concurrency``: blobs in flight at once. ``attached``: copy referrers and cosign tags.
+    ``mount``: try cross-repository mounts at the destination."""
+
+    concurrency: int = 8
+    attached: bool = True
+    mount: bool = True
+
+
+@dataclass(frozen=True)
+class Progress:
+    blobs_done: int
+    blobs_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    """What a copy did. ``size`` is the image's total (manifests + unique blobs) in bytes."""
+
+    digest: str
+    size: int
+    media_type: str
+    platforms: tuple[str, ...]
+    blobs_copied: int
+    blobs_skipped: int
+    blobs_mounted: int
+    bytes_copied: int
+    seconds: float
+    attached: tuple[str, ...] = ()  # digests of attached artifacts copied or present
+
+    def to_json(self) -> str:
+        doc: dict[str, Any] = asdict(self)
+        doc["platforms"] = list(self.platforms)
+        doc["attached"] = list(self.attached)
+        doc["seconds"] = round(self.seconds, 3)
+        return json.dumps(doc, sort_keys=True)
+
+
+@dataclass
+class _Stats:
+    copied: int = 0
+    skipped: int = 0
+    mounted: int = 0
+    bytes_copied: int = 0
+    blobs_total: int = 0
+    bytes_total: int = 0
+    blobs_done: int = 0
+    bytes_done: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)  # every blob and manifest of the image
+
+
+class _Copier:
+    def __init__(
+        self,
+        session: RegistrySession,
+        src: Repository,
+        dst: Repository,
+        options: CopyOptions,
+        progress: Callable[[Progress], None] | None,
+    ) -> None:
+        self.session = session
+        self.src = src
+        self.dst = dst
+        self.options = options
+        self.progress = progress
+        self.sem = asyncio.Semaphore(max(1, options.concurrency))
+        self.blobs: dict[str, asyncio.Task[None]] = {}
+        self.manifests: dict[str, asyncio.Task[None]] = {}
+        self.stats = _Stats()
+        self.platforms: list[str] = []
+
+    # -- blobs ----------------------------------------------------------------------------------
+
+    def blob(self, desc: media.Descriptor) -> asyncio.Task[None]:
+        digest = desc["digest"]
+        task = self.blobs.get(digest)
+        if task is None:
+            self.stats.blobs_total += 1
+            self.stats.bytes_total += desc["size"]
+            self.stats.sizes[digest] = desc["size"]
+            task = asyncio.ensure_future(self._copy_blob(digest, desc["size"]))
+            self.blobs[digest] = task
+        return task
+
+    def _mount_source(self, digest: str) -> str | None:
+        if not self.options.mount:
+            return None
+        if self.src.host.lower() == self.dst.host.lower() and self.src.name != self.dst.name:
+            return self.src.name
+        known = self.session.known_blobs.get((self.dst.host, digest))
+        return known if known != self.dst.name else None
+
+    async def _copy_blob(self, digest: str, size: int) -> None:
+        async with self.sem:
+            if await self.dst.blob_size(digest) is not None:
+                self.stats.skipped += 1
+            else:
+                await self._transfer(digest, size)
+            self.session.known_blobs[(self.dst.host, digest)] = self.dst.name
+            self.stats.blobs_done += 1
+            self.stats.bytes_done += size
+            if self.progress:
+                self.progress(
+                    Progress(self.stats.blobs_done, self.stats.blobs_total, self.stats.bytes_done, self.stats.bytes_total)
+                )
+
+    async def _transfer(self, digest: str, size: int) -> None:
+        policy = self.session.options.retry
+        mount_from = self._mount_source(digest)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                upload = await self.dst.start_upload(digest, mount_from=mount_from)
+                if upload is None:
+                    self.stats.mounted += 1
+                    return
+                mount_from = None
+                failure = SourceFailure()
+                stream = await self.src.open_blob(digest, size)
+                try:
+                    await self.dst.finish_upload(upload, digest, size, _guard(stream, failure), failure=failure)
+                finally:
+                    await stream.aclose()  # type: ignore[attr-defined]
+                self.stats.copied += 1
+                self.stats.bytes_copied += size
+                return
+            except (TemporaryError, CorruptBlobError) as err:
+                if isinstance(err, WriteLockedError) or not policy.should_retry(attempt):
+                    raise
+                delay = policy.delay(attempt)
+                log.warning("blob copy failed, retrying in %.1fs: %s", delay, err, extra={"digest": digest})
+                await asyncio.sleep(delay)
+
+    # -- manifests ------------------------------------------------------------------------------
+
+    async def tree(self, manifest: Manifest, push_ref: str | None) -> None:
+        """Copy everything ``manifest`` references, then push it at ``push_ref`` (None: by digest)."""
+        info = media.inspect(manifest.body, manifest.media_type)
+        self.stats.sizes[manifest.digest] = manifest.size
+        if info.is_index:
+            await _gather(*(self.child(d) for d in info.children))
+        else:
+            await _gather(*(self.blob(d) for d in media.copyable_blobs(info)))
+        if push_ref is not None:
+            await self.dst.put_manifest(push_ref, manifest.body, manifest.media_type)
+
+    def child(self, desc: media.Descriptor) -> asyncio.Task[None]:
+        digest = desc["digest"]
+        if "platform" in desc:
+            self.platforms.append(media.platform_string(desc.get("platform")))
+        task = self.manifests.get(digest)
+        if task is None:
+            task = asyncio.ensure_future(self._copy_child(desc))
+            self.manifests[digest] = task
+        return task
+
+    async def _copy_child(self, desc: media.Descriptor) -> None:
+        digest = desc["digest"]
+        child = await self.src.get_manifest(digest)
+        present = await self.dst.head_manifest(digest)
+        await self.tree(child, None if present else digest)
+
+    async def account(self, manifest: Manifest) -> None:
+        """Sizes and platforms of an image already at the destination (no blob requests)."""
+        info = media.inspect(manifest.body, manifest.media_type)
+        self.stats.sizes[manifest.digest] = manifest.size
+        if info.is_index:
+            children = await asyncio.gather(*(self.src.get_manifest(d["digest"]) for d in info.children))
+            for desc in info.children:
+                if "platform" in desc:
+                    self.platforms.append(media.platform_string(desc.get("platform")))
+            for child in children:
+                await self.account(child)
+        else:
+            self.stats.sizes.update({d["digest"]: d["size"] for d in info.blobs})
+            self.stats.skipped += len(info.blobs)
+
+    async def single_platform(self, manifest: Manifest) -> None:
+        """Record an image manifest's platform from its (small) config blob."""
+        info = media.inspect(manifest.body, manifest.media_type)
+        config = info.blobs[0] if info.blobs else None
+        if (
+            info.is_index
+            or config is None
+            or info.artifact_type
+            or config["size"] > 1 << 20
+        ):
+            return
+        try:
+            data = b"".join([c async for c in await self.src.open_blob(config["digest"], config["size"])])
+            doc = json.loads(data)
+            self.platforms.append(media.platform_string({"os": doc.get("os", ""), "architecture": doc.get("architecture", ""), **({"variant": doc["variant"]} if doc.get("variant") else {})}))
+        except (ValueError, AttributeError, ClusterRegistryError) as err:
+            log.debug("no platform for %s: %s", manifest.digest, err)
+
+    # -- attached artifacts ---------------------------------------------------------------------
+
+    async def attached(self, digest: str) -> list[str]:
+        """Copy the referrers and cosign-style tags of ``digest``; returns their digests."""
+        found: list[str] = []
+        referrers = await self.src.referrers(digest)
+        try:
+            tags = [t for t in await self.src.list_tags() if media.is_attached_tag(t, digest)]
+        except (AccessDeniedError, AuthenticationError, NotFoundError) as err:
+            log.warning("cannot list tags of %s for signatures: %s", self.src.where, err)
+            tags = []
+        subject_supported = False
+        pushed: list[media.Descriptor] = []
+        for desc in referrers or []:
+            ref_digest = desc["digest"]
+            found.append(ref_digest)
+            if await self.dst.head_manifest(ref_digest):
+                continue
+            m = await self.src.get_manifest(ref_digest)
+            await self.tree(m, None)
+            headers = await self.dst.put_manifest(ref_digest, m.body, m.media_type)
+            subject_supported = subject_supported or "OCI-Subject" in headers
+            pushed.append(desc)
+        for tag in sorted(tags):
+            m = await self.src.get_manifest(tag)
+            found.append(m.digest)
+            present = await self.dst.head_manifest(tag)
+            if present and present[0] == m.digest:
+                continue
+            await self.tree(m, tag)
+        fallback = media.attached_tag_prefix(digest)
+        if pushed and not subject_supported and fallback not in tags:
+            await self._update_fallback_index(fallback, pushed)
+        return found
+
+    async def _update_fallback_index(self, tag: str, add: list[media.Descriptor]) -> None:
+        """Keep referrers discoverable on a destination without the referrers API (tag schema)."""
+        manifests: list[dict[str, Any]] = []
+        try:
+            current = await self.dst.get_manifest(tag)
+            doc = json.loads(current.body)
+            manifests = [d for d in doc.get("manifests", []) if isinstance(d, dict)]
+        except NotFoundError:
+            pass
+        have = {d.get("digest") for d in manifests}
+        manifests += [dict(d) for d in add if d["digest"] not in have]
+        body = json.dumps(
+            {"schemaVersion": 2, "mediaType": media.OCI_INDEX, "manifests": manifests}, separators=(",", ":")
+        ).encode()
+        await self.dst.put_manifest(tag, body, media.OCI_INDEX)
+
+
+async def _guard(stream: AsyncIterator[bytes], failure: SourceFailure) -> AsyncIterator[bytes]:
+    """Forward ``stream``, recording a source-side error so it is reported instead of aiohttp's wrapper."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    except BaseException as err:
+        failure.error = err
+        raise
+
+
+async def _gather(*aws: asyncio.Future[None] | Any) -> None:
+    """Await all; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    if not tasks:
+        return
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def copy_image(
+    src: Reference,
+    dst: Reference,
+    *,
+    session: RegistrySession | None = None,
+    src_auth: Credentials | None = None,
+    dst_auth: Credentials | None = None,
+    options: CopyOptions | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> CopyResult:
+    """Copy ``src`` to ``dst`` (see the module docstring). Raises TemporaryError or PermanentError.
+
+    ``dst`` keeps ``src``'s digest: a ``dst`` pinned to another digest is refused. A ``dst`` with a
+    tag is tagged (last); one with only a digest is pushed by digest.
+    """
+    options = options or CopyOptions()
+    own = session is None
+    sess = session or RegistrySession()
+    started = time.monotonic()
+    try:
+        src_repo = sess.repository(src.host, src.repository, src_auth)
+        dst_repo = sess.repository(dst.host, dst.repository, dst_auth, push=True)
+        copier = _Copier(sess, src_repo, dst_repo, options, progress)
+        top = await src_repo.get_manifest(src.pull_ref)
+        if src.digest is None and top.media_type not in media.MANIFESTS:
+            media.inspect(top.body, top.media_type)  # raises a clear UnsupportedManifestError
+        if dst.digest and dst.digest != top.digest:
+            raise PermanentError(f"destination {dst} is pinned to a digest other than the source's {top.digest}")
+        push_ref = dst.tag or top.digest
+        info = media.inspect(top.body, top.media_type)
+        present = await dst_repo.head_manifest(push_ref)
+        if present and present[0] == top.digest:
+            log.debug("%s already at %s", top.digest, dst)
+            await copier.account(top)
+            image_size = sum(copier.stats.sizes.values())
+            attached = await copier.attached(top.digest) if options.attached else []
+        else:
+            await copier.tree(top, None)
+            image_size = sum(copier.stats.sizes.values())
+            attached = await copier.attached(top.digest) if options.attached else []
+            await dst_repo.put_manifest(push_ref, top.body, top.media_type)
+        if not info.is_index:
+            await copier.single_platform(top)
+        s = copier.stats
+        return CopyResult(
+            digest=top.digest,
+            size=image_size,
+            media_type=top.media_type,
+            platforms=tuple(dict.fromkeys(copier.platforms)),
+            blobs_copied=s.copied,
+            blobs_skipped=s.skipped,
+            blobs_mounted=s.mounted,
+            bytes_copied=s.bytes_copied,
+            seconds=time.monotonic() - started,
+            attached=tuple(dict.fromkeys(attached)),
+        )
+    finally:
+        if own:
+            await sess.close()
