@@ -131,8 +131,10 @@ class Inputs:
 class Selection:
     keep: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # manifest key -> reasons
     delete_manifests: list[Manifest] = field(default_factory=list)  # indexes first
+    delete_waves: list[list[Manifest]] = field(default_factory=list)  # wave n+1 after wave n: parents first
     delete_artifacts: list[tuple[Artifact, str]] = field(default_factory=list)  # with the reason
     kept_artifacts: dict[str, list[str]] = field(default_factory=dict)  # "ns/name" -> reasons
+    artifact_keys: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # "ns/name" -> manifests
 
     def reasons(self, repository: str, digest: str) -> list[str]:
         return self.keep.get((repository, digest), [])
@@ -237,6 +239,7 @@ def select(inputs: Inputs) -> Selection:
             if a.digest:
                 keys += idx.resolve((t[0], None, a.digest))
         artifact_keys[a] = list(dict.fromkeys(keys))
+        sel.artifact_keys[str(a)] = artifact_keys[a]
         reasons = artifact_reasons(a, inputs, templated_uids)
         for key in artifact_keys[a]:
             for why in reasons:
@@ -268,6 +271,11 @@ def select(inputs: Inputs) -> Selection:
     depth = _depths(idx)
     doomed.sort(key=lambda m: (depth.get(m.key, 0), m.repository, m.digest))
     sel.delete_manifests = doomed
+    for m in doomed:
+        level = depth.get(m.key, 0)
+        while len(sel.delete_waves) <= level:
+            sel.delete_waves.append([])
+        sel.delete_waves[level].append(m)
     doomed_keys = {m.key for m in doomed}
 
     for a in inputs.artifacts:

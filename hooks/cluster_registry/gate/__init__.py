@@ -1,0 +1,1 @@
+"""The registry write gate: a streaming reverse proxy in front of distribution (see ``protocol``)."""

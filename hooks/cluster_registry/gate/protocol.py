@@ -1,0 +1,72 @@
+"""The GC write-lock protocol between ``gc`` and the gates (pure: names, parsing, expiry rules).
+
+- **The lock**: a ``coordination.k8s.io/v1`` Lease named ``--lock-name`` in the release namespace.
+  GC holds it by setting ``spec.holderIdentity`` to a *generation*, a string unique to the run, with a
+  short ``leaseDurationSeconds``, and renews ``spec.renewTime`` while it works. Held = a holder is set
+  and the lease has not expired; released = holder cleared, or expired (a dead GC frees writes).
+- **Expiry as a gate sees it** is measured on the gate's own monotonic clock from the moment the gate
+  *observed* the latest renewal (as client-go's leader election does), so clock skew between nodes
+  never shortens a hold.
+- **The drain ack**: each gate replica keeps its own heartbeat Lease, labelled
+  ``clusterregistry.io/gate-for: <lock name>``, renewed every few seconds; once it has refused new
+  writes for generation G and its in-flight writes have finished, it sets the annotation
+  ``clusterregistry.io/drained: G`` on it. GC waits for that ack from every live gate.
+- **Self-fencing**: a gate whose heartbeat could not be renewed for most of its duration, or whose
+  view of the lock is stale, refuses writes: GC may already count it as dead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+LOCK_HEADER = "X-Cluster-Registry-Lock"
+LABEL_GATE_FOR = "clusterregistry.io/gate-for"
+ANNOTATION_DRAINED = "clusterregistry.io/drained"
+GC_LEASE_SECONDS = 15  # GC's lock duration; renewed every third of it
+GATE_LEASE_SECONDS = 20  # a gate's heartbeat duration; renewed every quarter of it
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    """What the protocol needs of a Lease."""
+
+    name: str
+    holder: str | None
+    renew_time: datetime | None
+    duration: int
+    resource_version: str = ""
+    drained: str | None = None
+
+
+def view(lease: Any) -> LeaseView:
+    """A LeaseView of a kubernetes-client ``V1Lease`` (or None-safe stand-in)."""
+    meta = lease.metadata
+    spec = lease.spec
+    annotations = (meta.annotations or {}) if meta else {}
+    return LeaseView(
+        name=meta.name if meta else "",
+        holder=(spec.holder_identity or None) if spec else None,
+        renew_time=(spec.renew_time or spec.acquire_time) if spec else None,
+        duration=int((spec.lease_duration_seconds if spec else None) or GC_LEASE_SECONDS),
+        resource_version=(meta.resource_version or "") if meta else "",
+        drained=annotations.get(ANNOTATION_DRAINED),
+    )
+
+
+def expired_by_clock(lease: LeaseView, now: datetime, slack: float = 0.0) -> bool:
+    """Expired judged by wall clocks (renewTime + duration + slack < now); only for GC-side checks."""
+    if lease.renew_time is None:
+        return True
+    return (now - lease.renew_time).total_seconds() > lease.duration + slack
+
+
+def heartbeat_name(lock_name: str, identity: str) -> str:
+    """The gate replica's heartbeat Lease name: DNS-1123, at most 63 characters."""
+    base = re.sub(r"[^a-z0-9-]+", "-", f"{lock_name}-gate-{identity}".lower()).strip("-")
+    if len(base) <= 63:
+        return base
+    return f"{base[:50].rstrip('-')}-{hashlib.sha256(base.encode()).hexdigest()[:12]}"

@@ -1,0 +1,131 @@
+"""``cluster-registry gc``: one GC run (``--once``, what the CronJob runs) or a run every ``--interval``.
+
+The last line on stdout is the JSON report of counters; exit 1 when the run failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from cluster_registry import kube
+from cluster_registry.gc import registry
+from cluster_registry.gc.run import Options, Report, run_once
+from cluster_registry.gc.threshold import parse_duration, parse_quantity
+
+
+def _metrics(listen: str | None) -> object | None:
+    if not listen:
+        return None
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    reg = CollectorRegistry()
+    host, _, port = listen.rpartition(":")
+    start_http_server(int(port), addr=host or "0.0.0.0", registry=reg)
+    return {
+        name: Gauge(f"cluster_registry_gc_{name}", help_, registry=reg)
+        for name, help_ in [
+            ("last_run_timestamp_seconds", "when the last GC run ended"),
+            ("last_run_success", "1 if the last GC run succeeded"),
+            ("usage_bytes", "registry usage after the last run"),
+            ("bytes_freed", "bytes freed by the last run"),
+            ("manifests_deleted", "manifests deleted by the last run"),
+            ("blobs_deleted", "blobs deleted by the last run"),
+            ("artifacts_deleted", "Artifacts deleted by the last run"),
+            ("window_seconds", "read-only window of the last run"),
+            ("run_seconds", "duration of the last run"),
+        ]
+    }
+
+
+def _observe(gauges: object | None, rep: Report) -> None:
+    if not isinstance(gauges, dict):
+        return
+    values = {
+        "last_run_timestamp_seconds": time.time(),
+        "last_run_success": 0 if rep.error else 1,
+        "usage_bytes": rep.usageBytesAfter,
+        "bytes_freed": rep.bytesFreed,
+        "manifests_deleted": rep.manifestsDeleted,
+        "blobs_deleted": rep.blobsDeleted,
+        "artifacts_deleted": rep.artifactsDeleted,
+        "window_seconds": rep.windowSeconds,
+        "run_seconds": rep.runSeconds,
+    }
+    for k, v in values.items():
+        gauges[k].set(v)
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Delete nothing; print what would be deleted.")
+@click.option("--once", is_flag=True, help="One run, then exit (the CronJob); otherwise run every --interval.")
+@click.option("--interval", default="24h", show_default=True, help="Between runs when not --once.")
+@click.option("--registry-url", default="http://127.0.0.1:5000", show_default=True, help="The registry API (the gate).")
+@click.option("--registry-credentials-file", type=click.Path(dir_okay=False), help="YAML/JSON {username, password} for deletes.")
+@click.option("--registry-host", "registry_hosts", multiple=True, help="How pods name the cluster registry (rewritten references); repeatable.")
+@click.option("--storage-root", required=True, type=click.Path(file_okay=False), help="The filesystem driver's rootdirectory.")
+@click.option("--storage-size", default="100Gi", show_default=True, help="The registry volume's size.")
+@click.option("--threshold", default=0, show_default=True, type=click.IntRange(0, 100), help="Run only at or above this usage percent; 0 always runs.")
+@click.option("--grace", default="1h", show_default=True, help="Images copied within this period are kept.")
+@click.option("--lock-name", default="cluster-registry-gc", show_default=True, help="The GC Lease (the gates' write lock).")
+@click.option("--namespace", envvar=["CLUSTER_REGISTRY_GC_NAMESPACE", "POD_NAMESPACE"], default="default", show_default=True)
+@click.option("--kubeconfig", type=click.Path(dir_okay=False))
+@click.option("--registry-config", type=click.Path(dir_okay=False), help="Config for `registry garbage-collect` (default: generated over --storage-root).")
+@click.option("--registry-binary", help="The distribution `registry` binary (default: PATH, then .cache/bin).")
+@click.option("--drain-timeout", default="60s", show_default=True, help="How long to wait for the gates' in-flight writes.")
+@click.option("--lease-duration", default=15, show_default=True, type=click.IntRange(5, 60), help="The lock's TTL in seconds.")
+@click.option("--no-sweep", is_flag=True, help="Soft delete only; skip the read-only window.")
+@click.option("--metrics-listen", help="HOST:PORT to serve Prometheus metrics on while running.")
+def gc(
+    dry_run: bool,
+    once: bool,
+    interval: str,
+    registry_url: str,
+    registry_credentials_file: str | None,
+    registry_hosts: tuple[str, ...],
+    storage_root: str,
+    storage_size: str,
+    threshold: int,
+    grace: str,
+    lock_name: str,
+    namespace: str,
+    kubeconfig: str | None,
+    registry_config: str | None,
+    registry_binary: str | None,
+    drain_timeout: str,
+    lease_duration: int,
+    no_sweep: bool,
+    metrics_listen: str | None,
+) -> None:
+    """Garbage-collect the cluster registry."""
+    opts = Options(
+        registry_url=registry_url,
+        storage_root=os.path.abspath(storage_root),
+        storage_size=parse_quantity(storage_size),
+        threshold=threshold,
+        grace=parse_duration(grace),
+        lock_name=lock_name,
+        namespace=namespace,
+        registry_config=registry_config,
+        registry_binary=registry_binary,
+        credentials=registry.load_credentials(registry_credentials_file),
+        local_hosts=frozenset(registry_hosts),
+        drain_timeout=float(parse_duration(drain_timeout)),
+        lease_seconds=lease_duration,
+        dry_run=dry_run,
+        sweep=not no_sweep,
+    )
+    api = kube.api_client(kubeconfig)
+    gauges = _metrics(metrics_listen)
+    pause = parse_duration(interval)
+    while True:
+        rep = run_once(opts, api)
+        _observe(gauges, rep)
+        print(json.dumps(rep.as_dict(), sort_keys=True), flush=True)
+        if once or pause <= 0:
+            sys.exit(1 if rep.error else 0)
+        time.sleep(pause)

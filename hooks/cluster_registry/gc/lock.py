@@ -1,0 +1,241 @@
+"""GC's side of the write lock (see ``gate.protocol``): take the Lease, renew it, wait for the gates'
+drain acks, release it.
+
+The renewer is a background thread. ``safe()`` says whether the gates are certainly still holding
+writes off: the last renewal that succeeded *started* less than ``duration - margin`` seconds ago
+(a gate's hold lasts at least ``duration`` from when it observed that renewal). The sweep is stopped
+the moment ``safe()`` turns false.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from cluster_registry.errors import TemporaryError
+from cluster_registry.gate.protocol import (
+    ANNOTATION_DRAINED,
+    GATE_LEASE_SECONDS,
+    GC_LEASE_SECONDS,
+    LABEL_GATE_FOR,
+    LeaseView,
+    expired_by_clock,
+    view,
+)
+
+log = logging.getLogger(__name__)
+DEAD_BY_CLOCK = 300.0  # a heartbeat this stale (by any sane clock) is a gone gate
+
+
+class LockHeldError(TemporaryError):
+    """Another GC run holds the lock."""
+
+
+class DrainTimeoutError(TemporaryError):
+    """Some gate did not acknowledge that its in-flight writes drained in time."""
+
+
+class LockLostError(TemporaryError):
+    """The lock could not be renewed in time; the sweep must stop."""
+
+
+def new_generation() -> str:
+    host = (os.environ.get("POD_NAME") or socket.gethostname())[:40]
+    return f"gc-{host}-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class DrainReport:
+    acked: list[str] = field(default_factory=list)
+    ignored_dead: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class GCLock:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        namespace: str,
+        name: str,
+        *,
+        duration: int = GC_LEASE_SECONDS,
+        margin: float = 4.0,
+    ) -> None:
+        self.coord = client.CoordinationV1Api(api)
+        self.namespace, self.name, self.duration, self.margin = namespace, name, duration, margin
+        self.generation = new_generation()
+        self._lease: Any = None
+        self._last_ok = 0.0  # monotonic start of the last successful write
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mu = threading.Lock()
+        self.lost = False
+
+    # -- acquire / renew / release -------------------------------------------------------------------
+    def acquire(self) -> None:
+        started = time.monotonic()
+        now = datetime.now(timezone.utc)
+        try:
+            current = self.coord.read_namespaced_lease(self.name, self.namespace)
+        except ApiException as err:
+            if err.status != 404:
+                raise TemporaryError(f"cannot read the GC lock Lease: {err.reason}") from err
+            current = None
+        if current is None:
+            body = client.V1Lease(
+                metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
+                spec=self._spec(now, transitions=0),
+            )
+            try:
+                self._lease = self.coord.create_namespaced_lease(self.namespace, body)
+            except ApiException as err:
+                raise LockHeldError("another GC run took the lock first") if err.status == 409 else TemporaryError(
+                    f"cannot create the GC lock Lease: {err.reason}"
+                ) from err
+        else:
+            v = view(current)
+            if v.holder and not expired_by_clock(v, now):
+                raise LockHeldError(f"the GC lock is held by {v.holder}")
+            transitions = (current.spec.lease_transitions or 0) + 1 if current.spec else 1
+            current.spec = self._spec(now, transitions=transitions)
+            try:
+                self._lease = self.coord.replace_namespaced_lease(self.name, self.namespace, current)
+            except ApiException as err:
+                if err.status == 409:
+                    raise LockHeldError("another GC run took the lock first") from err
+                raise TemporaryError(f"cannot take the GC lock: {err.reason}") from err
+        self._last_ok = started
+        self._thread = threading.Thread(target=self._renew_loop, name="gc-lock-renew", daemon=True)
+        self._thread.start()
+        log.info("write lock taken", extra={"lease": self.name, "generation": self.generation})
+
+    def _spec(self, now: datetime, transitions: int) -> client.V1LeaseSpec:
+        return client.V1LeaseSpec(
+            holder_identity=self.generation,
+            lease_duration_seconds=self.duration,
+            acquire_time=now,
+            renew_time=now,
+            lease_transitions=transitions,
+        )
+
+    def _renew_once(self) -> None:
+        started = time.monotonic()
+        with self._mu:
+            lease = self._lease
+            if lease.spec.holder_identity != self.generation:
+                raise LockLostError("the GC lock was taken over")
+            lease.spec.renew_time = datetime.now(timezone.utc)
+            try:
+                self._lease = self.coord.replace_namespaced_lease(self.name, self.namespace, lease)
+            except ApiException as err:
+                if err.status == 409:  # someone else wrote it: re-read and check it is still ours
+                    fresh: Any = self.coord.read_namespaced_lease(self.name, self.namespace)
+                    if fresh.spec.holder_identity != self.generation:
+                        self.lost = True
+                        raise LockLostError("the GC lock was taken over") from err
+                    self._lease = fresh
+                    return self._renew_once_unlocked(started)
+                raise
+        self._last_ok = started
+
+    def _renew_once_unlocked(self, started: float) -> None:
+        lease = self._lease
+        lease.spec.renew_time = datetime.now(timezone.utc)
+        self._lease = self.coord.replace_namespaced_lease(self.name, self.namespace, lease)
+        self._last_ok = started
+
+    def _renew_loop(self) -> None:
+        interval = self.duration / 3
+        while not self._stop.wait(interval):
+            try:
+                self._renew_once()
+                interval = self.duration / 3
+            except LockLostError:
+                self.lost = True
+                log.error("write lock lost")
+                return
+            except Exception as err:  # noqa: BLE001 - keep trying until safe() says stop
+                log.warning("write lock renewal failed; retrying", extra={"error": str(err)})
+                interval = 1.0
+
+    def safe(self) -> bool:
+        """True while every gate certainly still refuses writes for this generation."""
+        return not self.lost and time.monotonic() - self._last_ok < self.duration - self.margin
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=self.duration)
+        if self.lost or self._lease is None:
+            return
+        for _ in range(3):
+            try:
+                with self._mu:
+                    lease: Any = self.coord.read_namespaced_lease(self.name, self.namespace)
+                    if lease.spec.holder_identity != self.generation:
+                        return
+                    lease.spec.holder_identity = None
+                    lease.spec.renew_time = datetime.now(timezone.utc)
+                    self.coord.replace_namespaced_lease(self.name, self.namespace, lease)
+                log.info("write lock released", extra={"lease": self.name})
+                return
+            except ApiException as err:
+                log.warning("write lock release failed; retrying", extra={"error": err.reason})
+                time.sleep(0.5)
+        log.error("write lock not released; it expires by itself", extra={"seconds": self.duration})
+
+    # -- the gates' drain acks -----------------------------------------------------------------------
+    def wait_drained(self, timeout: float, poll: float = 0.25) -> DrainReport:
+        """Wait until every live gate acknowledged this generation; raise DrainTimeoutError on timeout.
+
+        Dead gates (heartbeat older than 5 minutes by the clock, or unchanged for a whole heartbeat
+        duration while we watch) are not waited for: they self-fence and accept no writes.
+        """
+        start = time.monotonic()
+        first_seen: dict[str, tuple[Any, float]] = {}  # name -> (renewTime, monotonic first seen)
+        while True:
+            if not self.safe():
+                raise LockLostError("the GC lock could not be renewed while waiting for the gates")
+            now_wall = datetime.now(timezone.utc)
+            now = time.monotonic()
+            leases = self.coord.list_namespaced_lease(
+                self.namespace, label_selector=f"{LABEL_GATE_FOR}={self.name}"
+            ).items
+            report = DrainReport(seconds=now - start)
+            pending: list[str] = []
+            for lease in leases:
+                v: LeaseView = view(lease)
+                if v.drained == self.generation:
+                    report.acked.append(v.name)
+                    continue
+                seen = first_seen.get(v.name)
+                if seen is None or seen[0] != v.renew_time:
+                    first_seen[v.name] = seen = (v.renew_time, now)
+                unchanged_for = now - seen[1]
+                if expired_by_clock(v, now_wall, slack=DEAD_BY_CLOCK) or unchanged_for > max(
+                    v.duration, GATE_LEASE_SECONDS
+                ):
+                    report.ignored_dead.append(v.name)
+                    continue
+                pending.append(v.name)
+            if not pending:
+                log.info("gates drained", extra={"acked": report.acked, "dead": report.ignored_dead})
+                return report
+            if now - start > timeout:
+                raise DrainTimeoutError(
+                    f"gates did not drain their in-flight writes within {timeout:.0f}s: {', '.join(pending)}"
+                )
+            time.sleep(poll)
+
+
+__all__ = ["GCLock", "DrainReport", "LockHeldError", "LockLostError", "DrainTimeoutError", "ANNOTATION_DRAINED"]

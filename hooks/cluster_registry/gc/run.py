@@ -1,0 +1,193 @@
+"""One GC run: threshold -> references -> soft delete -> read-only window (lock, drain, sweep) -> report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+from kubernetes import client
+
+from cluster_registry.errors import ClusterRegistryError, TemporaryError
+from cluster_registry.gc import registry, storage, sweep
+from cluster_registry.gc.cluster import ClusterView
+from cluster_registry.gc.lock import GCLock
+from cluster_registry.gc.select import Inputs, Manifest, Selection, select
+from cluster_registry.gc.threshold import decide
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    registry_url: str
+    storage_root: str
+    storage_size: int  # bytes
+    threshold: int = 0  # percent
+    grace: int = 3600  # seconds
+    lock_name: str = "cluster-registry-gc"
+    namespace: str = "default"
+    registry_config: str | None = None
+    registry_binary: str | None = None
+    credentials: registry.BasicAuth | None = None
+    local_hosts: frozenset[str] = frozenset()
+    drain_timeout: float = 60.0
+    lease_seconds: int = 15
+    dry_run: bool = False
+    sweep: bool = True  # run the read-only window (mark-and-sweep) after the soft delete
+    say: Callable[[str], None] = print  # where --dry-run's "would delete" lines go
+
+
+@dataclass
+class Report:
+    """The counters printed as the run's last line (camelCase keys, like the CRDs)."""
+
+    dryRun: bool = False
+    ran: bool = False
+    usageBytes: int = 0
+    usagePercent: float = 0.0
+    storageSizeBytes: int = 0
+    thresholdPercent: int = 0
+    manifestsSeen: int = 0
+    manifestsKept: int = 0
+    manifestsDeleted: int = 0
+    manifestsDeleteFailed: int = 0
+    artifactsSeen: int = 0
+    artifactsDeleted: int = 0
+    artifactsChanged: int = 0  # changed since read (e.g. a new owner): kept, with their images
+    blobsDeleted: int = 0
+    bytesFreed: int = 0
+    usageBytesAfter: int = 0
+    gatesAcked: int = 0
+    drainSeconds: float = 0.0
+    sweepSeconds: float = 0.0
+    windowSeconds: float = 0.0
+    runSeconds: float = 0.0
+    error: str = ""
+    deleted: list[str] = field(default_factory=list)
+
+    def as_dict(self, with_lists: bool = False) -> dict[str, Any]:
+        out = dict(vars(self))
+        for k in ("drainSeconds", "sweepSeconds", "windowSeconds", "runSeconds", "usagePercent"):
+            out[k] = round(out[k], 3)
+        if not with_lists:
+            out.pop("deleted")
+        if not out["error"]:
+            out.pop("error")
+        return out
+
+
+def gather(view: ClusterView, opts: Options, now: datetime) -> tuple[Inputs, list[Manifest]]:
+    manifests = storage.inventory(opts.storage_root)
+    workloads = view.workloads()
+    artifacts = view.artifacts()
+    components = view.components()
+    uids = {w.uid for w in workloads}
+    uids |= view.live_owner_uids(artifacts, uids)
+    inputs = Inputs(
+        manifests=tuple(manifests),
+        artifacts=tuple(artifacts),
+        workloads=tuple(workloads),
+        components=tuple(components),
+        live_uids=frozenset(uids),
+        now=now,
+        grace=timedelta(seconds=opts.grace),
+        local_hosts=opts.local_hosts,
+    )
+    return inputs, manifests
+
+
+def run_once(opts: Options, api: client.ApiClient) -> Report:
+    t0 = time.monotonic()
+    rep = Report(dryRun=opts.dry_run, storageSizeBytes=opts.storage_size, thresholdPercent=opts.threshold)
+    try:
+        _run(opts, api, rep)
+    except ClusterRegistryError as err:
+        rep.error = str(err)
+        log.error("gc failed", extra={"error": str(err), "detail": err.detail})
+    finally:
+        rep.runSeconds = time.monotonic() - t0
+    return rep
+
+
+def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
+    used = storage.usage(opts.storage_root)
+    dec = decide(used.bytes, opts.storage_size, opts.threshold)
+    rep.usageBytes, rep.usagePercent = used.bytes, dec.percent
+    if not dec.run:
+        log.info("usage below the threshold; nothing to do", extra={"percent": round(dec.percent, 2)})
+        rep.usageBytesAfter = used.bytes
+        return
+    rep.ran = True
+    view = ClusterView(api)
+    inputs, manifests = gather(view, opts, datetime.now(timezone.utc))
+    sel = select(inputs)
+    rep.manifestsSeen, rep.artifactsSeen = len(manifests), len(inputs.artifacts)
+    rep.manifestsKept = len(sel.keep)
+
+    if opts.dry_run:
+        for m in sel.delete_manifests:
+            opts.say(f"would delete manifest {m} tags={sorted(m.tags)}")
+        for a, why in sel.delete_artifacts:
+            opts.say(f"would delete Artifact {a} ({a.source}): {why}")
+        rep.manifestsDeleted = len(sel.delete_manifests)
+        rep.artifactsDeleted = len(sel.delete_artifacts)
+        rep.usageBytesAfter = used.bytes
+        return
+
+    _soft_delete(opts, view, sel, rep)
+    if opts.sweep:
+        _window(opts, api, rep)
+    else:
+        rep.usageBytesAfter = storage.usage(opts.storage_root).bytes
+
+
+def _soft_delete(opts: Options, view: ClusterView, sel: Selection, rep: Report) -> None:
+    """Artifacts first (each only if unchanged since read; a changed one protects its repository),
+    then the manifests through the registry API, indexes before their platform manifests."""
+    protected_repos: set[str] = set()
+    for a, why in sel.delete_artifacts:
+        if view.delete_artifact(a):
+            rep.artifactsDeleted += 1
+            view.event(a, "GarbageCollected", f"deleted by cluster-registry gc: {why}")
+        else:
+            rep.artifactsChanged += 1
+            protected_repos |= {repo for repo, _ in sel.artifact_keys.get(str(a), [])}
+            log.info("Artifact changed since read; keeping its images", extra={"artifact": str(a)})
+    waves = [[(m.repository, m.digest) for m in wave if m.repository not in protected_repos] for wave in sel.delete_waves]
+    outcomes = registry.delete_sync(opts.registry_url, waves, opts.credentials)
+    for o in outcomes:
+        if o.status == "failed":
+            rep.manifestsDeleteFailed += 1
+            log.warning("manifest delete failed", extra={"manifest": f"{o.repository}@{o.digest}", "error": o.error})
+        else:
+            rep.manifestsDeleted += 1
+            rep.deleted.append(f"{o.repository}@{o.digest}")
+    log.info("soft delete done", extra={"manifests": rep.manifestsDeleted, "artifacts": rep.artifactsDeleted})
+
+
+def _window(opts: Options, api: client.ApiClient, rep: Report) -> None:
+    """The read-only window: take the lock, wait for every gate to drain, sweep, release."""
+    config = opts.registry_config or sweep.default_config(opts.storage_root)
+    lock = GCLock(api, opts.namespace, opts.lock_name, duration=opts.lease_seconds)
+    w0 = time.monotonic()
+    lock.acquire()
+    try:
+        drained = lock.wait_drained(opts.drain_timeout)
+        rep.gatesAcked, rep.drainSeconds = len(drained.acked), drained.seconds
+        before = storage.usage(opts.storage_root).bytes
+        res = sweep.run(config, binary=opts.registry_binary, keep_going=lock.safe)
+        if not lock.safe():
+            raise TemporaryError("the write lock lapsed during the sweep")
+        after = storage.usage(opts.storage_root).bytes
+        rep.blobsDeleted, rep.sweepSeconds = res.blobs_deleted, res.seconds
+        rep.bytesFreed, rep.usageBytesAfter = max(0, before - after), after
+    finally:
+        lock.release()
+        rep.windowSeconds = time.monotonic() - w0
+    log.info(
+        "read-only window closed",
+        extra={"seconds": round(rep.windowSeconds, 3), "blobs": rep.blobsDeleted, "bytes": rep.bytesFreed},
+    )
