@@ -40,7 +40,7 @@ typecheck: toolchain ## mypy --strict over the package
 	$(VENV)/bin/mypy
 
 generate: toolchain ## regenerate committed generated files (schema copy, values reference)
-	$(VENV)/bin/python -m tests.support.generate
+	ci/generate
 
 demo: cluster-up ## boot the local cluster, install the chart and a sample CNF
 	$(VENV)/bin/python -m tests.support.demo up
