@@ -12,7 +12,7 @@ from cluster_registry.reconcile import component_status as cs
 from cluster_registry.reconcile.status import condition, next_status, Copied, CopyFailed, Locked, Started
 
 NOW = 1_800_000_000.0
-FIXTURE = Path(__file__).parent / "fixtures" / "reconcile_rendered_chart.yaml"
+FIXTURE = Path(__file__).parent / "reconcile_fixtures" / "rendered.yaml"
 
 COMPONENT: dict[str, Any] = {
     "apiVersion": "clusterregistry.io/v1alpha1",
@@ -74,15 +74,20 @@ spec: {template: {spec: {containers: [{name: c, image: "app:1"}]}}}
     assert workloads.images(docs) == ["init:1", "app:1", "debug:1", "cron:1", "ds:1"]
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason="fixture not generated")
 def test_extracts_images_from_a_real_helm_template_render() -> None:
-    """``FIXTURE`` is ``helm template`` output of tests/support's sample CNF chart (see its header)."""
-    docs = workloads.load_manifests(FIXTURE.read_text())
-    got = {(w.kind, w.container_field, w.image) for w in workloads.workload_images(docs)}
-    kinds = {w.kind for w in workloads.workload_images(docs)}
-    assert kinds >= {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod"}
-    assert ("Deployment", "initContainers", "example.com/cnf/init:1.0") in got
-    assert all(w.image == w.image.strip() and w.image for w in workloads.workload_images(docs))
+    """``FIXTURE`` is real ``helm template`` output of reconcile_fixtures/cnf-chart (see its first line)."""
+    found = workloads.workload_images(workloads.load_manifests(FIXTURE.read_text()))
+    assert sorted((w.kind, w.container_field, w.image) for w in found) == [
+        ("CronJob", "containers", "example.com/cnf/backup:1.0"),
+        ("DaemonSet", "containers", "example.com/cnf/agent:0.3"),
+        ("Deployment", "containers", "example.com/cnf/app:1.0"),
+        ("Deployment", "initContainers", "example.com/cnf/init:1.0"),
+        ("Job", "containers", "example.com/cnf/migrate:1.0"),
+        ("Pod", "containers", "example.com/cnf/app:1.0"),
+        ("StatefulSet", "containers", "example.com/cnf/db:2.1"),
+    ]
+    want = cs.desired(workloads.images(workloads.load_manifests(FIXTURE.read_text())))
+    assert len(want.sources) == 6 and not want.invalid  # app:1.0 twice, one Artifact
 
 
 def test_desired_normalises_dedupes_and_reports_invalid() -> None:

@@ -129,9 +129,7 @@ class ArtifactReconciler:
             self.handled.pop(key, None)
             dest = self.groups.set(key, None)
             if dest is not None and not self.groups.members(dest):
-                self.queue.forget(dest)
-                self.copy_wanted.discard(dest)
-                self.attempts.pop(dest, None)
+                self._drop(dest)
             self._gauges()
             return
         self._remember(obj)
@@ -145,6 +143,8 @@ class ArtifactReconciler:
                 self._spawn(self._write(v, st.CopyFailed("InvalidReference", err.message, False)))
             return
         old = self.groups.set(key, dest)
+        if old is not None and old != dest and not self.groups.members(old):
+            self._drop(old)
         if self.handled.get(key) == v.generation and old == dest:
             return  # our own status write, or nothing the scheduler does not already own
         self.handled[key] = v.generation
@@ -156,6 +156,12 @@ class ArtifactReconciler:
         self.queue.add(dest, due)
         self._wake.set()
         self._gauges()
+
+    def _drop(self, dest: str) -> None:
+        """Forget a destination no Artifact points at any more."""
+        self.queue.forget(dest)
+        self.copy_wanted.discard(dest)
+        self.attempts.pop(dest, None)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -1,0 +1,268 @@
+"""The artifact reconciler's control loop with an in-memory Kubernetes and a scripted copy engine.
+
+No network: the copy and verify functions are stand-ins, time is a counter. What is checked is the
+loop's behaviour: dedupe by destination, per-Artifact status, backoff without hot loops, deferral
+while the GC write lock is held, re-verification and recopy, pull-secret credentials.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from cluster_registry import reference
+from cluster_registry.errors import WriteLockedError
+from cluster_registry.oci.auth import Credentials
+from cluster_registry.oci.copy import CopyResult
+from cluster_registry.oci.errors import AuthenticationError, NotFoundError
+from cluster_registry.reconcile import status as st
+from cluster_registry.reconcile.artifacts import ArtifactReconciler, Config
+from cluster_registry.reconcile.metrics import artifact_metrics
+
+REG = "127.0.0.1:5000"
+DIGEST = "sha256:" + "ab" * 32
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.status_writes: list[tuple[str, dict[str, Any]]] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.secrets: dict[str, bytes] = {}
+        self.rv = 0
+
+    def add(self, ns: str, name: str, source: str, secrets: list[str] | None = None) -> dict[str, Any]:
+        self.rv += 1
+        obj = {
+            "apiVersion": "clusterregistry.io/v1alpha1", "kind": "Artifact",
+            "metadata": {"namespace": ns, "name": name, "uid": f"uid-{ns}-{name}", "generation": 1, "resourceVersion": str(self.rv)},
+            "spec": {"sourceArtifact": source, **({"pullSecrets": secrets} if secrets else {})},
+        }
+        self.objects[f"{ns}/{name}"] = obj
+        return copy.deepcopy(obj)
+
+    def patch_status(self, plural: str, ns: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        obj = self.objects[f"{ns}/{name}"]
+        status = obj.setdefault("status", {})
+        for k, v in patch.items():
+            if v is None:
+                status.pop(k, None)
+            else:
+                status[k] = v
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        self.status_writes.append((f"{ns}/{name}", patch))
+        return copy.deepcopy(obj)
+
+    def docker_config(self, ns: str, name: str) -> bytes | None:
+        return self.secrets.get(f"{ns}/{name}")
+
+    def event(self, obj: dict[str, Any], type_: str, reason: str, note: str, **_: Any) -> None:
+        self.events.append((obj["metadata"]["name"], type_, reason))
+
+    def status(self, key: str) -> dict[str, Any]:
+        return dict(self.objects[key].get("status") or {})
+
+
+class Script:
+    """A copy engine stand-in: answers from a list of results/exceptions, records its calls."""
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.calls: list[tuple[str, str, Credentials | None]] = []
+        self.present: dict[str, str] = {}  # destination -> digest held by the "registry"
+
+    async def copy(self, src: reference.Reference, dst: reference.Reference, creds: Credentials | None) -> CopyResult:
+        self.calls.append((str(src), str(dst), creds))
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        self.present[str(dst)] = answer.digest
+        return answer  # type: ignore[no-any-return]
+
+    async def verify(self, dst: reference.Reference) -> str | None:
+        return self.present.get(str(dst))
+
+
+def result(digest: str = DIGEST, platforms: tuple[str, ...] = ("linux/amd64",)) -> CopyResult:
+    return CopyResult(digest=digest, size=4242, media_type="application/vnd.oci.image.manifest.v1+json",
+                      platforms=platforms, blobs_copied=2, blobs_skipped=0, blobs_mounted=0, bytes_copied=4000, seconds=0.1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(script: Script, kube: FakeKube, clock: Clock, **cfg: Any) -> ArtifactReconciler:
+    config = Config(registry_host=REG, verify_interval=600, **cfg)
+    return ArtifactReconciler(kube, config, artifact_metrics(), copy=script.copy, verify=script.verify,  # type: ignore[arg-type]
+                              rand=lambda: 0.5, clock=clock)
+
+
+async def drain(r: ArtifactReconciler, kube: FakeKube) -> list[str]:
+    """Process every due destination, feeding status writes back as watch events; return them."""
+    done = []
+    while (dest := r.queue.pop(r.clock())) is not None:
+        writes = len(kube.status_writes)
+        next_at = await r.process(dest)
+        r.queue.done(dest, next_at)
+        for key, _ in kube.status_writes[writes:]:  # what the watch would deliver
+            r.on_event("MODIFIED", copy.deepcopy(kube.objects[key]))
+        done.append(dest)
+    return done
+
+
+async def test_same_source_in_two_namespaces_is_copied_once_and_each_gets_status() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    r = make(script, kube, clock)
+    for ns in ("a", "b"):
+        r.on_event("ADDED", kube.add(ns, "nginx", "docker.io/library/nginx:1.25"))
+    r.on_event("ADDED", kube.add("a", "other", "ghcr.io/x/y:2"))
+    assert len(r.queue) == 2
+    await drain(r, kube)
+    assert sorted(c[1] for c in script.calls) == [f"{REG}/docker.io/library/nginx:1.25", f"{REG}/ghcr.io/x/y:2"]
+    for key in ("a/nginx", "b/nginx", "a/other"):
+        s = kube.status(key)
+        assert s["phase"] == "Ready" and s["digest"] == DIGEST and s["size"] == 4242 and s["platforms"] == ["linux/amd64"]
+        assert s["observedGeneration"] == 1 and st.condition(s["conditions"], "Ready")["status"] == "True"  # type: ignore[index]
+    assert kube.status("b/nginx")["localArtifact"] == f"{REG}/docker.io/library/nginx:1.25"
+    assert sorted(e[2] for e in kube.events) == ["Copied"] * 3 + ["Copying"] * 3
+    # our own status writes came back as MODIFIED events: nothing new is due before the verify interval
+    assert r.queue.pop(clock.now + 60) is None
+
+
+async def test_permanent_failure_backs_off_without_hot_loop_or_event_flood() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(NotFoundError("manifest unknown: ghcr.io/x/gone:1"))
+    r = make(script, kube, clock)
+    r.on_event("ADDED", kube.add("a", "gone", "ghcr.io/x/gone:1"))
+    await drain(r, kube)
+    s = kube.status("a/gone")
+    cond = st.condition(s["conditions"], "Ready")
+    assert s["phase"] == "Failed" and cond is not None
+    assert (cond["reason"], cond["message"]) == ("NotFound", "manifest unknown: ghcr.io/x/gone:1")
+    assert len(kube.status_writes) == 2  # Copying, Failed
+    due = r.queue.next_due()
+    assert due is not None and due - clock.now == pytest.approx(300)  # permanent: long wait
+    clock.now += 299
+    assert await drain(r, kube) == []
+    gaps = []
+    for _ in range(3):  # three more retries: no new writes, no new events, growing gaps
+        assert (due := r.queue.next_due()) is not None
+        gaps.append(due - clock.now)
+        clock.now = due
+        await drain(r, kube)
+    assert gaps[1:] == [pytest.approx(600), pytest.approx(1200)]
+    assert len(script.calls) == 4 and len(kube.status_writes) == 2
+    assert [e[2] for e in kube.events] == ["Copying", "NotFound"]
+
+
+async def test_write_lock_defers_then_copies() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(WriteLockedError("gc holds the write lock"), WriteLockedError("x"), result())
+    r = make(script, kube, clock)
+    r.on_event("ADDED", kube.add("a", "img", "ghcr.io/x/y:1"))
+    await drain(r, kube)
+    assert kube.status("a/img")["phase"] == "Deferred"
+    assert st.condition(kube.status("a/img")["conditions"], "Ready")["reason"] == "WriteLocked"  # type: ignore[index]
+    for _ in range(2):
+        due = r.queue.next_due()
+        assert due is not None and due - clock.now == pytest.approx(10)
+        clock.now = due
+        await drain(r, kube)
+    assert kube.status("a/img")["phase"] == "Ready" and len(script.calls) == 3
+    assert [w[1].get("phase") for w in kube.status_writes] == ["Copying", "Deferred", "Ready"]
+
+
+async def test_ready_copy_is_reverified_and_recopied_when_gone() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    r = make(script, kube, clock)
+    r.on_event("ADDED", kube.add("a", "img", "ghcr.io/x/y:1"))
+    await drain(r, kube)
+    due = r.queue.next_due()
+    assert due is not None and due - clock.now == pytest.approx(600)
+    clock.now = due
+    await drain(r, kube)  # present: a HEAD only
+    assert len(script.calls) == 1 and len(kube.status_writes) == 2
+    script.present.clear()  # the registry was wiped
+    clock.now = r.queue.next_due() or 0
+    await drain(r, kube)
+    assert len(script.calls) == 2 and kube.status("a/img")["phase"] == "Ready"
+    assert ("img", "Warning", "Missing") in kube.events
+
+
+async def test_restart_sees_ready_artifact_and_only_verifies_later() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    obj = kube.add("a", "img", "ghcr.io/x/y:1")
+    obj["status"] = dict(st.next_status({}, 1, st.Copied(f"{REG}/ghcr.io/x/y:1", DIGEST, 1), clock.now - 60))
+    r = make(script, kube, clock)
+    r.on_event("ADDED", obj)
+    assert r.queue.pop(clock.now + 500) is None and r.queue.next_due() is not None
+
+
+async def test_pull_secret_credentials_for_the_source_host() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    auth = base64.b64encode(b"robot:s3cret").decode()
+    kube.secrets["a/acr"] = json.dumps({"auths": {"other.io": {"auth": "eDp5"}, "myacr.azurecr.io": {"auth": auth}}}).encode()
+    r = make(script, kube, clock)
+    r.on_event("ADDED", kube.add("a", "img", "myacr.azurecr.io/nginx:1", ["missing", "acr"]))
+    await drain(r, kube)
+    creds = script.calls[0][2]
+    assert creds is not None and (creds.username, creds.password) == ("robot", "s3cret")
+    assert "s3cret" not in json.dumps(kube.status_writes) and "s3cret" not in repr(creds)
+
+
+async def test_auth_failure_names_the_missing_pull_secret() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(AuthenticationError("myacr.azurecr.io: 401 unauthorized"))
+    r = make(script, kube, clock)
+    r.on_event("ADDED", kube.add("a", "img", "myacr.azurecr.io/nginx:1", ["acr"]))
+    await drain(r, kube)
+    cond = st.condition(kube.status("a/img")["conditions"], "Ready")
+    assert cond is not None and cond["reason"] == "Authentication"
+    assert "pull secrets not found: a/acr" in cond["message"]
+
+
+async def test_invalid_source_fails_once() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    r = make(script, kube, clock)
+    obj = kube.add("a", "bad", "Not A Reference")
+    r.on_event("ADDED", obj)
+    for t in list(r._tasks):
+        await t
+    r.on_event("MODIFIED", copy.deepcopy(kube.objects["a/bad"]))
+    assert kube.status("a/bad")["phase"] == "Failed" and len(kube.status_writes) == 1 and not script.calls
+    assert len(r.queue) == 0
+
+
+async def test_spec_change_resets_backoff_and_moves_destination() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(NotFoundError("nope"), result())
+    r = make(script, kube, clock)
+    r.on_event("ADDED", kube.add("a", "img", "ghcr.io/x/y:1"))
+    await drain(r, kube)
+    assert kube.status("a/img")["phase"] == "Failed"
+    obj = kube.objects["a/img"]
+    obj["spec"]["sourceArtifact"] = "ghcr.io/x/y:2"
+    obj["metadata"]["generation"] = 2
+    r.on_event("MODIFIED", copy.deepcopy(obj))
+    assert r.queue.scheduled(f"{REG}/ghcr.io/x/y:2") == clock.now
+    assert r.queue.scheduled(f"{REG}/ghcr.io/x/y:1") is None  # the old destination's retry is dropped
+    clock.now += 1000
+    await drain(r, kube)
+    s = kube.status("a/img")
+    assert s["phase"] == "Ready" and s["observedGeneration"] == 2 and s["localArtifact"].endswith("/ghcr.io/x/y:2")
+    assert [c[0] for c in script.calls] == ["ghcr.io/x/y:1", "ghcr.io/x/y:2"]
+
+
+async def test_deleted_artifact_leaves_the_queue() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    r = make(script, kube, clock)
+    obj = kube.add("a", "img", "ghcr.io/x/y:1")
+    r.on_event("ADDED", obj)
+    r.on_event("DELETED", obj)
+    assert len(r.queue) == 0 and await drain(r, kube) == [] and not script.calls
