@@ -1,0 +1,137 @@
+"""The gate's in-memory view of the write lock, its in-flight writes and its drain ack (no I/O).
+
+Fed by the Lease watch (``observe``/``confirm``) and the heartbeat (``heartbeat_ok``); read on
+every write request (``admit``). Thread-safe: the watch and the heartbeat run in threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Callable
+
+from cluster_registry.gate.protocol import GATE_LEASE_SECONDS, LeaseView, expired_by_clock
+
+STALE_BY_CLOCK = 300.0  # a lock whose renewTime is this far past expiry by the wall clock is ignored
+
+
+class Lock(str, Enum):
+    FREE = "free"
+    HELD = "held"  # GC holds the lock: refuse writes (503, X-Cluster-Registry-Lock: gc)
+    UNKNOWN = "unknown"  # cannot vouch for the lock's state: refuse writes too (fail closed)
+
+
+class GateState:
+    def __init__(
+        self,
+        *,
+        enabled: bool = True,
+        stale_after: float = 45.0,
+        heartbeat_fence: float | None = GATE_LEASE_SECONDS - 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> None:
+        self.enabled = enabled
+        self.stale_after = stale_after
+        self.heartbeat_fence = heartbeat_fence  # None: no heartbeat (no drain acks) expected
+        self.clock, self.wall = clock, wall
+        self._mu = threading.Lock()
+        self.holder: str | None = None
+        self.renew: datetime | None = None
+        self.duration = 0
+        self.observed_at = 0.0
+        self.confirmed_at: float | None = None
+        self.heartbeat_at: float | None = None
+        self.inflight = 0
+        self.acked: str | None = None
+        self.on_drained: Callable[[], None] = lambda: None
+
+    # -- fed by the watch and the heartbeat ---------------------------------------------------------
+    def observe(self, lease: LeaseView | None) -> None:
+        """A fresh read of the lock Lease (None: it does not exist)."""
+        now = self.clock()
+        with self._mu:
+            holder = lease.holder if lease else None
+            if lease and holder and expired_by_clock(lease, self.wall(), slack=STALE_BY_CLOCK):
+                holder = None  # left behind by a GC that died long ago
+            renew = lease.renew_time if lease else None
+            if (holder, renew) != (self.holder, self.renew):
+                self.observed_at = now
+            self.holder, self.renew = holder, renew
+            self.duration = lease.duration if lease else 0
+            self.confirmed_at = now
+            drained = self._drained_locked(now)
+        if drained:
+            self.on_drained()
+
+    def confirm(self) -> None:
+        """The watch is healthy (a bookmark, or a watch that ended cleanly) and saw no change."""
+        with self._mu:
+            self.confirmed_at = self.clock()
+
+    def heartbeat_ok(self, started: float) -> None:
+        with self._mu:
+            self.heartbeat_at = started
+
+    # -- read per request ---------------------------------------------------------------------------
+    def _status_locked(self, now: float) -> Lock:
+        if not self.enabled:
+            return Lock.FREE
+        if self.holder and now < self.observed_at + self.duration:
+            return Lock.HELD
+        if self.confirmed_at is None or now - self.confirmed_at > self.stale_after:
+            return Lock.UNKNOWN
+        if self.heartbeat_fence is not None and (
+            self.heartbeat_at is None or now - self.heartbeat_at > self.heartbeat_fence
+        ):
+            return Lock.UNKNOWN
+        return Lock.FREE
+
+    def status(self) -> Lock:
+        with self._mu:
+            return self._status_locked(self.clock())
+
+    def retry_after(self) -> int:
+        """Seconds a refused writer should wait: the rest of the current hold, at least 1."""
+        with self._mu:
+            left = self.observed_at + self.duration - self.clock()
+        return max(1, min(60, int(left) + 1))
+
+    def admit(self) -> Lock:
+        """Admit a write (counted in flight) if the lock is free; otherwise say why not."""
+        with self._mu:
+            st = self._status_locked(self.clock())
+            if st is Lock.FREE:
+                self.inflight += 1
+            return st
+
+    def done(self) -> None:
+        with self._mu:
+            self.inflight -= 1
+            drained = self._drained_locked(self.clock())
+        if drained:
+            self.on_drained()
+
+    # -- the drain ack ------------------------------------------------------------------------------
+    def _drained_locked(self, now: float) -> bool:
+        return bool(self.holder) and self.inflight == 0 and self.acked != self.holder and (
+            now < self.observed_at + self.duration
+        )
+
+    def ack_wanted(self) -> str | None:
+        """The generation to acknowledge now (held, nothing in flight, not yet acked), if any."""
+        with self._mu:
+            if self._drained_locked(self.clock()):
+                return self.holder
+            return None
+
+    def acknowledged(self, generation: str) -> None:
+        with self._mu:
+            self.acked = generation
+
+    @property
+    def synced(self) -> bool:
+        with self._mu:
+            return not self.enabled or self.confirmed_at is not None
