@@ -1,0 +1,138 @@
+"""Early loading's pure parts: image collection, progress lines, the wait loop, the timeout report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster_registry import reference
+from cluster_registry.errors import ConfigError
+from cluster_registry.install import preload as PL
+from cluster_registry.install import progress as P
+
+A = P.Wanted("myacr.azurecr.io/a:1", "cnf", "earlyLoading.images")
+B = P.Wanted("docker.io/library/nginx:1.25", "cnf", "--image")
+C = P.Wanted("ghcr.io/org/c:2", "other", "component other/c")
+
+
+def art(w: P.Wanted, phase: str | None, *, size: int = 0, message: str = "") -> dict[str, Any]:
+    status: dict[str, Any] = {}
+    if phase:
+        status["phase"] = phase
+    if size:
+        status["size"] = size
+    if message:
+        status["conditions"] = [{"type": "Ready", "status": "False", "reason": "X", "message": message}]
+    return {"metadata": {"name": w.artifact, "namespace": w.namespace}, "status": status}
+
+
+def objects(*items: tuple[P.Wanted, dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(w.namespace, w.artifact): o for w, o in items}
+
+
+def test_artifact_names_follow_reference_module() -> None:
+    assert A.artifact == reference.artifact_name("myacr.azurecr.io/a:1")
+
+
+def test_summary_counts_bytes_and_phases() -> None:
+    s = P.summarize(
+        [A, B, C],
+        objects((A, art(A, "Ready", size=3 * 1024 * 1024)), (B, art(B, "Copying")), (C, art(C, "Deferred"))),
+    )
+    assert (s.ready, s.total, s.bytes_ready, s.done, s.deferred) == (1, 3, 3 * 1024 * 1024, False, 1)
+    assert s.line() == (
+        "1 of 3 images Ready (3.0 MiB); 1 Copying, 1 Deferred (Deferred: the registry's GC write lock is held; waiting)"
+    )
+
+
+def test_not_ready_report_names_each_image_and_why() -> None:
+    s = P.summarize([A, B, C], objects((A, art(A, "Failed", message="manifest unknown: a:1 not found")), (B, art(B, None))))
+    assert s.not_ready_report() == [
+        f"NOT READY myacr.azurecr.io/a:1 (Artifact cnf/{A.artifact}, from earlyLoading.images): Failed: manifest unknown: a:1 not found",
+        f"NOT READY docker.io/library/nginx:1.25 (Artifact cnf/{B.artifact}, from --image): Pending: waiting for the artifact reconciler",
+        f"NOT READY ghcr.io/org/c:2 (Artifact other/{C.artifact}, from component other/c): Missing: the Artifact does not exist",
+    ]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_wait_returns_when_all_ready_and_waits_through_deferred() -> None:
+    clock = FakeClock()
+    script = [
+        objects((A, art(A, "Deferred")), (B, art(B, "Copying"))),
+        objects((A, art(A, "Deferred")), (B, art(B, "Ready", size=10))),
+        objects((A, art(A, "Ready", size=5)), (B, art(B, "Ready", size=10))),
+    ]
+    reads: list[int] = []
+
+    def read() -> dict[tuple[str, str], dict[str, Any]]:
+        reads.append(1)
+        return script[min(len(reads) - 1, len(script) - 1)]
+
+    s = PL.wait([A, B], read, timeout=60, poll=2, fail_fast=False, clock=clock, sleep=clock.sleep)
+    assert s.done and s.bytes_ready == 15
+    assert len(reads) == 3 and clock.now == 4
+
+
+def test_wait_times_out_with_what_is_missing() -> None:
+    clock = FakeClock()
+    s = PL.wait([A, B], lambda: objects((A, art(A, "Ready"))), timeout=10, poll=3, fail_fast=False, clock=clock, sleep=clock.sleep)
+    assert not s.done
+    assert clock.now == 10
+    assert [line.split(" (")[0] for line in s.not_ready_report()] == ["NOT READY docker.io/library/nginx:1.25"]
+
+
+def test_wait_fail_fast_stops_on_failed_but_not_on_deferred() -> None:
+    clock = FakeClock()
+    s = PL.wait([A], lambda: objects((A, art(A, "Deferred"))), timeout=6, poll=2, fail_fast=True, clock=clock, sleep=clock.sleep)
+    assert clock.now == 6 and not s.done  # Deferred: waited to the deadline
+    clock = FakeClock()
+    s = PL.wait([A], lambda: objects((A, art(A, "Failed"))), timeout=60, poll=2, fail_fast=True, clock=clock, sleep=clock.sleep)
+    assert clock.now == 0 and s.failed
+
+
+def test_normalise_dedupes_per_namespace_and_rejects_bad_refs() -> None:
+    got = PL.normalise([("nginx:1.25", "cnf", "a"), ("docker.io/library/nginx:1.25", "cnf", "b"), ("nginx:1.25", "x", "c")])
+    assert [(w.source, w.namespace, w.origin) for w in got] == [
+        ("docker.io/library/nginx:1.25", "cnf", "a"),
+        ("docker.io/library/nginx:1.25", "x", "c"),
+    ]
+    with pytest.raises(ConfigError, match=r"'Bad:ref!'.*\(from chart ./c\)"):
+        PL.normalise([("Bad:ref!", "cnf", "chart ./c")])
+
+
+def test_values_images(tmp_path: Path) -> None:
+    f = tmp_path / "v.yaml"
+    f.write_text("global:\n  networkfunctionextension:\n    earlyLoading:\n      images: [a.io/x:1, b.io/y:2]\n      timeout: 10m\n")
+    assert PL.values_images(str(f)) == (["a.io/x:1", "b.io/y:2"], "10m")
+    f.write_text("earlyLoading:\n  images: a-string\n")
+    with pytest.raises(ConfigError, match="earlyLoading.images must be a list"):
+        PL.values_images(str(f))
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30m", 1800), ("1h30m", 5400), ("90s", 90), ("45", 45), ("500ms", 0.5)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert P.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "10x", "1h 30m"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        P.parse_duration(text)
+
+
+def test_human() -> None:
+    assert P.human(0) == "0 B"
+    assert P.human(1536) == "1.5 KiB"
+    assert P.human(5 * 1024**3) == "5.0 GiB"
