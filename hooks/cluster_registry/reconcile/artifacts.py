@@ -50,6 +50,7 @@ class Config:
     policy: st.BackoffPolicy = field(default_factory=st.BackoffPolicy)
     identity: str = "artifact-reconciler"
     copy_concurrency: int = 8
+    watch_namespace: str | None = None  # None: Artifacts of every namespace
 
     def registry_options(self) -> RegistryOptions:
         insecure = set(self.insecure_registries)
@@ -179,7 +180,7 @@ class ArtifactReconciler:
         """Run until cancelled (the leader elector cancels it when leadership is lost)."""
         loop = asyncio.get_running_loop()
         self.session = RegistrySession(self.config.registry_options())
-        self.informer = Informer(self.kube, ARTIFACTS, loop, self.on_event)
+        self.informer = Informer(self.kube, ARTIFACTS, loop, self.on_event, namespace=self.config.watch_namespace)
         self.informer.start()
         workers = [asyncio.ensure_future(self.worker(i)) for i in range(max(1, self.config.workers))]
         phase_task = asyncio.ensure_future(self._phase_gauge())

@@ -49,6 +49,7 @@ def _common(prefix: str, lease: str) -> Callable[[Callable[..., Any]], Callable[
             click.option("--http-listen", default="0.0.0.0:8080", show_default=True, help="/healthz /readyz /metrics"),
             click.option("--insecure-registry", multiple=True, help="registry host spoken to over plain HTTP (repeatable)"),
             click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False), default=None, help="extra CAs (PEM)"),
+            click.option("--watch-namespace", default=None, help="reconcile only this namespace (default: every namespace)"),
         ]
         for option in reversed(options):
             f = option(f)
@@ -90,7 +91,7 @@ def _registry_credentials(path: str | None) -> Credentials | None:
 def artifacts(
     kubeconfig: str | None, namespace: str, leader_election: bool, lease_name: str, lease_duration: float,
     renew_deadline: float, retry_period: float, http_listen: str, insecure_registry: tuple[str, ...],
-    ca_bundle: str | None, registry_host: str, registry_insecure: bool, registry_credentials_file: str | None,
+    ca_bundle: str | None, watch_namespace: str | None, registry_host: str, registry_insecure: bool, registry_credentials_file: str | None,
     workers: int, verify_interval: float, backoff_base: float, backoff_max: float,
     permanent_backoff_base: float, permanent_backoff_max: float, deferred_retry: float,
 ) -> None:
@@ -106,6 +107,7 @@ def artifacts(
         verify_interval=verify_interval,
         policy=st.BackoffPolicy(backoff_base, backoff_max, permanent_backoff_base, permanent_backoff_max, deferred_retry),
         identity=identity,
+        watch_namespace=watch_namespace,
     )
     metrics = artifact_metrics()
     api = kubeconf.api_client(kubeconfig)
@@ -128,13 +130,13 @@ def artifacts(
 def components(
     kubeconfig: str | None, namespace: str, leader_election: bool, lease_name: str, lease_duration: float,
     renew_deadline: float, retry_period: float, http_listen: str, insecure_registry: tuple[str, ...],
-    ca_bundle: str | None, helm_bin: str, workers: int, resync: float,
+    ca_bundle: str | None, watch_namespace: str | None, helm_bin: str, workers: int, resync: float,
 ) -> None:
     """Create the Artifacts of every Component (listed images, chart images) and report readiness."""
     identity = default_identity()
     config = comps.Config(
         helm=helm_bin, workers=workers, insecure_registries=frozenset(insecure_registry), ca_bundle=ca_bundle,
-        resync=resync, identity=identity,
+        resync=resync, identity=identity, watch_namespace=watch_namespace,
     )
     metrics = component_metrics()
     api = kubeconf.api_client(kubeconfig)

@@ -45,6 +45,7 @@ class Config:
     render_timeout: float = 120.0
     policy: st.BackoffPolicy = st.BackoffPolicy(base=5, cap=300, permanent_base=60, permanent_cap=900)
     identity: str = "component-reconciler"
+    watch_namespace: str | None = None  # None: every namespace
 
 
 def _rv(obj: Obj) -> int:
@@ -120,8 +121,11 @@ class ComponentReconciler:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._informers = [
-            Informer(self.kube, ARTIFACTS, loop, self.on_artifact, label_selector=f"{LABEL_MANAGED_BY}={cs.MANAGED_BY}"),
-            Informer(self.kube, COMPONENTS, loop, self.on_component),
+            Informer(
+                self.kube, ARTIFACTS, loop, self.on_artifact, label_selector=f"{LABEL_MANAGED_BY}={cs.MANAGED_BY}",
+                namespace=self.config.watch_namespace,
+            ),
+            Informer(self.kube, COMPONENTS, loop, self.on_component, namespace=self.config.watch_namespace),
         ]
         for informer in self._informers:
             informer.start()

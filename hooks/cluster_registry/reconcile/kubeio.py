@@ -41,13 +41,17 @@ class Kube:
 
     # -- custom objects -----------------------------------------------------------------------------
 
-    def list(self, plural: str, label_selector: str | None = None) -> tuple[list[Obj], str]:
+    def list(self, plural: str, label_selector: str | None = None, namespace: str | None = None) -> tuple[list[Obj], str]:
         kwargs: dict[str, Any] = {"label_selector": label_selector} if label_selector else {}
-        resp = self.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
+        if namespace:
+            resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural, **kwargs)
+        else:
+            resp = self.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
         return list(resp.get("items") or []), str((resp.get("metadata") or {}).get("resourceVersion") or "")
 
     def watch(
-        self, plural: str, resource_version: str, label_selector: str | None, timeout: int, stopper: Callable[[Any], None]
+        self, plural: str, resource_version: str, label_selector: str | None, timeout: int, stopper: Callable[[Any], None],
+        namespace: str | None = None,
     ) -> Iterator[tuple[str, Obj]]:
         """Events after ``resource_version``; raises ApiException(410) when it is too old."""
         w: Any = watch.Watch()  # type: ignore[no-untyped-call]
@@ -60,7 +64,11 @@ class Kube:
         }
         if label_selector:
             kwargs["label_selector"] = label_selector
-        for event in w.stream(self.custom.list_cluster_custom_object, GROUP, VERSION, plural, **kwargs):
+        if namespace:
+            stream = w.stream(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural, **kwargs)
+        else:
+            stream = w.stream(self.custom.list_cluster_custom_object, GROUP, VERSION, plural, **kwargs)
+        for event in stream:
             yield str(event["type"]), event["raw_object"]
 
     def get(self, plural: str, namespace: str, name: str) -> Obj | None:
@@ -170,7 +178,9 @@ class Informer:
         on_event: Callable[[str, Obj], None],
         label_selector: str | None = None,
         watch_timeout: int = 240,
+        namespace: str | None = None,
     ) -> None:
+        self.namespace = namespace  # None: every namespace
         self.kube = kube
         self.plural = plural
         self.loop = loop
@@ -198,7 +208,7 @@ class Informer:
             self.loop.call_soon_threadsafe(self.on_event, type_, obj)
 
     def _relist(self) -> str:
-        items, rv = self.kube.list(self.plural, self.label_selector)
+        items, rv = self.kube.list(self.plural, self.label_selector, self.namespace)
         fresh = {key_of(o): o for o in items}
         for key in set(self.cache) - set(fresh):
             self._emit("DELETED", self.cache.pop(key))
@@ -218,7 +228,9 @@ class Informer:
                 rv = self._relist()
                 failures = 0
                 while not self._stop.is_set():
-                    for type_, obj in self.kube.watch(self.plural, rv, self.label_selector, self.watch_timeout, self._set_watch):
+                    for type_, obj in self.kube.watch(
+                        self.plural, rv, self.label_selector, self.watch_timeout, self._set_watch, self.namespace
+                    ):
                         self.last_contact = time.monotonic()
                         new_rv = (obj.get("metadata") or {}).get("resourceVersion")
                         if new_rv:
