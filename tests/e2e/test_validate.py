@@ -1,0 +1,154 @@
+"""`cluster-registry validate` against the local control plane, with exactly the values and flags the
+chart's pre-install/pre-upgrade hook Job would run it with (rendered by the real `helm template`).
+
+The hook Job itself cannot run our code under kwok's simulated pods yet, so each case renders the
+chart's hook ConfigMap and Job, and runs the Job's command as a local process against the cluster.
+Value combinations that `_validate.tpl` rejects are also checked through a real `helm install`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.cluster import ROOT, Cluster, CommandError
+
+CHART = ROOT / "chart"
+P = "global.networkfunctionextension."
+
+
+def render_hook(cluster: Cluster, release: str, namespace: str, sets: dict[str, str]) -> tuple[str, list[str]]:
+    """(values.yaml the hook ConfigMap carries, the validate Job's args)."""
+    flags = [arg for k, v in sets.items() for arg in ("--set-string" if isinstance(v, str) and not v.isdigit() and v not in ("true", "false") else "--set", f"{P}{k}={v}")]
+    out = cluster.helm(
+        "template", release, str(CHART), "--namespace", namespace, *flags,
+        "--show-only", "templates/hooks/configmap.yaml", "--show-only", "templates/hooks/job-validate.yaml",
+    )
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    job = next(d for d in docs if d["kind"] == "Job")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return config["data"]["values.yaml"], list(container["args"])
+
+
+def run_validate(cluster: Cluster, tmp_path: Path, namespace: str, sets: dict[str, str], release: str = "r") -> subprocess.CompletedProcess[str]:
+    values, args = render_hook(cluster, release, namespace, sets)
+    assert args[0] == "validate"
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(values)
+    args[args.index("--values") + 1] = str(values_file)
+    args[args.index("--termination-log") + 1] = str(tmp_path / "termination-log")
+    argv = [sys.executable, "-m", "cluster_registry", *args, "--namespace", namespace, "--kubeconfig", str(cluster.kubeconfig)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+# The local cluster's classes use a provisioner validate does not know: declare RWX as an operator would.
+RWX = {"clusterRegistry.storageAccessMode": "ReadWriteMany"}
+
+
+def test_good_configuration_passes(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    proc = run_validate(cluster, tmp_path, namespace, dict(RWX))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].endswith("configuration accepted")
+    assert "[ha-nodes]" not in proc.stdout  # 3 Ready system nodes
+
+
+def test_every_problem_reported_at_once(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    proc = run_validate(
+        cluster,
+        tmp_path,
+        namespace,
+        {
+            **RWX,
+            "clusterRegistry.storageClassName": "does-not-exist",
+            "clusterRegistry.clusterRegistryGCCadence": "0 0 * * 8",
+            "webhook.pod.mutation.matchConditionExpression": "request.namespace ==",
+            "systemPool.nodeLabel": "kubernetes.azure.com/mode=user",  # 2 user nodes stand in for a small pool
+        },
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "ERROR [storage-class] storage class 'does-not-exist' does not exist (the cluster has: nexus-shared, standard)" in out
+    assert "(value: global.networkfunctionextension.clusterRegistry.storageClassName)" in out
+    assert "ERROR [gc-cadence] '0 0 * * 8' is not a valid cron schedule: day of week field '8'" in out
+    # The API server's own CEL error, from a server-side dry run.
+    line = next(ln for ln in out.splitlines() if "[match-condition]" in ln)
+    assert "the API server rejects the webhook match condition" in line and "matchConditions[0].expression" in line
+    assert "Syntax error" in line or "compil" in line
+    line = next(ln for ln in out.splitlines() if "[ha-nodes]" in ln)
+    assert line.startswith("ERROR") and "has 2 of 2" in line and "allowHighAvailabilityOnFewerNodes" in line
+    assert out.strip().splitlines()[-1] == "validate: 4 problem(s), 0 warning(s): refusing this configuration"
+    assert (tmp_path / "termination-log").read_text().strip().endswith("refusing this configuration")
+    # The dry run created nothing.
+    assert "r-validate" not in cluster.kubectl("get", "mutatingwebhookconfigurations", "-o", "name")
+
+
+def test_ha_override_turns_the_node_count_into_a_warning(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    proc = run_validate(
+        cluster, tmp_path, namespace,
+        {**RWX, "systemPool.nodeLabel": "kubernetes.azure.com/mode=user", "validation.allowHighAvailabilityOnFewerNodes": "true"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "WARNING [ha-nodes]" in proc.stdout and "accepted: the override is set" in proc.stdout
+
+
+@pytest.fixture
+def rwo_class(cluster: Cluster) -> Any:
+    name = f"e2e-rwo-{secrets.token_hex(3)}"
+    cluster.apply({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name}, "provisioner": "rancher.io/local-path"})
+    yield name
+    cluster.kubectl("delete", "storageclass", name, "--wait=false", check=False)
+
+
+def test_ha_on_a_read_write_once_class(cluster: Cluster, namespace: str, tmp_path: Path, rwo_class: str) -> None:
+    proc = run_validate(cluster, tmp_path, namespace, {"clusterRegistry.storageClassName": rwo_class})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (
+        f"ERROR [storage-access-mode] storage class '{rwo_class}' (provisioner rancher.io/local-path) gives only ReadWriteOnce"
+        in proc.stdout
+    )
+
+
+def test_upgrade_that_changes_storage(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    # The registry PVC as the first install left it (the chart's name and labels for release "r").
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {
+                "name": "r-cluster-registry-registry",
+                "labels": {"app.kubernetes.io/instance": "r", "app.kubernetes.io/component": "registry"},
+            },
+            "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "standard", "resources": {"requests": {"storage": "100Gi"}}},
+        },
+        namespace,
+    )
+    same = run_validate(cluster, tmp_path, namespace, {**RWX, "clusterRegistry.storageSize": "102400Mi"})
+    assert same.returncode == 0, same.stdout + same.stderr  # the same size written differently
+
+    proc = run_validate(cluster, tmp_path, namespace, {**RWX, "clusterRegistry.storageSize": "200Gi", "clusterRegistry.storageClassName": "nexus-shared"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (
+        "storageSize cannot be modified after the initial deployment: the registry volume r-cluster-registry-registry "
+        "is 100Gi and the new value is 200Gi" in proc.stdout
+    )
+    assert "storageClassName cannot be modified after the initial deployment" in proc.stdout
+    assert "uses 'standard'" in proc.stdout
+
+
+def test_helm_install_refuses_early_loading_without_the_registry(cluster: Cluster, namespace: str) -> None:
+    with pytest.raises(CommandError) as err:
+        cluster.helm(
+            "install", "bad", str(CHART), "--namespace", namespace,
+            "--set", f"{P}enableClusterRegistry=false", "--set", f"{P}enableEarlyLoading=true",
+            "--set", f"{P}earlyLoading.images={{nginx:1.25}}",
+            timeout=120,
+        )
+    assert "enableEarlyLoading=true needs" in str(err.value)
+    assert "bad" not in cluster.helm("list", "--namespace", namespace, "--all", "--short")  # the release did not change
