@@ -136,3 +136,22 @@ def test_human() -> None:
     assert P.human(0) == "0 B"
     assert P.human(1536) == "1.5 KiB"
     assert P.human(5 * 1024**3) == "5.0 GiB"
+
+
+def test_dry_run_lists_images_without_a_cluster(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cluster_registry.cli import cli
+
+    values = tmp_path / "v.yaml"
+    values.write_text("earlyLoading:\n  images: [nginx:1.25, 'myacr.azurecr.io/a:1']\n")
+    out = CliRunner().invoke(cli, ["preload", "--values", str(values), "--image", "nginx:1.25", "--namespace", "cnf", "--dry-run"])
+    assert out.exit_code == 0, out.output
+    assert out.output.splitlines() == [
+        f"would preload docker.io/library/nginx:1.25 as Artifact cnf/{reference.artifact_name('docker.io/library/nginx:1.25')} (from --image)",
+        f"would preload myacr.azurecr.io/a:1 as Artifact cnf/{reference.artifact_name('myacr.azurecr.io/a:1')} (from earlyLoading.images)",
+    ]
+    bad = CliRunner().invoke(cli, ["preload", "--image", "UPPER/Case", "--namespace", "cnf", "--dry-run"])
+    assert bad.exit_code == 1 and "cannot preload" in bad.output
+    usage = CliRunner().invoke(cli, ["preload", "--image", "a", "--timeout", "soon", "--dry-run"])
+    assert usage.exit_code == 2

@@ -234,3 +234,20 @@ def test_writer_refuses_wrong_content(tmp_path: Path) -> None:
             f.write(b"wrong")
     assert not w.has(sha(b"right"), 5)
     assert not list((tmp_path / "blobs" / "sha256").iterdir())  # no partial file left behind
+
+
+def test_sideload_dry_run_verifies_and_pushes_nothing(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cluster_registry.cli import cli
+
+    top, layers = layout_with_image(tmp_path / "drive" / "l1")
+    out = CliRunner().invoke(cli, ["sideload", str(tmp_path / "drive"), "--registry-host", "127.0.0.1:9", "--dry-run"])
+    assert out.exit_code == 0, out.output
+    assert f"would push image myacr.azurecr.io/app:1.0@{top.digest} -> 127.0.0.1:9/myacr.azurecr.io/app:1.0@{top.digest}" in out.output
+    assert json.loads(out.output.strip().splitlines()[-1])["images"] == 1
+
+    (tmp_path / "drive" / "l1" / "blobs" / "sha256" / sha(layers[0])[7:]).write_bytes(b"x")
+    out = CliRunner().invoke(cli, ["sideload", str(tmp_path / "drive"), "--registry-host", "127.0.0.1:9", "--dry-run"])
+    assert out.exit_code == 1
+    assert "sideload: refused, nothing pushed:" in out.output and sha(layers[0]) in out.output
