@@ -164,3 +164,112 @@ def test_component_status_render_error_and_invalid_images_are_not_ready() -> Non
     assert ready is not None and (ready["status"], ready["reason"]) == ("False", "ChartRenderFailed")
     empty = cs.compute_status({}, 1, cs.desired([]), {}, NOW)
     assert condition(empty["conditions"], "Ready")["status"] == "True"  # type: ignore[index]
+
+
+# --- the component control loop, with an in-memory Kubernetes and a canned chart render -------------
+
+import copy as _copy  # noqa: E402
+
+from cluster_registry.reconcile.components import ComponentReconciler, Config  # noqa: E402
+from cluster_registry.reconcile.metrics import component_metrics  # noqa: E402
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.objs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.rv = 0
+        self.calls: list[str] = []
+
+    def _bump(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        return _copy.deepcopy(obj)
+
+    def create(self, plural: str, ns: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(f"create {body['metadata']['name']}")
+        obj = _copy.deepcopy(body)
+        obj["metadata"].setdefault("uid", "uid-" + obj["metadata"]["name"])
+        self.objs[(plural, f"{ns}/{obj['metadata']['name']}")] = obj
+        return self._bump(obj)
+
+    def get(self, plural: str, ns: str, name: str) -> dict[str, Any] | None:
+        obj = self.objs.get((plural, f"{ns}/{name}"))
+        return _copy.deepcopy(obj) if obj else None
+
+    def patch(self, plural: str, ns: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(f"patch {name}")
+        obj = self.objs[(plural, f"{ns}/{name}")]
+        meta = patch["metadata"]
+        if "ownerReferences" in meta:
+            obj["metadata"]["ownerReferences"] = meta["ownerReferences"]
+        labels = obj["metadata"].setdefault("labels", {})
+        for k, v in (meta.get("labels") or {}).items():
+            labels.pop(k, None) if v is None else labels.__setitem__(k, v)
+        return self._bump(obj)
+
+    def delete(self, plural: str, ns: str, name: str) -> None:
+        self.calls.append(f"delete {name}")
+        self.objs.pop((plural, f"{ns}/{name}"), None)
+
+    def patch_status(self, plural: str, ns: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(f"status {name}")
+        obj = self.objs[(plural, f"{ns}/{name}")]
+        obj.setdefault("status", {}).update(patch)
+        return self._bump(obj)
+
+    def docker_config(self, ns: str, name: str) -> bytes | None:
+        return None
+
+    def event(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+async def test_component_loop_creates_adopts_releases_and_reports() -> None:
+    kube = FakeKube()
+    renders: list[str] = []
+
+    async def render(comp: dict[str, Any], configs: list[bytes]) -> str:
+        renders.append(comp["metadata"]["name"])
+        return FIXTURE.read_text()
+
+    r = ComponentReconciler(kube, Config(), component_metrics(), render=render, rand=lambda: 0.5, clock=lambda: NOW)  # type: ignore[arg-type]
+    # an Artifact the webhook made earlier for one of the chart's images
+    webhook = kube.create("artifacts", "t", {"metadata": {"name": reference.artifact_name("example.com/cnf/db:2.1"),
+                                                           "namespace": "t", "labels": {"app.kubernetes.io/managed-by": "cluster-registry"}},
+                                              "spec": {"sourceArtifact": "example.com/cnf/db:2.1", "owners": [{"kind": "Deployment"}]}})
+    r.on_artifact("ADDED", webhook)
+    comp = kube.create("components", "t", {"metadata": {"name": "cnf", "namespace": "t", "uid": "c1", "generation": 1},
+                                           "spec": {"images": ["example.com/cnf/extra:9"], "chart": {"ref": "oci://example.com/charts/cnf"}}})
+    r.on_component("ADDED", comp)
+    await r.reconcile("t/cnf")
+    arts = {k[1]: v for k, v in kube.objs.items() if k[0] == "artifacts"}
+    assert len(arts) == 7  # 6 from the chart + 1 listed
+    assert all(a["metadata"]["ownerReferences"][-1]["uid"] == "c1" for a in arts.values())
+    adopted = arts[f"t/{reference.artifact_name('example.com/cnf/db:2.1')}"]
+    assert adopted["metadata"]["labels"]["clusterregistry.io/component"] == "cnf"
+    status = kube.objs[("components", "t/cnf")]["status"]
+    assert status["ready"] == "0/7" and condition(status["conditions"], "Ready")["reason"] == "Progressing"  # type: ignore[index]
+
+    # A status-only update (our own write coming back) neither renders again nor writes again.
+    calls = len(kube.calls)
+    r.on_component("MODIFIED", _copy.deepcopy(kube.objs[("components", "t/cnf")]))
+    await r.reconcile("t/cnf")
+    assert renders == ["cnf"] and kube.calls[calls:] == []
+
+    # Every Artifact becomes Ready -> the Component is Ready.
+    for key, art in arts.items():
+        art["status"] = dict(next_status({}, 1, Copied("r/x", "sha256:" + "1" * 64, 1), NOW))
+        r.on_artifact("MODIFIED", _copy.deepcopy(art))
+    await r.reconcile("t/cnf")
+    status = kube.objs[("components", "t/cnf")]["status"]
+    assert status["ready"] == "7/7" and condition(status["conditions"], "Ready")["status"] == "True"  # type: ignore[index]
+
+    # The listed image is dropped from the spec: its Artifact (no other owner) is deleted; the
+    # adopted one would only lose this owner.
+    comp = _copy.deepcopy(kube.objs[("components", "t/cnf")])
+    comp["spec"]["images"] = []
+    comp["metadata"]["generation"] = 2
+    r.on_component("MODIFIED", comp)
+    await r.reconcile("t/cnf")
+    assert f"delete {reference.artifact_name('example.com/cnf/extra:9')}" in kube.calls
+    assert kube.objs[("components", "t/cnf")]["status"]["ready"] == "6/6"

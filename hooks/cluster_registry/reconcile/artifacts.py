@@ -179,6 +179,9 @@ class ArtifactReconciler:
     async def run(self) -> None:
         """Run until cancelled (the leader elector cancels it when leadership is lost)."""
         loop = asyncio.get_running_loop()
+        # Leadership may have been lost and regained: start from a fresh list, not stale memory.
+        self.objects, self.groups, self.queue = {}, Groups(), DelayQueue()
+        self.handled, self.copy_wanted, self.attempts = {}, set(), {}
         self.session = RegistrySession(self.config.registry_options())
         self.informer = Informer(self.kube, ARTIFACTS, loop, self.on_event, namespace=self.config.watch_namespace)
         self.informer.start()

@@ -120,6 +120,8 @@ class ComponentReconciler:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        self.components, self.artifacts, self.queue, self.attempts = {}, {}, DelayQueue(), {}
+        self.synced = False
         self._informers = [
             Informer(
                 self.kube, ARTIFACTS, loop, self.on_artifact, label_selector=f"{LABEL_MANAGED_BY}={cs.MANAGED_BY}",

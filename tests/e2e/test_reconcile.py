@@ -1,0 +1,274 @@
+"""The reconcilers on the local control plane, run as local processes with ``--kubeconfig``.
+
+Artifacts are copied from the artifact store (htpasswd; credentials from a dockerconfigjson pull
+Secret) into the cluster registry; Components (listed images, and a chart pushed to the store as
+OCI) become Ready; two artifact reconcilers share a Lease and only the leader copies.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster_registry import reference
+from tests.support import ociimages
+from tests.support.cluster import ROOT, Cluster, wait_for
+from tests.support.registry import free_port
+
+CLI = str(ROOT / ".venv" / "bin" / "cluster-registry")
+HELM = str(ROOT / ".cache" / "bin" / "helm")
+CHART = ROOT / "tests" / "unit" / "reconcile_fixtures" / "cnf-chart"
+GROUP, VERSION = "clusterregistry.io", "v1alpha1"
+
+
+@pytest.fixture(scope="module")
+def crds(cluster: Cluster) -> None:
+    """The chart's CRDs, applied from ``helm template`` output (idempotent)."""
+    rendered = cluster.helm("template", "cluster-registry", str(ROOT / "chart"), "--kube-version", "1.35.0",
+                            "--show-only", "templates/crds/artifacts.yaml", "--show-only", "templates/crds/components.yaml")
+    cluster.kubectl("apply", "-f", "-", stdin=rendered)
+    cluster.kubectl("wait", "--for", "condition=established", "--timeout=60s",
+                    "crd/artifacts.clusterregistry.io", "crd/components.clusterregistry.io")
+
+
+class Process:
+    """A reconciler run locally; stopped by its PID."""
+
+    def __init__(self, args: list[str], log: Path, port: int) -> None:
+        self.log = log
+        self.port = port
+        self._out = open(log, "wb")
+        self.proc = subprocess.Popen([CLI, *args], stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._out.close()
+
+
+@pytest.fixture
+def start(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Any]:
+    procs: list[Process] = []
+
+    def run(kind: str, *extra: str, name: str | None = None) -> Process:
+        port = free_port()
+        common = ["--kubeconfig", str(cluster.kubeconfig), "--namespace", namespace, "--watch-namespace", namespace,
+                  "--http-listen", f"127.0.0.1:{port}", "--lease-duration", "6", "--renew-deadline", "4",
+                  "--retry-period", "1", "--insecure-registry", cluster.artifact_store]
+        if kind == "artifacts":
+            common += ["--registry-host", cluster.cluster_registry, "--registry-insecure", "--backoff-base", "2"]
+        else:
+            common += ["--helm", HELM]
+        p = Process(["--log-format", "json", "reconcile", kind, *common, *extra], tmp_path / f"{name or kind}.log", port)
+        procs.append(p)
+        return p
+
+    yield run
+    for p in procs:
+        p.stop()
+
+
+def pull_secret(cluster: Cluster, namespace: str, name: str = "store", password: str | None = None) -> None:
+    auth = base64.b64encode(f"{cluster.artifact_store_user}:{password or cluster.artifact_store_password}".encode()).decode()
+    config = json.dumps({"auths": {cluster.artifact_store: {"auth": auth}}})
+    cluster.apply({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+        "metadata": {"name": name, "namespace": namespace},
+        "data": {".dockerconfigjson": base64.b64encode(config.encode()).decode()},
+    })
+
+
+def artifact(name: str, source: str, secrets: list[str] | None = None) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Artifact", "metadata": {"name": name},
+            "spec": {"sourceArtifact": source, **({"pullSecrets": secrets} if secrets else {})}}
+
+
+def get(cluster: Cluster, kind: str, namespace: str, name: str) -> dict[str, Any]:
+    return dict(cluster.kubectl_json("get", f"{kind}.{GROUP}", name, "-n", namespace))
+
+
+def ready_condition(obj: dict[str, Any]) -> dict[str, Any]:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == "Ready"), {})
+
+
+def phase_is(cluster: Cluster, namespace: str, name: str, phase: str) -> dict[str, Any] | None:
+    obj = get(cluster, "artifacts", namespace, name)
+    return obj if (obj.get("status") or {}).get("phase") == phase else None
+
+
+class WriteCounter:
+    """Counts MODIFIED watch events of one Artifact (status writes show up as such) while running."""
+
+    def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
+        self.count = 0
+        self.cmd = subprocess.Popen(
+            [str(ROOT / ".cache/bin/kubectl"), "get", f"artifacts.{GROUP}", name, "-n", namespace, "--watch-only",
+             "-o", "jsonpath={.metadata.resourceVersion}{\"\\n\"}"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=cluster.env(), text=True,
+        )
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.cmd.stdout is not None
+        for line in self.cmd.stdout:
+            if line.strip():
+                self.count += 1
+
+    def stop(self) -> int:
+        os.kill(self.cmd.pid, signal.SIGTERM)
+        self.cmd.wait(10)
+        self.thread.join(5)
+        return self.count
+
+
+def store_pusher(cluster: Cluster) -> ociimages.Pusher:
+    return ociimages.Pusher(cluster.artifact_store, auth=(cluster.artifact_store_user, cluster.artifact_store_password))
+
+
+def test_artifacts_are_copied_with_pull_secrets_and_bad_sources_back_off(
+    cluster: Cluster, crds: None, namespace: str, start: Any
+) -> None:
+    src = store_pusher(cluster)
+    repo = f"{namespace}/app"
+    image = ociimages.push_image(src, repo, "1.0", layers=[20_000, 50_000], seed=41)
+    index = ociimages.push_index(src, f"{namespace}/multi", "2.0", ociimages.PLATFORMS[:2], layers=[10_000], seed=42)
+    pull_secret(cluster, namespace)
+    good = f"{cluster.artifact_store}/{repo}:1.0"
+    multi = f"{cluster.artifact_store}/{namespace}/multi:2.0@{index.digest}"
+    missing = f"{cluster.artifact_store}/{namespace}/app:no-such-tag"
+    cluster.apply([artifact("good", good, ["store"]), artifact("multi", multi, ["store"]),
+                   artifact("missing", missing, ["store"]), artifact("nosecret", good)], namespace)
+    proc = start("artifacts")
+
+    obj = wait_for(lambda: phase_is(cluster, namespace, "good", "Ready"), timeout=120, what="good Ready")
+    s = obj["status"]
+    local_repo = reference.local_repository(reference.parse(good))
+    assert s["digest"] == image.digest
+    assert s["size"] == len(image.manifest) + sum(size for _, size in image.all_blobs())
+    assert s["localArtifact"] == f"{cluster.cluster_registry}/{local_repo}:1.0"
+    assert s["observedGeneration"] == obj["metadata"]["generation"] and s["lastSyncTime"]
+    assert ready_condition(obj)["status"] == "True"
+    dst = ociimages.Pusher(cluster.cluster_registry)
+    assert dst.get_manifest(local_repo, "1.0") == (image.manifest, image.media_type)
+    ociimages.assert_copied(src, dst, image, local_repo)
+
+    m = wait_for(lambda: phase_is(cluster, namespace, "multi", "Ready"), timeout=120, what="multi Ready")["status"]
+    assert m["digest"] == index.digest and len(m["platforms"]) == 2
+
+    bad = wait_for(lambda: phase_is(cluster, namespace, "missing", "Failed"), timeout=120, what="missing Failed")
+    cond = ready_condition(bad)
+    assert cond["reason"] == "NotFound" and "no-such-tag" in cond["message"], cond
+    anon = wait_for(lambda: phase_is(cluster, namespace, "nosecret", "Failed"), timeout=120, what="nosecret Failed")
+    assert ready_condition(anon)["reason"] in ("Authentication", "AccessDenied")
+
+    # No hot loop: in 15 s the failed Artifacts' status is not rewritten (backoff, unchanged status).
+    counters = [WriteCounter(cluster, namespace, n) for n in ("missing", "nosecret")]
+    time.sleep(15)
+    assert [c.stop() for c in counters] == [0, 0]
+    events = cluster.kubectl_json("get", "events.events.k8s.io", "-n", namespace)["items"]
+    reasons = [(e["regarding"]["name"], e["reason"]) for e in events]
+    assert ("good", "Copied") in reasons and reasons.count(("missing", "NotFound")) == 1, reasons
+    log = proc.text()
+    assert cluster.artifact_store_password not in log
+    assert log.count('"copy failed"') <= 8, "failures must back off, not flood the log"
+
+
+def test_components_with_images_and_with_a_chart_become_ready(
+    cluster: Cluster, crds: None, namespace: str, start: Any, tmp_path: Path
+) -> None:
+    src = store_pusher(cluster)
+    base = f"{cluster.artifact_store}/{namespace}"
+    for n, name in enumerate(["app", "init", "db", "agent", "migrate", "backup", "extra"]):
+        ociimages.push_image(src, f"{namespace}/{name}", {"db": "2.1", "agent": "0.3"}.get(name, "1.0"),
+                             layers=[2_000 + n], seed=60 + n)
+    # The chart, packaged and pushed to the store as an OCI artifact with helm itself.
+    cluster.helm("package", str(CHART), "-d", str(tmp_path))
+    auth = base64.b64encode(f"{cluster.artifact_store_user}:{cluster.artifact_store_password}".encode()).decode()
+    regconf = tmp_path / "registry.json"
+    regconf.write_text(json.dumps({"auths": {cluster.artifact_store: {"auth": auth}}}))
+    cluster.helm("push", str(tmp_path / "reconcile-cnf-0.1.0.tgz"), f"oci://{base}/charts", "--plain-http",
+                 "--registry-config", str(regconf))
+    pull_secret(cluster, namespace)
+    cluster.apply([
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Component", "metadata": {"name": "listed"},
+         "spec": {"images": [f"{base}/app:1.0", f"{base}/extra:1.0"], "pullSecrets": ["store"]}},
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Component", "metadata": {"name": "charted"},
+         "spec": {"chart": {"ref": f"oci://{base}/charts/reconcile-cnf", "version": "0.1.0",
+                            "values": {"registry": base}, "pullSecrets": ["store"]}}},
+    ], namespace)
+    start("artifacts")
+    start("components")
+
+    def ready(name: str) -> dict[str, Any] | None:
+        obj = get(cluster, "components", namespace, name)
+        return obj if ready_condition(obj).get("status") == "True" else None
+
+    listed = wait_for(lambda: ready("listed"), timeout=180, what="listed Ready")
+    assert listed["status"]["ready"] == "2/2"
+    assert listed["status"]["observedGeneration"] == listed["metadata"]["generation"]
+    charted = wait_for(lambda: ready("charted"), timeout=180, what="charted Ready")
+    assert charted["status"]["ready"] == "6/6", charted["status"]
+    sources = sorted(i["sourceArtifact"] for i in charted["status"]["images"])
+    assert sources == sorted(f"{base}/{n}" for n in ["agent:0.3", "app:1.0", "backup:1.0", "db:2.1", "init:1.0", "migrate:1.0"])
+    assert all(i["phase"] == "Ready" for i in charted["status"]["images"])
+
+    arts = cluster.kubectl_json("get", f"artifacts.{GROUP}", "-n", namespace)["items"]
+    by_source = {a["spec"]["sourceArtifact"]: a for a in arts}
+    shared = by_source[f"{base}/app:1.0"]  # wanted by both Components: one Artifact, two owners
+    assert sorted(r["name"] for r in shared["metadata"]["ownerReferences"]) == ["charted", "listed"]
+    db = by_source[f"{base}/db:2.1"]
+    assert db["metadata"]["name"] == reference.artifact_name(f"{base}/db:2.1")
+    assert db["metadata"]["labels"]["clusterregistry.io/component"] == "charted"
+    assert [r["uid"] for r in db["metadata"]["ownerReferences"]] == [charted["metadata"]["uid"]]
+
+
+def test_leader_election_only_the_leader_copies_and_a_standby_takes_over(
+    cluster: Cluster, crds: None, namespace: str, start: Any
+) -> None:
+    src = store_pusher(cluster)
+    first = ociimages.push_image(src, f"{namespace}/one", "1.0", layers=[3_000], seed=81)
+    second = ociimages.push_image(src, f"{namespace}/two", "1.0", layers=[3_000], seed=82)
+    pull_secret(cluster, namespace)
+    a = start("artifacts", name="a")
+    b = start("artifacts", name="b")
+
+    def holder() -> str | None:
+        lease = cluster.kubectl_json("get", "lease", "cluster-registry-artifact-reconciler", "-n", namespace)
+        return lease["spec"].get("holderIdentity") or None
+
+    leader_id = wait_for(holder, timeout=60, what="a leader")
+    time.sleep(3)  # both processes are up and contending
+    cluster.apply(artifact("one", f"{cluster.artifact_store}/{namespace}/one:1.0", ["store"]), namespace)
+    obj = wait_for(lambda: phase_is(cluster, namespace, "one", "Ready"), timeout=120, what="one Ready")
+    assert obj["status"]["digest"] == first.digest
+    leader, standby = (a, b) if leader_id in a.text() else (b, a)  # each process logs its own identity
+    assert '"leading"' in leader.text() and '"leading"' not in standby.text()
+    assert '"copied"' in leader.text() and '"copied"' not in standby.text()
+
+    leader.stop(signal.SIGKILL)  # no release: the standby must wait out the Lease
+    killed = time.monotonic()
+    cluster.apply(artifact("two", f"{cluster.artifact_store}/{namespace}/two:1.0", ["store"]), namespace)
+    obj = wait_for(lambda: phase_is(cluster, namespace, "two", "Ready"), timeout=120, what="two Ready after failover")
+    assert obj["status"]["digest"] == second.digest
+    assert '"leading"' in standby.text() and '"copied"' in standby.text()
+    assert wait_for(holder, timeout=5) != leader_id
+    assert time.monotonic() - killed < 60
