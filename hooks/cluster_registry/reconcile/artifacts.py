@@ -20,9 +20,15 @@ from typing import Any
 from cluster_registry import reference
 from cluster_registry.api import ARTIFACTS, Phase
 from cluster_registry.errors import ClusterRegistryError, InvalidReferenceError
-from cluster_registry.oci.auth import Credentials, credentials_from_docker_config
-from cluster_registry.oci.client import RegistryOptions, RegistrySession
-from cluster_registry.oci.copy import CopyOptions, CopyResult, copy_image
+from cluster_registry.oci import (
+    CopyOptions,
+    CopyResult,
+    Credentials,
+    RegistryOptions,
+    RegistrySession,
+    copy_image,
+    credentials_from_docker_config,
+)
 from cluster_registry.reconcile import status as st
 from cluster_registry.reconcile.kubeio import Informer, Kube, Obj, key_of
 from cluster_registry.reconcile.metrics import ArtifactMetrics

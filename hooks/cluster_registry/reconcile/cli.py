@@ -21,7 +21,7 @@ from cluster_registry import kube as kubeconf
 from cluster_registry.errors import ConfigError
 from cluster_registry.health import HealthServer
 from cluster_registry.leader import LeaderElector, LeaseLock, default_identity
-from cluster_registry.oci.auth import Credentials
+from cluster_registry.oci import Credentials
 from cluster_registry.reconcile import artifacts as arts
 from cluster_registry.reconcile import components as comps
 from cluster_registry.reconcile import status as st
