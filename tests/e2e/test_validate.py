@@ -37,14 +37,16 @@ def render_hook(cluster: Cluster, release: str, namespace: str, sets: dict[str, 
     return config["data"]["values.yaml"], list(container["args"])
 
 
-def run_validate(cluster: Cluster, tmp_path: Path, namespace: str, sets: dict[str, str], release: str = "r") -> subprocess.CompletedProcess[str]:
+def run_validate(
+    cluster: Cluster, tmp_path: Path, namespace: str, sets: dict[str, str], *extra: str, release: str = "r"
+) -> subprocess.CompletedProcess[str]:
     values, args = render_hook(cluster, release, namespace, sets)
     assert args[0] == "validate"
     values_file = tmp_path / "values.yaml"
     values_file.write_text(values)
     args[args.index("--values") + 1] = str(values_file)
     args[args.index("--termination-log") + 1] = str(tmp_path / "termination-log")
-    argv = [sys.executable, "-m", "cluster_registry", *args, "--namespace", namespace, "--kubeconfig", str(cluster.kubeconfig)]
+    argv = [sys.executable, "-m", "cluster_registry", *args, *extra, "--namespace", namespace, "--kubeconfig", str(cluster.kubeconfig)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
@@ -152,3 +154,17 @@ def test_helm_install_refuses_early_loading_without_the_registry(cluster: Cluste
         )
     assert "enableEarlyLoading=true needs" in str(err.value)
     assert "bad" not in cluster.helm("list", "--namespace", namespace, "--all", "--short")  # the release did not change
+
+
+def test_artifact_store_problems_are_warnings(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    creds = tmp_path / "creds.yaml"
+    creds.write_text(f"username: {cluster.artifact_store_user}\npassword: wrong\n")
+    stores = ["--artifact-store", cluster.artifact_store, "--insecure-registry", cluster.artifact_store, "--artifact-store", "127.0.0.1:9"]
+    proc = run_validate(cluster, tmp_path, namespace, dict(RWX), *stores, "--credentials-file", str(creds))
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # disconnected installs are legitimate
+    assert f"WARNING [artifact-store] artifact store {cluster.artifact_store}: the credentials were rejected (HTTP 401)" in proc.stdout
+    assert "WARNING [artifact-store] artifact store 127.0.0.1:9: unreachable" in proc.stdout
+
+    creds.write_text(f"username: {cluster.artifact_store_user}\npassword: {cluster.artifact_store_password}\n")
+    proc = run_validate(cluster, tmp_path, namespace, dict(RWX), *stores[:4], "--credentials-file", str(creds))
+    assert proc.returncode == 0 and "[artifact-store]" not in proc.stdout, proc.stdout

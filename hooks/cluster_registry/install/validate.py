@@ -227,7 +227,8 @@ def _find_volume(
 
 def probe_store(host: str, insecure: bool, credentials: tuple[str, str] | None, timeout: float = 5.0) -> C.StoreProbe:
     """Is ``host``'s ``/v2/`` reachable, and (when credentials are given) do they work? Never raises."""
-    url = f"{'http' if insecure else 'https'}://{host}/v2/"
+    api_host = "registry-1.docker.io" if host == "docker.io" else host
+    url = f"{'http' if insecure else 'https'}://{api_host}/v2/"
     try:
         _http_get(url, None, timeout)
         return C.StoreProbe(host, True)
