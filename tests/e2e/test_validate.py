@@ -27,7 +27,7 @@ def render_hook(cluster: Cluster, release: str, namespace: str, sets: dict[str, 
     """(values.yaml the hook ConfigMap carries, the validate Job's args)."""
     flags = [arg for k, v in sets.items() for arg in ("--set-string" if isinstance(v, str) and not v.isdigit() and v not in ("true", "false") else "--set", f"{P}{k}={v}")]
     out = cluster.helm(
-        "template", release, str(CHART), "--namespace", namespace, *flags,
+        "template", release, str(CHART), "--namespace", namespace, "--kube-version", "1.35.0", *flags,
         "--show-only", "templates/hooks/configmap.yaml", "--show-only", "templates/hooks/job-validate.yaml",
     )
     docs = [d for d in yaml.safe_load_all(out) if d]
