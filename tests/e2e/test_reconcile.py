@@ -272,3 +272,27 @@ def test_leader_election_only_the_leader_copies_and_a_standby_takes_over(
     assert '"leading"' in standby.text() and '"copied"' in standby.text()
     assert wait_for(holder, timeout=5) != leader_id
     assert time.monotonic() - killed < 60
+
+
+def test_lease_lock_contention_expiry_and_release(cluster: Cluster, namespace: str) -> None:
+    from cluster_registry.leader import LeaseLock, Result
+
+    api = cluster.api_client()
+    a = LeaseLock(api, namespace, "contended", "a", duration=2)
+    b = LeaseLock(api, namespace, "contended", "b", duration=2)
+    assert a.try_acquire_or_renew() is Result.HELD
+    assert b.try_acquire_or_renew() is Result.OTHER
+    assert a.try_acquire_or_renew() is Result.HELD  # renewal
+    rec = a.read()
+    assert rec is not None and rec.holder == "a" and rec.duration == 2 and rec.transitions == 0
+    # a stops renewing: b, having watched the record stay unchanged for longer than 2 s, takes over
+    deadline = time.monotonic() + 10
+    while b.try_acquire_or_renew() is not Result.HELD:
+        assert time.monotonic() < deadline, "b never took the expired lease"
+        time.sleep(0.5)
+    rec = b.read()
+    assert rec is not None and rec.holder == "b" and rec.transitions == 1
+    assert a.try_acquire_or_renew() is Result.OTHER
+    b.release()
+    assert b.read().holder == ""  # type: ignore[union-attr]
+    assert a.try_acquire_or_renew() is Result.HELD  # released: no wait

@@ -173,6 +173,12 @@ def test_first_due(artifact: st.ArtifactView, due: float, mode: st.Mode) -> None
     assert st.first_due(artifact, NOW, 600, 0.5 if mode != st.Mode.VERIFY else 0.0) == (due, mode)
 
 
+def test_first_due_copies_at_once_when_the_registry_host_changed() -> None:
+    ready = art("Ready", lastSyncTime=st.timestamp(NOW - 100), localArtifact=LOCAL)
+    assert st.first_due(ready, NOW, 600, 0.0, dest=LOCAL) == (NOW + 500, st.Mode.VERIFY)
+    assert st.first_due(ready, NOW, 600, 0.0, dest="other:5000/myacr.azurecr.io/nginx:1.0.0") == (NOW, st.Mode.COPY)
+
+
 def test_view_extracts_fields() -> None:
     v = st.view(
         {

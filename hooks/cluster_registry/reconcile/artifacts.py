@@ -155,7 +155,7 @@ class ArtifactReconciler:
         if self.handled.get(key) == v.generation and old == dest:
             return  # our own status write, or nothing the scheduler does not already own
         self.handled[key] = v.generation
-        due, mode = st.first_due(v, self.clock(), self.config.verify_interval, self.rand(), self.config.policy)
+        due, mode = st.first_due(v, self.clock(), self.config.verify_interval, self.rand(), self.config.policy, dest)
         if mode is st.Mode.COPY:
             self.copy_wanted.add(dest)
             if not v.observed:

@@ -276,17 +276,24 @@ class Mode(str, Enum):
 
 
 def first_due(
-    art: ArtifactView, now: float, verify_interval: float, rand: float, policy: BackoffPolicy = BackoffPolicy()
+    art: ArtifactView,
+    now: float,
+    verify_interval: float,
+    rand: float,
+    policy: BackoffPolicy = BackoffPolicy(),
+    dest: str | None = None,
 ) -> tuple[float, Mode]:
     """When, and how, to look at an Artifact whose current generation the reconciler has not seen yet.
 
     A new spec (or no status) is copied at once; a Ready one is verified when its last sync is
-    ``verify_interval`` old; a Failed one (seen after a restart) is retried after a first backoff step,
+    ``verify_interval`` old (at once, when it names another ``dest``); a Failed one (seen after a restart) is retried after a first backoff step,
     a Deferred one after the deferral interval.
     """
     if not art.observed or art.phase in ("", Phase.PENDING, Phase.COPYING):
         return now, Mode.COPY
     if art.phase == Phase.READY:
+        if dest is not None and art.status.get("localArtifact") not in (None, dest):
+            return now, Mode.COPY  # the cluster registry moved (another --registry-host): copy there
         last = parse_timestamp(art.status.get("lastSyncTime"))
         spread = verify_interval * 0.1 * rand  # after a restart, do not verify everything at once
         due = (last + verify_interval) if last is not None else now
