@@ -51,7 +51,7 @@ Read API for ``gc``/``export``/``sideload`` (on a :class:`Repository` from
   when pinned); ``head_manifest(ref) -> (digest, media_type, size) | None``;
   ``put_manifest(ref, body, media_type)``; ``delete_manifest(digest) -> bool``;
   ``list_tags() -> list[str]``; ``referrers(digest) -> list[Descriptor] | None``.
-* ``blob_size(digest) -> int | None``; ``async for chunk in await repo.open_blob(digest, size)``
+* ``blob_size(digest) -> int | None``; ``async with await repo.open_blob(digest, size) as s: async for chunk in s``
   (verified stream); ``upload_blob(digest, data)`` (in memory) or
   ``start_upload(digest) -> URL | None`` then ``finish_upload(url, digest, size, async_chunks)``
   (streamed, for sideloading large layers).

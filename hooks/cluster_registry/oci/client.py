@@ -15,7 +15,7 @@ import hashlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin
@@ -142,6 +142,9 @@ class RegistrySession:
 
     # -- tokens -------------------------------------------------------------------------------
 
+    def forget_token(self, host: str, creds: Credentials, scopes: tuple[str, ...]) -> None:
+        self._tokens.pop((host, creds.username, scopes), None)
+
     async def token(self, host: str, creds: Credentials, scopes: tuple[str, ...], challenge: Challenge) -> str:
         key = (host, creds.username, scopes)
         cached = self._tokens.get(key)
@@ -225,7 +228,6 @@ class Repository:
         self.auth = auth
         self.push = push
         self.base = session.base_url(host) + f"/v2/{name}"
-        self._authz: dict[tuple[str, ...], str] = {}
 
     def __repr__(self) -> str:
         return f"Repository({self.host}/{self.name})"
@@ -280,12 +282,7 @@ class Repository:
         while True:
             attempt += 1
             hdrs = CIMultiDict(headers or {})
-            authz = self._authz.get(scopes)
-            if authz is None:
-                challenge = self.session._challenges.get(self.host)
-                authz = await self._authorize(scopes, challenge) if challenge else None
-                if authz:
-                    self._authz[scopes] = authz
+            authz = await self._authorize(scopes, self.session._challenges.get(self.host))
             if authz:
                 hdrs["Authorization"] = authz
             try:
@@ -313,10 +310,7 @@ class Repository:
                 if challenge is None:
                     raise AuthenticationError(f"{what}: registry {self.host} answered 401 without a challenge")
                 self.session._challenges[self.host] = challenge
-                self._authz.pop(scopes, None)
-                authz = await self._authorize(scopes, challenge)
-                if authz:
-                    self._authz[scopes] = authz
+                self.session.forget_token(self.host, self.auth, scopes)
                 reauthed = True
                 attempt -= 1
                 continue
@@ -474,7 +468,7 @@ class Repository:
                 raise await self.fail(resp, f"check blob {self.where}@{digest}")
             return int(resp.headers.get("Content-Length", "-1"))
 
-    async def open_blob(self, digest: str, size: int | None = None) -> AsyncIterator[bytes]:
+    async def open_blob(self, digest: str, size: int | None = None) -> BlobStream:
         """Stream blob ``digest`` in chunks, verifying size and SHA-256 as it goes.
 
         The last chunk is held back until the whole blob verified, so a consumer that forwards
@@ -488,11 +482,11 @@ class Repository:
             raise await self.fail(resp, what)
         if size is None and resp.content_length is not None:
             size = resp.content_length
-        return self._verified(resp, digest, algorithm, size, what)
+        return BlobStream(resp, self._verified(resp, digest, algorithm, size, what))
 
     async def _verified(
         self, resp: aiohttp.ClientResponse, digest: str, algorithm: str, size: int | None, what: str
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         hasher = hashlib.new(algorithm)
         got = 0
         chunk_size = self.session.options.chunk_size
@@ -583,6 +577,28 @@ class Repository:
         if upload is not None:
             await self.finish_upload(upload, digest, len(data), data)
         return True
+
+
+class BlobStream:
+    """A verified blob download: ``async for chunk in stream``; ``await stream.aclose()`` always."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, chunks: AsyncGenerator[bytes, None]) -> None:
+        self._resp = resp
+        self._chunks = chunks
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+        if not self._resp.closed:
+            self._resp.close()
+
+    async def __aenter__(self) -> BlobStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 def _dumps(doc: Any) -> bytes:

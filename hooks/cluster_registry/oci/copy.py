@@ -20,7 +20,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -160,7 +160,7 @@ class _Copier:
                 try:
                     await self.dst.finish_upload(upload, digest, size, _guard(stream, failure), failure=failure)
                 finally:
-                    await stream.aclose()  # type: ignore[attr-defined]
+                    await stream.aclose()
                 self.stats.copied += 1
                 self.stats.bytes_copied += size
                 return
@@ -227,7 +227,8 @@ class _Copier:
         ):
             return
         try:
-            data = b"".join([c async for c in await self.src.open_blob(config["digest"], config["size"])])
+            async with await self.src.open_blob(config["digest"], config["size"]) as stream:
+                data = b"".join([c async for c in stream])
             doc = json.loads(data)
             self.platforms.append(media.platform_string({"os": doc.get("os", ""), "architecture": doc.get("architecture", ""), **({"variant": doc["variant"]} if doc.get("variant") else {})}))
         except (ValueError, AttributeError, ClusterRegistryError) as err:
@@ -259,6 +260,8 @@ class _Copier:
         for tag in sorted(tags):
             m = await self.src.get_manifest(tag)
             found.append(m.digest)
+            if tag == media.attached_tag_prefix(digest) and m.media_type in media.INDEXES:
+                found += [d["digest"] for d in media.inspect(m.body, m.media_type).children]
             present = await self.dst.head_manifest(tag)
             if present and present[0] == m.digest:
                 continue
@@ -285,7 +288,7 @@ class _Copier:
         await self.dst.put_manifest(tag, body, media.OCI_INDEX)
 
 
-async def _guard(stream: AsyncIterator[bytes], failure: SourceFailure) -> AsyncIterator[bytes]:
+async def _guard(stream: AsyncIterable[bytes], failure: SourceFailure) -> AsyncIterator[bytes]:
     """Forward ``stream``, recording a source-side error so it is reported instead of aiohttp's wrapper."""
     try:
         async for chunk in stream:

@@ -1,0 +1,211 @@
+"""Copy-engine benchmark: cluster-registry copy vs skopeo copy vs crane copy (a script, not a test).
+
+Cases, each copied by every tool into its own fresh destination registry (distribution v3 on
+loopback, plain HTTP), from one shared source registry:
+
+  a  one image of 4 x 256 MiB layers (1 GiB)
+  b  a 3-platform OCI index, ~100 MB per platform (2 x 50 MB layers each)
+  c  one image of 200 layers of ~100 KB
+  d  re-copy of (a) into a destination that already holds it
+
+Also the ingest ceiling: the four (a) blobs uploaded in parallel from memory (POST + PUT) into a
+fresh registry: how fast the destination itself can take them.
+
+Reported per tool: wall seconds (whole process, interpreter start-up included), MB/s over the
+image's blob bytes (MB = 10^6 bytes), and for the engine its own in-process seconds and the peak RSS
+of the copy process. Ratios are engine MB/s (wall) over the peer's. The last line is one JSON object.
+
+    .venv/bin/python bench/copy.py [--only a,b,c,d] [--skip-peers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+
+from tests.support.ociimages import PLATFORMS, Image, Pusher, layer_chunks, push_image, push_index  # noqa: E402
+from tests.support.registry import Registry, start_registry  # noqa: E402
+
+MiB = 1 << 20
+
+
+def run(cmd: list[str], timeout: float = 1800) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS KiB, stdout) of one process; raises on failure."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    deadline = t0 + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            os.kill(proc.pid, signal.SIGKILL)
+            raise TimeoutError(cmd)
+        time.sleep(0.002)
+    wall = time.monotonic() - t0
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {err[-2000:]} {out[-500:]}")
+    return wall, usage.ru_maxrss, out
+
+
+def engine(src: str, dst: str) -> dict[str, Any]:
+    wall, rss, out = run([sys.executable, "-m", "cluster_registry", "copy", src, dst, "--src-insecure", "--dest-insecure"])
+    summary = json.loads(out.strip().splitlines()[-1])
+    return {"wall": wall, "engine_seconds": summary["seconds"], "rss_mb": round(rss / 1024, 1), "summary": summary}
+
+
+def skopeo(src: str, dst: str, multi: bool) -> dict[str, Any]:
+    cmd = ["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false", "-q"]
+    cmd += ["--multi-arch", "all"] if multi else []
+    wall, rss, _ = run(cmd + [f"docker://{src}", f"docker://{dst}"])
+    return {"wall": wall, "rss_mb": round(rss / 1024, 1)}
+
+
+def crane(src: str, dst: str) -> dict[str, Any]:
+    binary = str(ROOT / ".cache/bin/crane") if (ROOT / ".cache/bin/crane").exists() else "crane"
+    wall, rss, _ = run([binary, "copy", "--insecure", src, dst])
+    return {"wall": wall, "rss_mb": round(rss / 1024, 1)}
+
+
+async def ingest_ceiling(host: str, blobs: list[tuple[str, bytes]], parallel: int) -> float:
+    """MB/s of POST+PUT uploads of ``blobs`` from memory, ``parallel`` at a time."""
+    sem = asyncio.Semaphore(parallel)
+    async with aiohttp.ClientSession() as s:
+
+        async def one(i: int, digest: str, data: bytes) -> None:
+            async with sem:
+                async with s.post(f"http://{host}/v2/ceiling{i}/blobs/uploads/") as r:
+                    assert r.status == 202, r.status
+                    loc = r.headers["Location"]
+                loc = loc if "://" in loc else f"http://{host}{loc}"
+                sep = "&" if "?" in loc else "?"
+                async with s.put(f"{loc}{sep}digest={digest}", data=data,
+                                 headers={"Content-Type": "application/octet-stream"}) as r:
+                    assert r.status == 201, (r.status, await r.text())
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(i, d, b) for i, (d, b) in enumerate(blobs)))
+        return sum(len(b) for _, b in blobs) / (time.monotonic() - t0) / 1e6
+
+
+def blob_bytes(img: Image) -> int:
+    return sum(size for _, size in img.all_blobs())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="a,b,c,d")
+    ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink every size (smoke runs)")
+    args = ap.parse_args()
+    cases = args.only.split(",")
+    work = Path(tempfile.mkdtemp(prefix="bench-copy-", dir=os.environ.get("BENCH_TMP")))
+    started: list[Registry] = []
+
+    def registry(name: str) -> Registry:
+        reg = start_registry(work / name)
+        started.append(reg)
+        return reg
+
+    def done(reg: Registry) -> None:
+        reg.stop()
+        shutil.rmtree(reg.root, ignore_errors=True)
+
+    peers = [] if args.skip_peers else ["skopeo", "crane"]
+    figures: dict[str, Any] = {"tools": {}}
+    try:
+        src = registry("src")
+        sp = Pusher(src.host)
+        big = int(256 * MiB * args.scale)
+        t0 = time.monotonic()
+        images: dict[str, Image] = {}
+        if "a" in cases or "d" in cases:
+            images["a"] = push_image(sp, "bench/a", "1", layers=[big] * 4, seed=101)
+        if "b" in cases:
+            images["b"] = push_index(sp, "bench/b", "1", PLATFORMS[:3], layers=[int(50e6 * args.scale)] * 2, seed=102)
+        if "c" in cases:
+            images["c"] = push_image(sp, "bench/c", "1", layers=[100_000 + i for i in range(200)], seed=103)
+        print(f"source images pushed in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+
+        for tool in ["engine", *peers]:
+            figures["tools"][tool] = {}
+        for case in [c for c in ("a", "b", "c") if c in cases]:
+            img = images[case]
+            size = blob_bytes(img)
+            row: dict[str, Any] = {"bytes": size}
+            for tool in ["engine", *peers]:
+                dst = registry(f"dst-{case}-{tool}")
+                s, d = f"{src.host}/{img.repo}:1", f"{dst.host}/{img.repo}:1"
+                res = engine(s, d) if tool == "engine" else skopeo(s, d, case == "b") if tool == "skopeo" else crane(s, d)
+                res["mbps"] = round(size / res["wall"] / 1e6, 1)
+                if tool == "engine":
+                    res["mbps_in_process"] = round(size / res["engine_seconds"] / 1e6, 1)
+                    res.pop("summary")
+                if case == "a" and "d" in cases:  # (d): the same copy again, everything present
+                    res["recopy"] = engine(s, d) if tool == "engine" else (
+                        skopeo(s, d, False) if tool == "skopeo" else crane(s, d))
+                    res["recopy"].pop("summary", None)
+                row[tool] = res
+                print(f"{case} {tool}: {json.dumps(res)}", file=sys.stderr)
+                done(dst)
+            for peer in peers:
+                row[f"ratio_{peer}"] = round(row["engine"]["mbps"] / row[peer]["mbps"], 2)
+            figures[case] = row
+
+        if "a" in images:
+            blobs = []
+            for i in range(4):
+                data = b"".join(layer_chunks(101 * 100_003 + i, big))
+                blobs.append(("sha256:" + __import__("hashlib").sha256(data).hexdigest(), data))
+            for parallel in (4, 1):
+                dst = registry(f"ceiling-{parallel}")
+                mbps = asyncio.run(ingest_ceiling(dst.host, blobs, parallel))
+                figures[f"ceiling_mbps_p{parallel}"] = round(mbps, 1)
+                done(dst)
+            del blobs
+            if "a" in figures:
+                figures["a"]["engine_vs_ceiling"] = round(figures["a"]["engine"]["mbps"] / figures["ceiling_mbps_p4"], 2)
+                figures["a"]["engine_in_process_vs_ceiling"] = round(
+                    figures["a"]["engine"]["mbps_in_process"] / figures["ceiling_mbps_p4"], 2)
+    finally:
+        for reg in started:
+            reg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    compact: dict[str, Any] = {}
+    for case in ("a", "b", "c"):
+        if case in figures:
+            r = figures[case]
+            compact[case] = {"MB": round(r["bytes"] / 1e6, 1)} | {
+                t: {"s": round(r[t]["wall"], 2), "MBps": r[t]["mbps"]} | (
+                    {"engine_s": r[t]["engine_seconds"], "rss_mb": r[t]["rss_mb"]} if t == "engine" else {"rss_mb": r[t]["rss_mb"]})
+                for t in ["engine", *peers]
+            } | {k: v for k, v in r.items() if k.startswith(("ratio_", "engine_"))}
+    if "a" in figures and "d" in cases:
+        compact["d"] = {t: {"s": round(figures["a"][t]["recopy"]["wall"], 3)} for t in ["engine", *peers]}
+        compact["d"]["engine"]["engine_s"] = figures["a"]["engine"]["recopy"]["engine_seconds"]
+    for k in ("ceiling_mbps_p4", "ceiling_mbps_p1"):
+        if k in figures:
+            compact[k] = figures[k]
+    print(json.dumps(compact, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

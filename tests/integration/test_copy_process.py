@@ -1,0 +1,83 @@
+"""``cluster-registry copy`` as a process: killed midway then resumed, and a large blob copied
+with the engine's peak RSS measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.ociimages import Pusher, assert_copied, push_image
+from tests.support.registry import registry_binary, run_registry
+
+pytestmark = pytest.mark.skipif(registry_binary() is None, reason="no registry binary (run ci/toolchain)")
+ROOT = Path(__file__).resolve().parents[2]
+LARGE = int(os.environ.get("CLUSTER_REGISTRY_TEST_LARGE_BLOB", str(512 << 20)))
+RSS_LIMIT_MB = 100
+
+
+def copy_cmd(src: str, dst: str) -> list[str]:
+    return [sys.executable, "-m", "cluster_registry", "copy", src, dst, "--src-insecure", "--dest-insecure"]
+
+
+def run_measured(cmd: list[str], timeout: float = 600) -> tuple[int, str, int]:
+    """(exit code, stdout, peak RSS in KiB) of one child process (wait4 gives its own rusage)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            os.kill(proc.pid, signal.SIGKILL)
+            raise TimeoutError(cmd)
+        time.sleep(0.05)
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, out, usage.ru_maxrss
+
+
+def test_killed_midway_then_resumed(tmp_path: Path) -> None:
+    with run_registry(tmp_path / "src") as src, run_registry(tmp_path / "dst") as dst:
+        sp, dp = Pusher(src.host), Pusher(dst.host)
+        img = push_image(sp, "big/app", "1", layers=[48 << 20] * 4, seed=31)
+        proc = subprocess.Popen(copy_cmd(f"{src.host}/big/app:1", f"{dst.host}/big/app:1") + ["--concurrency", "2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        # kill once the destination holds some data but before the copy could finish
+        uploads = dst.storage / "docker/registry/v2/repositories/big/app/_uploads"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            sizes = [p.stat().st_size for p in uploads.glob("*/data")] if uploads.exists() else []
+            if sum(sizes) > 8 << 20:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "copy finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert dp.get_manifest("big/app", "1") is None, "a killed copy left a tag"
+        code, out, _ = run_measured(copy_cmd(f"{src.host}/big/app:1", f"{dst.host}/big/app:1"))
+        assert code == 0, out
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["digest"] == img.digest
+        assert summary["blobs_copied"] + summary["blobs_skipped"] == 5
+        assert_copied(sp, dp, img, "big/app")  # downloads and hashes every blob
+
+
+def test_large_blob_bounded_memory(tmp_path: Path) -> None:
+    with run_registry(tmp_path / "src") as src, run_registry(tmp_path / "dst") as dst:
+        sp, dp = Pusher(src.host), Pusher(dst.host)
+        img = push_image(sp, "large", "1", layers=[LARGE], seed=41)
+        code, out, rss_kib = run_measured(copy_cmd(f"{src.host}/large:1", f"{dst.host}/large:1"))
+        assert code == 0, out
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["bytes_copied"] >= LARGE
+        assert_copied(sp, dp, img, "large", hash_blobs=False)  # the registry verified the digest on upload
+        print(f"large blob: {LARGE >> 20} MiB, peak RSS {rss_kib // 1024} MiB, {summary['seconds']} s")
+        assert rss_kib < RSS_LIMIT_MB * 1024, f"peak RSS {rss_kib // 1024} MiB"

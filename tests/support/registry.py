@@ -1,0 +1,321 @@
+"""Run a real distribution v3 registry on 127.0.0.1 for tests and benchmarks.
+
+    with run_registry(tmp_path) as reg:                       # anonymous, plain HTTP
+        reg.host          # "127.0.0.1:PORT"
+    with run_registry(tmp_path, htpasswd=("u", "p")) as reg:  # basic auth
+    with run_registry(tmp_path, tls=True) as reg:             # HTTPS; reg.ca_file is its CA
+    with TokenServer(users={"u": "p"}) as ts, run_registry(tmp_path, token=ts) as reg:  # bearer flow
+
+The binary is ``.cache/bin/registry`` (``ci/toolchain``) or ``$CLUSTER_REGISTRY_REGISTRY_BIN``.
+Each registry gets a free port and its own storage directory; it is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import ctypes.util
+import datetime
+import http.server
+import ipaddress
+import json
+import os
+import secrets
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def registry_binary() -> Path | None:
+    for candidate in (os.environ.get("CLUSTER_REGISTRY_REGISTRY_BIN"), ROOT / ".cache/bin/registry"):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bcrypt_hash(password: str) -> str:
+    """A bcrypt hash for htpasswd (distribution accepts only bcrypt), via the system's libcrypt."""
+    lib = ctypes.CDLL(ctypes.util.find_library("crypt") or "libcrypt.so.1")
+    lib.crypt_gensalt.restype = ctypes.c_char_p
+    lib.crypt_gensalt.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_int]
+    lib.crypt.restype = ctypes.c_char_p
+    lib.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    salt = lib.crypt_gensalt(b"$2y$", 5, None, 0)
+    out = lib.crypt(password.encode(), salt)
+    if not out or not out.startswith(b"$2"):
+        raise RuntimeError("libcrypt has no bcrypt")
+    return str(out.decode())
+
+
+def _self_signed(common_name: str, key: ec.EllipticCurvePrivateKey, *, ca: bool) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+    return builder.sign(key, hashes.SHA256())
+
+
+def _write_tls(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem)."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _self_signed("cluster-registry test CA", ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class TokenServer:
+    """A small bearer-token service (docker token spec) for distribution's ``auth.token``.
+
+    Grants every requested action to known users (or to anyone when ``users`` is None), signs
+    ES256 JWTs with an ``x5c`` header holding a self-signed certificate that the registry trusts
+    (``rootcertbundle``). ``requests`` records (user, scopes) of each token request.
+    """
+
+    users: dict[str, str] | None = None
+    service: str = "test-registry"
+    issuer: str = "test-token-issuer"
+    requests: list[tuple[str, list[str]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.cert = _self_signed("token signer", self.key, ca=True)
+        self.port = free_port()
+        self._server: http.server.ThreadingHTTPServer | None = None
+
+    @property
+    def realm(self) -> str:
+        return f"http://127.0.0.1:{self.port}/token"
+
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, user: str, scopes: list[str]) -> str:
+        access = []
+        for s in scopes:
+            parts = s.split(":")
+            if len(parts) >= 3:
+                access.append({"type": parts[0], "name": ":".join(parts[1:-1]), "actions": parts[-1].split(",")})
+        now = int(time.time())
+        header = {"alg": "ES256", "typ": "JWT", "x5c": [base64.b64encode(self.cert.public_bytes(serialization.Encoding.DER)).decode()]}
+        claims = {
+            "iss": self.issuer, "sub": user, "aud": self.service, "exp": now + 300, "nbf": now - 10,
+            "iat": now, "jti": secrets.token_hex(8), "access": access,
+        }
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        r, s = decode_dss_signature(self.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
+        return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+    def __enter__(self) -> TokenServer:
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                q = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+                user = ""
+                authz = self.headers.get("Authorization", "")
+                if authz.startswith("Basic "):
+                    user, _, password = base64.b64decode(authz[6:]).decode().partition(":")
+                    if outer.users is not None and outer.users.get(user) != password:
+                        self.send_response(401)
+                        self.end_headers()
+                        return
+                elif outer.users is not None:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                scopes = q.get("scope", [])
+                outer.requests.append((user, scopes))
+                token = outer.issue(user, scopes)
+                body = json.dumps({"token": token, "access_token": token, "expires_in": 300}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+@dataclass
+class Registry:
+    host: str
+    root: Path
+    proc: subprocess.Popen[bytes]
+    scheme: str = "http"
+    username: str = ""
+    password: str = ""
+    ca_file: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}"
+
+    @property
+    def storage(self) -> Path:
+        return self.root / "storage"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, 15)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, 9)
+                self.proc.wait()
+
+
+def _config(root: Path, port: int, htpasswd: Path | None, tls: tuple[Path, Path] | None, token: TokenServer | None) -> str:
+    lines = [
+        "version: 0.1",
+        "log:",
+        "  level: error",
+        "  accesslog:",
+        "    disabled: true",
+        "storage:",
+        "  filesystem:",
+        f"    rootdirectory: {root / 'storage'}",
+        "  delete:",
+        "    enabled: true",
+        "  maintenance:",
+        "    uploadpurging:",
+        "      enabled: false",
+        "http:",
+        f"  addr: 127.0.0.1:{port}",
+        "  secret: test-secret-not-for-production",
+    ]
+    if tls:
+        lines += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
+    if htpasswd:
+        lines += ["auth:", "  htpasswd:", "    realm: test-registry", f"    path: {htpasswd}"]
+    elif token:
+        bundle = root / "token-signer.pem"
+        bundle.write_bytes(token.cert_pem())
+        lines += [
+            "auth:", "  token:", f"    realm: {token.realm}", f"    service: {token.service}",
+            f"    issuer: {token.issuer}", f"    rootcertbundle: {bundle}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def start_registry(
+    root: Path,
+    *,
+    htpasswd: tuple[str, str] | None = None,
+    tls: bool = False,
+    token: TokenServer | None = None,
+    timeout: float = 20.0,
+) -> Registry:
+    """Start a registry under ``root`` (created); wait until it answers ``/v2/``."""
+    binary = registry_binary()
+    if binary is None:
+        raise RuntimeError("no distribution registry binary: run ci/toolchain (or set CLUSTER_REGISTRY_REGISTRY_BIN)")
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    pw_file = None
+    if htpasswd:
+        pw_file = root / "htpasswd"
+        pw_file.write_text(f"{htpasswd[0]}:{bcrypt_hash(htpasswd[1])}\n")
+    tls_files = _write_tls(root) if tls else None
+    config = root / "config.yml"
+    config.write_text(_config(root, port, pw_file, (tls_files[1], tls_files[2]) if tls_files else None, token))
+    log = open(root / "registry.log", "ab")
+    proc = subprocess.Popen([str(binary), "serve", str(config)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    log.close()
+    reg = Registry(
+        host=f"127.0.0.1:{port}", root=root, proc=proc, scheme="https" if tls else "http",
+        username=htpasswd[0] if htpasswd else "", password=htpasswd[1] if htpasswd else "",
+        ca_file=tls_files[0] if tls_files else None,
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"registry exited with {proc.returncode}: {(root / 'registry.log').read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return reg
+        except OSError:
+            if time.monotonic() > deadline:
+                reg.stop()
+                raise RuntimeError("registry did not start listening") from None
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def run_registry(root: Path, **kwargs: Any) -> Iterator[Registry]:
+    reg = start_registry(root, **kwargs)
+    try:
+        yield reg
+    finally:
+        reg.stop()
