@@ -125,7 +125,7 @@ def make_app(
     app.on_cleanup.append(cleanup)
 
     async def body(request: web.Request) -> AsyncIterator[bytes]:
-        async for data in request.content.iter_chunked(chunk):
+        async for data in request.content.iter_any():
             yield data
 
     async def forward(request: web.Request) -> web.StreamResponse:
@@ -140,7 +140,7 @@ def make_app(
             "Transfer-Encoding", ""
         ).lower():
             has_body = False
-        url = up.with_path(request.raw_path.split("?", 1)[0], encoded=True).with_query(request.query_string)
+        url = URL(str(up) + request.raw_path, encoded=True)  # path and query exactly as sent
         session = request.app[SESSION_KEY]
         try:
             async with session.request(
@@ -156,7 +156,7 @@ def make_app(
                         resp.headers.add(k, v)
                 await resp.prepare(request)
                 if request.method != "HEAD":
-                    async for data in upstream_resp.content.iter_chunked(chunk):
+                    async for data in upstream_resp.content.iter_any():
                         await resp.write(data)
                 await resp.write_eof()
                 return resp

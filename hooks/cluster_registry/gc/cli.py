@@ -80,6 +80,8 @@ def _observe(gauges: object | None, rep: Report) -> None:
 @click.option("--lease-duration", default=15, show_default=True, type=click.IntRange(5, 60), help="The lock's TTL in seconds.")
 @click.option("--no-sweep", is_flag=True, help="Soft delete only; skip the read-only window.")
 @click.option("--metrics-listen", help="HOST:PORT to serve Prometheus metrics on while running.")
+@click.option("--artifact-namespace", "artifact_namespaces", multiple=True,
+              help="Delete Artifacts only in these namespaces (repeatable; default all). References are read cluster-wide.")  # fmt: skip
 def gc(
     dry_run: bool,
     once: bool,
@@ -100,6 +102,7 @@ def gc(
     lease_duration: int,
     no_sweep: bool,
     metrics_listen: str | None,
+    artifact_namespaces: tuple[str, ...],
 ) -> None:
     """Garbage-collect the cluster registry."""
     opts = Options(
@@ -118,6 +121,7 @@ def gc(
         lease_seconds=lease_duration,
         dry_run=dry_run,
         sweep=not no_sweep,
+        artifact_namespaces=frozenset(artifact_namespaces),
     )
     api = kube.api_client(kubeconfig)
     gauges = _metrics(metrics_listen)

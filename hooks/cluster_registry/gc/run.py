@@ -36,6 +36,7 @@ class Options:
     drain_timeout: float = 60.0
     lease_seconds: int = 15
     dry_run: bool = False
+    artifact_namespaces: frozenset[str] = frozenset()  # only these namespaces' Artifacts may be deleted
     sweep: bool = True  # run the read-only window (mark-and-sweep) after the soft delete
     say: Callable[[str], None] = print  # where --dry-run's "would delete" lines go
 
@@ -124,6 +125,8 @@ def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
     view = ClusterView(api)
     inputs, manifests = gather(view, opts, datetime.now(timezone.utc))
     sel = select(inputs)
+    if opts.artifact_namespaces:
+        sel.delete_artifacts = [(a, w) for a, w in sel.delete_artifacts if a.namespace in opts.artifact_namespaces]
     rep.manifestsSeen, rep.artifactsSeen = len(manifests), len(inputs.artifacts)
     rep.manifestsKept = len(sel.keep)
 
@@ -137,6 +140,7 @@ def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
         rep.usageBytesAfter = used.bytes
         return
 
+    log.info("soft delete starting", extra={"manifests": len(sel.delete_manifests), "artifacts": len(sel.delete_artifacts)})
     _soft_delete(opts, view, sel, rep)
     if opts.sweep:
         _window(opts, api, rep)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import re
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -49,6 +51,14 @@ def default_config(storage_root: str) -> str:
     return path
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when GC dies, so a killed GC never leaves a sweep running unlocked."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # pragma: no cover - not Linux/glibc: the container's end kills it instead
+        pass
+
+
 def parse_output(text: str) -> SweepResult:
     res = SweepResult()
     res.deleted_digests = _ELIGIBLE.findall(text)
@@ -75,7 +85,7 @@ def run(
     argv.append(config)
     start = time.monotonic()
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         while proc.poll() is None:
             if not keep_going():
                 proc.kill()

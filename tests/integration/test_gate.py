@@ -1,0 +1,211 @@
+"""The write gate in front of a real distribution registry on loopback.
+
+The gate runs in-process (its own event loop in a thread); the lock state is driven directly through
+``GateState`` (the Lease watch is exercised end to end in tests/e2e/test_gc_lock.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from cluster_registry.gate.protocol import LeaseView
+from cluster_registry.gate.proxy import Credentials, make_app
+from cluster_registry.gate.state import GateState
+from tests.support.ociimages import HTTPError, Pusher, layer_chunks, push_image
+from tests.support.registry import Registry, free_port, registry_binary, run_registry
+
+pytestmark = pytest.mark.skipif(registry_binary() is None, reason="no distribution registry binary (ci/toolchain)")
+USER, PASSWORD = "writer", "gate-test-password"
+
+
+class GateServer:
+    """Run an aiohttp app on 127.0.0.1 in a thread with its own loop."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app, self.port = app, free_port()
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.runner = web.AppRunner(self.app, access_log=None)
+        self.loop.run_until_complete(self.runner.setup())
+        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.runner.cleanup())
+
+    def __enter__(self) -> GateServer:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    with run_registry(tmp_path_factory.mktemp("gate-registry")) as reg:
+        yield reg
+
+
+@pytest.fixture
+def gate(registry: Registry, tmp_path: Path) -> Iterator[tuple[GateServer, GateState]]:
+    creds = tmp_path / "creds.yaml"
+    creds.write_text(f"username: {USER}\npassword: {PASSWORD}\n")
+    state = GateState()
+    state.observe(None)
+    state.heartbeat_ok(time.monotonic() + 3600)  # no Kubernetes here: pretend the heartbeat is fresh
+    with GateServer(make_app(registry.url, state, Credentials(str(creds)))) as server:
+        yield server, state
+
+
+def hold(state: GateState, generation: str = "gc-test") -> None:
+    state.observe(LeaseView("gc", generation, datetime.now(timezone.utc), 30))
+
+
+def release(state: GateState) -> None:
+    state.observe(LeaseView("gc", None, datetime.now(timezone.utc), 30))
+
+
+def test_reads_are_anonymous_and_byte_exact(registry: Registry, gate: tuple[GateServer, GateState]) -> None:
+    server, _ = gate
+    img = push_image(Pusher(registry.host), "reads/app", "v1", layers=[3 << 20, 1000], seed=1)
+    anon = Pusher(server.host)
+    got = anon.get_manifest("reads/app", "v1")
+    assert got is not None and got[0] == img.manifest
+    for digest, size in img.all_blobs():
+        assert anon.blob_sha256("reads/app", digest) == (digest, size)
+    st, headers, body = anon.request("HEAD", f"/v2/reads/app/blobs/{img.blobs[1][0]}", "reads/app")
+    assert st == 200 and int(headers["content-length"]) == img.blobs[1][1] and body == b""
+    assert anon.tags("reads/app") == ["v1"]
+
+
+def test_writes_need_the_credentials(registry: Registry, gate: tuple[GateServer, GateState]) -> None:
+    server, _ = gate
+    with pytest.raises(HTTPError) as err:
+        push_image(Pusher(server.host), "writes/app", "v1", layers=[1000], seed=2)
+    assert err.value.status == 401
+    with pytest.raises(HTTPError) as err:
+        push_image(Pusher(server.host, auth=(USER, "wrong")), "writes/app", "v1", layers=[1000], seed=2)
+    assert err.value.status == 401
+    img = push_image(Pusher(server.host, auth=(USER, PASSWORD)), "writes/app", "v1", layers=[2 << 20, 1000], seed=2)
+    direct = Pusher(registry.host)
+    got = direct.get_manifest("writes/app", "v1")
+    assert got is not None and got[0] == img.manifest
+    for digest, size in img.all_blobs():
+        assert direct.blob_sha256("writes/app", digest) == (digest, size)
+    anon = Pusher(server.host)
+    st, _, _ = anon.request("DELETE", f"/v2/writes/app/manifests/{img.digest}", "writes/app")
+    assert st == 401 and direct.get_manifest("writes/app", img.digest) is not None
+
+
+def test_lock_refuses_writes_with_503_and_keeps_reads(registry: Registry, gate: tuple[GateServer, GateState]) -> None:
+    server, state = gate
+    writer = Pusher(server.host, auth=(USER, PASSWORD))
+    img = push_image(writer, "locked/app", "v1", layers=[1000], seed=3)
+    hold(state)
+    st, headers, body = writer.request("POST", "/v2/locked/app/blobs/uploads/", "locked/app")
+    assert st == 503
+    assert headers["x-cluster-registry-lock"] == "gc"
+    assert 1 <= int(headers["retry-after"]) <= 60
+    assert b"UNAVAILABLE" in body
+    st, _, _ = writer.request("DELETE", f"/v2/locked/app/manifests/{img.digest}", "locked/app")
+    assert st == 503
+    got = Pusher(server.host).get_manifest("locked/app", "v1")
+    assert got is not None and got[0] == img.manifest, "pulls keep working during the hold"
+    release(state)
+    push_image(writer, "locked/app", "v2", layers=[1000], seed=4)
+    assert sorted(Pusher(registry.host).tags("locked/app")) == ["v1", "v2"]
+
+
+def test_drain_waits_for_an_in_flight_upload(registry: Registry, gate: tuple[GateServer, GateState]) -> None:
+    server, state = gate
+    writer = Pusher(server.host, auth=(USER, PASSWORD))
+    writer.request("GET", "/v2/", "drain/app")
+    st, h, _ = writer.request("POST", "/v2/drain/app/blobs/uploads/", "drain/app")
+    assert st == 202
+    location = h["location"].split("://", 1)[-1].split("/", 1)[1]
+    acks: list[str | None] = []
+    state.on_drained = lambda: acks.append(state.ack_wanted())
+    started, proceed = threading.Event(), threading.Event()
+    size = 8 << 20
+
+    def slow_body() -> Iterator[bytes]:
+        for i, chunk in enumerate(layer_chunks(99, size)):
+            if i == 1:
+                started.set()
+                proceed.wait(10)
+            yield chunk
+
+    result: dict[str, object] = {}
+
+    def upload() -> None:
+        result["patch"] = writer.request("PATCH", f"/{location}", "drain/app", body=slow_body(), chunked=True,
+                                         headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+
+    t = threading.Thread(target=upload)
+    t.start()
+    assert started.wait(10)
+    hold(state, "gc-drain")
+    time.sleep(0.3)
+    assert state.inflight == 1 and state.ack_wanted() is None and not acks, "an upload is still in flight"
+    st, headers, _ = writer.request("POST", "/v2/drain/app/blobs/uploads/", "drain/app")
+    assert st == 503 and headers["x-cluster-registry-lock"] == "gc", "no new write once the lock is seen"
+    proceed.set()
+    t.join(30)
+    status, hd, _ = result["patch"]  # type: ignore[misc]
+    assert status == 202, "the in-flight upload finished normally"
+    deadline = time.monotonic() + 5  # the gate counts the write done just after the response's last byte
+    while not acks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert acks == ["gc-drain"] and state.inflight == 0
+    # The upload session survives the hold: commit it once the lock is released.
+    release(state)
+    digest = "sha256:" + hashlib.sha256(b"".join(layer_chunks(99, size))).hexdigest()
+    loc = hd["location"].split("://", 1)[-1].split("/", 1)[1]
+    st, _, _ = writer.request("PUT", f"/{loc}&digest={digest}", "drain/app", body=b"")
+    assert st == 201
+    assert Pusher(registry.host).blob_sha256("drain/app", digest) == (digest, size)
+
+
+def _pull_seconds(host: str, repo: str, digest: str) -> float:
+    h, _, port = host.rpartition(":")
+    conn = http.client.HTTPConnection(h, int(port), timeout=120)
+    t0 = time.perf_counter()
+    conn.request("GET", f"/v2/{repo}/blobs/{digest}")
+    resp = conn.getresponse()
+    assert resp.status == 200
+    while resp.read(1 << 20):
+        pass
+    conn.close()
+    return time.perf_counter() - t0
+
+
+def test_pull_throughput_is_close_to_direct(registry: Registry, gate: tuple[GateServer, GateState]) -> None:
+    server, _ = gate
+    size = 256 << 20
+    digest = Pusher(registry.host).push_blob_stream("speed/app", layer_chunks(7, size), size)
+    direct = min(_pull_seconds(registry.host, "speed/app", digest) for _ in range(2))
+    via = min(_pull_seconds(server.host, "speed/app", digest) for _ in range(2))
+    mbps = size / via / 1e6
+    print(f"pull 256 MiB: direct {size / direct / 1e6:.0f} MB/s, via gate {mbps:.0f} MB/s")
+    # Loose on purpose (2 shared cores): the gate must not be the bottleneck of a node's pull.
+    assert mbps > 100 and via < direct * 4
