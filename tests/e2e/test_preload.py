@@ -18,6 +18,21 @@ from tests.support.cluster import ROOT, Cluster
 from tests.support.ociimages import Pusher, push_image
 
 
+@pytest.fixture(scope="module", autouse=True)
+def crds(cluster: Cluster) -> None:
+    """The chart's Artifact and Component CRDs, when no one installed them yet (rendered by helm)."""
+    names = ("artifacts.clusterregistry.io", "components.clusterregistry.io")
+    if all(cluster.kubectl("get", "crd", n, check=False).strip() for n in names):
+        return
+    rendered = cluster.helm(
+        "template", "cluster-registry", str(ROOT / "chart"), "--kube-version", "1.35.0",
+        "--show-only", "templates/crds/artifacts.yaml", "--show-only", "templates/crds/components.yaml",
+    )
+    cluster.kubectl("apply", "--server-side", "--field-manager=e2e-preload", "-f", "-", stdin=rendered)
+    for n in names:
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{n}", "--timeout=60s")
+
+
 def cli(cluster: Cluster, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "cluster_registry", *args, "--kubeconfig", str(cluster.kubeconfig)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
