@@ -19,6 +19,8 @@ from cluster_registry import api, reference
 MANAGED_BY = "cluster-registry"
 LABEL_COMPONENT = "clusterregistry.io/component"
 ANNOTATION_SIDELOADED = "clusterregistry.io/sideloaded"
+# Who loaded an Artifact ahead of any pod: "preload" or "sideload" (a hint for GC's keep rules).
+LABEL_LOADED_BY = "clusterregistry.io/loaded-by"
 
 
 def artifact_body(

@@ -234,7 +234,7 @@ def _ensure_all(
     pull_secrets: tuple[str, ...],
 ) -> None:
     for w in wanted:
-        labels: dict[str, str] = {}
+        labels: dict[str, str] = {A.LABEL_LOADED_BY: "preload"}
         owners: list[dict[str, Any]] | None = None
         if w.origin.startswith("component "):
             comp_ns, _, comp_name = w.origin.removeprefix("component ").partition("/")

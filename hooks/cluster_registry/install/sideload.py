@@ -122,7 +122,9 @@ def create_artifacts(
         source = artifact_source(entry)
         local = str(reference.rewrite(entry.source, registry_host))
         for ns in namespaces:
-            body = A.artifact_body(source, ns, annotations={A.ANNOTATION_SIDELOADED: entry.origin.where[-200:]})
+            body = A.artifact_body(
+                source, ns, labels={A.LABEL_LOADED_BY: "sideload"}, annotations={A.ANNOTATION_SIDELOADED: entry.origin.where[-200:]}
+            )
             obj = A.ensure(custom, body)
             status = A.ready_status(
                 digest=entry.top.digest,
