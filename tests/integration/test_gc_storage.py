@@ -96,3 +96,18 @@ def test_parse_output_of_a_real_dry_run(reg: Registry) -> None:
     res = sweep.run(sweep.default_config(str(reg.storage)), dry_run=True)
     assert res.blobs_deleted == 3 and res.blobs_marked == 0  # manifest, config, layer; nothing left to mark
     assert storage.usage(reg.storage).blobs == 3, "a dry run deletes nothing"
+
+
+def test_api_inventory_agrees_with_the_filesystem_on_tagged_images(reg: Registry) -> None:
+    from cluster_registry.gc import apiinventory
+
+    p = Pusher(reg.host)
+    push_image(p, "h.example.com/a", "v1", layers=[1000, 2000], seed=30)
+    push_image(p, "h.example.com/a", "v2", layers=[1500], seed=31)
+    push_index(p, "h.example.com/m", "v1", PLATFORMS[:3], layers=[500], seed=32)
+    api, used = apiinventory.inventory(reg.url)
+    fs = storage.inventory(reg.storage)
+    assert {(m.repository, m.digest, m.tags, m.children) for m in api} == {
+        (m.repository, m.digest, m.tags, m.children) for m in fs
+    }
+    assert used == storage.usage(reg.storage).bytes  # nothing unreferenced yet: the two agree

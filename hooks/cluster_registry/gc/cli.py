@@ -67,7 +67,8 @@ def _observe(gauges: object | None, rep: Report) -> None:
 @click.option("--registry-url", default="http://127.0.0.1:5000", show_default=True, help="The registry API (the gate).")
 @click.option("--registry-credentials-file", type=click.Path(dir_okay=False), help="YAML/JSON {username, password} for deletes.")
 @click.option("--registry-host", "registry_hosts", multiple=True, help="How pods name the cluster registry (rewritten references); repeatable.")
-@click.option("--storage-root", required=True, type=click.Path(file_okay=False), help="The filesystem driver's rootdirectory.")
+@click.option("--storage-root", type=click.Path(file_okay=False),
+              help="The filesystem driver's rootdirectory (usage, inventory); without it both go through the API.")  # fmt: skip
 @click.option("--storage-size", default="100Gi", show_default=True, help="The registry volume's size.")
 @click.option("--threshold", default=0, show_default=True, type=click.IntRange(0, 100), help="Run only at or above this usage percent; 0 always runs.")
 @click.option("--grace", default="1h", show_default=True, help="Images copied within this period are kept.")
@@ -89,7 +90,7 @@ def gc(
     registry_url: str,
     registry_credentials_file: str | None,
     registry_hosts: tuple[str, ...],
-    storage_root: str,
+    storage_root: str | None,
     storage_size: str,
     threshold: int,
     grace: str,
@@ -107,7 +108,7 @@ def gc(
     """Garbage-collect the cluster registry."""
     opts = Options(
         registry_url=registry_url,
-        storage_root=os.path.abspath(storage_root),
+        storage_root=os.path.abspath(storage_root) if storage_root else None,
         storage_size=parse_quantity(storage_size),
         threshold=threshold,
         grace=parse_duration(grace),

@@ -82,7 +82,19 @@ class GCLock:
         self.lost = False
 
     # -- acquire / renew / release -------------------------------------------------------------------
-    def acquire(self) -> None:
+    def acquire(self, wait: float | None = None) -> None:
+        """Take the lock; while another run holds it, wait up to ``wait`` seconds (default: two
+        lease durations, enough for a dead run's lease to expire) before giving up."""
+        deadline = time.monotonic() + (2 * self.duration + 2 if wait is None else wait)
+        while True:
+            try:
+                return self._try_acquire()
+            except LockHeldError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+    def _try_acquire(self) -> None:
         started = time.monotonic()
         now = datetime.now(timezone.utc)
         try:

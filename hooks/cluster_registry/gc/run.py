@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 from kubernetes import client
 
-from cluster_registry.errors import ClusterRegistryError, TemporaryError
-from cluster_registry.gc import registry, storage, sweep
+from cluster_registry.errors import ClusterRegistryError, ConfigError, TemporaryError
+from cluster_registry.gc import apiinventory, registry, storage, sweep
 from cluster_registry.gc.cluster import ClusterView
 from cluster_registry.gc.lock import GCLock
 from cluster_registry.gc.select import Inputs, Manifest, Selection, select
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Options:
     registry_url: str
-    storage_root: str
+    storage_root: str | None  # the filesystem driver's root; None: inventory and usage through the API
     storage_size: int  # bytes
     threshold: int = 0  # percent
     grace: int = 3600  # seconds
@@ -80,8 +80,17 @@ class Report:
         return out
 
 
+def usage_bytes(opts: Options) -> int:
+    if opts.storage_root:
+        return storage.usage(opts.storage_root).bytes
+    return apiinventory.inventory(opts.registry_url, opts.credentials)[1]
+
+
 def gather(view: ClusterView, opts: Options, now: datetime) -> tuple[Inputs, list[Manifest]]:
-    manifests = storage.inventory(opts.storage_root)
+    if opts.storage_root:
+        manifests = storage.inventory(opts.storage_root)
+    else:
+        manifests = apiinventory.inventory(opts.registry_url, opts.credentials)[0]
     workloads = view.workloads()
     artifacts = view.artifacts()
     components = view.components()
@@ -114,12 +123,12 @@ def run_once(opts: Options, api: client.ApiClient) -> Report:
 
 
 def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
-    used = storage.usage(opts.storage_root)
-    dec = decide(used.bytes, opts.storage_size, opts.threshold)
-    rep.usageBytes, rep.usagePercent = used.bytes, dec.percent
+    used = usage_bytes(opts)
+    dec = decide(used, opts.storage_size, opts.threshold)
+    rep.usageBytes, rep.usagePercent = used, dec.percent
     if not dec.run:
         log.info("usage below the threshold; nothing to do", extra={"percent": round(dec.percent, 2)})
-        rep.usageBytesAfter = used.bytes
+        rep.usageBytesAfter = used
         return
     rep.ran = True
     view = ClusterView(api)
@@ -137,7 +146,7 @@ def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
             opts.say(f"would delete Artifact {a} ({a.source}): {why}")
         rep.manifestsDeleted = len(sel.delete_manifests)
         rep.artifactsDeleted = len(sel.delete_artifacts)
-        rep.usageBytesAfter = used.bytes
+        rep.usageBytesAfter = used
         return
 
     log.info("soft delete starting", extra={"manifests": len(sel.delete_manifests), "artifacts": len(sel.delete_artifacts)})
@@ -145,7 +154,7 @@ def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
     if opts.sweep:
         _window(opts, api, rep)
     else:
-        rep.usageBytesAfter = storage.usage(opts.storage_root).bytes
+        rep.usageBytesAfter = usage_bytes(opts)
 
 
 def _soft_delete(opts: Options, view: ClusterView, sel: Selection, rep: Report) -> None:
@@ -174,18 +183,20 @@ def _soft_delete(opts: Options, view: ClusterView, sel: Selection, rep: Report) 
 
 def _window(opts: Options, api: client.ApiClient, rep: Report) -> None:
     """The read-only window: take the lock, wait for every gate to drain, sweep, release."""
-    config = opts.registry_config or sweep.default_config(opts.storage_root)
+    if not opts.registry_config and not opts.storage_root:
+        raise ConfigError("the sweep needs --registry-config (the registry's own config) or --storage-root")
+    config = opts.registry_config or sweep.default_config(str(opts.storage_root))
     lock = GCLock(api, opts.namespace, opts.lock_name, duration=opts.lease_seconds)
     w0 = time.monotonic()
     lock.acquire()
     try:
         drained = lock.wait_drained(opts.drain_timeout)
         rep.gatesAcked, rep.drainSeconds = len(drained.acked), drained.seconds
-        before = storage.usage(opts.storage_root).bytes
+        before = usage_bytes(opts)
         res = sweep.run(config, binary=opts.registry_binary, keep_going=lock.safe)
         if not lock.safe():
             raise TemporaryError("the write lock lapsed during the sweep")
-        after = storage.usage(opts.storage_root).bytes
+        after = usage_bytes(opts)
         rep.blobsDeleted, rep.sweepSeconds = res.blobs_deleted, res.seconds
         rep.bytesFreed, rep.usageBytesAfter = max(0, before - after), after
     finally:
