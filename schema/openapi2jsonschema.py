@@ -2,7 +2,8 @@
 """Offline JSON schemas for kubeconform, from Kubernetes' OpenAPI (v2 swagger.json) and from CRDs.
 
 Layout (kubeconform `-schema-location 'DIR/{{ .Group }}/{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json'`):
-``DIR/<group>/<kind>_<version>.json``, ``<group>`` empty for the core group, ``<kind>`` lower case.
+``DIR/<group>/<kind>_<version>.json``, ``<kind>`` lower case; for the core group kubeconform's ``.Group``
+is the version itself, so core kinds live in ``DIR/v1/``.
 Every schema is self-contained (only the definitions it reaches are embedded) and strict: objects
 with declared properties get ``additionalProperties: false``, as kubeconform's ``-strict`` expects.
 
@@ -66,7 +67,7 @@ def _refs(node: Any, found: set[str]) -> None:
 
 
 def _write(out_dir: Path, group: str, kind: str, version: str, schema: dict[str, Any]) -> Path:
-    path = out_dir / group / f"{kind.lower()}_{version}.json"
+    path = out_dir / (group or version) / f"{kind.lower()}_{version}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(schema, indent=1, sort_keys=True) + "\n")
     return path
