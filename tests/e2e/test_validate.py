@@ -84,7 +84,7 @@ def test_every_problem_reported_at_once(cluster: Cluster, namespace: str, tmp_pa
     assert "the API server rejects the webhook match condition" in line and "matchConditions[0].expression" in line
     assert "Syntax error" in line or "compil" in line
     line = next(ln for ln in out.splitlines() if "[ha-nodes]" in ln)
-    assert line.startswith("ERROR") and "has 2 of 2" in line and "allowHighAvailabilityOnFewerNodes" in line
+    assert line.startswith("ERROR") and "2 of the 2 nodes with that label are." in line and "allowHighAvailabilityOnFewerNodes" in line
     assert out.strip().splitlines()[-1] == "validate: 4 problem(s), 0 warning(s): refusing this configuration"
     assert (tmp_path / "termination-log").read_text().strip().endswith("refusing this configuration")
     # The dry run created nothing.

@@ -92,7 +92,7 @@ CASES: list[tuple[str, dict[str, Any], C.Facts, list[tuple[str, C.Severity, tupl
                 C.Severity.ERROR,
                 (
                     "at least 3 schedulable, Ready system-pool nodes",
-                    "has 2 of 4",
+                    "2 of the 4 nodes with that label are",
                     "cordoned-0, down-0 not Ready or not schedulable",
                     "validation.allowHighAvailabilityOnFewerNodes",
                 ),
@@ -103,7 +103,7 @@ CASES: list[tuple[str, dict[str, Any], C.Facts, list[tuple[str, C.Severity, tupl
         "ha-one-node-override",
         vals(**{"validation.allowHighAvailabilityOnFewerNodes": True}, **HA_RWX),
         C.Facts(kubernetes_version=(1, 31), nodes=nodes(1), storage_classes=(AZFILE,)),
-        [("ha-nodes", C.Severity.WARNING, ("accepted: the override is set", "has 1 of 1"))],
+        [("ha-nodes", C.Severity.WARNING, ("accepted: the override is set", "1 of the 1 nodes"))],
     ),
     (
         "ha-off-one-node-fine",
@@ -122,7 +122,7 @@ CASES: list[tuple[str, dict[str, Any], C.Facts, list[tuple[str, C.Severity, tupl
         "custom-pool-label",
         vals(**{"systemPool.nodeLabel": "agentpool=sys"}, **HA_RWX),
         GOOD,  # the three nodes carry the AKS label, not agentpool=sys
-        [("ha-nodes", C.Severity.ERROR, ("label agentpool=sys", "has 0 of 0"))],
+        [("ha-nodes", C.Severity.ERROR, ("label agentpool=sys", "0 of the 0 nodes"))],
     ),
     (
         "named-class-missing",
@@ -372,3 +372,10 @@ def test_format_bytes() -> None:
 def test_known_provisioners(provisioner: str, modes: set[str] | None) -> None:
     got = C.access_modes(C.StorageClass("x", provisioner))
     assert (set(got) if got is not None else None) == modes
+
+
+def test_multi_line_api_server_message_is_indented() -> None:
+    p = C.Problem("match-condition", C.Severity.ERROR, "Syntax error\n | request.namespace ==\n | ....^", V.K_MATCH_CONDITION)
+    lines = p.render().splitlines()
+    assert lines[0] == "ERROR [match-condition] Syntax error"
+    assert lines[1:] == ["     | request.namespace ==", "     | ....^ (value: global.networkfunctionextension.webhook.pod.mutation.matchConditionExpression)"]

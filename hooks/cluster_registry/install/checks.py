@@ -72,7 +72,9 @@ class Problem:
     value: str = ""  # the value to change, relative to values.PREFIX ("" = none)
 
     def render(self) -> str:
-        text = f"{self.severity.value.upper()} [{self.check}] {self.message}"
+        """One line, or continuation lines indented (a multi-line message from the API server)."""
+        message = self.message.rstrip().replace("\n", "\n    ")
+        text = f"{self.severity.value.upper()} [{self.check}] {message}"
         if self.value:
             text += f" (value: {V.PREFIX}{self.value})"
         return text
@@ -217,7 +219,7 @@ def check_ha_nodes(v: V.Values, f: Facts) -> list[Problem]:
     detail = f" ({', '.join(not_usable)} not Ready or not schedulable)" if not_usable else ""
     message = (
         f"high availability needs at least {MIN_HA_NODES} schedulable, Ready system-pool nodes "
-        f"(label {v.system_pool_label}); the cluster has {len(usable)} of {len(pool)}{detail}. "
+        f"(label {v.system_pool_label}); {len(usable)} of the {len(pool)} nodes with that label are{detail}. "
         f"Set {which} to false, add system-pool nodes, or set {V.K_HA_ALLOW_FEWER_NODES} to true "
         "to accept the risk"
     )
