@@ -8,6 +8,7 @@ Value combinations that `_validate.tpl` rejects are also checked through a real 
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
@@ -145,6 +146,9 @@ def test_upgrade_that_changes_storage(cluster: Cluster, namespace: str, tmp_path
 
 
 def test_helm_install_refuses_early_loading_without_the_registry(cluster: Cluster, namespace: str) -> None:
+    git_version = json.loads(cluster.kubectl("get", "--raw", "/version"))["gitVersion"]
+    if git_version.startswith("v0.0.0"):
+        pytest.skip(f"the local apiserver reports gitVersion {git_version}: helm refuses the chart's kubeVersion (ci/localcluster build flags)")
     with pytest.raises(CommandError) as err:
         cluster.helm(
             "install", "bad", str(CHART), "--namespace", namespace,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from kubernetes.client import ApiException
 
@@ -16,6 +17,8 @@ from cluster_registry.install import validate as VA
 def test_parse_version() -> None:
     assert VA.parse_version("1", "29+") == (1, 29)
     assert VA.parse_version("1", "31") == (1, 31)
+    with pytest.raises(ValueError):
+        VA.parse_version("", "")
 
 
 def test_node_fact() -> None:

@@ -47,7 +47,7 @@ TOLERATED_TAINTS = {"CriticalAddonsOnly"}  # AKS system pools; the chart tolerat
 
 
 def parse_version(major: str, minor: str) -> tuple[int, int]:
-    """``('1', '29+')`` -> ``(1, 29)`` (managed clusters append ``+``)."""
+    """``('1', '29+')`` -> ``(1, 29)`` (managed clusters append ``+``); ValueError when empty."""
     return int(re.sub(r"\D", "", major)), int(re.sub(r"\D", "", minor))
 
 
@@ -149,7 +149,13 @@ def gather(
     """
     unavailable: list[str] = []
     version_info = client.VersionApi(api).get_code()  # the reachability probe: let it raise
-    version = parse_version(version_info.major, version_info.minor)
+    version: tuple[int, int] | None = None
+    try:
+        version = parse_version(version_info.major, version_info.minor)
+    except (TypeError, ValueError):
+        unavailable.append(
+            f"cannot tell the Kubernetes version (major {version_info.major!r}, minor {version_info.minor!r}): not checked"
+        )
     core, storage = client.CoreV1Api(api), client.StorageV1Api(api)
     nodes: tuple[C.Node, ...] | None = None
     classes: tuple[C.StorageClass, ...] | None = None
