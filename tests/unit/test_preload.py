@@ -155,3 +155,65 @@ def test_dry_run_lists_images_without_a_cluster(tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "cannot preload" in bad.output
     usage = CliRunner().invoke(cli, ["preload", "--image", "a", "--timeout", "soon", "--dry-run"])
     assert usage.exit_code == 2
+
+
+class FakeCustom:
+    """Enough of CustomObjectsApi for Artifact creation: create (409 when present), get, patch."""
+
+    def __init__(self, existing: dict[tuple[str, str], dict[str, Any]] | None = None) -> None:
+        self.objects = dict(existing or {})
+        self.patches: list[dict[str, Any]] = []
+
+    def create_namespaced_custom_object(self, group: str, version: str, ns: str, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+        from kubernetes.client import ApiException
+
+        key = (ns, body["metadata"]["name"])
+        if key in self.objects:
+            raise ApiException(status=409, reason="Conflict")
+        self.objects[key] = body
+        return body
+
+    def get_namespaced_custom_object(self, group: str, version: str, ns: str, plural: str, name: str) -> dict[str, Any]:
+        return self.objects[(ns, name)]
+
+    def patch_namespaced_custom_object(self, group: str, version: str, ns: str, plural: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.patches.append(patch)
+        obj = self.objects[(ns, name)]
+        obj["metadata"].setdefault("labels", {}).update(patch.get("metadata", {}).get("labels", {}))
+        obj["spec"].update(patch.get("spec", {}))
+        return obj
+
+
+def test_component_images_and_artifacts_owned_by_the_component() -> None:
+    component = {
+        "metadata": {"name": "cnf", "namespace": "ops", "uid": "u-1"},
+        "spec": {"images": ["nginx:1.25"]},
+        "status": {"images": [{"sourceArtifact": "ghcr.io/org/side:1", "phase": "Pending"}]},
+    }
+    fake = FakeCustom({("ops", "cnf"): component})
+    images, obj = PL.component_images(fake, "ops", "cnf")
+    assert images == ["nginx:1.25", "ghcr.io/org/side:1"]
+    wanted = PL.normalise([(i, "ops", "component ops/cnf") for i in images])
+    PL._ensure_all(fake, wanted, {("ops", "cnf"): obj}, "cnf", ("secret",))
+    art = fake.objects[("ops", reference.artifact_name("docker.io/library/nginx:1.25"))]
+    assert art["spec"] == {"sourceArtifact": "docker.io/library/nginx:1.25"}  # pull secrets are the release namespace's
+    assert art["metadata"]["labels"] == {
+        "app.kubernetes.io/managed-by": "cluster-registry",
+        "clusterregistry.io/loaded-by": "preload",
+        "clusterregistry.io/component": "cnf",
+    }
+    assert art["metadata"]["ownerReferences"] == [
+        {"apiVersion": "clusterregistry.io/v1alpha1", "kind": "Component", "name": "cnf", "uid": "u-1"}
+    ]
+
+
+def test_existing_artifact_is_kept_and_gains_label_and_pull_secret() -> None:
+    name = reference.artifact_name("docker.io/library/nginx:1.25")
+    existing = {"metadata": {"name": name, "namespace": "cnf", "labels": {"x": "y"}}, "spec": {"sourceArtifact": "docker.io/library/nginx:1.25", "pullSecrets": ["a"]}}
+    fake = FakeCustom({("cnf", name): existing})
+    PL._ensure_all(fake, PL.normalise([("nginx:1.25", "cnf", "--image")]), {}, "cnf", ("b",))
+    assert fake.patches == [
+        {"metadata": {"labels": {"app.kubernetes.io/managed-by": "cluster-registry", "clusterregistry.io/loaded-by": "preload"}}, "spec": {"pullSecrets": ["a", "b"]}}
+    ]
+    PL._ensure_all(fake, PL.normalise([("nginx:1.25", "cnf", "--image")]), {}, "cnf", ("b",))
+    assert len(fake.patches) == 1  # nothing left to change: no second patch
