@@ -15,16 +15,20 @@ Usage: .venv/bin/python bench/gc.py [--sizes 100,1000,5000]
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import os
-import secrets
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
+
+# bench/ holds copy.py, which would shadow the standard library's copy module: drop the script's folder.
+sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0]) and not p.endswith("/bench")]
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import secrets  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -149,8 +153,9 @@ def run_size(cluster: Cluster, images: int, namespace: str, workdir: Path) -> di
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="100,1000,5000")
+    ap.add_argument("--kubeconfig", help="use this API server as is (default: the local cluster, started if needed)")
     args = ap.parse_args()
-    cluster = ensure_up()
+    cluster = Cluster(Path(args.kubeconfig), "", "", "", "") if args.kubeconfig else ensure_up()
     namespace = f"bench-gc-{secrets.token_hex(3)}"
     cluster.kubectl("create", "namespace", namespace)
     results = []

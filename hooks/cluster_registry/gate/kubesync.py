@@ -117,6 +117,14 @@ class Heartbeat(threading.Thread):
         return client.V1Lease(metadata=meta, spec=spec)
 
     def beat(self) -> None:
+        try:
+            self._beat()
+        except ApiException as err:
+            if err.status != 409:
+                raise
+            self._beat()  # written meanwhile (a stale read): read again and retry at once
+
+    def _beat(self) -> None:
         started = time.monotonic()
         ack = self.state.ack_wanted()
         try:
