@@ -123,9 +123,11 @@ def dry_run_webhook(expression: str, name: str) -> dict[str, Any]:
     }
 
 
-def _plain(api: client.ApiClient, obj: object) -> dict[str, Any]:
-    """A client model as the plain JSON-shaped dict the API server sent."""
-    out: dict[str, Any] = api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
+def _raw(call: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Call a client method and return the API server's JSON as is (no model deserialisation)."""
+    resp = call(*args, _preload_content=False, **kwargs)
+    out = json.loads(resp.data)
+    assert isinstance(out, dict)
     return out
 
 
@@ -166,13 +168,13 @@ def gather(
         key, _, want = values.system_pool_label.partition("=")
         selector = f"{key}={want}" if want else key
         try:
-            items = _plain(api, core.list_node(label_selector=selector)).get("items", [])
+            items = _raw(core.list_node, label_selector=selector).get("items", [])
             nodes = tuple(node_fact(n) for n in items)
         except ApiException as err:
             unavailable.append(f"cannot list nodes ({api_error_message(err)}): HA node count not checked")
     if values.enable_cluster_registry:
         try:
-            items = _plain(api, storage.list_storage_class()).get("items", [])
+            items = _raw(storage.list_storage_class).get("items", [])
             classes = tuple(storage_class_fact(s) for s in items)
         except ApiException as err:
             unavailable.append(f"cannot list storage classes ({api_error_message(err)}): storage not checked")
@@ -216,15 +218,15 @@ def _find_volume(
         return None
     if pvc_name:
         try:
-            return volume_fact(_plain(api, core.read_namespaced_persistent_volume_claim(pvc_name, namespace)))
+            return volume_fact(_raw(core.read_namespaced_persistent_volume_claim, pvc_name, namespace))
         except ApiException as err:
             if err.status == 404:
                 return None
             raise
     if not release:
         return None
-    items = _plain(api, 
-        core.list_namespaced_persistent_volume_claim(namespace, label_selector=f"app.kubernetes.io/instance={release}")
+    items = _raw(
+        core.list_namespaced_persistent_volume_claim, namespace, label_selector=f"app.kubernetes.io/instance={release}"
     ).get("items", [])
     registry = [p for p in items if (p["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "registry"]
     chosen = registry or items
