@@ -45,7 +45,4 @@ Every value combination the schema cannot express is rejected here, in one place
 {{- if and (not $v.enableClusterRegistry) $v.webhook.url -}}
 {{- fail (printf "%s.webhook.url is set but %s.enableClusterRegistry=false deploys no webhook configuration" $p $p) -}}
 {{- end -}}
-{{- if and (ne $r.storage.driver "filesystem") $r.clusterRegistryGCCadence -}}
-{{- fail (printf "%s.clusterRegistry.clusterRegistryGCCadence needs storage.driver=filesystem: GC measures usage and sweeps on the registry volume; set clusterRegistryGCCadence: \"\" with %s storage" $p $r.storage.driver) -}}
-{{- end -}}
 {{- end -}}

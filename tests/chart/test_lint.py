@@ -18,13 +18,14 @@ LOCATION = "{{ .Group }}/{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json"
 
 
 def pinned_kubernetes() -> str:
-    match = re.search(r"^K8S=(v[0-9.]+)", (ROOT / "ci" / "toolchain").read_text(), re.M)
-    assert match, "ci/toolchain pins K8S"
+    """The k8s.io/kubernetes version ci/toolchain builds the control plane from (ci/k8s/go.mod)."""
+    match = re.search(r"^(?:require)?\s*k8s\.io/kubernetes (v[0-9.]+)", (ROOT / "ci" / "k8s" / "go.mod").read_text(), re.M)
+    assert match, "ci/k8s/go.mod requires k8s.io/kubernetes"
     return match.group(1)
 
 
 def swagger() -> Path:
-    """The OpenAPI of the pinned Kubernetes module (downloaded by ci/toolchain's Go build)."""
+    """The OpenAPI of the pinned Kubernetes module (in the Go module cache since ci/toolchain built it)."""
     version = pinned_kubernetes()
     roots = []
     if shutil.which("go"):

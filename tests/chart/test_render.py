@@ -533,7 +533,7 @@ def test_distribution_config() -> None:
     assert gate["args"][:5] == ["gate", "--listen", "0.0.0.0:5000", "--upstream", "http://127.0.0.1:5001"]
     assert gate["ports"] == [{"name": "registry", "containerPort": 5000, "protocol": "TCP"}]
     assert "checksum/config" in dep["spec"]["template"]["metadata"]["annotations"]
-    changed = deployment(render("clusterRegistry.storage.driver=s3", "clusterRegistry.storage.s3.bucket=b", "clusterRegistry.clusterRegistryGCCadence=",
+    changed = deployment(render("clusterRegistry.storage.driver=s3", "clusterRegistry.storage.s3.bucket=b",
                                 "clusterRegistry.storage.s3.region=r", "clusterRegistry.storage.s3.secretName=keys"), "registry")
     assert changed["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
 
@@ -541,16 +541,19 @@ def test_distribution_config() -> None:
 def test_object_storage_has_no_pvc_and_takes_keys_from_a_secret() -> None:
     docs = render(files=("chart/ci/object-storage-values.yaml",))
     assert not all_of(docs, "PersistentVolumeClaim")
-    assert not [d for d in docs if d["metadata"]["name"].endswith("-gc")], "GC sweeps a volume: none with object storage"
     config = yaml.safe_load(find(docs, "ConfigMap", "-registry")["data"]["config.yml"])
     assert config["storage"]["s3"]["bucket"] == "cluster-registry" and "filesystem" not in config["storage"]
-    dep = deployment(docs, "registry")
-    env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in containers(dep)[0]["env"]}
-    assert env["REGISTRY_STORAGE_S3_SECRETKEY"] == {"name": "registry-s3", "key": "secretkey"}
-    assert env["REGISTRY_STORAGE_S3_ACCESSKEY"] == {"name": "registry-s3", "key": "accesskey"}
-    assert "data" not in {v["name"] for v in pod_spec(dep)["volumes"]}
-    assert "needs storage.driver=filesystem" in render_error(
-        "clusterRegistry.storage.driver=s3", "clusterRegistry.storage.s3.bucket=b", "clusterRegistry.storage.s3.region=r")
+    assert config["storage"]["redirect"] == {"disable": True}, "clients pull through the gate, never from the bucket"
+    gc = find(docs, "CronJob", "-gc")
+    for doc in (deployment(docs, "registry"), gc):
+        c = containers(doc)[0]
+        env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in c.get("env", [])}
+        assert env["REGISTRY_STORAGE_S3_SECRETKEY"] == {"name": "registry-s3", "key": "secretkey"}
+        assert env["REGISTRY_STORAGE_S3_ACCESSKEY"] == {"name": "registry-s3", "key": "accesskey"}
+        assert "data" not in {v["name"] for v in pod_spec(doc)["volumes"]}
+    args = containers(gc)[0]["args"]
+    assert "--storage-root" not in args, "usage and inventory through the registry API"
+    assert args[args.index("--registry-config") + 1] == "/etc/distribution/config.yml", "the sweep uses the s3 driver config"
 
 
 def test_images_are_configurable_by_repository_tag_and_digest() -> None:
