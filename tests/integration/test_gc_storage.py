@@ -111,3 +111,28 @@ def test_api_inventory_agrees_with_the_filesystem_on_tagged_images(reg: Registry
         (m.repository, m.digest, m.tags, m.children) for m in fs
     }
     assert used == storage.usage(reg.storage).bytes  # nothing unreferenced yet: the two agree
+
+
+def test_signatures_and_referrers_stay_with_their_image_and_go_with_it(reg: Registry) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from cluster_registry.gc.select import Workload
+    from tests.support.ociimages import push_referrer, push_signature
+
+    p = Pusher(reg.host)
+    repo = "h.example.com/signed"
+    kept = push_image(p, repo, "v1", layers=[100], seed=40)
+    gone = push_image(p, repo, "v0", layers=[100], seed=41)
+    attached = {
+        "kept": {push_signature(p, repo, kept.digest).digest, push_referrer(p, repo, kept).digest},
+        "gone": {push_signature(p, repo, gone.digest, suffix="att").digest, push_referrer(p, repo, gone).digest},
+    }
+    inv = storage.inventory(reg.storage)
+    assert any(m.subject == kept.digest for m in inv), "the OCI 1.1 subject is read from the manifest"
+    later = datetime.now(timezone.utc) + timedelta(days=1)  # everything is past the grace period
+    sel = select(Inputs(tuple(inv), (), (Workload("Pod", "ns", "p", "u", (f"{repo}:v1",)),), (), frozenset({"u"}),
+                        later, timedelta(hours=1)))  # fmt: skip
+    doomed = {m.digest for m in sel.delete_manifests}
+    assert attached["kept"].isdisjoint(doomed) and kept.digest not in doomed
+    fallback = {m.digest for m in inv if f"sha256-{gone.digest[7:]}" in m.tags}
+    assert doomed == {gone.digest} | attached["gone"] | fallback

@@ -170,3 +170,14 @@ def test_bad_references_are_ignored() -> None:
     # A bare image ID parses as some Docker Hub name; it simply matches nothing.
     assert run([img(REPO, 1, "1.0")], workloads=[wl("Pod", "p", "sha256:" + "a" * 64)])[0] == {d(1)}
     assert targets("UPPER CASE", frozenset()) == []
+
+
+def test_attached_artifacts_follow_their_subject() -> None:
+    image = img(REPO, 1, "1.0")
+    gone = img(REPO, 2, "0.9")
+    sig = img(REPO, 3, f"sha256-{d(1)[7:]}.sig")  # cosign signature of the kept image
+    att = img(REPO, 4, f"sha256-{d(2)[7:]}.att")  # attestation of the deleted one
+    referrer = Manifest(REPO, d(5), MANIFEST, frozenset(), (), OLD, subject=d(1))  # OCI 1.1 referrer, untagged
+    referrer_gone = Manifest(REPO, d(6), MANIFEST, frozenset(), (), OLD, subject=d(2))
+    deleted, _ = run([image, gone, sig, att, referrer, referrer_gone], workloads=[wl("Pod", "p", SRC)])
+    assert deleted == {d(2), d(4), d(6)}

@@ -59,7 +59,7 @@ async def _inventory(base: str, auth: BasicAuth | None, concurrency: int) -> tup
             body = await resp.read()
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         doc = json.loads(body)
-        entry = manifests.setdefault((repo, digest), {"media_type": "", "tags": set(), "children": ()})
+        entry = manifests.setdefault((repo, digest), {"media_type": "", "tags": set(), "children": (), "subject": None})
         if tag:
             entry["tags"].add(tag)
         if entry["media_type"]:
@@ -68,6 +68,8 @@ async def _inventory(base: str, auth: BasicAuth | None, concurrency: int) -> tup
         sizes[digest] = len(body)
         children = [str(c["digest"]) for c in doc.get("manifests") or []]
         entry["children"] = tuple(children)
+        subject = doc.get("subject")
+        entry["subject"] = str(subject["digest"]) if isinstance(subject, dict) and subject.get("digest") else None
         for blob in ([doc["config"]] if "config" in doc else []) + list(doc.get("layers") or []):
             sizes[str(blob["digest"])] = int(blob.get("size") or 0)
         await asyncio.gather(*(fetch(session, repo, c, None) for c in children))
@@ -78,7 +80,7 @@ async def _inventory(base: str, auth: BasicAuth | None, concurrency: int) -> tup
             tags = await _paged(session, f"{base}/v2/{repo}/tags/list?n=1000", "tags")
             await asyncio.gather(*(fetch(session, repo, t, t) for t in tags))
     out = [
-        Manifest(repo, digest, e["media_type"], frozenset(e["tags"]), e["children"], None)
+        Manifest(repo, digest, e["media_type"], frozenset(e["tags"]), e["children"], None, e["subject"])
         for (repo, digest), e in sorted(manifests.items())
     ]
     return out, sizes

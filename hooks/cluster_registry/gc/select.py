@@ -19,6 +19,9 @@ A manifest (one repository, one digest) is **kept** when any of these holds:
 - ``grace``: an Artifact for it was synced (``status.lastSyncTime``; creation time while it has
   never synced) within the grace period, or the registry received it within the grace period.
 - ``index``: it is a platform manifest of a kept index in the same repository.
+- ``attached``: it is attached to a kept manifest in the same repository: an OCI 1.1 referrer
+  (``subject``), or a cosign-style ``sha256-<hex>.sig|.att|.sbom`` / referrers-fallback
+  ``sha256-<hex>`` tag. Attached artifacts go when their subject goes.
 
 Every other manifest is deleted: indexes before their children so no index ever names a missing
 manifest. An Artifact is deleted when nothing keeps it and its image is deleted in this run or is not
@@ -27,6 +30,7 @@ in the registry at all.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -44,6 +48,7 @@ INDEX_TYPES = frozenset(
     {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
 )
 _IMAGE_ID_PREFIXES = ("docker-pullable://", "docker://")
+_ATTACHED_TAG = re.compile(r"sha256-([0-9a-f]{64})(?:\.[A-Za-z0-9_.-]+)?")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class Manifest:
     tags: frozenset[str] = frozenset()
     children: tuple[str, ...] = ()  # an index's platform manifests (digests)
     pushed_at: datetime | None = None  # when the registry last received it (revision link mtime)
+    subject: str | None = None  # OCI 1.1: the manifest this one is attached to
 
     @property
     def key(self) -> tuple[str, str]:
@@ -170,14 +176,26 @@ def targets(image: str, local_hosts: frozenset[str]) -> list[Target]:
     return out
 
 
+def subjects(m: Manifest) -> set[str]:
+    """The digests ``m`` is attached to (its OCI ``subject``, or a cosign-style tag's digest)."""
+    out = {m.subject} if m.subject else set()
+    for t in m.tags:
+        if mt := _ATTACHED_TAG.fullmatch(t):
+            out.add(f"sha256:{mt.group(1)}")
+    return out
+
+
 class _Index:
     def __init__(self, manifests: Iterable[Manifest]) -> None:
         self.by_key: dict[tuple[str, str], Manifest] = {}
         self.tags: dict[tuple[str, str], str] = {}
+        self.attached: defaultdict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
         for m in manifests:
             self.by_key[m.key] = m
             for t in m.tags:
                 self.tags[(m.repository, t)] = m.digest
+            for subject in subjects(m):
+                self.attached[(m.repository, subject)].append(m.key)
 
     def resolve(self, target: Target) -> list[tuple[str, str]]:
         repo, tag, digest = target
@@ -252,14 +270,15 @@ def select(inputs: Inputs) -> Selection:
         if _recent(m.pushed_at, inputs):
             keep[m.key].append(f"grace: pushed {m.pushed_at:%Y-%m-%dT%H:%M:%SZ}")
 
-    # A kept index keeps its platform manifests (children of children too, for nested indexes).
-    stack = [k for k in keep if k in idx.by_key]
+    # A kept index keeps its platform manifests (children of children too, for nested indexes), and
+    # a kept manifest keeps what is attached to it (signatures, attestations, SBOMs, referrers).
+    stack = [k for k in keep if k in idx.by_key and keep[k]]
     while stack:
         parent = idx.by_key[stack.pop()]
-        for child in parent.children:
-            key = (parent.repository, child)
+        linked = [((parent.repository, c), f"index {parent.digest[:19]}") for c in parent.children]
+        linked += [(k, f"attached to {parent.digest[:19]}") for k in idx.attached.get(parent.key, ())]
+        for key, why in linked:
             if key in idx.by_key:
-                why = f"index {parent.digest[:19]}"
                 if not keep[key]:
                     stack.append(key)
                 if why not in keep[key]:

@@ -97,6 +97,11 @@ def read_manifest(storage_root: str | Path, digest: str) -> dict[str, Any] | Non
     return data if isinstance(data, dict) else None
 
 
+def _subject(body: dict[str, Any]) -> str | None:
+    subject = body.get("subject")
+    return str(subject["digest"]) if isinstance(subject, dict) and subject.get("digest") else None
+
+
 def inventory(storage_root: str | Path) -> list[Manifest]:
     """Every manifest of every repository, with its tags, media type, children and push time."""
     out: list[Manifest] = []
@@ -129,6 +134,7 @@ def inventory(storage_root: str | Path) -> list[Manifest]:
                         tags=frozenset(tags.get(digest, ())),
                         children=children,
                         pushed_at=datetime.fromtimestamp(mtime, timezone.utc),
+                        subject=_subject(body),
                     )
                 )
     return out
