@@ -1,0 +1,130 @@
+"""`helm install --wait` of chart/ into the local cluster: hooks run, every pod is Running on a kwok
+node, the HA Deployments spread over the 3 system nodes, and an upgrade keeps the HPA's replica count.
+
+The webhook is installed in-cluster (Deployment, Service, certs hooks) but scoped by its
+matchConditions to a namespace that never exists, so the API server never calls the simulated pods
+while other tests create pods (kwok pod IPs are unroutable on purpose).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.cluster import Cluster, CommandError, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "chart"
+NEVER = "request.namespace == 'cluster-registry-e2e-no-such-namespace'"
+CRDS = ("artifacts.clusterregistry.io", "components.clusterregistry.io")
+
+
+def adopt_crds(cluster: Cluster, release: str, namespace: str) -> None:
+    """Other e2e tests `kubectl apply` the chart's CRDs; let this release take them over (as Helm allows)."""
+    for crd in CRDS:
+        if cluster.kubectl("get", "crd", crd, "--ignore-not-found", "-o", "name").strip():
+            cluster.kubectl("label", "crd", crd, "--overwrite", "app.kubernetes.io/managed-by=Helm")
+            cluster.kubectl("annotate", "crd", crd, "--overwrite",
+                            f"meta.helm.sh/release-name={release}", f"meta.helm.sh/release-namespace={namespace}")
+
+
+@pytest.fixture
+def release(cluster: Cluster, namespace: str) -> Iterator[str]:
+    name = f"cr-{secrets.token_hex(3)}"
+    yield name
+    cluster.helm("uninstall", name, "-n", namespace, "--wait", "--timeout", "120s", check=False)
+
+
+def pods(cluster: Cluster, namespace: str, component: str) -> list[dict[str, Any]]:
+    items = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/component={component}")["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def ready(pod: dict[str, Any]) -> bool:
+    conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
+    return pod["status"].get("phase") == "Running" and conditions.get("Ready") == "True"
+
+
+def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Cluster, namespace: str, release: str,
+                                                                   tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"global": {"networkfunctionextension": {
+        "webhook": {"pod": {"mutation": {"matchConditionExpression": NEVER}}},
+        "clusterRegistry": {"storageSize": "1Gi"},
+    }}}))
+    adopt_crds(cluster, release, namespace)
+    cluster.helm("install", release, str(CHART), "-n", namespace, "-f", str(values),
+                 "--wait", "--wait-for-jobs", "--timeout", "300s", timeout=420)
+
+    status = json.loads(cluster.helm("status", release, "-n", namespace, "-o", "json"))
+    assert status["info"]["status"] == "deployed"
+    hooks = {h["name"].removeprefix(f"{release}-cluster-registry-"): h for h in status.get("hooks", [])}
+    for job in ("validate", "registry-secret", "certs-issue", "certs-cabundle"):
+        assert hooks[job]["last_run"]["phase"] == "Succeeded", (job, hooks[job]["last_run"])
+    # Hook RBAC is gone after the hooks succeeded; no hook Job is left behind.
+    assert not cluster.kubectl("get", "serviceaccount", "-n", namespace, "-l", "app.kubernetes.io/component=hooks",
+                               "-o", "name").strip()
+    assert not cluster.kubectl("get", "jobs", "-n", namespace, "-l", f"app.kubernetes.io/instance={release}", "-o", "name").strip()
+
+    nodes = {n["metadata"]["name"]: n["metadata"]["labels"] for n in cluster.kubectl_json("get", "nodes")["items"]}
+    system = {name for name, labels in nodes.items() if labels.get("kubernetes.azure.com/mode") == "system"}
+    assert len(system) == 3
+
+    # The HPAs (min 3) scale the registry and webhook up from the Deployment's initial replica.
+    for component in ("registry", "webhook"):
+        spread = wait_for(
+            lambda c=component: (lambda ps: ps if len(ps) == 3 and all(map(ready, ps)) else None)(pods(cluster, namespace, c)),
+            timeout=180, interval=2, what=f"3 Ready {component} pods",
+        )
+        placed = {p["spec"]["nodeName"] for p in spread}
+        assert placed == system, f"{component} pods on {placed}, want one on each system node {system}"
+        assert all(nodes[p["spec"]["nodeName"]]["type"] == "kwok" for p in spread)
+    for component in ("artifact-reconciler", "component-reconciler"):
+        (pod,) = wait_for(lambda c=component: [p for p in pods(cluster, namespace, c) if ready(p)], timeout=120,
+                          what=f"{component} Ready")
+        assert pod["spec"]["nodeName"] in system
+
+    pvc = cluster.kubectl_json("get", "pvc", "-n", namespace, f"{release}-cluster-registry-registry")
+    assert pvc["status"]["phase"] == "Bound" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    for kind, name in (("pdb", "registry"), ("pdb", "webhook"), ("hpa", "registry"), ("hpa", "webhook"),
+                       ("cronjob", "gc"), ("cronjob", "certs"), ("service", "registry"), ("service", "webhook")):
+        cluster.kubectl("get", kind, "-n", namespace, f"{release}-cluster-registry-{name}")
+    webhook = cluster.kubectl_json("get", "mutatingwebhookconfiguration", f"{release}-cluster-registry-webhook")
+    assert webhook["webhooks"][0]["matchConditions"][0]["expression"] == NEVER
+    assert webhook["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["kube-system", namespace]
+    printed = cluster.kubectl("get", "crd", "artifacts.clusterregistry.io", "-o",
+                              "jsonpath={.spec.versions[0].additionalPrinterColumns[*].name}")
+    assert printed.split()[:5] == ["Source", "Phase", "Digest", "Size", "Local"]
+
+    # An Artifact the API server accepts under the installed CRD, listed by its source.
+    cluster.apply({"apiVersion": "clusterregistry.io/v1alpha1", "kind": "Artifact",
+                   "metadata": {"name": "e2e-chart-nginx", "namespace": namespace},
+                   "spec": {"sourceArtifact": "docker.io/library/nginx:latest"}})
+    sources = cluster.kubectl("get", "artifacts", "-n", namespace, "-o", "jsonpath={range .items[*]}{.spec.sourceArtifact}{end}")
+    assert sources == "docker.io/library/nginx:latest"
+    with pytest.raises(CommandError, match="sourceArtifact"):
+        cluster.apply({"apiVersion": "clusterregistry.io/v1alpha1", "kind": "Artifact",
+                       "metadata": {"name": "e2e-chart-bad", "namespace": namespace}, "spec": {"pullSecrets": []}})
+
+    # Upgrade: pre-upgrade hooks re-run, the registry rolls to the new size, and the HPA keeps 3.
+    cluster.helm("upgrade", release, str(CHART), "-n", namespace, "-f", str(values),
+                 "--set", "global.networkfunctionextension.clusterRegistry.registryService.scale=small",
+                 "--wait", "--timeout", "300s", timeout=420)
+    deployment = cluster.kubectl_json("get", "deployment", "-n", namespace, f"{release}-cluster-registry-registry")
+    assert deployment["spec"]["replicas"] == 3, "an upgrade must not reset what the HPA scaled to"
+    registry = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert registry["resources"]["requests"] == {"cpu": "100m", "memory": "250Mi"}
+    wait_for(lambda: (lambda ps: len(ps) == 3 and all(map(ready, ps)) and all(
+        p["spec"]["containers"][0]["resources"]["requests"]["memory"] == "250Mi" for p in ps))(pods(cluster, namespace, "registry")),
+        timeout=180, interval=2, what="registry rolled to scale=small")
+
+    cluster.helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s")
+    for crd in CRDS:  # helm.sh/resource-policy: keep
+        assert cluster.kubectl("get", "crd", crd, "-o", "name").strip()
+    assert not cluster.kubectl("get", "clusterrole", "-o", "name", "-l", f"app.kubernetes.io/instance={release}").strip()
