@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,30 +38,17 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 
 from tests.support.ociimages import PLATFORMS, Image, Pusher, layer_chunks, push_image, push_index  # noqa: E402
-from tests.support.registry import Registry, start_registry  # noqa: E402
+from tests.support.registry import Registry, run_measured, start_registry  # noqa: E402
 
 MiB = 1 << 20
 
 
 def run(cmd: list[str], timeout: float = 1800) -> tuple[float, int, str]:
     """(wall seconds, peak RSS KiB, stdout) of one process; raises on failure."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    deadline = t0 + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            os.kill(proc.pid, signal.SIGKILL)
-            raise TimeoutError(cmd)
-        time.sleep(0.002)
-    wall = time.monotonic() - t0
-    assert proc.stdout is not None and proc.stderr is not None
-    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd[0]} failed: {err[-2000:]} {out[-500:]}")
-    return wall, usage.ru_maxrss, out
+    m = run_measured(cmd, timeout=timeout, cwd=ROOT)
+    if m.code != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {m.stderr[-2000:]} {m.stdout[-500:]}")
+    return m.wall, m.rss_kib, m.stdout
 
 
 def engine(src: str, dst: str) -> dict[str, Any]:
@@ -84,6 +70,13 @@ def crane(src: str, dst: str) -> dict[str, Any]:
     return {"wall": wall, "rss_mb": round(rss / 1024, 1)}
 
 
+async def chunks(data: bytes, size: int = MiB) -> Any:
+    """The in-memory blob as 1 MiB memoryview slices (one huge write is slow in asyncio)."""
+    view = memoryview(data)
+    for i in range(0, len(data), size):
+        yield view[i : i + size]
+
+
 async def ingest_ceiling(host: str, blobs: list[tuple[str, bytes]], parallel: int) -> float:
     """MB/s of POST+PUT uploads of ``blobs`` from memory, ``parallel`` at a time."""
     sem = asyncio.Semaphore(parallel)
@@ -96,8 +89,9 @@ async def ingest_ceiling(host: str, blobs: list[tuple[str, bytes]], parallel: in
                     loc = r.headers["Location"]
                 loc = loc if "://" in loc else f"http://{host}{loc}"
                 sep = "&" if "?" in loc else "?"
-                async with s.put(f"{loc}{sep}digest={digest}", data=data,
-                                 headers={"Content-Type": "application/octet-stream"}) as r:
+                async with s.put(f"{loc}{sep}digest={digest}", data=chunks(data),
+                                 headers={"Content-Type": "application/octet-stream",
+                                          "Content-Length": str(len(data))}) as r:
                     assert r.status == 201, (r.status, await r.text())
 
         t0 = time.monotonic()
@@ -128,7 +122,11 @@ def main() -> None:
         reg.stop()
         shutil.rmtree(reg.root, ignore_errors=True)
 
-    peers = [] if args.skip_peers else ["skopeo", "crane"]
+    peers = [] if args.skip_peers else [
+        p for p in ("skopeo", "crane") if shutil.which(p) or (ROOT / ".cache/bin" / p).exists()
+    ]
+    if not args.skip_peers and len(peers) < 2:
+        print(f"warning: only these peers are installed: {peers}", file=sys.stderr)
     figures: dict[str, Any] = {"tools": {}}
     try:
         src = registry("src")

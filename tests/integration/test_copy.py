@@ -247,3 +247,19 @@ def test_copy_command(src: Registry, dst: Registry) -> None:
     assert bad.returncode == 1
     err = json.loads(bad.stdout.strip().splitlines()[-1])
     assert err["reason"] == "NotFound" and err["temporary"] is False
+
+
+@pytest.mark.parametrize("refuse_mount", [False, True], ids=["mount-probe", "head-fallback"])
+async def test_existing_blobs_are_skipped(src: Registry, dst: Registry, refuse_mount: bool) -> None:
+    sp, dp = Pusher(src.host), Pusher(dst.host)
+    first = push_image(sp, "app", "a", layers=[(1000, 50_000), 60_000], seed=15)
+    second = push_image(sp, "app", "b", layers=[(1000, 50_000), 70_000], seed=16)
+    faults = [Fault("5xx", r"^POST /v2/app/blobs/uploads/\?.*mount=", times=-1, status=400)] if refuse_mount else []
+    with FaultProxy(dst.url, faults) as proxy:
+        await copy(f"{src.host}/app:a", f"{proxy.host}/app:a", src.host, proxy.host)
+        r = await copy(f"{src.host}/app:b", f"{proxy.host}/app:b", src.host, proxy.host)
+        heads = [e for e in proxy.log if e[0] == "HEAD" and "/blobs/" in e[1]]
+    assert (r.blobs_copied, r.blobs_skipped, r.blobs_mounted) == (2, 1, 0)
+    assert bool(heads) is refuse_mount  # HEAD only once the registry refused the mount probe
+    assert_copied(sp, dp, first, "app")
+    assert_copied(sp, dp, second, "app")

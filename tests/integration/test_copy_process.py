@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.ociimages import Pusher, assert_copied, push_image
-from tests.support.registry import registry_binary, run_registry
+from tests.support.registry import registry_binary, run_measured, run_registry
 
 pytestmark = pytest.mark.skipif(registry_binary() is None, reason="no registry binary (run ci/toolchain)")
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,22 +26,10 @@ def copy_cmd(src: str, dst: str) -> list[str]:
     return [sys.executable, "-m", "cluster_registry", "copy", src, dst, "--src-insecure", "--dest-insecure"]
 
 
-def run_measured(cmd: list[str], timeout: float = 600) -> tuple[int, str, int]:
-    """(exit code, stdout, peak RSS in KiB) of one child process (wait4 gives its own rusage)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            os.kill(proc.pid, signal.SIGKILL)
-            raise TimeoutError(cmd)
-        time.sleep(0.05)
-    assert proc.stdout is not None
-    out = proc.stdout.read().decode()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, out, usage.ru_maxrss
+def run_copy(cmd: list[str]) -> tuple[int, str, int]:
+    m = run_measured(cmd, timeout=600, cwd=ROOT)
+    assert m.code == 0, m.stdout + m.stderr[-2000:]
+    return m.code, m.stdout, m.rss_kib
 
 
 def test_killed_midway_then_resumed(tmp_path: Path) -> None:
@@ -62,7 +50,7 @@ def test_killed_midway_then_resumed(tmp_path: Path) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert dp.get_manifest("big/app", "1") is None, "a killed copy left a tag"
-        code, out, _ = run_measured(copy_cmd(f"{src.host}/big/app:1", f"{dst.host}/big/app:1"))
+        code, out, _ = run_copy(copy_cmd(f"{src.host}/big/app:1", f"{dst.host}/big/app:1"))
         assert code == 0, out
         summary = json.loads(out.strip().splitlines()[-1])
         assert summary["digest"] == img.digest
@@ -74,7 +62,7 @@ def test_large_blob_bounded_memory(tmp_path: Path) -> None:
     with run_registry(tmp_path / "src") as src, run_registry(tmp_path / "dst") as dst:
         sp, dp = Pusher(src.host), Pusher(dst.host)
         img = push_image(sp, "large", "1", layers=[LARGE], seed=41)
-        code, out, rss_kib = run_measured(copy_cmd(f"{src.host}/large:1", f"{dst.host}/large:1"))
+        code, out, rss_kib = run_copy(copy_cmd(f"{src.host}/large:1", f"{dst.host}/large:1"))
         assert code == 0, out
         summary = json.loads(out.strip().splitlines()[-1])
         assert summary["bytes_copied"] >= LARGE

@@ -319,3 +319,55 @@ def run_registry(root: Path, **kwargs: Any) -> Iterator[Registry]:
         yield reg
     finally:
         reg.stop()
+
+
+@dataclass
+class Measured:
+    code: int
+    stdout: str
+    stderr: str
+    wall: float
+    rss_kib: int  # peak resident set of the command itself
+
+
+def run_measured(cmd: list[str], *, timeout: float = 1800, cwd: Path | None = None,
+                 env: dict[str, str] | None = None) -> Measured:
+    """Run ``cmd``; its exit code, output, wall time and peak RSS.
+
+    ``wait4``'s ``ru_maxrss`` would count the forking (large) parent's pages, so the peak comes from
+    GNU ``/usr/bin/time -f %M`` (a small parent), else from polling ``VmHWM`` in /proc.
+    """
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
+        gnu_time = Path("/usr/bin/time")
+        full = [str(gnu_time), "-f", "%M", "-o", rss_file.name, *cmd] if gnu_time.exists() else cmd
+        t0 = time.monotonic()
+        proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env)
+        hwm = 0
+        out: list[bytes] = []
+        err: list[bytes] = []
+        readers = [
+            threading.Thread(target=lambda: out.append(proc.stdout.read() if proc.stdout else b""), daemon=True),
+            threading.Thread(target=lambda: err.append(proc.stderr.read() if proc.stderr else b""), daemon=True),
+        ]
+        for r in readers:
+            r.start()
+        while proc.poll() is None:
+            if time.monotonic() - t0 > timeout:
+                os.kill(proc.pid, 9)
+                proc.wait()
+                raise TimeoutError(cmd)
+            if not gnu_time.exists():
+                with contextlib.suppress(OSError):
+                    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            hwm = max(hwm, int(line.split()[1]))
+            time.sleep(0.01)
+        wall = time.monotonic() - t0
+        for r in readers:
+            r.join()
+        if gnu_time.exists():
+            lines = [ln for ln in rss_file.read().split("\n") if ln.strip().isdigit()]
+            hwm = int(lines[-1]) if lines else 0
+    return Measured(proc.returncode, b"".join(out).decode(), b"".join(err).decode(), wall, hwm)

@@ -41,7 +41,7 @@ def _credentials(username: str | None, password: str | None, authfile: str | Non
 @click.option("--dest-password", help="Destination registry password (prefer the environment variable).")
 @click.option("--dest-authfile", type=click.Path(dir_okay=False), help="Docker config JSON for the destination.")
 @click.option("--ca-bundle", type=click.Path(dir_okay=False), help="Extra CA certificates (PEM) to trust.")
-@click.option("--concurrency", type=click.IntRange(1, 64), default=8, show_default=True, help="Blobs in flight.")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=16, show_default=True, help="Blobs in flight.")
 @click.option("--retries", type=click.IntRange(0, 20), default=4, show_default=True, help="Retries per request.")
 @click.option("--attached/--no-attached", default=True, show_default=True, help="Copy signatures and referrers.")
 def copy(

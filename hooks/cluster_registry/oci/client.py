@@ -58,7 +58,7 @@ class RegistryOptions:
     insecure_hosts: frozenset[str] = frozenset()
     ca_bundle: str | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    connections_per_host: int = 16
+    connections_per_host: int = 32
     chunk_size: int = 1 << 20
     connect_timeout: float = 30.0
     read_timeout: float = 300.0
@@ -95,6 +95,8 @@ class RegistrySession:
         self._token_locks: dict[tuple[str, str, tuple[str, ...]], asyncio.Lock] = {}
         #: (registry host, blob digest) -> a repository on that host known to hold the blob.
         self.known_blobs: dict[tuple[str, str], str] = {}
+        #: registry host -> False once it refused a mount from the target repository itself.
+        self.self_mount: dict[str, bool] = {}
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -516,7 +518,7 @@ class Repository:
         finally:
             resp.release() if got == size else resp.close()
 
-    async def start_upload(self, digest: str, *, mount_from: str | None = None) -> URL | None:
+    async def start_upload(self, digest: str, *, mount_from: str | None = None, allow_self: bool = False) -> URL | None:
         """POST an upload session; None if the blob got mounted from ``mount_from`` instead.
 
         A mount the registry declines starts an ordinary upload, so trying one costs no request.
@@ -524,9 +526,9 @@ class Repository:
         what = f"push blob {self.where}@{digest}"
         params: dict[str, str] = {}
         extra: tuple[str, ...] = ()
-        if mount_from and mount_from != self.name:
+        if mount_from and (allow_self or mount_from != self.name):
             params = {"mount": digest, "from": mount_from}
-            extra = (scope(mount_from, False),)
+            extra = (scope(mount_from, False),) if mount_from != self.name else ()
         resp = await self.request("POST", "/blobs/uploads/", params=params, extra_scopes=extra, what=what)
         async with resp:
             if resp.status == 201 and params:

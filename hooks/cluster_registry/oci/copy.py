@@ -17,6 +17,7 @@ Order of work, so that a failure leaves nothing tagged at the destination:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -28,18 +29,27 @@ from cluster_registry.errors import ClusterRegistryError, PermanentError, Tempor
 from cluster_registry.oci import media
 from cluster_registry.oci.auth import Credentials
 from cluster_registry.oci.client import Manifest, RegistrySession, Repository, SourceFailure
-from cluster_registry.oci.errors import AccessDeniedError, AuthenticationError, CorruptBlobError, NotFoundError
+from cluster_registry.oci.errors import (
+    AccessDeniedError,
+    AuthenticationError,
+    CorruptBlobError,
+    NotFoundError,
+    RegistryProtocolError,
+)
 from cluster_registry.reference import Reference
 
 log = logging.getLogger(__name__)
+LARGE_BLOB = 4 << 20
 
 
 @dataclass(frozen=True)
 class CopyOptions:
-    """``concurrency``: blobs in flight at once. ``attached``: copy referrers and cosign tags.
-    ``mount``: try cross-repository mounts at the destination."""
+    """``concurrency``: blobs in flight at once (``large_concurrency`` of them over 4 MiB).
+    ``attached``: copy referrers and cosign tags. ``mount``: try cross-repository mounts at the
+    destination (and fold the presence check into the upload's POST where the registry allows)."""
 
-    concurrency: int = 8
+    concurrency: int = 16
+    large_concurrency: int = 6  # of which blobs over LARGE_BLOB bytes (bounds memory)
     attached: bool = True
     mount: bool = True
 
@@ -103,6 +113,7 @@ class _Copier:
         self.options = options
         self.progress = progress
         self.sem = asyncio.Semaphore(max(1, options.concurrency))
+        self.large = asyncio.Semaphore(max(1, min(options.concurrency, options.large_concurrency)))
         self.blobs: dict[str, asyncio.Task[None]] = {}
         self.manifests: dict[str, asyncio.Task[None]] = {}
         self.stats = _Stats()
@@ -122,7 +133,7 @@ class _Copier:
         return task
 
     def _mount_source(self, digest: str) -> str | None:
-        if not self.options.mount:
+        if not self.options.mount or not self.session.self_mount.get(self.dst.host, True):
             return None
         if self.src.host.lower() == self.dst.host.lower() and self.src.name != self.dst.name:
             return self.src.name
@@ -130,30 +141,56 @@ class _Copier:
         return known if known != self.dst.name else None
 
     async def _copy_blob(self, digest: str, size: int) -> None:
-        async with self.sem:
-            if await self.dst.blob_size(digest) is not None:
-                self.stats.skipped += 1
-            else:
-                await self._transfer(digest, size)
-            self.session.known_blobs[(self.dst.host, digest)] = self.dst.name
-            self.stats.blobs_done += 1
-            self.stats.bytes_done += size
-            if self.progress:
-                self.progress(
-                    Progress(self.stats.blobs_done, self.stats.blobs_total, self.stats.bytes_done, self.stats.bytes_total)
-                )
+        async with self.large if size > LARGE_BLOB else contextlib.nullcontext():
+            async with self.sem:
+                await self._place(digest, size)
+        self.session.known_blobs[(self.dst.host, digest)] = self.dst.name
+        self.stats.blobs_done += 1
+        self.stats.bytes_done += size
+        if self.progress:
+            self.progress(
+                Progress(self.stats.blobs_done, self.stats.blobs_total, self.stats.bytes_done, self.stats.bytes_total)
+            )
 
-    async def _transfer(self, digest: str, size: int) -> None:
+    async def _place(self, digest: str, size: int) -> None:
+        """Make ``digest`` present at the destination: skip, mount or stream it.
+
+        On registries that accept it (distribution does), the presence check is folded into the
+        upload's POST as a mount from the destination repository itself: 201 means the blob is
+        already there, 202 starts the upload. Elsewhere: HEAD, then POST.
+        """
         policy = self.session.options.retry
+        host = self.dst.host
         mount_from = self._mount_source(digest)
+        upload = None
+        probe = self.options.mount and self.session.self_mount.get(host, True)
+        if probe:
+            try:
+                upload = await self.dst.start_upload(digest, mount_from=mount_from or self.dst.name, allow_self=True)
+            except (RegistryProtocolError, NotFoundError) as err:
+                log.debug("mount probe refused by %s, using HEAD: %s", host, err)
+                self.session.self_mount[host] = False
+                probe = False
+                mount_from = None
+            else:
+                if upload is None:
+                    if mount_from:
+                        self.stats.mounted += 1
+                    else:
+                        self.stats.skipped += 1
+                    return
+        if not probe and await self.dst.blob_size(digest) is not None:
+            self.stats.skipped += 1
+            return
         attempt = 0
         while True:
             attempt += 1
             try:
-                upload = await self.dst.start_upload(digest, mount_from=mount_from)
                 if upload is None:
-                    self.stats.mounted += 1
-                    return
+                    upload = await self.dst.start_upload(digest, mount_from=mount_from)
+                    if upload is None:
+                        self.stats.mounted += 1
+                        return
                 mount_from = None
                 failure = SourceFailure()
                 stream = await self.src.open_blob(digest, size)
@@ -165,6 +202,7 @@ class _Copier:
                 self.stats.bytes_copied += size
                 return
             except (TemporaryError, CorruptBlobError) as err:
+                upload = None
                 if isinstance(err, WriteLockedError) or not policy.should_retry(attempt):
                     raise
                 delay = policy.delay(attempt)
