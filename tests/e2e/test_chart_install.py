@@ -128,3 +128,31 @@ def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Clus
     for crd in CRDS:  # helm.sh/resource-policy: keep
         assert cluster.kubectl("get", "crd", crd, "-o", "name").strip()
     assert not cluster.kubectl("get", "clusterrole", "-o", "name", "-l", f"app.kubernetes.io/instance={release}").strip()
+
+
+def test_registry_secret_hook_script_creates_once_and_never_rewrites(cluster: Cluster, namespace: str) -> None:
+    """chart/files/ensure-registry-secret.py, run as the pre-install hook runs it (kwok runs no containers)."""
+    import subprocess
+    import sys
+
+    script = CHART / "files" / "ensure-registry-secret.py"
+    env = dict(cluster.env(), POD_NAMESPACE=namespace)
+    labels = json.dumps({"app.kubernetes.io/component": "registry"})
+
+    def run() -> dict[str, Any]:
+        proc = subprocess.run([sys.executable, str(script), "reg", labels], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert run() == {"secret": f"{namespace}/reg", "created": True}
+    first = cluster.kubectl_json("get", "secret", "-n", namespace, "reg")
+    assert first["metadata"]["labels"] == {"app.kubernetes.io/component": "registry"}
+    import base64
+
+    data = {k: base64.b64decode(v).decode() for k, v in first["data"].items()}
+    assert len(data["http-secret"]) == 64
+    credentials = yaml.safe_load(data["credentials.yaml"])
+    assert credentials["username"] == "cluster-registry" and len(credentials["password"]) >= 32
+    assert run() == {"secret": f"{namespace}/reg", "created": False}
+    second = cluster.kubectl_json("get", "secret", "-n", namespace, "reg")
+    assert second["data"] == first["data"] and second["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
