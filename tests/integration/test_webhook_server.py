@@ -1,0 +1,279 @@
+"""The real webhook server over TLS on loopback: the CLI process, rotation, 400s, metrics, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509
+from prometheus_client import CollectorRegistry
+
+from cluster_registry.certs import pki
+from cluster_registry.webhook.mutate import Mutator, NothingReady, Settings
+from cluster_registry.webhook.recorder import Recorder
+from cluster_registry.webhook.server import TlsFiles, Webhook, start
+from cluster_registry.webhook.view import ArtifactView
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "unit" / "fixtures" / "admission"
+LOCAL = "cr.local:5000"
+
+
+def write_pair(directory: Path, ca: tuple[bytes, bytes], now: dt.datetime | None = None) -> int:
+    """Write tls.crt/tls.key signed by ``ca`` atomically (rename, as a Secret volume does); return the serial."""
+    crt, key = pki.new_serving(ca[0], ca[1], ["localhost"], now or dt.datetime.now(dt.timezone.utc), ip_addresses=["127.0.0.1"])
+    for name, data in (("tls.key", key), ("tls.crt", crt)):
+        tmp = directory / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, directory / name)
+    return int(x509.load_pem_x509_certificate(crt).serial_number)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def client_ssl(ca_pem: bytes, **kw: Any) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=ca_pem.decode())
+    for k, v in kw.items():
+        setattr(ctx, k, v)
+    return ctx
+
+
+def peer_serial(port: int, ca_pem: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with client_ssl(ca_pem).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+class Proc:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, tmp: Path, ca: tuple[bytes, bytes]) -> None:
+        self.proc, self.port, self.tmp, self.ca = proc, port, tmp, ca
+        self.url = f"https://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    tmp = tmp_path_factory.mktemp("webhook")
+    ca = pki.new_ca(dt.datetime.now(dt.timezone.utc))
+    write_pair(tmp, ca)
+    port = free_port()
+    log = open(tmp / "webhook.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster_registry", "--log-format", "json", "webhook", "--offline",
+         "--rewrite-policy", "Always", "--tls-reload-interval", "0.2"],
+        env={**os.environ, "CLUSTER_REGISTRY_WEBHOOK_LISTEN": f"127.0.0.1:{port}",
+             "CLUSTER_REGISTRY_WEBHOOK_TLS_CERT": str(tmp / "tls.crt"),
+             "CLUSTER_REGISTRY_WEBHOOK_TLS_KEY": str(tmp / "tls.key"),
+             "CLUSTER_REGISTRY_WEBHOOK_REGISTRY_HOST": LOCAL},
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            peer_serial(port, ca[0])
+            break
+        except OSError:
+            assert proc.poll() is None, (tmp / "webhook.log").read_text()
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("webhook did not start:\n" + (tmp / "webhook.log").read_text())
+    yield Proc(proc, port, tmp, ca)
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def review(name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((FIXTURES / f"{name}.json").read_text())
+    return doc
+
+
+async def test_mutate_over_tls(server: Proc) -> None:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(server.ca[0]))) as s:
+        body = review("deployment_pod")
+        async with s.post(f"{server.url}/mutate", json=body) as r:
+            assert r.status == 200
+            got = await r.json()
+        assert got["response"]["uid"] == body["request"]["uid"] and got["response"]["allowed"] is True
+        ops = json.loads(base64.b64decode(got["response"]["patch"]))
+        assert {o["path"]: o["value"] for o in ops}["/spec/containers/1/image"] == f"{LOCAL}/docker.io/library/nginx:latest"
+        for path in ("/healthz", "/readyz"):
+            async with s.get(server.url + path) as r:
+                assert r.status == 200, path
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"not json", b"\xff\xfe", b"[]", b'{"kind": "Pod"}', b'{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1"}'],
+)
+async def test_garbage_gets_400(server: Proc, payload: bytes) -> None:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(server.ca[0]))) as s:
+        async with s.post(f"{server.url}/mutate", data=payload, headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 400
+            assert "not an AdmissionReview" in (await r.json())["error"]
+
+
+async def test_metrics_count_requests_rewrites_and_skips(server: Proc) -> None:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(server.ca[0]))) as s:
+        for name in ("deployment_pod", "opt_out", "already_rewritten"):
+            async with s.post(f"{server.url}/mutate", json=review(name)) as r:
+                assert r.status == 200
+        async with s.post(f"{server.url}/mutate", data=b"{") as r:
+            assert r.status == 400
+        async with s.get(f"{server.url}/metrics") as r:
+            assert r.status == 200
+            text = await r.text()
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values['cluster_registry_webhook_requests_total{result="patched"}'] >= 1
+    assert values['cluster_registry_webhook_requests_total{result="bad_request"}'] >= 1
+    assert values["cluster_registry_webhook_rewrites_total"] >= 4
+    assert values['cluster_registry_webhook_skips_total{reason="opt-out"}'] >= 1
+    assert values['cluster_registry_webhook_skips_total{reason="local"}'] >= 2
+    assert values["cluster_registry_webhook_request_duration_seconds_count"] >= 3
+
+
+def test_tls_versions(server: Proc, tmp_path: Path) -> None:
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        ctx = client_ssl(server.ca[0], minimum_version=version, maximum_version=version)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                assert tls.version() == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
+    # older versions: this OpenSSL's clients refuse them too, so check the server's own floor
+    write_pair(tmp_path, server.ca)
+    files = TlsFiles(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"))
+    assert files.context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_certificate_rotation_without_restart(server: Proc) -> None:
+    before = peer_serial(server.port, server.ca[0])
+    new = write_pair(server.tmp, server.ca)
+    assert new != before
+    deadline = time.monotonic() + 10
+    while peer_serial(server.port, server.ca[0]) != new:
+        assert time.monotonic() < deadline, "new certificate not served"
+        time.sleep(0.1)
+    # a broken pair is not loaded: the last good certificate keeps being served
+    (server.tmp / "tls.crt").write_bytes(b"-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
+    time.sleep(0.8)
+    assert peer_serial(server.port, server.ca[0]) == new
+    assert server.proc.poll() is None
+    write_pair(server.tmp, server.ca)
+    # a rotation to a new CA is served too (clients trusting only the old CA now fail)
+    other_ca = pki.new_ca(dt.datetime.now(dt.timezone.utc))
+    rotated = write_pair(server.tmp, other_ca)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if peer_serial(server.port, other_ca[0]) == rotated:
+                break
+        except ssl.SSLError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    with pytest.raises(ssl.SSLError):
+        peer_serial(server.port, server.ca[0])
+    write_pair(server.tmp, server.ca)  # leave the module's server on its CA
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            peer_serial(server.port, server.ca[0])
+            break
+        except ssl.SSLError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+async def test_readyz_waits_for_the_artifact_view(tmp_path: Path) -> None:
+    ca = pki.new_ca(dt.datetime.now(dt.timezone.utc))
+    write_pair(tmp_path, ca)
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    class SlowSource:
+        def list(self) -> tuple[list[dict[str, Any]], str]:
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result(20)
+            return [], "1"
+
+        def watch(self, resource_version: str) -> Iterator[tuple[str, dict[str, Any]]]:
+            time.sleep(0.2)
+            return iter(())
+
+    view = ArtifactView(SlowSource())
+    hook = Webhook(Mutator(Settings.build(LOCAL)), view, Recorder(None, view), TlsFiles(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")), CollectorRegistry())
+    running = await start(hook, "127.0.0.1", 0)
+    try:
+        url = f"https://127.0.0.1:{running.port}"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(ca[0]))) as s:
+            async with s.get(url + "/readyz") as r:
+                assert r.status == 503 and "not synced" in await r.text()
+            async with s.post(url + "/mutate", json=review("job_pod")) as r:  # serving meanwhile
+                assert r.status == 200 and (await r.json())["response"]["allowed"] is True
+            release.set()
+            for _ in range(100):
+                async with s.get(url + "/readyz") as r:
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.05)
+            assert r.status == 200
+    finally:
+        view.stop()
+        await running.stop(drain=0.1)
+
+
+def test_generated_reviews_through_the_real_server(server: Proc) -> None:
+    """A smaller batch of the property test's reviews, over HTTPS with keep-alive: no 5xx, valid answers."""
+    import http.client
+
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.unit.test_webhook_property import check_response, reviews
+
+    always = Mutator(Settings.build(LOCAL, "Always"))
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=client_ssl(server.ca[0]), timeout=10)
+    seen = {"n": 0}
+
+    @settings(max_examples=int(os.environ.get("WEBHOOK_FUZZ_SERVER_EXAMPLES", "300")), deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(reviews())
+    def run(body: dict[str, Any]) -> None:
+        conn.request("POST", "/mutate", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+        assert r.status == 200, data
+        got = json.loads(data)
+        check_response(body, got)
+        # the server runs --rewrite-policy Always with no exclusions: it answers as the pure core does
+        assert got == always.review(body, NothingReady()).review
+        seen["n"] += 1
+
+    try:
+        run()
+    finally:
+        conn.close()
+    assert seen["n"] >= 100
