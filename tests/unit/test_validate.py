@@ -256,6 +256,18 @@ CASES: list[tuple[str, dict[str, Any], C.Facts, list[tuple[str, C.Severity, tupl
         ],
     ),
     (
+        "sideload-claim-missing",
+        vals(enableLocalRegistry=True, **{"localRegistry.source": "persistentVolumeClaim", "localRegistry.claimName": "usb"}, **HA_RWX),
+        C.Facts(kubernetes_version=(1, 31), nodes=nodes(3), storage_classes=(AZFILE,), sideload_claim_exists=False),
+        [("sideload-claim", C.Severity.ERROR, ("localRegistry.claimName 'usb' (the drive to side-load from) does not exist",))],
+    ),
+    (
+        "sideload-hostpath-needs-no-claim",
+        vals(enableLocalRegistry=True, **HA_RWX),
+        C.Facts(kubernetes_version=(1, 31), nodes=nodes(3), storage_classes=(AZFILE,), sideload_claim_exists=False),
+        [],
+    ),
+    (
         "unreadable-facts-skip-with-a-warning",
         vals(),
         C.Facts(kubernetes_version=(1, 31), unavailable=("cannot list nodes (forbidden): HA node count not checked",)),

@@ -124,6 +124,7 @@ class Facts:
     volume: Volume | None = None  # None on first install
     match_condition_error: str | None = None  # the API server's message; None = accepted/unchecked
     store_probes: tuple[StoreProbe, ...] = ()
+    sideload_claim_exists: bool | None = None  # localRegistry.claimName in the release namespace
     unavailable: tuple[str, ...] = ()  # facts that could not be read, with why (warnings)
 
 
@@ -394,6 +395,19 @@ def check_storage_immutable(v: V.Values, f: Facts) -> list[Problem]:
     return out
 
 
+def check_sideload_claim(v: V.Values, f: Facts) -> list[Problem]:
+    if not (v.enable_local_registry and v.local_source == "persistentVolumeClaim") or f.sideload_claim_exists is not False:
+        return []
+    return [
+        _err(
+            "sideload-claim",
+            f"localRegistry.claimName {v.local_claim!r} (the drive to side-load from) does not exist in the "
+            "release namespace; create the PersistentVolumeClaim first or name the right one",
+            V.K_LOCAL_CLAIM,
+        )
+    ]
+
+
 def check_gc_cadence(v: V.Values, f: Facts) -> list[Problem]:
     if not v.enable_cluster_registry or v.gc_cadence == "":
         return []
@@ -480,6 +494,7 @@ CHECKS: tuple[Check, ...] = (
         check_storage_immutable,
         True,
     ),
+    Check("sideload-claim", "the side-loading drive's PersistentVolumeClaim exists", check_sideload_claim, True),
     Check(
         "match-condition",
         "the API server accepts matchConditionExpression (server-side dry-run)",

@@ -199,6 +199,16 @@ def gather(
                     unavailable.append(
                         f"cannot dry-run the match condition ({api_error_message(err)}): expression not checked"
                     )
+    sideload_claim: bool | None = None
+    if values.enable_local_registry and values.local_source == "persistentVolumeClaim" and values.local_claim and namespace:
+        try:
+            core.read_namespaced_persistent_volume_claim(values.local_claim, namespace, _preload_content=False)
+            sideload_claim = True
+        except ApiException as err:
+            if err.status == 404:
+                sideload_claim = False
+            else:
+                unavailable.append(f"cannot read the side-loading claim ({api_error_message(err)}): not checked")
     probes = tuple(probe_store(h, h in insecure, credentials) for h in sorted(set(store_hosts)))
     return C.Facts(
         kubernetes_version=version,
@@ -207,6 +217,7 @@ def gather(
         volume=volume,
         match_condition_error=match_error,
         store_probes=probes,
+        sideload_claim_exists=sideload_claim,
         unavailable=tuple(unavailable),
     )
 

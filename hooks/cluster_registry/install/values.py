@@ -33,6 +33,8 @@ K_HA_ALLOW_FEWER_NODES = "validation.allowHighAvailabilityOnFewerNodes"
 K_SYSTEM_POOL_LABEL = "systemPool.nodeLabel"
 K_STORAGE_DRIVER = "clusterRegistry.storage.driver"
 K_EXISTING_CLAIM = "clusterRegistry.existingClaim"
+K_LOCAL_SOURCE = "localRegistry.source"
+K_LOCAL_CLAIM = "localRegistry.claimName"
 
 DEFAULT_SYSTEM_POOL_LABEL = "kubernetes.azure.com/mode=system"
 ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce")
@@ -67,6 +69,8 @@ class Values:
     system_pool_label: str = DEFAULT_SYSTEM_POOL_LABEL
     storage_driver: str = "filesystem"  # filesystem (a PVC), s3 or azure (no PVC)
     existing_claim: str = ""
+    local_source: str = "hostPath"  # hostPath or persistentVolumeClaim (side loading's drive)
+    local_claim: str = ""
 
     @property
     def uses_volume(self) -> bool:
@@ -169,5 +173,7 @@ def load(document: Any) -> tuple[Values, list[ValueProblem]]:
         system_pool_label=string(K_SYSTEM_POOL_LABEL, DEFAULT_SYSTEM_POOL_LABEL),
         storage_driver=string(K_STORAGE_DRIVER, defaults.storage_driver, STORAGE_DRIVERS),
         existing_claim=string(K_EXISTING_CLAIM, ""),
+        local_source=string(K_LOCAL_SOURCE, "hostPath", ("hostPath", "persistentVolumeClaim")),
+        local_claim=string(K_LOCAL_CLAIM, ""),
     )
     return values, problems
