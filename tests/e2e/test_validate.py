@@ -89,7 +89,7 @@ def test_every_problem_reported_at_once(cluster: Cluster, namespace: str, tmp_pa
     assert out.strip().splitlines()[-1] == "validate: 4 problem(s), 0 warning(s): refusing this configuration"
     assert (tmp_path / "termination-log").read_text().strip().endswith("refusing this configuration")
     # The dry run created nothing.
-    assert "r-validate" not in cluster.kubectl("get", "mutatingwebhookconfigurations", "-o", "name")
+    assert "r-validate-dry-run" not in cluster.kubectl("get", "mutatingwebhookconfigurations", "-o", "name")
 
 
 def test_ha_override_turns_the_node_count_into_a_warning(cluster: Cluster, namespace: str, tmp_path: Path) -> None:

@@ -182,14 +182,14 @@ def gather(
             if values.uses_volume:
                 claim = values.existing_claim or pvc_name
                 volume = _find_volume(api, core, namespace, release, claim)
-                if volume is None and values.existing_claim:
+                if volume is None and values.existing_claim and namespace:
                     volume = C.Volume(values.existing_claim, "", "", exists=False)
         except ApiException as err:
             unavailable.append(
                 f"cannot read the registry volume ({api_error_message(err)}): storage changes not checked"
             )
         if values.match_condition_expression:
-            body = dry_run_webhook(values.match_condition_expression, f"{release or 'cluster-registry'}-validate")
+            body = dry_run_webhook(values.match_condition_expression, f"{release or 'cluster-registry'}-validate-dry-run")
             try:
                 client.AdmissionregistrationV1Api(api).create_mutating_webhook_configuration(body, dry_run="All")  # type: ignore[arg-type]
             except ApiException as err:
