@@ -1,0 +1,885 @@
+"""The local Kubernetes control plane behind `ci/localcluster up|down|status|reset`.
+
+A real control plane on 127.0.0.1, every process started here and recorded by PID:
+
+* etcd, kube-apiserver (own CA and certificates, service-account signing key, admission webhooks,
+  aggregator routing so webhooks and APIServices are reached at their endpoints' pod IPs),
+  kube-controller-manager, kube-scheduler;
+* kwok, simulating the nodes annotated ``kwok.x-k8s.io/node=fake`` and the pods bound to them;
+* a storage provisioner (``provisioner`` below) binding every PVC of the two StorageClasses to a
+  directory under ``.cache/localcluster/volumes``;
+* two distribution v3 registries: the cluster registry (no auth, delete enabled) and the artifact
+  store (htpasswd auth), standing in for ACR.
+
+``up`` is idempotent and serialised with ``flock``: when everything already runs it only rewrites
+the env file. ``down`` stops exactly the PIDs recorded in ``pids/`` (after checking that each PID
+still runs the binary it was started as). State (etcd data, registries' storage) survives ``down``
+so the next ``up`` is warm; ``reset`` stops everything and deletes the state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import ssl
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / ".cache" / "bin"
+STATE = ROOT / ".cache" / "localcluster"
+PKI = STATE / "pki"
+PIDS = STATE / "pids"
+LOGS = STATE / "logs"
+VOLUMES = STATE / "volumes"
+ENV_FILE = STATE / "env"
+KUBECONFIG = STATE / "kubeconfig"
+
+HOST = "127.0.0.1"
+ETCD_PORT = 22379
+ETCD_PEER_PORT = 22380
+APISERVER_PORT = 26443
+KCM_PORT = 26257
+SCHEDULER_PORT = 26259
+KWOK_PORT = 26247
+CLUSTER_REGISTRY_PORT = 25000
+ARTIFACT_STORE_PORT = 25001
+ARTIFACT_STORE_USER = "artifact-user"
+
+# Addresses. Services get virtual IPs from SERVICE_CIDR; kwok gives its simulated pods IPs from
+# KWOK_POD_CIDR. Both halves sit inside 198.18.0.0/15 (RFC 2544 benchmarking space, never routed on
+# the internet), and `up` installs a blackhole route for the whole /15 so that no packet for a
+# simulated pod or a ClusterIP can leave the machine (the apiserver dials webhook endpoints' pod IPs).
+SAFETY_CIDR = "198.18.0.0/15"
+SERVICE_CIDR = "198.19.0.0/16"
+KWOK_POD_CIDR = "198.18.128.0/17"
+KUBERNETES_SERVICE_IP = "198.19.0.1"
+
+SYSTEM_NODES = 3
+USER_NODES = 2
+STORAGE_CLASSES = ("standard", "nexus-shared")  # the first is the cluster default
+PROVISIONER_NAME = "localcluster.clusterregistry.io/hostpath"
+
+
+def log(msg: str) -> None:
+    print(f"[localcluster] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# PKI
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(mode)
+    tmp.replace(path)
+
+
+def ensure_pki() -> None:
+    """CA, apiserver serving cert, admin client cert, service-account key pair (created once)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    if all((PKI / f).exists() for f in ("ca.crt", "apiserver.crt", "admin.crt", "sa.key", "sa.pub")):
+        return
+    log("generating certificates")
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    ten_years = now + dt.timedelta(days=3650)
+
+    def pem_key(key: Any) -> bytes:
+        return key.private_bytes(  # type: ignore[no-any-return]
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localcluster-ca")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(ten_years)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(cn: str, orgs: Sequence[str], server: bool, sans: Sequence[x509.GeneralName] = ()) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in orgs]
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name(attrs))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(ten_years)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return cert.public_bytes(serialization.Encoding.PEM), pem_key(key)
+
+    sans: list[x509.GeneralName] = [
+        x509.DNSName(n)
+        for n in (
+            "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        )
+    ]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in (HOST, KUBERNETES_SERVICE_IP)]
+    api_crt, api_key = leaf("kube-apiserver", [], True, sans)
+    admin_crt, admin_key = leaf("localcluster-admin", ["system:masters"], False)
+    sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    _write(PKI / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write(PKI / "ca.key", pem_key(ca_key), 0o600)
+    _write(PKI / "apiserver.crt", api_crt)
+    _write(PKI / "apiserver.key", api_key, 0o600)
+    _write(PKI / "sa.key", pem_key(sa_key), 0o600)
+    _write(
+        PKI / "sa.pub",
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    )
+    _write(PKI / "admin.key", admin_key, 0o600)
+    _write(PKI / "admin.crt", admin_crt)  # written last: its presence marks a complete PKI
+
+
+def ensure_kubeconfig() -> None:
+    import base64
+
+    def b64(p: Path) -> str:
+        return base64.b64encode(p.read_bytes()).decode()
+
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "localcluster",
+                "cluster": {
+                    "server": f"https://{HOST}:{APISERVER_PORT}",
+                    "certificate-authority-data": b64(PKI / "ca.crt"),
+                },
+            }
+        ],
+        "users": [
+            {
+                "name": "localcluster-admin",
+                "user": {
+                    "client-certificate-data": b64(PKI / "admin.crt"),
+                    "client-key-data": b64(PKI / "admin.key"),
+                },
+            }
+        ],
+        "contexts": [
+            {"name": "localcluster", "context": {"cluster": "localcluster", "user": "localcluster-admin"}}
+        ],
+        "current-context": "localcluster",
+    }
+    data = json.dumps(cfg, indent=1).encode()
+    if not KUBECONFIG.exists() or KUBECONFIG.read_bytes() != data:
+        _write(KUBECONFIG, data, 0o600)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registries
+
+
+def artifact_store_password() -> str:
+    path = STATE / "artifact-store.password"
+    if not path.exists():
+        alphabet = string.ascii_letters + string.digits
+        _write(path, "".join(secrets.choice(alphabet) for _ in range(24)).encode(), 0o600)
+    return path.read_text().strip()
+
+
+def ensure_htpasswd(password: str) -> Path:
+    path = STATE / "artifact-store.htpasswd"
+    stamp = STATE / "artifact-store.htpasswd.for"
+    if path.exists() and stamp.exists() and stamp.read_text() == ARTIFACT_STORE_USER + ":" + password:
+        return path
+    htpasswd = shutil.which("htpasswd")
+    if htpasswd:
+        out = subprocess.run(
+            [htpasswd, "-nbB", "-C", "10", ARTIFACT_STORE_USER, password],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()
+    else:  # libxcrypt's bcrypt through the stdlib (Python <= 3.12)
+        import crypt  # type: ignore[import-not-found]
+
+        out = f"{ARTIFACT_STORE_USER}:" + crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+    _write(path, (out + "\n").encode(), 0o600)
+    _write(stamp, (ARTIFACT_STORE_USER + ":" + password).encode(), 0o600)
+    return path
+
+
+def registry_config(name: str, port: int, htpasswd: Path | None) -> Path:
+    root = STATE / f"registry-{name}"
+    root.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "version: 0.1",
+        "log:",
+        "  level: info",
+        "  accesslog:",
+        "    disabled: true",
+        "storage:",
+        "  filesystem:",
+        f"    rootdirectory: {root}",
+        "  delete:",
+        "    enabled: true",
+        "  maintenance:",
+        "    uploadpurging:",
+        "      enabled: false",
+        "http:",
+        f"  addr: {HOST}:{port}",
+        f"  secret: localcluster-{name}",
+        "  debug:",
+        "    addr: ''",
+        "health:",
+        "  storagedriver:",
+        "    enabled: false",
+    ]
+    if htpasswd is not None:
+        lines += ["auth:", "  htpasswd:", "    realm: artifact-store", f"    path: {htpasswd}"]
+    path = STATE / f"registry-{name}.yml"
+    text = "\n".join(lines) + "\n"
+    if not path.exists() or path.read_text() != text:
+        _write(path, text.encode())
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass
+class Component:
+    name: str
+    argv: list[str]
+    healthy: Callable[[], bool]
+    env: dict[str, str] = field(default_factory=dict)
+    marker: str = ""  # a command-line word identifying the process (default: argv[0])
+
+    @property
+    def pidfile(self) -> Path:
+        return PIDS / f"{self.name}.pid"
+
+
+def _proc_ok(pid: int, marker: str) -> bool:
+    """True when PID runs (not a zombie) and its command line still contains MARKER."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X") and any(marker.encode() in part for part in cmdline)
+
+
+def recorded(name: str) -> tuple[int, str] | None:
+    """(pid, marker) of a component started by us and still running, else None."""
+    path = PIDS / f"{name}.pid"
+    try:
+        pid_s, marker = path.read_text().split("\n", 2)[:2]
+        pid = int(pid_s)
+    except (OSError, ValueError):
+        return None
+    return (pid, marker) if _proc_ok(pid, marker) else None
+
+
+def start(c: Component) -> None:
+    if recorded(c.name):
+        return
+    PIDS.mkdir(parents=True, exist_ok=True)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    logf = open(LOGS / f"{c.name}.log", "ab")
+    logf.write(f"\n==== {dt.datetime.now().isoformat()} start {' '.join(c.argv)}\n".encode())
+    logf.flush()
+    env = {**os.environ, **c.env}
+    proc = subprocess.Popen(
+        c.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+        start_new_session=True, cwd=STATE, env=env,
+    )
+    logf.close()
+    marker = c.marker or c.argv[0]
+    _write(c.pidfile, f"{proc.pid}\n{marker}\n".encode())
+    # Until the child has exec'd, /proc shows our own command line: wait for the exec.
+    deadline = time.monotonic() + 10
+    while not _proc_ok(proc.pid, marker) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    log(f"started {c.name} (pid {proc.pid})")
+
+
+def stop(name: str, grace: float = 10.0) -> None:
+    rec = recorded(name)
+    pidfile = PIDS / f"{name}.pid"
+    if rec is None:
+        pidfile.unlink(missing_ok=True)
+        return
+    pid, marker = rec
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _proc_ok(pid, marker):
+        _reap(pid)
+        time.sleep(0.1)
+    if _proc_ok(pid, marker):
+        log(f"{name} (pid {pid}) ignored SIGTERM for {grace:.0f}s: SIGKILL")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _reap(pid)
+    pidfile.unlink(missing_ok=True)
+    log(f"stopped {name} (pid {pid})")
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Health checks
+
+
+def _ssl_admin() -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(PKI / "ca.crt"))
+    ctx.load_cert_chain(str(PKI / "admin.crt"), str(PKI / "admin.key"))
+    return ctx
+
+
+def _get(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=ctx) as r:  # noqa: S310 (loopback)
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (OSError, ssl.SSLError):
+        return 0, b""
+
+
+def _insecure() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def etcd_healthy() -> bool:
+    code, body = _get(f"http://{HOST}:{ETCD_PORT}/health")
+    return code == 200 and b'"true"' in body
+
+
+def apiserver_healthy() -> bool:
+    if not (PKI / "admin.crt").exists():
+        return False
+    return _get(f"https://{HOST}:{APISERVER_PORT}/readyz", _ssl_admin())[0] == 200
+
+
+def secure_healthz(port: int) -> Callable[[], bool]:
+    return lambda: _get(f"https://{HOST}:{port}/healthz", _insecure())[0] == 200
+
+
+def registry_healthy(port: int, want: int) -> Callable[[], bool]:
+    return lambda: _get(f"http://{HOST}:{port}/v2/")[0] == want
+
+
+# --------------------------------------------------------------------------------------------------
+# Cluster objects
+
+
+def kubectl(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "kubectl"), f"--kubeconfig={KUBECONFIG}", *args],
+        input=stdin, text=True, capture_output=True, check=check,
+    )
+
+
+def node_manifest(name: str, pool: str, zone: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "kubernetes.azure.com/mode": pool,
+                "kubernetes.azure.com/agentpool": f"{pool}pool",
+                "topology.kubernetes.io/zone": zone,
+                "topology.kubernetes.io/region": "local",
+                "type": "kwok",
+            },
+        },
+        "status": {
+            "allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "200Gi"},
+            "capacity": {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "200Gi"},
+            "nodeInfo": {
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "kubeletVersion": "fake",
+                "kubeProxyVersion": "fake",
+                "osImage": "localcluster",
+                "kernelVersion": "",
+                "containerRuntimeVersion": "",
+                "bootID": "",
+                "machineID": "",
+                "systemUUID": "",
+            },
+        },
+    }
+
+
+def bootstrap_objects() -> None:
+    items: list[dict[str, Any]] = []
+    for i in range(SYSTEM_NODES):
+        items.append(node_manifest(f"system-{i}", "system", f"local-{i + 1}"))
+    for i in range(USER_NODES):
+        items.append(node_manifest(f"user-{i}", "user", f"local-{i % 3 + 1}"))
+    for i, sc in enumerate(STORAGE_CLASSES):
+        items.append(
+            {
+                "apiVersion": "storage.k8s.io/v1",
+                "kind": "StorageClass",
+                "metadata": {
+                    "name": sc,
+                    "annotations": {
+                        "storageclass.kubernetes.io/is-default-class": "true" if i == 0 else "false",
+                        "localcluster.clusterregistry.io/access-modes": (
+                            "ReadWriteOnce,ReadOnlyMany,ReadWriteOncePod,ReadWriteMany"
+                        ),
+                    },
+                },
+                "provisioner": PROVISIONER_NAME,
+                "reclaimPolicy": "Delete",
+                "volumeBindingMode": "Immediate",
+                "allowVolumeExpansion": False,
+            }
+        )
+    doc = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+    kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=localcluster", "-f", "-", stdin=doc)
+
+
+def nodes_ready() -> bool:
+    r = kubectl("get", "nodes", "-o", "json", check=False)
+    if r.returncode != 0:
+        return False
+    nodes = json.loads(r.stdout)["items"]
+    if len(nodes) < SYSTEM_NODES + USER_NODES:
+        return False
+    for n in nodes:
+        conds = {c["type"]: c["status"] for c in n.get("status", {}).get("conditions", [])}
+        if conds.get("Ready") != "True":
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Network safety net
+
+
+def ensure_blackhole() -> None:
+    """No packet for 198.18.0.0/15 (kwok pod IPs, ClusterIPs) may leave the machine."""
+    out = subprocess.run(["ip", "-4", "route", "show", "type", "blackhole"], capture_output=True, text=True)
+    if SAFETY_CIDR in out.stdout:
+        return
+    subprocess.run(["ip", "route", "add", "blackhole", SAFETY_CIDR], check=True)
+    (STATE / "blackhole-route").write_text(SAFETY_CIDR + "\n")
+    log(f"installed blackhole route {SAFETY_CIDR}")
+
+
+def remove_blackhole() -> None:
+    marker = STATE / "blackhole-route"
+    if marker.exists():
+        subprocess.run(["ip", "route", "del", "blackhole", SAFETY_CIDR], capture_output=True)
+        marker.unlink()
+
+
+# --------------------------------------------------------------------------------------------------
+# The components
+
+
+def components() -> list[Component]:
+    py = sys.executable
+    kc = str(KUBECONFIG)
+    admin = {"KUBECONFIG": kc}
+    password = artifact_store_password()
+    htpasswd = ensure_htpasswd(password)
+    comps = [
+        Component(
+            "etcd",
+            [
+                str(BIN / "etcd"), "--name=localcluster", f"--data-dir={STATE / 'etcd'}",
+                f"--listen-client-urls=http://{HOST}:{ETCD_PORT}",
+                f"--advertise-client-urls=http://{HOST}:{ETCD_PORT}",
+                f"--listen-peer-urls=http://{HOST}:{ETCD_PEER_PORT}",
+                f"--initial-advertise-peer-urls=http://{HOST}:{ETCD_PEER_PORT}",
+                f"--initial-cluster=localcluster=http://{HOST}:{ETCD_PEER_PORT}",
+                "--unsafe-no-fsync", "--quota-backend-bytes=4294967296", "--log-level=warn",
+                "--snapshot-count=10000", "--auto-compaction-retention=1h",
+            ],
+            etcd_healthy,
+        ),
+        Component(
+            "kube-apiserver",
+            [
+                str(BIN / "kube-apiserver"),
+                f"--etcd-servers=http://{HOST}:{ETCD_PORT}",
+                f"--bind-address={HOST}", f"--secure-port={APISERVER_PORT}", f"--advertise-address={HOST}",
+                "--endpoint-reconciler-type=none",
+                f"--tls-cert-file={PKI / 'apiserver.crt'}", f"--tls-private-key-file={PKI / 'apiserver.key'}",
+                f"--client-ca-file={PKI / 'ca.crt'}",
+                f"--service-account-key-file={PKI / 'sa.pub'}",
+                f"--service-account-signing-key-file={PKI / 'sa.key'}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=RBAC",
+                "--allow-privileged=true",
+                "--enable-aggregator-routing=true",
+                "--kubelet-preferred-address-types=InternalIP",
+                "--enable-admission-plugins=DefaultStorageClass,MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
+                "--enable-priority-and-fairness=false",
+                "--profiling=false",
+                "--event-ttl=30m",
+                "--v=1",
+            ],
+            apiserver_healthy,
+        ),
+        Component(
+            "kube-controller-manager",
+            [
+                str(BIN / "kube-controller-manager"),
+                f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+                f"--bind-address={HOST}", f"--secure-port={KCM_PORT}",
+                "--leader-elect=false", "--use-service-account-credentials=true",
+                f"--service-account-private-key-file={PKI / 'sa.key'}", f"--root-ca-file={PKI / 'ca.crt'}",
+                f"--cluster-signing-cert-file={PKI / 'ca.crt'}", f"--cluster-signing-key-file={PKI / 'ca.key'}",
+                "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route",
+                "--concurrent-gc-syncs=5", "--horizontal-pod-autoscaler-sync-period=15s",
+                "--profiling=false", "--v=1",
+            ],
+            secure_healthz(KCM_PORT),
+        ),
+        Component(
+            "kube-scheduler",
+            [
+                str(BIN / "kube-scheduler"),
+                f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+                f"--bind-address={HOST}", f"--secure-port={SCHEDULER_PORT}",
+                "--leader-elect=false", "--profiling=false", "--v=1",
+            ],
+            secure_healthz(SCHEDULER_PORT),
+        ),
+        Component(
+            "kwok",
+            [
+                str(BIN / "kwok"), f"--kubeconfig={kc}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                f"--cidr={KWOK_POD_CIDR.replace('.0/17', '.1/17')}",
+                "--node-ip=198.18.127.254",
+                f"--server-address={HOST}:{KWOK_PORT}",
+                "--node-lease-duration-seconds=40",
+            ],
+            lambda: True,
+        ),
+        Component(
+            "provisioner",
+            [py, str(ROOT / "ci" / "localcluster.py"), "provisioner"],
+            lambda: True,
+            env=admin,
+            marker=str(ROOT / "ci" / "localcluster.py"),
+        ),
+        Component(
+            "cluster-registry",
+            [str(BIN / "registry"), "serve", str(registry_config("cluster", CLUSTER_REGISTRY_PORT, None))],
+            registry_healthy(CLUSTER_REGISTRY_PORT, 200),
+        ),
+        Component(
+            "artifact-store",
+            [str(BIN / "registry"), "serve", str(registry_config("store", ARTIFACT_STORE_PORT, htpasswd))],
+            registry_healthy(ARTIFACT_STORE_PORT, 401),
+        ),
+    ]
+    return comps
+
+
+def write_env() -> None:
+    lines = {
+        "KUBECONFIG": str(KUBECONFIG),
+        "CLUSTER_REGISTRY": f"{HOST}:{CLUSTER_REGISTRY_PORT}",
+        "ARTIFACT_STORE": f"{HOST}:{ARTIFACT_STORE_PORT}",
+        "ARTIFACT_STORE_USER": ARTIFACT_STORE_USER,
+        "ARTIFACT_STORE_PASSWORD": artifact_store_password(),
+        "LOCALCLUSTER_APISERVER": f"https://{HOST}:{APISERVER_PORT}",
+        "LOCALCLUSTER_CA": str(PKI / "ca.crt"),
+        "LOCALCLUSTER_STORAGE_CLASSES": ",".join(STORAGE_CLASSES),
+        "LOCALCLUSTER_VOLUMES": str(VOLUMES),
+    }
+    text = "".join(f"{k}={v}\n" for k, v in lines.items())
+    if not ENV_FILE.exists() or ENV_FILE.read_text() != text:
+        _write(ENV_FILE, text.encode())
+
+
+def wait(what: str, pred: Callable[[], bool], timeout: float, comp: str | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if comp is not None and recorded(comp) is None:
+            raise SystemExit(f"localcluster: {comp} exited; see {LOGS / (comp + '.log')}")
+        time.sleep(0.2)
+    raise SystemExit(f"localcluster: timed out after {timeout:.0f}s waiting for {what}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+
+
+class Lock:
+    def __enter__(self) -> Lock:
+        STATE.mkdir(parents=True, exist_ok=True)
+        self.f = open(STATE / "lock", "w")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def missing_binaries() -> list[str]:
+    need = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok", "registry"]
+    return [b for b in need if not os.access(BIN / b, os.X_OK)]
+
+
+def cmd_up() -> int:
+    t0 = time.monotonic()
+    missing = missing_binaries()
+    if missing:
+        log(f"missing binaries in {BIN}: {', '.join(missing)} (run ci/toolchain)")
+        return 2
+    with Lock():
+        for d in (PKI, PIDS, LOGS, VOLUMES):
+            d.mkdir(parents=True, exist_ok=True)
+        ensure_pki()
+        ensure_kubeconfig()
+        ensure_blackhole()
+        comps = {c.name: c for c in components()}
+        if all(recorded(n) for n in comps) and all(c.healthy() for c in comps.values()) and nodes_ready():
+            write_env()
+            log(f"already up ({time.monotonic() - t0:.1f}s)")
+            return 0
+        # Independent processes first; the apiserver retries etcd, the controllers retry the apiserver.
+        for name in ("etcd", "cluster-registry", "artifact-store"):
+            start(comps[name])
+        wait("etcd", comps["etcd"].healthy, 60, "etcd")
+        start(comps["kube-apiserver"])
+        wait("kube-apiserver /readyz", comps["kube-apiserver"].healthy, 120, "kube-apiserver")
+        bootstrap_objects()
+        for name in ("kube-controller-manager", "kube-scheduler", "kwok", "provisioner"):
+            start(comps[name])
+        for name, c in comps.items():
+            wait(name, c.healthy, 60, name)
+        wait("nodes Ready", nodes_ready, 60)
+        wait("default service account", lambda: kubectl("get", "sa", "default", check=False).returncode == 0, 60)
+        write_env()
+        log(f"up in {time.monotonic() - t0:.1f}s; env: {ENV_FILE}")
+    return 0
+
+
+ORDER_DOWN = [
+    "nodeagent", "provisioner", "kwok", "kube-scheduler", "kube-controller-manager",
+    "kube-apiserver", "etcd", "cluster-registry", "artifact-store",
+]
+
+
+def cmd_down() -> int:
+    with Lock():
+        names = ORDER_DOWN + sorted(p.stem for p in PIDS.glob("*.pid") if p.stem not in ORDER_DOWN)
+        for name in names:
+            stop(name)
+        remove_blackhole()
+        ENV_FILE.unlink(missing_ok=True)
+    return 0
+
+
+def cmd_status() -> int:
+    comps = components() if (PKI / "admin.crt").exists() else []
+    rc = 0
+    for c in comps:
+        rec = recorded(c.name)
+        ok = rec is not None and c.healthy()
+        rc |= 0 if ok else 3
+        print(f"{c.name:24s} {'running' if rec else 'stopped':8s} pid={rec[0] if rec else '-':<8} "
+              f"{'healthy' if ok else 'unhealthy'}")
+    if not comps:
+        print("not initialised (run ci/localcluster up)")
+        return 3
+    if ENV_FILE.exists():
+        print(f"env: {ENV_FILE}")
+    return rc
+
+
+def cmd_reset() -> int:
+    cmd_down()
+    with Lock():
+        for p in STATE.iterdir():
+            if p.name not in ("lock", "logs"):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The storage provisioner (a long-running component started by `up`)
+
+
+def provisioner() -> int:
+    """Binds each unbound PVC of our StorageClasses to a new hostPath PV under VOLUMES.
+
+    Polls once a second (a handful of objects: simpler and sturdier than watches). Released PVs
+    with reclaim policy Delete are deleted together with their directory.
+    """
+    from kubernetes import client, config
+    from kubernetes.client.rest import ApiException
+
+    config.load_kube_config(str(KUBECONFIG))
+    core = client.CoreV1Api()
+    storage = client.StorageV1Api()
+    running = True
+
+    def on_term(*_: object) -> None:
+        nonlocal running
+        running = False
+
+    signal.signal(signal.SIGTERM, on_term)
+    while running:
+        try:
+            ours = {
+                sc.metadata.name: sc
+                for sc in storage.list_storage_class().items
+                if sc.provisioner == PROVISIONER_NAME
+            }
+            pvs = {pv.metadata.name: pv for pv in core.list_persistent_volume().items}
+            for pvc in core.list_persistent_volume_claim_for_all_namespaces().items:
+                sc_name = pvc.spec.storage_class_name
+                if sc_name not in ours or pvc.spec.volume_name or pvc.metadata.deletion_timestamp:
+                    continue
+                pv_name = f"pvc-{pvc.metadata.uid}"
+                if pv_name in pvs:
+                    continue
+                directory = VOLUMES / f"{pvc.metadata.namespace}-{pvc.metadata.name}-{pvc.metadata.uid[:8]}"
+                directory.mkdir(parents=True, exist_ok=True)
+                directory.chmod(0o777)
+                pv = {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolume",
+                    "metadata": {
+                        "name": pv_name,
+                        "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER_NAME},
+                        "labels": {"localcluster.clusterregistry.io/volume": "true"},
+                    },
+                    "spec": {
+                        "capacity": {"storage": pvc.spec.resources.requests.get("storage", "1Gi")},
+                        "accessModes": pvc.spec.access_modes or ["ReadWriteOnce"],
+                        "persistentVolumeReclaimPolicy": ours[sc_name].reclaim_policy or "Delete",
+                        "storageClassName": sc_name,
+                        "volumeMode": pvc.spec.volume_mode or "Filesystem",
+                        "hostPath": {"path": str(directory), "type": "Directory"},
+                        "claimRef": {
+                            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                            "namespace": pvc.metadata.namespace, "name": pvc.metadata.name,
+                            "uid": pvc.metadata.uid,
+                        },
+                    },
+                }
+                try:
+                    core.create_persistent_volume(pv)
+                    print(f"provisioned {pv_name} for {pvc.metadata.namespace}/{pvc.metadata.name} at {directory}",
+                          flush=True)
+                except ApiException as e:
+                    if e.status != 409:
+                        raise
+            for pv in pvs.values():
+                ann = pv.metadata.annotations or {}
+                if ann.get("pv.kubernetes.io/provisioned-by") != PROVISIONER_NAME:
+                    continue
+                if pv.status.phase == "Released" and pv.spec.persistent_volume_reclaim_policy == "Delete":
+                    path = Path(pv.spec.host_path.path)
+                    if VOLUMES in path.parents:
+                        shutil.rmtree(path, ignore_errors=True)
+                    try:
+                        core.delete_persistent_volume(pv.metadata.name)
+                        print(f"deleted released {pv.metadata.name}", flush=True)
+                    except ApiException as e:
+                        if e.status != 404:
+                            raise
+        except Exception as e:  # keep serving: the apiserver may restart under us
+            print(f"provisioner: {type(e).__name__}: {e}", flush=True)
+            time.sleep(2)
+        time.sleep(1)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    cmds: dict[str, Callable[[], int]] = {
+        "up": cmd_up, "down": cmd_down, "status": cmd_status, "reset": cmd_reset, "provisioner": provisioner,
+    }
+    if len(argv) != 1 or argv[0] not in cmds:
+        print("usage: ci/localcluster up|down|status|reset", file=sys.stderr)
+        return 2
+    return cmds[argv[0]]()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

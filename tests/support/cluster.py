@@ -1,0 +1,205 @@
+"""The local cluster as tests see it: `.cache/localcluster/env`, kubectl/helm wrappers, API clients.
+
+`ci/localcluster up` writes the env file; `Cluster.load()` reads it. Every helper runs the pinned
+binaries from `.cache/bin` against the local cluster's kubeconfig, never the caller's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / ".cache" / "bin"
+STATE = ROOT / ".cache" / "localcluster"
+ENV_FILE = STATE / "env"
+LOCALCLUSTER = ROOT / "ci" / "localcluster"
+
+T = TypeVar("T")
+
+
+class CommandError(RuntimeError):
+    """A kubectl/helm call failed; the message carries the command and its stderr."""
+
+    def __init__(self, argv: list[str], returncode: int, stdout: str, stderr: str) -> None:
+        super().__init__(f"{' '.join(argv)} exited {returncode}:\n{stderr.strip() or stdout.strip()}")
+        self.argv = argv
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+def read_env(path: Path = ENV_FILE) -> dict[str, str]:
+    """Parse the KEY=VALUE lines of the env file (shell syntax, no quoting needed for our values)."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+@dataclass(frozen=True)
+class Cluster:
+    kubeconfig: Path
+    cluster_registry: str  # host:port, plain HTTP, no auth
+    artifact_store: str  # host:port, plain HTTP, htpasswd auth
+    artifact_store_user: str
+    artifact_store_password: str
+    apiserver: str = ""
+    ca_file: Path | None = None
+
+    @classmethod
+    def load(cls, path: Path = ENV_FILE) -> Cluster:
+        env = read_env(path)
+        return cls(
+            kubeconfig=Path(env["KUBECONFIG"]),
+            cluster_registry=env["CLUSTER_REGISTRY"],
+            artifact_store=env["ARTIFACT_STORE"],
+            artifact_store_user=env["ARTIFACT_STORE_USER"],
+            artifact_store_password=env["ARTIFACT_STORE_PASSWORD"],
+            apiserver=env.get("LOCALCLUSTER_APISERVER", ""),
+            ca_file=Path(env["LOCALCLUSTER_CA"]) if env.get("LOCALCLUSTER_CA") else None,
+        )
+
+    # -- binaries ---------------------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        """The process environment for a tool run against this cluster."""
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+        env.setdefault("HELM_CACHE_HOME", str(STATE / "helm" / "cache"))
+        env.setdefault("HELM_CONFIG_HOME", str(STATE / "helm" / "config"))
+        env.setdefault("HELM_DATA_HOME", str(STATE / "helm" / "data"))
+        return env
+
+    def run(self, tool: str, *args: str, stdin: str | None = None, timeout: float = 300, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        argv = [str(BIN / tool), *args]
+        proc = subprocess.run(argv, input=stdin, text=True, capture_output=True, env=self.env(), timeout=timeout)
+        if check and proc.returncode != 0:
+            raise CommandError(argv, proc.returncode, proc.stdout, proc.stderr)
+        return proc
+
+    def kubectl(self, *args: str, stdin: str | None = None, timeout: float = 120, check: bool = True) -> str:
+        """Run kubectl against the cluster; returns stdout, raises CommandError with stderr on failure."""
+        return self.run("kubectl", *args, stdin=stdin, timeout=timeout, check=check).stdout
+
+    def kubectl_json(self, *args: str) -> Any:
+        return json.loads(self.kubectl(*args, "-o", "json"))
+
+    def apply(self, manifest: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None) -> str:
+        items = manifest if isinstance(manifest, list) else [manifest]
+        doc = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+        ns = ["-n", namespace] if namespace else []
+        return self.kubectl("apply", *ns, "-f", "-", stdin=doc)
+
+    def helm(self, *args: str, timeout: float = 600, check: bool = True) -> str:
+        """Run helm against the cluster; returns stdout, raises CommandError with stderr on failure."""
+        return self.run("helm", *args, timeout=timeout, check=check).stdout
+
+    def pod_logs(self, namespace: str, pod: str, container: str) -> str:
+        """Output of a container the node agent runs for real ("" when it has none yet)."""
+        base = STATE / "nodeagent" / "pods"
+        for d in base.glob(f"{namespace}_{pod}_*"):
+            path = d / f"{container}.log"
+            if path.exists():
+                return path.read_text(errors="replace")
+        return ""
+
+    # -- API clients ------------------------------------------------------------------------------
+
+    def api_client(self) -> Any:
+        """A kubernetes.client.ApiClient for this cluster (admin credentials)."""
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        config.load_kube_config(config_file=str(self.kubeconfig), client_configuration=cfg)
+        return client.ApiClient(configuration=cfg)
+
+    def core(self) -> Any:
+        from kubernetes import client
+
+        return client.CoreV1Api(self.api_client())
+
+    # -- health -----------------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """The apiserver answers /readyz and both registries answer /v2/."""
+        if not self.kubeconfig.exists() or self.ca_file is None or not self.apiserver:
+            return False
+        try:
+            self.kubectl("get", "--raw", "/readyz", timeout=10)
+        except (CommandError, subprocess.TimeoutExpired):
+            return False
+        return (_http_status(f"http://{self.cluster_registry}/v2/") == 200
+                and _http_status(f"http://{self.artifact_store}/v2/") == 401)
+
+
+def _http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 (loopback)
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except (OSError, ssl.SSLError):
+        return 0
+
+
+def ensure_up() -> Cluster:
+    """Return the running cluster, starting it with `ci/localcluster up` when it is missing or unhealthy."""
+    if ENV_FILE.exists():
+        cluster = Cluster.load()
+        if cluster.healthy():
+            return cluster
+    proc = subprocess.run([str(LOCALCLUSTER), "up"], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise CommandError([str(LOCALCLUSTER), "up"], proc.returncode, proc.stdout, proc.stderr)
+    return Cluster.load()
+
+
+def wait_for(predicate: Callable[[], T | None], timeout: float = 60, interval: float = 0.5,
+             what: str = "condition") -> T:
+    """Poll PREDICATE until it returns a truthy value (returned); raise TimeoutError after TIMEOUT s.
+
+    Exceptions raised by the predicate count as "not yet"; the last one is chained to the timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - reported on timeout
+            last_exc = e
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}") from last_exc
+        time.sleep(interval)
+
+
+# Module-level shortcuts against the running cluster (`ci/localcluster up` must have run).
+
+
+def kubectl(*args: str, stdin: str | None = None) -> str:
+    return Cluster.load().kubectl(*args, stdin=stdin)
+
+
+def helm(*args: str) -> str:
+    return Cluster.load().helm(*args)
+
+
+def api_client() -> Any:
+    return Cluster.load().api_client()
