@@ -30,8 +30,6 @@ from cluster_registry.oci import media
 from cluster_registry.oci.auth import Credentials
 from cluster_registry.oci.client import Manifest, RegistrySession, Repository, SourceFailure
 from cluster_registry.oci.errors import (
-    AccessDeniedError,
-    AuthenticationError,
     CorruptBlobError,
     NotFoundError,
     RegistryProtocolError,
@@ -51,6 +49,7 @@ class CopyOptions:
     concurrency: int = 16
     large_concurrency: int = 6  # of which blobs over LARGE_BLOB bytes (bounds memory)
     attached: bool = True
+    attached_suffixes: tuple[str, ...] = ("sig", "att", "sbom")
     mount: bool = True
 
 
@@ -275,14 +274,19 @@ class _Copier:
     # -- attached artifacts ---------------------------------------------------------------------
 
     async def attached(self, digest: str) -> list[str]:
-        """Copy the referrers and cosign-style tags of ``digest``; returns their digests."""
+        """Copy the referrers and cosign-style tags of ``digest``; returns their digests.
+
+        Referrers come from the referrers API when the source has it; the tags probed are
+        ``sha256-<hex>`` (the referrers tag schema) and ``sha256-<hex>.<suffix>`` for each of
+        ``CopyOptions.attached_suffixes`` (HEAD requests: no tag listing, so cost is constant).
+        """
         found: list[str] = []
-        referrers = await self.src.referrers(digest)
-        try:
-            tags = [t for t in await self.src.list_tags() if media.is_attached_tag(t, digest)]
-        except (AccessDeniedError, AuthenticationError, NotFoundError) as err:
-            log.warning("cannot list tags of %s for signatures: %s", self.src.where, err)
-            tags = []
+        prefix = media.attached_tag_prefix(digest)
+        candidates = [prefix] + [f"{prefix}.{suffix}" for suffix in self.options.attached_suffixes]
+        referrers, heads = await asyncio.gather(
+            self.src.referrers(digest), asyncio.gather(*(self.src.head_manifest(t) for t in candidates))
+        )
+        tags = {t: h[0] for t, h in zip(candidates, heads) if h is not None}
         subject_supported = False
         pushed: list[media.Descriptor] = []
         for desc in referrers or []:
@@ -295,15 +299,20 @@ class _Copier:
             headers = await self.dst.put_manifest(ref_digest, m.body, m.media_type)
             subject_supported = subject_supported or "OCI-Subject" in headers
             pushed.append(desc)
-        for tag in sorted(tags):
+
+        async def copy_tag(tag: str, src_digest: str) -> None:
+            present = await self.dst.head_manifest(tag)
+            if tag != prefix and src_digest and present and present[0] == src_digest:
+                found.append(src_digest)
+                return
             m = await self.src.get_manifest(tag)
             found.append(m.digest)
-            if tag == media.attached_tag_prefix(digest) and m.media_type in media.INDEXES:
-                found += [d["digest"] for d in media.inspect(m.body, m.media_type).children]
-            present = await self.dst.head_manifest(tag)
-            if present and present[0] == m.digest:
-                continue
-            await self.tree(m, tag)
+            if tag == prefix and m.media_type in media.INDEXES:
+                found.extend(d["digest"] for d in media.inspect(m.body, m.media_type).children)
+            if not (present and present[0] == m.digest):
+                await self.tree(m, tag)
+
+        await _gather(*(copy_tag(t, d) for t, d in sorted(tags.items())))
         fallback = media.attached_tag_prefix(digest)
         if pushed and not subject_supported and fallback not in tags:
             await self._update_fallback_index(fallback, pushed)
