@@ -11,6 +11,7 @@ distribution registry on loopback behind a real gate, GC run as a local process.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -373,12 +374,13 @@ def test_pushes_during_gc_never_corrupt_and_the_gate_acks_its_drain(
 
     p.request = counting  # type: ignore[method-assign]
 
+    counter = itertools.count()
+
     def writer() -> None:
-        n = 0
         while not stop.is_set():
+            n = next(counter)
             _shared_layer_image(p, f"conc/new{n % 3}", f"n{n}", shared, os.urandom(256))
             pushed.append(f"conc/new{n % 3}:n{n}")
-            n += 1
 
     threads = [threading.Thread(target=writer) for _ in range(2)]
     for t in threads:
