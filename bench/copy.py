@@ -128,6 +128,7 @@ def main() -> None:
     if not args.skip_peers and len(peers) < 2:
         print(f"warning: only these peers are installed: {peers}", file=sys.stderr)
     figures: dict[str, Any] = {"tools": {}}
+    load_before = os.getloadavg()[0]
     try:
         src = registry("src")
         sp = Pusher(src.host)
@@ -156,15 +157,20 @@ def main() -> None:
                 if tool == "engine":
                     res["mbps_in_process"] = round(size / res["engine_seconds"] / 1e6, 1)
                     res.pop("summary")
-                if case == "a" and "d" in cases:  # (d): the same copy again, everything present
-                    res["recopy"] = engine(s, d) if tool == "engine" else (
-                        skopeo(s, d, False) if tool == "skopeo" else crane(s, d))
+                if case == "a" and "d" in cases:  # (d): the same copy again, everything present; best of 3
+                    tries = [engine(s, d) if tool == "engine" else (
+                        skopeo(s, d, False) if tool == "skopeo" else crane(s, d)) for _ in range(3)]
+                    res["recopy"] = min(tries, key=lambda t: t["wall"])
+                    if tool == "engine":
+                        res["recopy"]["engine_seconds"] = min(t["engine_seconds"] for t in tries)
+                        assert all(t["summary"]["bytes_copied"] == 0 for t in tries)
                     res["recopy"].pop("summary", None)
                 row[tool] = res
                 print(f"{case} {tool}: {json.dumps(res)}", file=sys.stderr)
                 done(dst)
             for peer in peers:
                 row[f"ratio_{peer}"] = round(row["engine"]["mbps"] / row[peer]["mbps"], 2)
+                row[f"ratio_{peer}_in_process"] = round(row["engine"]["mbps_in_process"] / row[peer]["mbps"], 2)
             figures[case] = row
 
         if "a" in images:
@@ -202,6 +208,8 @@ def main() -> None:
     for k in ("ceiling_mbps_p4", "ceiling_mbps_p1"):
         if k in figures:
             compact[k] = figures[k]
+    compact["loadavg_1m"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
+    compact["cpus"] = os.cpu_count()
     print(json.dumps(compact, sort_keys=True))
 
 

@@ -150,7 +150,8 @@ async def test_cross_repository_mount(src: Registry, dst: Registry) -> None:
         assert_copied(sp, dp, img, repo)
 
 
-async def test_basic_auth(tmp_path: Path, src: Registry) -> None:
+async def test_basic_auth(tmp_path: Path, src: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
     with run_registry(tmp_path / "auth", htpasswd=("pusher", "s3cret-pw")) as dst:
         img = push_image(Pusher(src.host), "app", "1", layers=[20_000], seed=1)
         r = await copy(f"{src.host}/app:1", f"{dst.host}/app:1", src.host, dst.host,
@@ -162,6 +163,8 @@ async def test_basic_auth(tmp_path: Path, src: Registry) -> None:
                 await copy(f"{src.host}/app:1", f"{dst.host}/app:2", src.host, dst.host, dst_auth=auth)
             assert "wrong-pw-123" not in str(err.value) and "s3cret" not in str(err.value)
             assert dst.host in str(err.value)
+    assert "s3cret" not in caplog.text and "wrong-pw-123" not in caplog.text
+    assert "cHVzaGVy" not in caplog.text  # base64 of the user name: no Authorization header logged
 
 
 async def test_token_auth(tmp_path: Path, dst: Registry) -> None:
