@@ -5,7 +5,9 @@ A real control plane on 127.0.0.1, every process started here and recorded by PI
 * etcd, kube-apiserver (own CA and certificates, service-account signing key, admission webhooks,
   aggregator routing so webhooks and APIServices are reached at their endpoints' pod IPs),
   kube-controller-manager, kube-scheduler;
-* kwok, simulating the nodes annotated ``kwok.x-k8s.io/node=fake`` and the pods bound to them;
+* kwok, simulating the user-pool nodes (annotated ``kwok.x-k8s.io/node=fake``) and their pods;
+* the node agent (tests/support/nodeagent.py), the "kubelet" of the three system-pool nodes: it runs
+  the pods of the project's own images as local processes in per-pod network namespaces;
 * a storage provisioner (``provisioner`` below) binding every PVC of the two StorageClasses to a
   directory under ``.cache/localcluster/volumes``;
 * two distribution v3 registries: the cluster registry (no auth, delete enabled) and the artifact
@@ -73,6 +75,10 @@ SYSTEM_NODES = 3
 USER_NODES = 2
 STORAGE_CLASSES = ("standard", "nexus-shared")  # the first is the cluster default
 PROVISIONER_NAME = "localcluster.clusterregistry.io/hostpath"
+# The system-pool nodes belong to the process-backed node agent (tests/support/nodeagent.py): it runs
+# the project's own pods for real. kwok manages the nodes annotated kwok.x-k8s.io/node=fake.
+AGENT_ANNOTATION = "localcluster.clusterregistry.io/agent"
+NODEAGENT = ROOT / "tests" / "support" / "nodeagent.py"
 
 
 def log(msg: str) -> None:
@@ -443,13 +449,19 @@ def kubectl(*args: str, stdin: str | None = None, check: bool = True) -> subproc
     )
 
 
-def node_manifest(name: str, pool: str, zone: str) -> dict[str, Any]:
+def node_manifest(name: str, pool: str, zone: str, manager: str) -> dict[str, Any]:
+    """A Node for kwok (MANAGER "kwok") or for the process-backed node agent (MANAGER "agent")."""
+    annotations = {"node.alpha.kubernetes.io/ttl": "0"}
+    if manager == "kwok":
+        annotations["kwok.x-k8s.io/node"] = "fake"
+    else:
+        annotations[AGENT_ANNOTATION] = "process"
     return {
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {
             "name": name,
-            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "annotations": annotations,
             "labels": {
                 "kubernetes.io/hostname": name,
                 "kubernetes.io/os": "linux",
@@ -458,7 +470,7 @@ def node_manifest(name: str, pool: str, zone: str) -> dict[str, Any]:
                 "kubernetes.azure.com/agentpool": f"{pool}pool",
                 "topology.kubernetes.io/zone": zone,
                 "topology.kubernetes.io/region": "local",
-                "type": "kwok",
+                "type": manager,
             },
         },
         "status": {
@@ -483,9 +495,9 @@ def node_manifest(name: str, pool: str, zone: str) -> dict[str, Any]:
 def bootstrap_objects() -> None:
     items: list[dict[str, Any]] = []
     for i in range(SYSTEM_NODES):
-        items.append(node_manifest(f"system-{i}", "system", f"local-{i + 1}"))
+        items.append(node_manifest(f"system-{i}", "system", f"local-{i + 1}", "agent"))
     for i in range(USER_NODES):
-        items.append(node_manifest(f"user-{i}", "user", f"local-{i % 3 + 1}"))
+        items.append(node_manifest(f"user-{i}", "user", f"local-{i % 3 + 1}", "kwok"))
     for i, sc in enumerate(STORAGE_CLASSES):
         items.append(
             {
@@ -641,6 +653,13 @@ def components() -> list[Component]:
             marker=str(ROOT / "ci" / "localcluster.py"),
         ),
         Component(
+            "nodeagent",
+            [py, str(NODEAGENT), f"--kubeconfig={kc}", f"--state={STATE / 'nodeagent'}",
+             f"--apiserver={HOST}:{APISERVER_PORT}"],
+            lambda: True,
+            marker=str(NODEAGENT),
+        ),
+        Component(
             "cluster-registry",
             [str(BIN / "registry"), "serve", str(registry_config("cluster", CLUSTER_REGISTRY_PORT, None))],
             registry_healthy(CLUSTER_REGISTRY_PORT, 200),
@@ -727,7 +746,7 @@ def cmd_up() -> int:
         start(comps["kube-apiserver"])
         wait("kube-apiserver /readyz", comps["kube-apiserver"].healthy, 120, "kube-apiserver")
         bootstrap_objects()
-        for name in ("kube-controller-manager", "kube-scheduler", "kwok", "provisioner"):
+        for name in ("kube-controller-manager", "kube-scheduler", "kwok", "provisioner", "nodeagent"):
             start(comps[name])
         for name, c in comps.items():
             wait(name, c.healthy, 60, name)
@@ -748,7 +767,7 @@ def cmd_down() -> int:
     with Lock():
         names = ORDER_DOWN + sorted(p.stem for p in PIDS.glob("*.pid") if p.stem not in ORDER_DOWN)
         for name in names:
-            stop(name)
+            stop(name, grace=30 if name == "nodeagent" else 10)  # the agent first stops its pods
         remove_blackhole()
         ENV_FILE.unlink(missing_ok=True)
     return 0
