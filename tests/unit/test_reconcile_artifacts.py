@@ -266,3 +266,22 @@ async def test_deleted_artifact_leaves_the_queue() -> None:
     r.on_event("ADDED", obj)
     r.on_event("DELETED", obj)
     assert len(r.queue) == 0 and await drain(r, kube) == [] and not script.calls
+
+
+async def test_a_created_pull_secret_retries_an_access_failure_at_once() -> None:
+    kube, clock = FakeKube(), Clock()
+    script = Script(AuthenticationError("myacr.azurecr.io: 401 unauthorized"), result())
+    r = make(script, kube, clock)
+    r.on_event("ADDED", kube.add("a", "img", "myacr.azurecr.io/nginx:1", ["acr"]))
+    await drain(r, kube)
+    assert kube.status("a/img")["phase"] == "Failed"
+    assert await r.recheck_secrets() == []  # nothing changed: wait out the (long) backoff
+    due = r.queue.next_due()
+    assert due is not None and due - clock.now > 200
+    kube.secrets["a/acr"] = json.dumps({"auths": {"myacr.azurecr.io": {"auth": base64.b64encode(b"u:p").decode()}}}).encode()
+    dest = f"{REG}/myacr.azurecr.io/nginx:1"
+    assert await r.recheck_secrets() == [dest]
+    assert r.queue.next_due() == clock.now
+    await drain(r, kube)
+    assert kube.status("a/img")["phase"] == "Ready" and script.calls[-1][2] is not None
+    assert await r.recheck_secrets() == []  # nothing left to watch

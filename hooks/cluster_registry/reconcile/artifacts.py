@@ -10,6 +10,7 @@ destinations; what to do and when to come back is decided by the pure core in :m
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
@@ -37,6 +38,8 @@ from cluster_registry.reconcile.queue import DelayQueue, Groups
 log = logging.getLogger(__name__)
 
 CONTROLLER = "clusterregistry.io/artifact-reconciler"
+# Failure reasons a new or fixed pull secret may cure (registries answer 404 to anonymous pulls too).
+ACCESS_REASONS = frozenset({"Authentication", "AccessDenied", "NotFound"})
 
 # (source, destination, source credentials) -> result; raises ClusterRegistryError
 CopyFn = Callable[[reference.Reference, reference.Reference, Credentials | None], Awaitable[CopyResult]]
@@ -63,6 +66,11 @@ class Config:
         if self.registry_insecure:
             insecure.add(self.registry_host)
         return RegistryOptions(insecure_hosts=frozenset(insecure), ca_bundle=self.ca_bundle)
+
+
+def _secret_digest(namespace: str, name: str, data: bytes | None) -> bytes:
+    """A one-way digest of a pull secret's content (None: missing), for change detection only."""
+    return hashlib.sha256(f"{namespace}/{name}\0".encode() + (b"\1" + data if data is not None else b"\0")).digest()
 
 
 def _rv(obj: Obj) -> int:
@@ -97,6 +105,9 @@ class ArtifactReconciler:
         self.handled: dict[str, int] = {}  # artifact key -> generation the scheduler owns
         self.copy_wanted: set[str] = set()  # destinations to copy (not just verify)
         self.attempts: dict[str, int] = {}  # destination -> consecutive failures
+        # destination -> fingerprint of its pull secrets when a copy failed for want of access; a
+        # changed fingerprint (a Secret created or fixed) retries at once instead of after the backoff
+        self.secrets_at_failure: dict[str, str] = {}
         self.informer: Informer | None = None
         self.session: RegistrySession | None = None
         self._wake = asyncio.Event()
@@ -169,6 +180,7 @@ class ArtifactReconciler:
         self.queue.forget(dest)
         self.copy_wanted.discard(dest)
         self.attempts.pop(dest, None)
+        self.secrets_at_failure.pop(dest, None)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -187,20 +199,52 @@ class ArtifactReconciler:
         loop = asyncio.get_running_loop()
         # Leadership may have been lost and regained: start from a fresh list, not stale memory.
         self.objects, self.groups, self.queue = {}, Groups(), DelayQueue()
-        self.handled, self.copy_wanted, self.attempts = {}, set(), {}
+        self.handled, self.copy_wanted, self.attempts, self.secrets_at_failure = {}, set(), {}, {}
         self.session = RegistrySession(self.config.registry_options())
         self.informer = Informer(self.kube, ARTIFACTS, loop, self.on_event, namespace=self.config.watch_namespace)
         self.informer.start()
         workers = [asyncio.ensure_future(self.worker(i)) for i in range(max(1, self.config.workers))]
-        phase_task = asyncio.ensure_future(self._phase_gauge())
+        helpers = [asyncio.ensure_future(self._phase_gauge()), asyncio.ensure_future(self._watch_secrets())]
         try:
-            await asyncio.gather(*workers, phase_task)
+            await asyncio.gather(*workers, *helpers)
         finally:
             self.informer.stop()
-            for task in [*workers, phase_task, *self._tasks]:
+            for task in [*workers, *helpers, *self._tasks]:
                 task.cancel()
-            await asyncio.gather(*workers, phase_task, *self._tasks, return_exceptions=True)
+            await asyncio.gather(*workers, *helpers, *self._tasks, return_exceptions=True)
             await self.session.close()
+
+    async def _watch_secrets(self, interval: float = 30.0) -> None:
+        while True:
+            await asyncio.sleep(interval * (0.8 + 0.4 * self.rand()))
+            await self.recheck_secrets()
+
+    async def recheck_secrets(self) -> list[str]:
+        """Retry now every destination whose access failure may be fixed: its pull secrets changed."""
+        retried = []
+        for dest, before in list(self.secrets_at_failure.items()):
+            members = self.members(dest)
+            if not members or self.queue.processing(dest):
+                continue
+            if await self._secrets_fingerprint(members) != before:
+                log.info("pull secrets changed: retrying now", extra={"destination": dest})
+                self.secrets_at_failure.pop(dest, None)
+                self.attempts.pop(dest, None)
+                self.queue.add(dest, self.clock())
+                self._wake.set()
+                retried.append(dest)
+        return retried
+
+    async def _secrets_fingerprint(self, members: list[st.ArtifactView]) -> str:
+        digest = hashlib.sha256()
+        for m in members:
+            for name in m.pull_secrets:
+                try:
+                    data = await asyncio.to_thread(self.kube.docker_config, m.namespace, name)
+                except Exception:  # noqa: BLE001 - unknown: as when the copy could not read it
+                    data = b"?"
+                digest.update(_secret_digest(m.namespace, name, data))
+        return digest.hexdigest()
 
     async def _phase_gauge(self) -> None:
         while True:
@@ -272,7 +316,7 @@ class ArtifactReconciler:
         self.copy_wanted.add(dest)
         for m in members:
             await self._write(m, st.Started(str(src), dest))
-        creds, missing = await self._credentials(members, src.host)
+        creds, missing, secrets_fp = await self._credentials(members, src.host)
         started = time.monotonic()
         outcome: st.Outcome
         try:
@@ -294,7 +338,7 @@ class ArtifactReconciler:
                 "copied", extra={"destination": dest, "digest": result.digest, "size": result.size, "seconds": round(result.seconds, 3)}
             )
         elapsed = time.monotonic() - started
-        if isinstance(outcome, st.CopyFailed) and missing and outcome.reason in ("Authentication", "AccessDenied", "NotFound"):
+        if isinstance(outcome, st.CopyFailed) and missing and outcome.reason in ACCESS_REASONS:
             outcome = st.CopyFailed(outcome.reason, f"{outcome.message} (pull secrets not found: {', '.join(missing)})", outcome.temporary)
         result_label = {st.Copied: "ready", st.CopyFailed: "failed", st.Locked: "deferred"}[type(outcome)]
         self.metrics.copies.labels(result_label).inc()
@@ -302,6 +346,7 @@ class ArtifactReconciler:
         for m in self.members(dest):  # fresh: members may have changed during the copy
             await self._write(m, outcome)
         now = self.clock()
+        self.secrets_at_failure.pop(dest, None)
         if isinstance(outcome, st.Copied):
             self.copy_wanted.discard(dest)
             self.attempts.pop(dest, None)
@@ -309,31 +354,36 @@ class ArtifactReconciler:
         if isinstance(outcome, st.Locked):
             return now + st.deferred_delay(self.rand(), cfg.policy)
         assert isinstance(outcome, st.CopyFailed)
+        if outcome.reason in ACCESS_REASONS:
+            self.secrets_at_failure[dest] = secrets_fp  # as read before the copy: no change is missed
         self.metrics.failures.labels(outcome.reason, "temporary" if outcome.temporary else "permanent").inc()
         attempt = self.attempts[dest] = self.attempts.get(dest, 0) + 1
         return now + st.backoff_delay(attempt, outcome.temporary, self.rand(), cfg.policy)
 
-    async def _credentials(self, members: list[st.ArtifactView], host: str) -> tuple[Credentials | None, list[str]]:
-        """Source credentials from the members' pull secrets (first match wins), and the missing ones."""
+    async def _credentials(self, members: list[st.ArtifactView], host: str) -> tuple[Credentials | None, list[str], str]:
+        """Source credentials from the members' pull secrets (first match wins), the missing Secrets,
+        and a fingerprint of every pull secret read (to notice when one is created or fixed)."""
         missing: list[str] = []
+        found: Credentials | None = None
+        fingerprint = hashlib.sha256()
         for m in members:
             for name in m.pull_secrets:
                 try:
                     data = await asyncio.to_thread(self.kube.docker_config, m.namespace, name)
                 except Exception as err:  # noqa: BLE001
                     log.warning("reading pull secret %s/%s failed: %s", m.namespace, name, getattr(err, "status", type(err).__name__))
-                    continue
+                    data = b"?"
+                fingerprint.update(_secret_digest(m.namespace, name, data))
                 if data is None:
                     missing.append(f"{m.namespace}/{name}")
                     continue
+                if found is not None or data == b"?":
+                    continue
                 try:
-                    creds = credentials_from_docker_config(data, host)
+                    found = credentials_from_docker_config(data, host)
                 except ClusterRegistryError as err:
                     log.warning("pull secret %s/%s: %s", m.namespace, name, err.message)
-                    continue
-                if creds is not None:
-                    return creds, missing
-        return None, missing
+        return found, missing, fingerprint.hexdigest()
 
     async def _write(self, m: st.ArtifactView, outcome: st.Outcome) -> None:
         """Write the status after ``outcome`` (only what changed) and the Event of the transition."""
