@@ -273,3 +273,21 @@ async def test_component_loop_creates_adopts_releases_and_reports() -> None:
     await r.reconcile("t/cnf")
     assert f"delete {reference.artifact_name('example.com/cnf/extra:9')}" in kube.calls
     assert kube.objs[("components", "t/cnf")]["status"]["ready"] == "6/6"
+
+
+def test_kstatus_conditions_reconciling_and_stalled() -> None:
+    def types(status: Any) -> dict[str, str]:
+        return {c["type"]: c["status"] for c in status["conditions"]}
+
+    want = cs.desired(["nginx"])
+    s = cs.compute_status({}, 1, want, {}, NOW)
+    assert types(s) == {"Ready": "False", "Reconciling": "True"}
+    arts = {reference.artifact_name("docker.io/library/nginx:latest"): artifact_with(Copied("r/x", "sha256:" + "0" * 64, 1))}
+    s = cs.compute_status(s, 1, want, arts, NOW)
+    assert types(s) == {"Ready": "True"}  # abnormal-true conditions disappear
+    s = cs.compute_status(s, 2, cs.desired(["nginx", "Bad/Name"]), arts, NOW)
+    assert types(s) == {"Ready": "False", "Stalled": "True"}
+    s = cs.compute_status(s, 3, cs.desired([]), {}, NOW, render_error="registry down", render_temporary=True)
+    assert types(s) == {"Ready": "False", "Reconciling": "True"}
+    s = cs.compute_status(s, 3, cs.desired([]), {}, NOW, render_error="chart not found")
+    assert types(s) == {"Ready": "False", "Stalled": "True"}

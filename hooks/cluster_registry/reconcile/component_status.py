@@ -112,8 +112,15 @@ def compute_status(
     artifacts: Mapping[str, Mapping[str, Any]],
     now: float,
     render_error: str | None = None,
+    render_temporary: bool = False,
 ) -> ComponentStatus:
-    """The Component's status from its desired sources and the Artifacts (by name) in its namespace."""
+    """The Component's status from its desired sources and the Artifacts (by name) in its namespace.
+
+    Besides ``Ready``, the kstatus conditions (abnormal-true, present only while true) let Flux and
+    other kstatus readers tell "still working" from "stuck": ``Reconciling`` while images are being
+    copied or retried, ``Stalled`` when only a change to the Component can help (an image that does
+    not parse, a chart that cannot be rendered for a permanent reason).
+    """
     images = [image_state(s, artifacts.get(reference.artifact_name(s))) for s in want.sources]
     for image, why in want.invalid:
         images.append(ImageStatus(sourceArtifact=image, artifact="", phase=Phase.FAILED.value, message=why))
@@ -142,6 +149,12 @@ def compute_status(
     conditions: list[Condition] = set_condition(
         current.get("conditions"), READY, status_value, reason, message, now, generation
     )
+    stalled = reason == "InvalidImage" or (reason == "ChartRenderFailed" and not render_temporary)
+    for type_, on in (("Reconciling", status_value != "True" and not stalled), ("Stalled", stalled)):
+        if on:
+            conditions = set_condition(conditions, type_, "True", reason, message, now, generation)
+        else:
+            conditions = [c for c in conditions if c.get("type") != type_]
     return ComponentStatus(
         observedGeneration=generation,
         ready=f"{ready_count}/{total}",

@@ -264,7 +264,9 @@ class ComponentReconciler:
                 await self._ensure_artifact(comp, body)
             await self._release_unwanted(comp, wanted_names)
         in_ns = {k.split("/", 1)[1]: v for k, v in self.artifacts.items() if k.startswith(ns + "/")}
-        new = cs.compute_status(comp.get("status") or {}, generation, want, in_ns, self.clock(), render_error)
+        new = cs.compute_status(
+            comp.get("status") or {}, generation, want, in_ns, self.clock(), render_error, render_temporary=temporary
+        )
         patch = st.status_patch(comp.get("status") or {}, new)
         if patch is not None:
             obj = await asyncio.to_thread(self.kube.patch_status, COMPONENTS, ns, meta["name"], patch)
