@@ -60,6 +60,7 @@ def run(
     renew_before: dt.timedelta,
     dry_run: bool,
     now: dt.datetime,
+    validity: dt.timedelta = pki.SERVING_VALIDITY,
 ) -> dict[str, Any]:
     """Do the work against the API (blocking) and return the report."""
     from kubernetes import client
@@ -75,7 +76,7 @@ def run(
             if err.status != 404:
                 raise
             current, existing = None, None
-        decision = pki.plan(existing, names, now, renew_before)
+        decision = pki.plan(existing, names, now, renew_before, validity)
         report.update(action=decision.action.value, reason=decision.reason)
         if decision.action is pki.Action.KEEP or dry_run:
             break
@@ -124,6 +125,7 @@ def run(
 @click.option("--service", required=True, help="The webhook's Service (the certificate's DNS names).")
 @click.option("--webhook-configuration", required=True, help="The MutatingWebhookConfiguration to patch.")
 @click.option("--renew-before", default="720h", show_default=True, help="Renew when expiring within this.")
+@click.option("--validity", default="8760h", show_default=True, help="Lifetime of a new serving certificate.")
 @click.option("--namespace", envvar=["CLUSTER_REGISTRY_CERTS_NAMESPACE", "POD_NAMESPACE"], default="", help="Release namespace.")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="Default: in-cluster, then $KUBECONFIG.")
 @click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
@@ -132,6 +134,7 @@ def certs(
     service: str,
     webhook_configuration: str,
     renew_before: str,
+    validity: str,
     namespace: str,
     kubeconfig: str | None,
     dry_run: bool,
@@ -148,8 +151,11 @@ def certs(
         raise click.UsageError("--namespace is required outside a pod")
     try:
         before = pki.parse_duration(renew_before)
+        lifetime = pki.parse_duration(validity)
+        if before >= lifetime:
+            raise ConfigError(f"--renew-before ({renew_before}) must be shorter than --validity ({validity})")
     except ConfigError as err:
-        raise click.BadParameter(str(err), param_hint="--renew-before") from err
+        raise click.BadParameter(str(err), param_hint="--renew-before/--validity") from err
     api = api_client(kubeconfig)
     report = run(
         client.CoreV1Api(api),
@@ -161,6 +167,7 @@ def certs(
         before,
         dry_run,
         dt.datetime.now(dt.timezone.utc),
+        lifetime,
     )
     if dry_run:
         click.echo(f"would {'leave' if report['action'] == 'unchanged' else 'make'} Secret {report['secret']} "

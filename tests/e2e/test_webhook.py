@@ -1,0 +1,299 @@
+"""The webhook against the real API server: the chart's MutatingWebhookConfiguration (URL mode, rendered
+with `helm template`) sends real AdmissionReviews to `cluster-registry webhook` on loopback.
+
+The configuration is scoped by its matchConditions to this module's namespaces
+(`e2e-test-webhook-*`), so the webhook never touches other tests' pods.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+import secrets
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cluster_registry import reference
+from cluster_registry.certs import pki
+from tests.support.cluster import Cluster, CommandError, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "chart"
+KUBE_VERSION = "1.35.4"  # the local control plane reports v0.0.0-master; helm needs a real one
+SCOPE = (
+    "request.namespace.startsWith('e2e-test-webhook-') && !request.namespace.startsWith('e2e-test-webhook-excluded')"
+    " && !request.namespace.startsWith('e2e-test-webhook-down')"
+)
+
+
+@dataclass
+class Hook:
+    proc: subprocess.Popen[bytes]
+    port: int
+    ca: tuple[bytes, bytes]
+    log: Path
+    registry_host: str
+
+    def metrics(self) -> str:
+        ctx = ssl.create_default_context(cadata=self.ca[0].decode())
+        with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/metrics", context=ctx, timeout=5) as r:  # noqa: S310
+            return str(r.read().decode())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_crds(cluster: Cluster) -> None:
+    have = cluster.kubectl("get", "crd", "-o", "name", check=False)
+    if "artifacts.clusterregistry.io" not in have:
+        rendered = cluster.helm("template", "wh-e2e", str(CHART), "--kube-version", KUBE_VERSION, "--show-only", "templates/crds/artifacts.yaml",
+                                "--show-only", "templates/crds/components.yaml")  # fmt: skip
+        cluster.kubectl("apply", "-f", "-", stdin=rendered)
+    cluster.kubectl("wait", "--for=condition=Established", "crd/artifacts.clusterregistry.io", "--timeout=60s")
+
+
+def render_mwc(cluster: Cluster, release: str, url: str, ca_pem: bytes, expression: str, failure_policy: str) -> dict[str, Any]:
+    """The chart's MutatingWebhookConfiguration in URL mode."""
+    v = "global.networkfunctionextension.webhook"
+    out = cluster.helm(
+        "template", release, str(CHART), "--namespace", "cluster-registry-wh-e2e", "--kube-version", KUBE_VERSION,
+        "--show-only", "templates/webhook/mutatingwebhookconfiguration.yaml",
+        "--set", f"{v}.url={url}",
+        "--set", f"{v}.caBundle={base64.b64encode(ca_pem).decode()}",
+        "--set", f"{v}.failurePolicy={failure_policy}",
+        "--set-string", f"{v}.pod.mutation.matchConditionExpression={expression}",
+    )  # fmt: skip
+    doc: dict[str, Any] = yaml.safe_load(out)
+    assert doc["kind"] == "MutatingWebhookConfiguration"
+    assert doc["webhooks"][0]["clientConfig"]["url"] == url
+    return doc
+
+
+def start_webhook(cluster: Cluster, tmp: Path, policy: str) -> Hook:
+    ca = pki.new_ca(dt.datetime.now(dt.timezone.utc))
+    crt, key = pki.new_serving(ca[0], ca[1], ["localhost"], dt.datetime.now(dt.timezone.utc), ip_addresses=["127.0.0.1"])
+    (tmp / "tls.crt").write_bytes(crt)
+    (tmp / "tls.key").write_bytes(key)
+    port = free_port()
+    log = tmp / "webhook.log"
+    argv = [sys.executable, "-m", "cluster_registry", "--log-format", "json", "webhook",
+            "--listen", f"127.0.0.1:{port}", "--tls-cert", str(tmp / "tls.crt"), "--tls-key", str(tmp / "tls.key"),
+            "--registry-host", cluster.cluster_registry, "--rewrite-policy", policy,
+            "--kubeconfig", str(cluster.kubeconfig), "--batch-interval", "0.1"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)})
+    hook = Hook(proc, port, ca, log, cluster.cluster_registry)
+    ctx = ssl.create_default_context(cadata=ca[0].decode())
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/readyz", context=ctx, timeout=2) as r:  # noqa: S310
+            return bool(r.status == 200)
+
+    wait_for(ready, timeout=60, what="webhook /readyz")
+    return hook
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def hook(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hook]:
+    ensure_crds(cluster)
+    h = start_webhook(cluster, tmp_path_factory.mktemp("webhook-e2e"), "WhenReady")
+    release = f"wh-e2e-{secrets.token_hex(3)}"
+    mwc = render_mwc(cluster, release, f"https://127.0.0.1:{h.port}/mutate", h.ca[0], SCOPE, "Fail")
+    cluster.apply(mwc)
+    time.sleep(2)  # the API server picks webhook configurations up asynchronously
+    try:
+        yield h
+    finally:
+        cluster.kubectl("delete", "mutatingwebhookconfiguration", mwc["metadata"]["name"], "--ignore-not-found")
+        stop(h.proc)
+
+
+def pod(name: str, images: list[str], labels: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {"app": name}},
+        "spec": {"containers": [{"name": f"c{i}", "image": im} for i, im in enumerate(images)],
+                 "terminationGracePeriodSeconds": 0, **spec},
+    }  # fmt: skip
+
+
+def images_of(cluster: Cluster, namespace: str, name: str) -> list[str]:
+    got = cluster.kubectl_json("get", "pod", name, "-n", namespace)
+    spec = got["spec"]
+    return [c["image"] for f in ("initContainers", "containers", "ephemeralContainers") for c in spec.get(f) or []]
+
+
+def dry_run_images(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> list[str]:
+    out = json.loads(cluster.kubectl("create", "--dry-run=server", "-n", namespace, "-o", "json", "-f", "-", stdin=json.dumps(manifest)))
+    return [c["image"] for c in out["spec"]["containers"]]
+
+
+def artifacts(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]]:
+    got = cluster.kubectl_json("get", "artifacts.clusterregistry.io", "-n", namespace)
+    return {a["spec"]["sourceArtifact"]: a for a in got["items"]}
+
+
+def set_phase(cluster: Cluster, namespace: str, name: str, phase: str) -> None:
+    cluster.kubectl("patch", "artifacts.clusterregistry.io", name, "-n", namespace, "--subresource=status",
+                    "--type=merge", "-p", json.dumps({"status": {"phase": phase}}))  # fmt: skip
+
+
+def test_webhook_rewrites_ready_images_and_records_artifacts(cluster: Cluster, namespace: str, hook: Hook) -> None:
+    store = cluster.artifact_store
+    src = f"{store}/e2e/upf:1.0"
+    side = f"{store}/e2e/side@sha256:{'ab' * 32}"
+    cluster.kubectl("create", "secret", "docker-registry", "sa-pull", "-n", namespace, f"--docker-server={store}",
+                    "--docker-username=u", "--docker-password=p")  # fmt: skip
+    cluster.kubectl("patch", "serviceaccount", "default", "-n", namespace, "-p", '{"imagePullSecrets": [{"name": "sa-pull"}]}')
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "upf"},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "upf"}},
+            "template": {
+                "metadata": {"labels": {"app": "upf"}},
+                "spec": {"containers": [{"name": "upf", "image": src}, {"name": "side", "image": side}],
+                         "imagePullSecrets": [{"name": "pod-pull"}], "terminationGracePeriodSeconds": 0},
+            },
+        },
+    }  # fmt: skip
+    cluster.apply(deployment, namespace)
+    deploy_uid = cluster.kubectl("get", "deployment", "upf", "-n", namespace, "-o", "jsonpath={.metadata.uid}")
+
+    # WhenReady and nothing Ready yet: pods keep their images, and the Artifacts appear
+    def recorded() -> dict[str, dict[str, Any]] | None:
+        got = artifacts(cluster, namespace)
+        return got if set(got) == {src, side} else None
+
+    arts = wait_for(recorded, timeout=60, what="Artifacts for the Deployment's images")
+    for source, art in arts.items():
+        assert art["metadata"]["name"] == reference.artifact_name(source)
+        assert art["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "cluster-registry"
+        assert art["spec"]["owners"] == [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "upf", "uid": deploy_uid}]
+        assert art["spec"]["pullSecrets"] == ["pod-pull", "sa-pull"]
+    pods = wait_for(lambda: cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "app=upf")["items"] or None,
+                    timeout=60, what="the Deployment's pods")  # fmt: skip
+    for p in pods:
+        assert [c["image"] for c in p["spec"]["containers"]] == [src, side]
+
+    # once an Artifact is Ready, new pods are rewritten to the cluster registry
+    set_phase(cluster, namespace, arts[src]["metadata"]["name"], "Ready")
+    local = str(reference.rewrite(reference.parse(src), hook.registry_host))
+    probe = pod("probe", [src, side])
+    wait_for(lambda: dry_run_images(cluster, namespace, probe) == [local, side], timeout=30,
+             what="the webhook's view to see the Artifact Ready")  # fmt: skip
+    cluster.apply(pod("bare", [src, side], serviceAccountName="default"), namespace)
+    assert images_of(cluster, namespace, "bare") == [local, side]
+    # the opt-out label (objectSelector and the webhook's own check) keeps images as they are
+    cluster.apply(pod("optout", [src], labels={"clusterregistry.io/skip": "true"}), namespace)
+    assert images_of(cluster, namespace, "optout") == [src]
+
+    # the bare pod is recorded as an owner of both Artifacts, next to the Deployment
+    def bare_recorded() -> bool:
+        return all(any(o["kind"] == "Pod" and o["name"] == "bare" for o in a["spec"].get("owners", []))
+                   for a in artifacts(cluster, namespace).values())  # fmt: skip
+
+    wait_for(bare_recorded, timeout=30, what="the bare pod among the owners")
+
+    # ephemeral containers (pods/ephemeralcontainers UPDATE) are rewritten too
+    patch = {"spec": {"ephemeralContainers": [{"name": "debug", "image": src, "targetContainerName": "c0"}]}}
+    cluster.kubectl("patch", "pod", "bare", "-n", namespace, "--subresource=ephemeralcontainers", "--type=strategic",
+                    "-p", json.dumps(patch))  # fmt: skip
+    assert images_of(cluster, namespace, "bare") == [local, side, local]
+
+    # a rollout of the Deployment to 20 replicas writes no Artifact again (the view already holds it all)
+    before = hook.metrics()
+    cluster.kubectl("scale", "deployment", "upf", "-n", namespace, "--replicas=20")
+    wait_for(lambda: len(cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "app=upf")["items"]) >= 20,
+             timeout=60, what="20 pods")  # fmt: skip
+    time.sleep(1)
+
+    def writes(text: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("cluster_registry_webhook_artifact_api_writes{"))  # fmt: skip
+
+    assert writes(hook.metrics()) == writes(before)
+    new_pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "app=upf")["items"]
+    assert sum(p["spec"]["containers"][0]["image"] == local for p in new_pods) >= 17
+
+
+def test_webhook_dry_run_records_nothing(cluster: Cluster, namespace: str, hook: Hook) -> None:
+    src = f"{cluster.artifact_store}/e2e/dry:{secrets.token_hex(3)}"
+    assert dry_run_images(cluster, namespace, pod("dry", [src])) == [src]
+    cluster.apply(pod("real", ["busybox:1.36"]), namespace)  # a real one after it, as a marker
+    wait_for(lambda: "docker.io/library/busybox:1.36" in artifacts(cluster, namespace), timeout=30, what="marker Artifact")
+    assert reference.normalize(src) not in artifacts(cluster, namespace)
+
+
+def test_webhook_excluded_namespace_is_left_alone(cluster: Cluster, namespace: str, hook: Hook) -> None:
+    assert namespace.startswith("e2e-test-webhook-excluded")
+    src = f"{cluster.artifact_store}/e2e/upf:1.0"
+    # even an Always-style decision would not apply: the API server never calls the webhook here
+    cluster.apply(pod("p", [src]), namespace)
+    time.sleep(2)
+    assert images_of(cluster, namespace, "p") == [src]
+    assert artifacts(cluster, namespace) == {}
+
+
+def test_webhook_down_with_failure_policy_ignore(cluster: Cluster, namespace: str) -> None:
+    """Nothing listens at the URL: Fail rejects the pod (so the webhook is consulted), Ignore admits it unchanged."""
+    assert namespace.startswith("e2e-test-webhook-down")
+    port = free_port()  # closed
+    ca = pki.new_ca(dt.datetime.now(dt.timezone.utc))
+    release = f"wh-down-{secrets.token_hex(3)}"
+    expression = f"request.namespace == '{namespace}'"
+    src = f"{cluster.artifact_store}/e2e/upf:1.0"
+    mwc = render_mwc(cluster, release, f"https://127.0.0.1:{port}/mutate", ca[0], expression, "Fail")
+    name = mwc["metadata"]["name"]
+    try:
+        cluster.apply(mwc)
+
+        def rejected() -> bool:
+            try:
+                cluster.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", stdin=json.dumps(pod("x", [src])))
+                return False
+            except CommandError as err:
+                return "pods.clusterregistry.io" in str(err)
+
+        wait_for(rejected, timeout=30, what="failurePolicy Fail to reject while the webhook is down")
+        mwc["webhooks"][0]["failurePolicy"] = "Ignore"
+        cluster.apply(mwc)
+
+        def admitted() -> bool:
+            try:
+                cluster.apply(pod("p", [src]), namespace)
+                return True
+            except CommandError:
+                return False
+
+        wait_for(admitted, timeout=30, what="failurePolicy Ignore to admit while the webhook is down")
+        assert images_of(cluster, namespace, "p") == [src]
+    finally:
+        cluster.kubectl("delete", "mutatingwebhookconfiguration", name, "--ignore-not-found")
