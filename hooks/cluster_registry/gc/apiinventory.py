@@ -86,7 +86,14 @@ async def _inventory(base: str, auth: BasicAuth | None, concurrency: int) -> tup
     return out, sizes
 
 
+def inventory_sizes(
+    base_url: str, auth: BasicAuth | None = None, concurrency: int = 16
+) -> tuple[list[Manifest], dict[str, int]]:
+    """(every tagged manifest and its platform manifests, digest -> size of every blob they name)."""
+    return asyncio.run(_inventory(base_url.rstrip("/"), auth, concurrency))
+
+
 def inventory(base_url: str, auth: BasicAuth | None = None, concurrency: int = 16) -> tuple[list[Manifest], int]:
     """(every tagged manifest and its platform manifests, bytes of the blobs they name)."""
-    manifests, sizes = asyncio.run(_inventory(base_url.rstrip("/"), auth, concurrency))
+    manifests, sizes = inventory_sizes(base_url, auth, concurrency)
     return manifests, sum(sizes.values())

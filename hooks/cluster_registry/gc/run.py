@@ -64,6 +64,7 @@ class Report:
     gatesAcked: int = 0
     drainSeconds: float = 0.0
     sweepSeconds: float = 0.0
+    sweepCpuSeconds: float = 0.0  # user + system time of the sweep process (wall time suffers on a busy node)
     windowSeconds: float = 0.0
     runSeconds: float = 0.0
     error: str = ""
@@ -71,7 +72,7 @@ class Report:
 
     def as_dict(self, with_lists: bool = False) -> dict[str, Any]:
         out = dict(vars(self))
-        for k in ("drainSeconds", "sweepSeconds", "windowSeconds", "runSeconds", "usagePercent"):
+        for k in ("drainSeconds", "sweepSeconds", "sweepCpuSeconds", "windowSeconds", "runSeconds", "usagePercent"):
             out[k] = round(out[k], 3)
         if not with_lists:
             out.pop("deleted")
@@ -80,17 +81,22 @@ class Report:
         return out
 
 
-def usage_bytes(opts: Options) -> int:
+def blob_sizes(opts: Options) -> dict[str, int]:
+    """digest -> size of what the registry stores (filesystem), or of what its tagged images name (API)."""
     if opts.storage_root:
-        return storage.usage(opts.storage_root).bytes
-    return apiinventory.inventory(opts.registry_url, opts.credentials)[1]
+        return storage.blob_sizes(opts.storage_root)
+    return apiinventory.inventory_sizes(opts.registry_url, opts.credentials)[1]
+
+
+def usage_bytes(opts: Options) -> int:
+    return sum(blob_sizes(opts).values())
 
 
 def gather(view: ClusterView, opts: Options, now: datetime) -> tuple[Inputs, list[Manifest]]:
     if opts.storage_root:
         manifests = storage.inventory(opts.storage_root)
     else:
-        manifests = apiinventory.inventory(opts.registry_url, opts.credentials)[0]
+        manifests = apiinventory.inventory_sizes(opts.registry_url, opts.credentials)[0]
     workloads = view.workloads()
     artifacts = view.artifacts()
     components = view.components()
@@ -123,7 +129,8 @@ def run_once(opts: Options, api: client.ApiClient) -> Report:
 
 
 def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
-    used = usage_bytes(opts)
+    sizes = blob_sizes(opts)
+    used = sum(sizes.values())
     dec = decide(used, opts.storage_size, opts.threshold)
     rep.usageBytes, rep.usagePercent = used, dec.percent
     if not dec.run:
@@ -152,9 +159,8 @@ def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
     log.info("soft delete starting", extra={"manifests": len(sel.delete_manifests), "artifacts": len(sel.delete_artifacts)})
     _soft_delete(opts, view, sel, rep)
     if opts.sweep:
-        _window(opts, api, rep)
-    else:
-        rep.usageBytesAfter = usage_bytes(opts)
+        _window(opts, api, rep, sizes)
+    rep.usageBytesAfter = usage_bytes(opts)
 
 
 def _soft_delete(opts: Options, view: ClusterView, sel: Selection, rep: Report) -> None:
@@ -181,8 +187,12 @@ def _soft_delete(opts: Options, view: ClusterView, sel: Selection, rep: Report) 
     log.info("soft delete done", extra={"manifests": rep.manifestsDeleted, "artifacts": rep.artifactsDeleted})
 
 
-def _window(opts: Options, api: client.ApiClient, rep: Report) -> None:
-    """The read-only window: take the lock, wait for every gate to drain, sweep, release."""
+def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, int]) -> None:
+    """The read-only window: take the lock, wait for every gate to drain, sweep, release.
+
+    Nothing but the sweep itself runs inside it: bytes freed are the sizes (read at the start of the
+    run) of the blobs the sweep deleted, so a blob first written after that read and swept as an
+    unfinished upload is not counted."""
     if not opts.registry_config and not opts.storage_root:
         raise ConfigError("the sweep needs --registry-config (the registry's own config) or --storage-root")
     config = opts.registry_config or sweep.default_config(str(opts.storage_root))
@@ -192,13 +202,11 @@ def _window(opts: Options, api: client.ApiClient, rep: Report) -> None:
     try:
         drained = lock.wait_drained(opts.drain_timeout)
         rep.gatesAcked, rep.drainSeconds = len(drained.acked), drained.seconds
-        before = usage_bytes(opts)
         res = sweep.run(config, binary=opts.registry_binary, keep_going=lock.safe)
         if not lock.safe():
             raise TemporaryError("the write lock lapsed during the sweep")
-        after = usage_bytes(opts)
-        rep.blobsDeleted, rep.sweepSeconds = res.blobs_deleted, res.seconds
-        rep.bytesFreed, rep.usageBytesAfter = max(0, before - after), after
+        rep.blobsDeleted, rep.sweepSeconds, rep.sweepCpuSeconds = res.blobs_deleted, res.seconds, res.cpu_seconds
+        rep.bytesFreed = sum(sizes.get(d, 0) for d in res.deleted_digests)
     finally:
         lock.release()
         rep.windowSeconds = time.monotonic() - w0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import re
+import resource
 import signal
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ class SweepResult:
     manifests_deleted: int = 0
     deleted_digests: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
 
 def registry_binary(explicit: str | None = None) -> str:
@@ -84,6 +86,7 @@ def run(
         argv.append("--dry-run")
     argv.append(config)
     start = time.monotonic()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         while proc.poll() is None:
@@ -99,4 +102,6 @@ def run(
         raise TemporaryError(f"registry garbage-collect failed (exit {proc.returncode})", detail=tail)
     res = parse_output(text)
     res.seconds = time.monotonic() - start
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res.cpu_seconds = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return res
