@@ -112,7 +112,7 @@ class Cluster:
 
     def pod_logs(self, namespace: str, pod: str, container: str) -> str:
         """Output of a container the node agent runs for real ("" when it has none yet)."""
-        base = STATE / "nodeagent" / "pods"
+        base = STATE / "nodeagent" / "logs"
         for d in base.glob(f"{namespace}_{pod}_*"):
             path = d / f"{container}.log"
             if path.exists():

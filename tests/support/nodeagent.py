@@ -18,14 +18,15 @@ the others) and, for every pod bound to them:
 * any other pod on these nodes is simulated the way kwok's default stages do (Running and Ready,
   Job pods Succeeded).
 
-Networking, per pod: a network namespace with a veth pair (no bridge, no NAT, no forwarding). The pod
-IP comes from 198.18.0.0/17 and is routed on the host to the pod's veth, so the API server reaches a
-webhook at its EndpointSlice address (``--enable-aggregator-routing``). Inside the pod, the service
-CIDR is local: the agent listens on every Service's ClusterIP:port in each pod's namespace and
-forwards to a ready endpoint (``kubernetes`` goes to the API server on 127.0.0.1), and the pod's
-``/etc/hosts`` maps ``<svc>.<ns>.svc.cluster.local`` (and shorter forms) to ClusterIPs.
+Networking, per pod: a network namespace with two veth pairs (no bridge, no NAT, no forwarding). The
+pod IP comes from 198.18.0.0/17 and is routed on the host to the pod's ``eth0``, so the API server and
+the probes reach the pod at its EndpointSlice address (webhooks through ``--enable-aggregator-routing``).
+``eth1`` leads to one shared services namespace where the whole service CIDR is local: the agent
+listens there on every Service's ClusterIP:port and forwards each connection to a ready endpoint
+(``kubernetes`` goes to the API server on 127.0.0.1). Each pod's ``/etc/hosts`` maps
+``<svc>.<ns>.svc.cluster.local`` (and the shorter forms) to ClusterIPs.
 
-Container output goes to ``.cache/localcluster/nodeagent/pods/<ns>_<pod>_<uid>/<container>.log``
+Container output goes to ``.cache/localcluster/nodeagent/logs/<ns>_<pod>_<uid>/<container>.log``
 (``tests.support.cluster.Cluster.pod_logs`` reads it) and, through the agent's kubelet-style HTTPS
 endpoint, to ``kubectl logs``.
 """
@@ -67,7 +68,9 @@ POD_NET = ipaddress.ip_network("198.18.0.0/17")
 GATEWAY = "198.18.0.1"  # the host side of every pod's veth
 SERVICE_CIDR = "198.19.0.0/16"
 NETNS_PREFIX = "crpod-"
+SERVICES_NETNS = "crsvc"
 VETH_PREFIX = "crv"
+SVC_VETH_PREFIX = "crs"
 BACKOFF_START = 10.0
 BACKOFF_MAX = 300.0
 
@@ -179,14 +182,38 @@ class IPAM:
                     return addr
         raise RuntimeError("pod IP pool exhausted")
 
+    def claim(self, addr: str | None) -> str:
+        """ADDR when the pod already has it (pod IPs never change), else a fresh one."""
+        if addr and ipaddress.ip_address(addr) in POD_NET and addr != GATEWAY:
+            with self.lock:
+                if addr not in self.used:
+                    self.used.add(addr)
+                    return addr
+        return self.allocate()
+
     def release(self, addr: str) -> None:
         with self.lock:
             self.used.discard(addr)
 
 
+def create_services_network() -> None:
+    """The namespace where Service ClusterIPs live: the whole service CIDR is local there.
+
+    Keeping the ClusterIP listeners out of the pods' own namespaces leaves every port free for the
+    pod's processes (a process binding 0.0.0.0:5000 must not collide with Service port 5000).
+    """
+    delete_pod_network(SERVICES_NETNS)
+    ip("netns", "add", SERVICES_NETNS)
+    ip("-n", SERVICES_NETNS, "link", "set", "lo", "up")
+    ip("-n", SERVICES_NETNS, "route", "add", "local", SERVICE_CIDR, "dev", "lo")
+
+
 def create_pod_network(uid: str, pod_ip: str) -> tuple[str, str]:
+    """Pod namespace with eth0 (veth to the host: the pod IP, reached by the API server and probes)
+    and eth1 (veth to the services namespace: the route for ClusterIPs). No default route."""
     netns = NETNS_PREFIX + uid[:13]
     veth = VETH_PREFIX + uid[:12]
+    sveth = SVC_VETH_PREFIX + uid[:12]
     delete_pod_network(netns)
     ip("netns", "add", netns)
     ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
@@ -196,8 +223,12 @@ def create_pod_network(uid: str, pod_ip: str) -> tuple[str, str]:
     ip("-n", netns, "addr", "add", f"{pod_ip}/32", "dev", "eth0")
     ip("-n", netns, "link", "set", "eth0", "up")
     ip("-n", netns, "route", "add", f"{GATEWAY}/32", "dev", "eth0")
-    ip("-n", netns, "route", "add", "local", SERVICE_CIDR, "dev", "lo")
     ip("route", "replace", f"{pod_ip}/32", "dev", veth, "src", GATEWAY)
+    ip("-n", SERVICES_NETNS, "link", "add", sveth, "type", "veth", "peer", "name", "eth1", "netns", netns)
+    ip("-n", SERVICES_NETNS, "link", "set", sveth, "up")
+    ip("-n", SERVICES_NETNS, "route", "add", f"{pod_ip}/32", "dev", sveth)
+    ip("-n", netns, "link", "set", "eth1", "up")
+    ip("-n", netns, "route", "add", SERVICE_CIDR, "dev", "eth1", "src", pod_ip)
     return netns, veth
 
 
@@ -253,7 +284,7 @@ class Agent:
         self.view = ServiceView()
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="proxy-loop", daemon=True)
-        self.ca_pem = ""
+        self.listeners: dict[tuple[str, int], tuple[tuple[str, str, str], asyncio.AbstractServer]] = {}
 
     # -- nodes ------------------------------------------------------------------------------------
 
@@ -365,8 +396,50 @@ class Agent:
                 self.view.version += 1
                 workers = list(self.workers.values())
         if changed:
+            self.sync_listeners(svcs)
             for w in workers:
                 w.network_changed()
+
+    def sync_listeners(self, services: dict[tuple[str, str], dict[str, Any]]) -> None:
+        """One listener per Service ClusterIP:port in the services namespace."""
+        wanted = {(s["ip"], int(p["port"])): (ns, name, p["name"])
+                  for (ns, name), s in services.items() for p in s["ports"] if p["protocol"] == "TCP"}
+        for key in [k for k in self.listeners if k not in wanted or self.listeners[k][0] != wanted[k]]:
+            _, server = self.listeners.pop(key)
+            self.loop.call_soon_threadsafe(server.close)
+        for key, target in wanted.items():
+            if key in self.listeners:
+                continue
+            try:
+                sock = socket_in_netns(SERVICES_NETNS)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(key)
+                sock.listen(128)
+                sock.setblocking(False)
+            except OSError as e:
+                log.warning("listen %s:%d for %s/%s: %s", key[0], key[1], target[0], target[1], e)
+                continue
+            fut = asyncio.run_coroutine_threadsafe(self.serve(sock, target), self.loop)
+            self.listeners[key] = (target, fut.result(10))
+
+    async def serve(self, sock: socket.socket, target: tuple[str, str, str]) -> asyncio.AbstractServer:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            ns, name, port_name = target
+            if (ns, name) == ("default", "kubernetes"):
+                dest: tuple[str, int] | None = self.apiserver
+            else:
+                dest = self.pick_endpoint(ns, name, port_name)
+            if dest is None:
+                writer.close()
+                return
+            try:
+                r2, w2 = await asyncio.wait_for(asyncio.open_connection(*dest), 5)
+            except (OSError, asyncio.TimeoutError):
+                writer.close()
+                return
+            await asyncio.gather(pump(reader, w2), pump(r2, writer))
+
+        return await asyncio.start_server(handle, sock=sock)
 
     def pick_endpoint(self, ns: str, svc: str, port_name: str) -> tuple[str, int] | None:
         with self.lock:
@@ -496,6 +569,7 @@ class Agent:
         """Remove network namespaces and processes a previous agent left behind."""
         for ns in Path("/run/netns").glob(NETNS_PREFIX + "*") if Path("/run/netns").exists() else []:
             delete_pod_network(ns.name)
+        delete_pod_network(SERVICES_NETNS)
         for pidfile in (self.state / "pods").glob("*/*.pid"):
             try:
                 pid = int(pidfile.read_text().split()[0])
@@ -505,12 +579,17 @@ class Agent:
             except (OSError, ValueError):
                 pass
         shutil.rmtree(self.state / "pods", ignore_errors=True)
+        cutoff = time.time() - 6 * 3600
+        for d in (self.state / "logs").glob("*") if (self.state / "logs").exists() else []:
+            if d.stat().st_mtime < cutoff:
+                shutil.rmtree(d, ignore_errors=True)
 
     def run(self) -> None:
         (self.state / "pods").mkdir(parents=True, exist_ok=True)
         self.cleanup_stale()
         self.start_log_server()
         self.loop_thread.start()
+        create_services_network()
         self.discover_nodes()
         self.heartbeat()
         self.refresh_services()
@@ -595,7 +674,6 @@ class PodWorker(threading.Thread):
         self.conditions: dict[str, str] = {}
         self.transitions: dict[str, str] = {}
         self.last_status: dict[str, Any] | None = None
-        self.listeners: dict[tuple[str, int], asyncio.AbstractServer] = {}
         self.volume_dirs: dict[str, Path] = {}
         self.token_expiry: dict[str, float] = {}
         self.next_volume_sync = 0.0
@@ -632,7 +710,8 @@ class PodWorker(threading.Thread):
             self.cond.notify_all()
 
     def log_path(self, container: str) -> Path:
-        return self.dir / f"{container}.log"
+        """Container output; kept after the pod is gone (pruned when the agent starts)."""
+        return self.agent.state / "logs" / f"{self.ns}_{self.name}_{self.uid}" / f"{container}.log"
 
     # -- main loop --------------------------------------------------------------------------------
 
@@ -655,7 +734,7 @@ class PodWorker(threading.Thread):
 
     def run_simulated(self) -> None:
         """kwok's default stages: Running and Ready at once; Job pods then Succeeded."""
-        self.pod_ip = self.agent.ipam.allocate()
+        self.pod_ip = self.agent.ipam.claim(self.pod.get("status", {}).get("podIP"))
         containers = self.pod["spec"].get("containers", [])
         job = any(o.get("kind") == "Job" for o in self.pod["metadata"].get("ownerReferences") or [])
         stamp = now_iso()
@@ -689,7 +768,7 @@ class PodWorker(threading.Thread):
                     setattr(c, kind, Probe(p))
         self.conditions = {"PodScheduled": "True", "PodReadyToStartContainers": "False", "Initialized": "False",
                            "ContainersReady": "False", "Ready": "False"}
-        self.pod_ip = self.agent.ipam.allocate()
+        self.pod_ip = self.agent.ipam.claim(self.pod.get("status", {}).get("podIP"))
         self.netns, _ = create_pod_network(self.uid, self.pod_ip)
         self.conditions["PodReadyToStartContainers"] = "True"
         self.sync_network()
@@ -825,6 +904,7 @@ class PodWorker(threading.Thread):
         }
         spec_path = run_dir / "spec.json"
         spec_path.write_text(json.dumps(spec))
+        self.log_path(c.name).parent.mkdir(parents=True, exist_ok=True)
         logf = open(self.log_path(c.name), "ab")
         proc = subprocess.Popen(
             [sys.executable, str(SANDBOX), str(spec_path)], stdin=subprocess.DEVNULL, stdout=logf,
@@ -1120,7 +1200,6 @@ class PodWorker(threading.Thread):
             return
         with self.agent.lock:
             version = self.agent.view.version
-            services = dict(self.agent.view.services)
         if version == self.net_version:
             return
         self.net_version = version
@@ -1132,46 +1211,6 @@ class PodWorker(threading.Thread):
                        f"search {self.ns}.svc.cluster.local svc.cluster.local cluster.local\n"
                        "nameserver 127.0.0.53\noptions ndots:5 attempts:1 timeout:1\n")
         write_in_place(etc / "hostname", hostname + "\n")
-        wanted = {(s["ip"], int(p["port"])): (ns, name, p["name"])
-                  for (ns, name), s in services.items() for p in s["ports"] if p["protocol"] == "TCP"}
-        for key in [k for k in self.listeners if k not in wanted]:
-            server = self.listeners.pop(key)
-            self.agent.loop.call_soon_threadsafe(server.close)
-        for key, target in wanted.items():
-            if key in self.listeners:
-                continue
-            try:
-                sock = socket_in_netns(self.netns)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(key)
-                sock.listen(64)
-                sock.setblocking(False)
-            except OSError as e:
-                log.warning("%s/%s: listen %s:%d: %s", self.ns, self.name, key[0], key[1], e)
-                continue
-            fut = asyncio.run_coroutine_threadsafe(self.serve(sock, target), self.agent.loop)
-            self.listeners[key] = fut.result(10)
-
-    async def serve(self, sock: socket.socket, target: tuple[str, str, str]) -> asyncio.AbstractServer:
-        agent = self.agent
-
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            ns, name, port_name = target
-            if (ns, name) == ("default", "kubernetes"):
-                dest: tuple[str, int] | None = agent.apiserver
-            else:
-                dest = agent.pick_endpoint(ns, name, port_name)
-            if dest is None:
-                writer.close()
-                return
-            try:
-                r2, w2 = await asyncio.wait_for(asyncio.open_connection(*dest), 5)
-            except (OSError, asyncio.TimeoutError):
-                writer.close()
-                return
-            await asyncio.gather(pump(reader, w2), pump(r2, writer))
-
-        return await asyncio.start_server(handle, sock=sock)
 
     def prepare_volumes(self) -> None:
         vdir = self.dir / "volumes"
@@ -1372,7 +1411,7 @@ class PodWorker(threading.Thread):
             if e.status == 404:
                 self.vanished()
             elif e.status != 409:
-                log.warning("%s/%s: status patch: %s %s", self.ns, self.name, e.status, e.reason)
+                log.warning("%s/%s: status patch: %s %s %s", self.ns, self.name, e.status, e.reason, e.body)
 
     def event(self, etype: str, reason: str, message: str) -> None:
         try:
@@ -1407,9 +1446,6 @@ class PodWorker(threading.Thread):
     def teardown(self) -> None:
         if getattr(self, "containers", None):
             self.stop_all(0)
-        for server in self.listeners.values():
-            self.agent.loop.call_soon_threadsafe(server.close)
-        self.listeners.clear()
         if self.netns:
             delete_pod_network(self.netns)
         if self.pod_ip:
