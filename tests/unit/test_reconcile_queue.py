@@ -55,3 +55,61 @@ def test_groups_dedupe_by_destination() -> None:
     g.set("ns2/a", None)
     assert g.members("reg/x:1") == [] and "reg/x:1" not in g.destinations()
     assert g.dest("ns2/b") == "reg/y:1" and g.keys() == ["ns1/a", "ns2/b"]
+
+
+# --- the informer's list/watch/relist logic, with a scripted API ----------------------------------
+
+import asyncio  # noqa: E402
+from typing import Any, Iterator  # noqa: E402
+
+from kubernetes.client.exceptions import ApiException  # noqa: E402
+
+from cluster_registry.reconcile.kubeio import Informer  # noqa: E402
+
+
+def obj(name: str, rv: int) -> dict[str, Any]:
+    return {"metadata": {"namespace": "n", "name": name, "resourceVersion": str(rv)}}
+
+
+class ScriptedApi:
+    def __init__(self) -> None:
+        self.lists = [([obj("a", 1), obj("b", 2)], "2"), ([obj("b", 5), obj("c", 6)], "6")]
+        self.watch_calls: list[str] = []
+        self.informer: Informer | None = None
+
+    def list(self, plural: str, label_selector: str | None, namespace: str | None) -> tuple[list[dict[str, Any]], str]:
+        return self.lists.pop(0)
+
+    def watch(self, plural: str, rv: str, selector: str | None, timeout: int, stopper: Any, namespace: str | None
+              ) -> Iterator[tuple[str, dict[str, Any]]]:
+        self.watch_calls.append(rv)
+        if len(self.watch_calls) == 1:
+            yield "MODIFIED", obj("a", 3)
+            yield "BOOKMARK", {"metadata": {"resourceVersion": "4"}}
+            return  # the server closed the watch: resume from the bookmark's version
+        if len(self.watch_calls) == 2:
+            raise ApiException(status=410, reason="Gone")  # too old: relist
+        assert self.informer is not None
+        self.informer.stop()
+        yield "ADDED", obj("d", 7)
+
+
+async def test_informer_resumes_from_bookmarks_relists_on_410_and_reports_vanished_objects() -> None:
+    api = ScriptedApi()
+    seen: list[tuple[str, str]] = []
+    loop = asyncio.get_running_loop()
+
+    def on_event(type_: str, o: dict[str, Any]) -> None:
+        seen.append((type_, o["metadata"]["name"]))
+
+    informer = Informer(api, "artifacts", loop, on_event)  # type: ignore[arg-type]
+    api.informer = informer
+    informer.start()
+    assert informer._thread is not None
+    await asyncio.to_thread(informer._thread.join, 10)
+    await asyncio.sleep(0.05)  # let call_soon_threadsafe callbacks run
+    assert api.watch_calls == ["2", "4", "6"]
+    assert seen[:3] == [("ADDED", "a"), ("ADDED", "b"), ("MODIFIED", "a")]
+    assert sorted(seen[3:]) == [("ADDED", "b"), ("ADDED", "c"), ("DELETED", "a")]  # relist: a vanished
+    assert informer.synced.is_set() and sorted(informer.cache) == ["n/b", "n/c", "n/d"]
+    assert ("ADDED", "d") not in seen  # nothing is delivered once stopped
