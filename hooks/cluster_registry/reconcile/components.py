@@ -46,6 +46,7 @@ class Config:
     policy: st.BackoffPolicy = st.BackoffPolicy(base=5, cap=300, permanent_base=60, permanent_cap=900)
     identity: str = "component-reconciler"
     watch_namespace: str | None = None  # None: every namespace
+    kube_version: str | None = None  # for helm template; None: ask the API server
 
 
 def _rv(obj: Obj) -> int:
@@ -81,6 +82,7 @@ class ComponentReconciler:
         self.synced = False
         self._wake = asyncio.Event()
         self._informers: list[Informer] = []
+        self.kube_version: str | None = None
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -121,6 +123,8 @@ class ComponentReconciler:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.components, self.artifacts, self.queue, self.attempts = {}, {}, DelayQueue(), {}
+        if self.kube_version is None:
+            self.kube_version = self.config.kube_version or await asyncio.to_thread(self.kube.server_version)
         self.synced = False
         self._informers = [
             Informer(
@@ -242,6 +246,7 @@ class ComponentReconciler:
             docker_configs=configs,
             plain_http=helm.chart_host(ref) in self.config.insecure_registries,
             ca_file=self.config.ca_bundle,
+            kube_version=self.kube_version,
             timeout=self.config.render_timeout,
         )
 

@@ -69,6 +69,7 @@ async def template(
     docker_configs: Iterable[bytes] = (),
     plain_http: bool = False,
     ca_file: str | None = None,
+    kube_version: str | None = None,
     timeout: float = 120.0,
 ) -> str:
     """``helm template`` output (YAML). Raises TemporaryError (registry away) or PermanentError."""
@@ -90,6 +91,8 @@ async def template(
             cmd.append("--plain-http")
         if ca_file:
             cmd += ["--ca-file", ca_file]
+        if kube_version:  # else helm assumes an old Kubernetes and kubeVersion constraints fail
+            cmd += ["--kube-version", kube_version]
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": tmp,

@@ -10,6 +10,7 @@ import base64
 import datetime as dt
 import logging
 import random
+import re
 import threading
 import time
 import uuid
@@ -102,6 +103,18 @@ class Kube:
         except ApiException as err:
             if err.status != 404:
                 raise
+
+    def server_version(self) -> str | None:
+        """The API server's version as ``v1.35.4`` (for ``helm template --kube-version``), or None."""
+        try:
+            info = client.VersionApi(self.api).get_code()
+        except Exception:  # noqa: BLE001 - unknown version: helm's default applies
+            return None
+        match = re.match(r"v?(\d+)\.(\d+)\.(\d+)", str(getattr(info, "git_version", "") or ""))
+        if not match or match.group(1) == "0":
+            major, minor = str(getattr(info, "major", "")), re.sub(r"\D", "", str(getattr(info, "minor", "")))
+            return f"v{major}.{minor}.0" if major.isdigit() and minor and major != "0" else None
+        return f"v{match.group(1)}.{match.group(2)}.{match.group(3)}"
 
     # -- secrets and events ---------------------------------------------------------------------------
 
