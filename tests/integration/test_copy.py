@@ -174,7 +174,7 @@ async def test_token_auth(tmp_path: Path, dst: Registry) -> None:
         sig = push_signature(sp, "org/app", img.digest)
         ts.requests.clear()
         r = await copy(f"{src.host}/org/app:1", f"{dst.host}/org/app:1", src.host, dst.host,
-                       src_auth=Credentials("reader", "tok-pw"))
+                       src_auth=Credentials("reader", "tok-pw"), options=CopyOptions(thread_threshold=0))
         assert r.digest == img.digest and sig.digest in r.attached
         assert_copied(sp, Pusher(dst.host), img, "org/app")
         # one token for the whole copy: pull scope on the source repository only
@@ -191,8 +191,12 @@ async def test_tls_with_ca_bundle(tmp_path: Path, src: Registry) -> None:
         img = push_image(Pusher(src.host), "app", "1", layers=[20_000], seed=4)
         async with RegistrySession(options(src.host, ca_bundle=str(dst.ca_file))) as s:
             r = await copy(f"{src.host}/app:1", f"{dst.host}/app:1", session=s)
-        assert r.digest == img.digest
+            # the worker-thread blob path speaks TLS with the same CA bundle
+            r2 = await copy(f"{src.host}/app:1", f"{dst.host}/threads:1", session=s,
+                            options=CopyOptions(thread_threshold=0, mount=False))
+        assert r.digest == img.digest and r2.blobs_copied == 2
         assert_copied(Pusher(src.host), Pusher(dst.host, ca_file=str(dst.ca_file)), img, "app")
+        assert_copied(Pusher(src.host), Pusher(dst.host, ca_file=str(dst.ca_file)), img, "threads")
         with pytest.raises(TLSError) as err:
             await copy(f"{src.host}/app:1", f"{dst.host}/app:1", src.host)
         assert "--ca-bundle" in str(err.value)

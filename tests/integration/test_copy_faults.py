@@ -10,6 +10,7 @@ import pytest
 
 from cluster_registry import reference
 from cluster_registry.oci import (
+    CopyOptions,
     CorruptBlobError,
     RateLimitedError,
     RegistryOptions,
@@ -41,10 +42,17 @@ def dst(tmp_path: Path) -> Iterator[Registry]:
         yield reg
 
 
-async def run_copy(proxy: FaultProxy, dst: Registry, retry: RetryPolicy = RETRY) -> CopyResult:
+async def run_copy(proxy: FaultProxy, dst: Registry, retry: RetryPolicy = RETRY, threads: bool = False) -> CopyResult:
+    """``threads``: stream every blob on worker threads (``blobio``) instead of the event loop."""
     opts = RegistryOptions(insecure_hosts=frozenset({proxy.host, dst.host}), retry=retry)
     async with RegistrySession(opts) as s:
-        return await copy_image(reference.parse(f"{proxy.host}/app:1"), reference.parse(f"{dst.host}/app:1"), session=s)
+        return await copy_image(
+            reference.parse(f"{proxy.host}/app:1"), reference.parse(f"{dst.host}/app:1"), session=s,
+            options=CopyOptions(thread_threshold=0 if threads else -1),
+        )
+
+
+THREADS = pytest.mark.parametrize("threads", [False, True], ids=["loop", "threads"])
 
 
 @pytest.mark.parametrize(
@@ -58,10 +66,14 @@ async def run_copy(proxy: FaultProxy, dst: Registry, retry: RetryPolicy = RETRY)
     ],
     ids=["429-retry-after", "5xx", "reset", "truncate", "flipped-byte-once"],
 )
-async def test_transient_faults_are_survived(src: tuple[Registry, Image], dst: Registry, faults: list[Fault]) -> None:
+@THREADS
+async def test_transient_faults_are_survived(
+    src: tuple[Registry, Image], dst: Registry, faults: list[Fault], threads: bool
+) -> None:
     reg, img = src
+    faults = [Fault(f.kind, f.match, f.times, f.status, f.retry_after) for f in faults]  # fresh hit counts
     with FaultProxy(reg.url, faults) as proxy:
-        result = await run_copy(proxy, dst)
+        result = await run_copy(proxy, dst, threads=threads)
         injected = [entry for entry in proxy.log if entry[2] in {f.kind for f in faults}]
     assert all(f.hits == f.times for f in faults), "every fault was injected"
     assert len(injected) == sum(f.times for f in faults)
@@ -86,13 +98,15 @@ async def test_retry_after_is_honoured(src: tuple[Registry, Image], dst: Registr
     ],
     ids=["corrupt", "truncated", "500", "429"],
 )
+@THREADS
 async def test_persistent_faults_fail_and_leave_nothing_tagged(
-    src: tuple[Registry, Image], dst: Registry, fault: Fault, error: type[Exception], temporary: bool
+    src: tuple[Registry, Image], dst: Registry, fault: Fault, error: type[Exception], temporary: bool, threads: bool
 ) -> None:
     reg, img = src
+    fault = Fault(fault.kind, fault.match, fault.times, fault.status, fault.retry_after)
     with FaultProxy(reg.url, [fault]) as proxy:
         with pytest.raises(error) as err:
-            await run_copy(proxy, dst)
+            await run_copy(proxy, dst, threads=threads)
     assert err.value.temporary is temporary  # type: ignore[attr-defined]
     assert "/app@sha256:" in str(err.value)  # names the blob at fault
     dp = Pusher(dst.host)

@@ -83,6 +83,12 @@ class FaultProxy:
         return None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._forward(request)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            return web.Response(status=499)  # the client went away (often on purpose: a test's fault)
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
         line = f"{request.method} {request.path_qs}"
         fault = self._fault_for(line)
         if fault and fault.kind in ("429", "5xx", "lock"):

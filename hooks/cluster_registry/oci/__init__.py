@@ -25,7 +25,11 @@ Public API (everything importable from ``cluster_registry.oci``)::
   platform of an index), byte for byte, streaming blobs with SHA-256 and size verification and
   bounded memory, plus cosign-style ``sha256-<hex>.sig|.att|.sbom`` tags and OCI 1.1 referrers.
   The destination tag is written last: a failed copy leaves nothing tagged. Re-copying an image
-  already at the destination costs a few requests (HEAD on the tag, attached-artifact listing).
+  already at the destination costs a few requests (HEAD on the tag, the referrers API, HEADs on
+  the ``sha256-<hex>[.sig|.att|.sbom]`` tags); about 0.05 s in process on loopback.
+  Only the top digest's attached artifacts are copied (not those of each platform manifest).
+  A ``WriteLockedError`` or any other failure mid-copy may leave untagged blobs and by-digest
+  manifests at the destination (GC collects them); a rerun skips what is already there.
 * ``RegistryOptions(insecure_hosts, ca_bundle, retry, ...)``: plain-HTTP hosts, an extra CA
   bundle, the :class:`RetryPolicy` (retries on connection errors, 429 honouring ``Retry-After``,
   and 5xx; bounded exponential backoff with full jitter).

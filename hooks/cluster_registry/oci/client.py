@@ -26,7 +26,7 @@ from yarl import URL
 
 from cluster_registry import __version__
 from cluster_registry.errors import ClusterRegistryError, ConfigError, WriteLockedError
-from cluster_registry.oci import media
+from cluster_registry.oci import blobio, media
 from cluster_registry.oci.auth import Challenge, Credentials, parse_challenge, scope
 from cluster_registry.oci.errors import (
     AccessDeniedError,
@@ -90,6 +90,8 @@ class RegistrySession:
     def __init__(self, options: RegistryOptions | None = None) -> None:
         self.options = options or RegistryOptions()
         self._http: aiohttp.ClientSession | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._pool: blobio.ConnectionPool | None = None
         self._tokens: dict[tuple[str, str, tuple[str, ...]], _Token] = {}
         self._challenges: dict[str, Challenge] = {}
         self._token_locks: dict[tuple[str, str, tuple[str, ...]], asyncio.Lock] = {}
@@ -98,16 +100,28 @@ class RegistrySession:
         #: registry host -> False once it refused a mount from the target repository itself.
         self.self_mount: dict[str, bool] = {}
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context with the extra CA bundle, or None for the system defaults."""
+        if self.options.ca_bundle and self._ssl is None:
+            ctx = ssl.create_default_context()
+            try:
+                ctx.load_verify_locations(cafile=self.options.ca_bundle)
+            except (OSError, ssl.SSLError) as err:
+                raise ConfigError(f"cannot load CA bundle {self.options.ca_bundle}: {err}") from err
+            self._ssl = ctx
+        return self._ssl
+
+    @property
+    def pool(self) -> blobio.ConnectionPool:
+        """Blocking keep-alive connections for the worker threads that stream large blobs."""
+        if self._pool is None:
+            self._pool = blobio.ConnectionPool(self.ssl_context(), timeout=self.options.read_timeout)
+        return self._pool
+
     @property
     def http(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
-            ctx: ssl.SSLContext | bool = True
-            if self.options.ca_bundle:
-                ctx = ssl.create_default_context()
-                try:
-                    ctx.load_verify_locations(cafile=self.options.ca_bundle)
-                except (OSError, ssl.SSLError) as err:
-                    raise ConfigError(f"cannot load CA bundle {self.options.ca_bundle}: {err}") from err
+            ctx: ssl.SSLContext | bool = self.ssl_context() or True
             connector = aiohttp.TCPConnector(
                 limit=0, limit_per_host=self.options.connections_per_host, ssl=ctx, ttl_dns_cache=300
             )
@@ -126,6 +140,9 @@ class RegistrySession:
         if self._http is not None:
             await self._http.close()
             self._http = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     async def __aenter__(self) -> RegistrySession:
         return self
@@ -257,6 +274,11 @@ class Repository:
                 return f"Bearer {self.auth.token}"
             return "Bearer " + await self.session.token(self.host, self.auth, scopes, challenge)
         raise AuthenticationError(f"registry {self.host} asks for unsupported auth scheme {challenge.scheme!r}")
+
+    async def authorization(self, extra_scopes: tuple[str, ...] = ()) -> dict[str, str]:
+        """The Authorization header (if any) this repository's requests currently carry."""
+        authz = await self._authorize(self._scopes(extra_scopes), self.session._challenges.get(self.host))
+        return {"Authorization": authz} if authz else {}
 
     async def request(
         self,

@@ -4,10 +4,14 @@ Order of work, so that a failure leaves nothing tagged at the destination:
 
 1. fetch the source's top manifest (verified against the digest when the reference is pinned);
    if the destination tag already holds that digest, only attached artifacts are refreshed;
-2. every blob of every platform: HEAD at the destination (skip), else a cross-repository mount
-   (same registry, or a repository this session already pushed it to), else a stream from
-   source to destination, hashed and counted on the way; bounded concurrency, shared
-   connections, each blob at most once even when platforms share it;
+2. every blob of every platform, each at most once even when platforms share it, with bounded
+   concurrency over pooled keep-alive connections: one POST asks the destination to mount the
+   blob (from the source repository on the same registry, from a repository this session
+   already pushed it to, else from the target repository itself, which doubles as the presence
+   check); 201 means present or mounted, 202 opens the upload, and the blob is then streamed
+   from a GET at the source into one PUT (Content-Length known), hashed and counted on the way,
+   its last chunk held back until the digest and size verified. Registries that refuse the
+   mount probe get the classic HEAD, POST, PUT;
 3. child manifests pushed by digest, byte for byte;
 4. attached artifacts: OCI 1.1 referrers (API, else the ``sha256-<hex>`` tag schema) and
    cosign-style tags (``sha256-<hex>.sig``/``.att``/``.sbom``);
@@ -20,13 +24,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cluster_registry.errors import ClusterRegistryError, PermanentError, TemporaryError, WriteLockedError
-from cluster_registry.oci import media
+from cluster_registry.oci import blobio, media
 from cluster_registry.oci.auth import Credentials
 from cluster_registry.oci.client import Manifest, RegistrySession, Repository, SourceFailure
 from cluster_registry.oci.errors import (
@@ -50,6 +55,7 @@ class CopyOptions:
     large_concurrency: int = 6  # of which blobs over LARGE_BLOB bytes (bounds memory)
     attached: bool = True
     attached_suffixes: tuple[str, ...] = ("sig", "att", "sbom")
+    thread_threshold: int = LARGE_BLOB  # blobs larger than this stream on worker threads; -1: never
     mount: bool = True
 
 
@@ -191,12 +197,15 @@ class _Copier:
                         self.stats.mounted += 1
                         return
                 mount_from = None
-                failure = SourceFailure()
-                stream = await self.src.open_blob(digest, size)
-                try:
-                    await self.dst.finish_upload(upload, digest, size, _guard(stream, failure), failure=failure)
-                finally:
-                    await stream.aclose()
+                if 0 <= self.options.thread_threshold < size:
+                    await self._threaded(digest, size, str(upload))
+                else:
+                    failure = SourceFailure()
+                    stream = await self.src.open_blob(digest, size)
+                    try:
+                        await self.dst.finish_upload(upload, digest, size, _guard(stream, failure), failure=failure)
+                    finally:
+                        await stream.aclose()
                 self.stats.copied += 1
                 self.stats.bytes_copied += size
                 return
@@ -204,9 +213,24 @@ class _Copier:
                 upload = None
                 if isinstance(err, WriteLockedError) or not policy.should_retry(attempt):
                     raise
-                delay = policy.delay(attempt)
+                delay = policy.delay(attempt, getattr(err, "retry_after", None))
                 log.warning("blob copy failed, retrying in %.1fs: %s", delay, err, extra={"digest": digest})
                 await asyncio.sleep(delay)
+
+    async def _threaded(self, digest: str, size: int, upload: str) -> None:
+        """Stream one blob on a worker thread (see ``blobio``); cancellation stops it."""
+        src = blobio.Endpoint(
+            f"{self.src.base}/blobs/{digest}", await self.src.authorization(), f"get blob {self.src.where}@{digest}"
+        )
+        dst = blobio.Endpoint(upload, await self.dst.authorization(), f"push blob {self.dst.where}@{digest}")
+        cancel = threading.Event()
+        try:
+            await asyncio.to_thread(
+                blobio.transfer, self.session.pool, src, dst, digest, size, cancel, self.session.options.chunk_size
+            )
+        except BaseException:
+            cancel.set()
+            raise
 
     # -- manifests ------------------------------------------------------------------------------
 

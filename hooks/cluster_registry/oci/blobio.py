@@ -1,0 +1,226 @@
+"""Large-blob streaming on worker threads: GET at the source, PUT at the destination.
+
+The event loop handles every request of a copy except the bodies of large blobs: those move on a
+worker thread per blob with blocking sockets (``http.client``), where the socket system calls and
+SHA-256 release the GIL. Under CPU contention a copy then uses as many cores as it has blobs in
+flight, like Go's clients do, instead of one. Memory stays bounded: two chunk buffers per blob.
+
+Authorization headers are computed by the async side and passed in; the thread never sees a
+credential other than the header value and never logs or raises one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+from cluster_registry.errors import ClusterRegistryError, WriteLockedError
+from cluster_registry.oci.errors import (
+    AuthenticationError,
+    CorruptBlobError,
+    NotFoundError,
+    RateLimitedError,
+    RegistryProtocolError,
+    RegistryUnavailableError,
+    TLSError,
+)
+from cluster_registry.oci.retry import parse_retry_after
+
+LOCK_HEADER = "X-Cluster-Registry-Lock"
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class Cancelled(Exception):
+    """The copy was cancelled while a worker thread streamed a blob."""
+
+
+@dataclass
+class ConnectionPool:
+    """Idle keep-alive connections per (scheme, host:port), shared by the worker threads."""
+
+    ssl_context: ssl.SSLContext | None = None
+    timeout: float = 300.0
+    _idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        with self._lock:
+            idle = self._idle.get((scheme, netloc))
+            if idle:
+                return idle.pop()
+        host, _, port = netloc.rpartition(":") if netloc.rsplit(":", 1)[-1].isdigit() else (netloc, "", "")
+        host = host.strip("[]")
+        if scheme == "https":
+            ctx = self.ssl_context or ssl.create_default_context()
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, int(port) if port else None, timeout=self.timeout, context=ctx
+            )
+        else:
+            conn = http.client.HTTPConnection(host, int(port) if port else None, timeout=self.timeout)
+        conn.connect()
+        if conn.sock is not None:
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def put(self, scheme: str, netloc: str, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._idle.setdefault((scheme, netloc), []).append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            for conns in self._idle.values():
+                for c in conns:
+                    c.close()
+            self._idle.clear()
+
+
+@dataclass
+class Endpoint:
+    """One side of a transfer: full URL and headers (Authorization included when needed)."""
+
+    url: str
+    headers: dict[str, str]
+    where: str  # "host/repository@digest", for messages
+
+
+def _status_error(status: int, reason: str, headers: http.client.HTTPMessage, where: str, body: bytes) -> ClusterRegistryError:
+    text = " ".join(body.decode("utf-8", "replace").split())[:200]
+    suffix = f": {text}" if text else ""
+    if status == 503 and headers.get(LOCK_HEADER, "").lower() == "gc":
+        return WriteLockedError(f"{where}: the cluster registry is read-only while garbage collection runs")
+    if status == 429:
+        err = RateLimitedError(f"{where}: HTTP 429 Too Many Requests")
+        err.retry_after = parse_retry_after(headers.get("Retry-After"), time.time())  # type: ignore[attr-defined]
+        return err
+    if status >= 500:
+        return RegistryUnavailableError(f"{where}: HTTP {status}{suffix}")
+    if status == 401:
+        return AuthenticationError(f"{where}: HTTP 401 (credentials refused or token expired)")
+    if status == 404:
+        return NotFoundError(f"{where}: not found{suffix}")
+    if status == 400 and ("DIGEST_INVALID" in text or "SIZE_INVALID" in text):
+        return CorruptBlobError(f"{where}: rejected the content{suffix}")
+    return RegistryProtocolError(f"{where}: HTTP {status} {reason}{suffix}")
+
+
+def _transport_error(err: BaseException, where: str, what: str) -> ClusterRegistryError:
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return TLSError(f"{where}: TLS certificate does not verify ({err.verify_message}): give its CA with --ca-bundle")
+    name = type(err).__name__
+    detail = err.strerror if isinstance(err, OSError) and err.strerror else name
+    return RegistryUnavailableError(f"{where}: {what} failed ({detail})")
+
+
+def transfer(
+    pool: ConnectionPool,
+    src: Endpoint,
+    dst: Endpoint,
+    digest: str,
+    size: int,
+    cancel: threading.Event,
+    chunk_size: int = 1 << 20,
+) -> None:
+    """Stream blob ``digest`` (``size`` bytes) from ``src`` (GET) into ``dst`` (PUT upload URL).
+
+    Verifies size and digest while streaming and holds the last chunk back until both verified, so
+    a corrupt or truncated source never completes the upload. Blocking; run it on a worker thread.
+    """
+    algorithm = digest.split(":", 1)[0]
+    hasher = hashlib.new(algorithm)
+    # -- open the source, following redirects (Authorization only to the original origin)
+    url, headers = src.url, dict(src.headers)
+    origin = urlsplit(url)[:2]
+    for _ in range(6):
+        parts = urlsplit(url)
+        try:
+            sconn = pool.get(parts.scheme, parts.netloc)
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+            sconn.request("GET", path, headers=headers)
+            sresp = sconn.getresponse()
+        except (OSError, http.client.HTTPException) as err:
+            raise _transport_error(err, src.where, "download") from None
+        if sresp.status in _REDIRECTS and sresp.getheader("Location"):
+            sresp.read()
+            pool.put(parts.scheme, parts.netloc, sconn)
+            url = urljoin(url, sresp.getheader("Location", ""))
+            if urlsplit(url)[:2] != origin:
+                headers.pop("Authorization", None)
+            continue
+        break
+    else:
+        raise RegistryProtocolError(f"{src.where}: too many redirects")
+    if sresp.status != 200:
+        body = sresp.read(2048)
+        sconn.close()
+        raise _status_error(sresp.status, sresp.reason, sresp.headers, src.where, body)
+    length = sresp.getheader("Content-Length")
+    if length is not None and length.isdigit() and int(length) != size:
+        sconn.close()
+        raise CorruptBlobError(f"{src.where}: registry serves {length} bytes, the descriptor says {size}")
+    # -- the upload
+    dparts = urlsplit(dst.url)
+    try:
+        dconn = pool.get(dparts.scheme, dparts.netloc)
+        dconn.putrequest("PUT", dparts.path + (f"?{dparts.query}" if dparts.query else ""), skip_accept_encoding=True)
+        for k, v in dst.headers.items():
+            dconn.putheader(k, v)
+        dconn.putheader("Content-Type", "application/octet-stream")
+        dconn.putheader("Content-Length", str(size))
+        dconn.endheaders()
+    except (OSError, http.client.HTTPException) as err:
+        sconn.close()
+        raise _transport_error(err, dst.where, "upload") from None
+    bufs = [bytearray(chunk_size), bytearray(chunk_size)]
+    held: memoryview | None = None
+    got = 0
+    which = 0
+    try:
+        while True:
+            if cancel.is_set():
+                raise Cancelled()
+            buf = bufs[which]
+            try:
+                n = sresp.readinto(buf)
+            except (OSError, http.client.HTTPException) as err:
+                raise _transport_error(err, src.where, f"download after {got} bytes") from None
+            if not n:
+                break
+            view = memoryview(buf)[:n]
+            hasher.update(view)
+            got += n
+            if got > size:
+                raise CorruptBlobError(f"{src.where}: registry sent more than the {size} bytes the descriptor says")
+            if held is not None:
+                try:
+                    dconn.send(held)
+                except OSError as err:
+                    raise _transport_error(err, dst.where, "upload") from None
+            held = view
+            which ^= 1
+        if got != size:  # the connection ended before Content-Length: a transfer fault
+            raise RegistryUnavailableError(f"{src.where}: connection closed after {got} of {size} bytes")
+        actual = f"{algorithm}:{hasher.hexdigest()}"
+        if actual != digest:
+            raise CorruptBlobError(f"{src.where}: content hashes to {actual}: the source served corrupt data")
+        try:
+            if held is not None:
+                dconn.send(held)
+            dresp = dconn.getresponse()
+            body = dresp.read()
+        except (OSError, http.client.HTTPException) as err:
+            raise _transport_error(err, dst.where, "upload") from None
+    except BaseException:
+        sconn.close()
+        dconn.close()
+        raise
+    pool.put(urlsplit(url).scheme, urlsplit(url).netloc, sconn)
+    if dresp.status != 201:
+        dconn.close()
+        raise _status_error(dresp.status, dresp.reason, dresp.headers, dst.where, body)
+    pool.put(dparts.scheme, dparts.netloc, dconn)
