@@ -160,7 +160,11 @@ def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
     _soft_delete(opts, view, sel, rep)
     if opts.sweep:
         _window(opts, api, rep, sizes)
-    rep.usageBytesAfter = usage_bytes(opts)
+    after = blob_sizes(opts)
+    rep.usageBytesAfter = sum(after.values())
+    if opts.sweep and opts.storage_root:
+        gone = sizes.keys() - after.keys()
+        rep.blobsDeleted, rep.bytesFreed = len(gone), sum(sizes[d] for d in gone)
 
 
 def _soft_delete(opts: Options, view: ClusterView, sel: Selection, rep: Report) -> None:
@@ -190,8 +194,9 @@ def _soft_delete(opts: Options, view: ClusterView, sel: Selection, rep: Report) 
 def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, int]) -> None:
     """The read-only window: take the lock, wait for every gate to drain, sweep, release.
 
-    Nothing but the sweep itself runs inside it: bytes freed are the sizes (read at the start of the
-    run) of the blobs the sweep deleted, so a blob first written after that read and swept as an
+    Nothing but the sweep itself runs inside it: blobs and bytes freed are counted from the sizes read
+    at the start of the run (blobs there then and gone after the sweep, or the sweep's own list when
+    there is no filesystem to look at), so a blob first written after that read and swept as an
     unfinished upload is not counted."""
     if not opts.registry_config and not opts.storage_root:
         raise ConfigError("the sweep needs --registry-config (the registry's own config) or --storage-root")
@@ -202,11 +207,16 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
     try:
         drained = lock.wait_drained(opts.drain_timeout)
         rep.gatesAcked, rep.drainSeconds = len(drained.acked), drained.seconds
-        res = sweep.run(config, binary=opts.registry_binary, keep_going=lock.safe)
+        # With the filesystem at hand the sweep runs quiet and the deleted blobs are counted after
+        # the window (what was there at the start and is gone now); otherwise from its output.
+        quiet = bool(opts.storage_root)
+        res = sweep.run(config, binary=opts.registry_binary, keep_going=lock.safe, quiet=quiet)
         if not lock.safe():
             raise TemporaryError("the write lock lapsed during the sweep")
-        rep.blobsDeleted, rep.sweepSeconds, rep.sweepCpuSeconds = res.blobs_deleted, res.seconds, res.cpu_seconds
-        rep.bytesFreed = sum(sizes.get(d, 0) for d in res.deleted_digests)
+        rep.sweepSeconds, rep.sweepCpuSeconds = res.seconds, res.cpu_seconds
+        if not quiet:
+            rep.blobsDeleted = res.blobs_deleted
+            rep.bytesFreed = sum(sizes.get(d, 0) for d in res.deleted_digests)
     finally:
         lock.release()
         rep.windowSeconds = time.monotonic() - w0
