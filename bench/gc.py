@@ -140,6 +140,8 @@ def run_size(cluster: Cluster, images: int, namespace: str, workdir: Path) -> di
         "generateSeconds": round(gen_seconds, 1),
         "windowSeconds": report["windowSeconds"],
         "sweepSeconds": report["sweepSeconds"],
+        "sweepCpuSeconds": report["sweepCpuSeconds"],
+        "loadAverage": round(os.getloadavg()[0], 1),
         "drainSeconds": report["drainSeconds"],
         "runSeconds": report["runSeconds"],
         "processSeconds": round(wall, 2),
@@ -174,6 +176,7 @@ def main() -> None:
         "windowSeconds1000": at_1000["windowSeconds"],
         "runSeconds1000": at_1000["runSeconds"],
         "windowTargetSeconds": 60,
+        "cpus": os.cpu_count(),
         "windowUnderTarget": all(float(str(r["windowSeconds"])) < 60 for r in results),
         "sizes": results,
     }))
