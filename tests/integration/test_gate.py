@@ -208,4 +208,4 @@ def test_pull_throughput_is_close_to_direct(registry: Registry, gate: tuple[Gate
     mbps = size / via / 1e6
     print(f"pull 256 MiB: direct {size / direct / 1e6:.0f} MB/s, via gate {mbps:.0f} MB/s")
     # Loose on purpose (2 shared cores): the gate must not be the bottleneck of a node's pull.
-    assert mbps > 100 and via < direct * 4
+    assert mbps > 50 and via < direct * 4
