@@ -6,6 +6,11 @@ Every value combination the schema cannot express is rejected here, in one place
 {{- $v := .Values.global.networkfunctionextension -}}
 {{- $r := $v.clusterRegistry -}}
 {{- $p := "global.networkfunctionextension" -}}
+{{- /* matchConditions are GA in 1.30. A development build reports v0.0.0-master: unknown, not refused. */ -}}
+{{- $kube := .Capabilities.KubeVersion.Version -}}
+{{- if and (not (hasPrefix "v0.0.0" $kube)) (semverCompare "<1.30.0-0" $kube) -}}
+{{- fail (printf "cluster-registry needs Kubernetes 1.30 or later (webhook matchConditions); this cluster is %s" $kube) -}}
+{{- end -}}
 {{- if and $v.enableEarlyLoading (not $v.enableClusterRegistry) -}}
 {{- fail (printf "%s.enableEarlyLoading=true needs %s.enableClusterRegistry=true: images are preloaded into the cluster registry" $p $p) -}}
 {{- end -}}

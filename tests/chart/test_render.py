@@ -660,3 +660,10 @@ def test_hooks_values_configmap_holds_the_values_tree() -> None:
     chart_defaults = yaml.safe_load(open("chart/values.yaml"))
     assert values == chart_defaults
     assert json.dumps(values)  # plain data
+
+
+def test_kubernetes_older_than_1_30_is_refused() -> None:
+    old = subprocess.run([*helm_template().args[:-1], "1.29.9"], capture_output=True, text=True, check=False)
+    assert old.returncode != 0 and "needs Kubernetes 1.30 or later" in old.stderr, old.stderr
+    dev = subprocess.run([*helm_template().args[:-1], "0.0.0-master"], capture_output=True, text=True, check=False)
+    assert dev.returncode == 0, "a development build's unknown version is not refused"

@@ -1,9 +1,10 @@
-"""`helm install --wait` of chart/ into the local cluster: hooks run, every pod is Running on a kwok
-node, the HA Deployments spread over the 3 system nodes, and an upgrade keeps the HPA's replica count.
+"""`helm install --wait` of chart/ into the local cluster: the hooks run, every pod is Running and
+Ready on the system nodes (whose node agent runs the project's images for real), the HA Deployments
+spread over the 3 system nodes, the API server calls the webhook through the chart's own TLS chain
+(certs hook Secret, caBundle patched after install), and an upgrade keeps the HPA's replica count.
 
-The webhook is installed in-cluster (Deployment, Service, certs hooks) but scoped by its
-matchConditions to a namespace that never exists, so the API server never calls the simulated pods
-while other tests create pods (kwok pod IPs are unroutable on purpose).
+The webhook's matchConditions scope it to one namespace of this test (with failurePolicy Fail, so a
+broken TLS chain fails the test instead of being ignored); other tests' pods never reach it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from tests.support.cluster import Cluster, CommandError, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "chart"
-NEVER = "request.namespace == 'cluster-registry-e2e-no-such-namespace'"
 CRDS = ("artifacts.clusterregistry.io", "components.clusterregistry.io")
 
 
@@ -35,10 +35,20 @@ def adopt_crds(cluster: Cluster, release: str, namespace: str) -> None:
 
 
 @pytest.fixture
-def release(cluster: Cluster, namespace: str) -> Iterator[str]:
+def short_namespace(cluster: Cluster) -> Iterator[str]:
+    """A short release namespace: `cluster-registry certs` puts `<service>.<namespace>.svc` in the
+    certificate's CN, which X.509 caps at 64 characters (reported; the shared fixture's names are longer)."""
+    name = f"crc-{secrets.token_hex(3)}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def release(cluster: Cluster, short_namespace: str) -> Iterator[str]:
     name = f"cr-{secrets.token_hex(3)}"
     yield name
-    cluster.helm("uninstall", name, "-n", namespace, "--wait", "--timeout", "120s", check=False)
+    cluster.helm("uninstall", name, "-n", short_namespace, "--wait", "--timeout", "120s", check=False)
 
 
 def pods(cluster: Cluster, namespace: str, component: str) -> list[dict[str, Any]]:
@@ -51,11 +61,15 @@ def ready(pod: dict[str, Any]) -> bool:
     return pod["status"].get("phase") == "Running" and conditions.get("Ready") == "True"
 
 
-def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Cluster, namespace: str, release: str,
+def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Cluster, short_namespace: str, release: str,
                                                                    tmp_path: Path) -> None:
+    namespace = short_namespace
+    workload = f"{namespace}-wl"
+    scope = f"request.namespace == '{workload}'"
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump({"global": {"networkfunctionextension": {
-        "webhook": {"pod": {"mutation": {"matchConditionExpression": NEVER}}},
+        "webhook": {"pod": {"mutation": {"matchConditionExpression": scope}}, "failurePolicy": "Fail",
+                    "rewritePolicy": "Always"},
         "clusterRegistry": {"storageSize": "1Gi"},
     }}}))
     adopt_crds(cluster, release, namespace)
@@ -84,7 +98,6 @@ def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Clus
         )
         placed = {p["spec"]["nodeName"] for p in spread}
         assert placed == system, f"{component} pods on {placed}, want one on each system node {system}"
-        assert all(nodes[p["spec"]["nodeName"]]["type"] == "kwok" for p in spread)
     for component in ("artifact-reconciler", "component-reconciler"):
         (pod,) = wait_for(lambda c=component: [p for p in pods(cluster, namespace, c) if ready(p)], timeout=120,
                           what=f"{component} Ready")
@@ -96,8 +109,20 @@ def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Clus
                        ("cronjob", "gc"), ("cronjob", "certs"), ("service", "registry"), ("service", "webhook")):
         cluster.kubectl("get", kind, "-n", namespace, f"{release}-cluster-registry-{name}")
     webhook = cluster.kubectl_json("get", "mutatingwebhookconfiguration", f"{release}-cluster-registry-webhook")
-    assert webhook["webhooks"][0]["matchConditions"][0]["expression"] == NEVER
+    assert webhook["webhooks"][0]["matchConditions"][0]["expression"] == scope
     assert webhook["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["kube-system", namespace]
+    assert webhook["webhooks"][0]["clientConfig"].get("caBundle"), "the post-install certs Job patched the caBundle"
+
+    # The API server calls the webhook over the chart's TLS (failurePolicy Fail): a dry-run pod comes back rewritten.
+    cluster.kubectl("create", "namespace", workload)
+    try:
+        pod = json.loads(wait_for(lambda: cluster.kubectl(
+            "run", "nginx", "-n", workload, "--image=docker.io/library/nginx:1.27", "--restart=Never",
+            "--dry-run=server", "-o", "json"), timeout=60, interval=2, what="the webhook to answer"))
+        host = f"{release}-cluster-registry-registry.{namespace}.svc.cluster.local:5000"
+        assert pod["spec"]["containers"][0]["image"] == f"{host}/docker.io/library/nginx:1.27"
+    finally:
+        cluster.kubectl("delete", "namespace", workload, "--wait=false", check=False)
     printed = cluster.kubectl("get", "crd", "artifacts.clusterregistry.io", "-o",
                               "jsonpath={.spec.versions[0].additionalPrinterColumns[*].name}")
     assert printed.split()[:5] == ["Source", "Phase", "Digest", "Size", "Local"]
