@@ -30,6 +30,10 @@ Public API (everything importable from ``cluster_registry.oci``)::
   Only the top digest's attached artifacts are copied (not those of each platform manifest).
   A ``WriteLockedError`` or any other failure mid-copy may leave untagged blobs and by-digest
   manifests at the destination (GC collects them); a rerun skips what is already there.
+* ``CopyOptions(concurrency=16, large_concurrency=6, attached=True, mount=True,
+  thread_threshold=4 MiB)``: blobs in flight, how many of them large; blobs over
+  ``thread_threshold`` stream on worker threads with blocking sockets (``blobio``: the GIL is
+  released in recv/send/SHA-256, so a copy uses more than one core); smaller ones on the loop.
 * ``RegistryOptions(insecure_hosts, ca_bundle, retry, ...)``: plain-HTTP hosts, an extra CA
   bundle, the :class:`RetryPolicy` (retries on connection errors, 429 honouring ``Retry-After``,
   and 5xx; bounded exponential backoff with full jitter).

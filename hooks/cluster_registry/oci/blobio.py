@@ -46,18 +46,25 @@ class ConnectionPool:
 
     ssl_context: ssl.SSLContext | None = None
     timeout: float = 300.0
-    _idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = field(default_factory=dict)
+    max_idle: float = 15.0  # seconds; servers close idle keep-alive connections sooner or later
+    _idle: dict[tuple[str, str], list[tuple[float, http.client.HTTPConnection]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def get(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+    def get(self, scheme: str, netloc: str, *, fresh: bool = False) -> http.client.HTTPConnection:
+        now = time.monotonic()
         with self._lock:
-            idle = self._idle.get((scheme, netloc))
-            if idle:
-                return idle.pop()
+            idle = self._idle.get((scheme, netloc), [])
+            while idle and not fresh:
+                since, idle_conn = idle.pop()
+                if now - since < self.max_idle:
+                    return idle_conn
+                idle_conn.close()
         host, _, port = netloc.rpartition(":") if netloc.rsplit(":", 1)[-1].isdigit() else (netloc, "", "")
         host = host.strip("[]")
         if scheme == "https":
-            ctx = self.ssl_context or ssl.create_default_context()
+            if self.ssl_context is None:
+                self.ssl_context = ssl.create_default_context()
+            ctx = self.ssl_context
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
                 host, int(port) if port else None, timeout=self.timeout, context=ctx
             )
@@ -70,14 +77,50 @@ class ConnectionPool:
 
     def put(self, scheme: str, netloc: str, conn: http.client.HTTPConnection) -> None:
         with self._lock:
-            self._idle.setdefault((scheme, netloc), []).append(conn)
+            self._idle.setdefault((scheme, netloc), []).append((time.monotonic(), conn))
 
     def close(self) -> None:
         with self._lock:
             for conns in self._idle.values():
-                for c in conns:
+                for _, c in conns:
                     c.close()
             self._idle.clear()
+
+
+def _send_get(pool: ConnectionPool, url: str, headers: dict[str, str]) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """GET ``url``; a reused connection the server closed meanwhile is replaced once by a new one."""
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    for fresh in (False, True):
+        conn = pool.get(parts.scheme, parts.netloc, fresh=fresh)
+        try:
+            conn.request("GET", path, headers=headers)
+            return conn, conn.getresponse()
+        except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
+            conn.close()
+            if fresh:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_put(pool: ConnectionPool, url: str, headers: dict[str, str], size: int) -> http.client.HTTPConnection:
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    for fresh in (False, True):
+        conn = pool.get(parts.scheme, parts.netloc, fresh=fresh)
+        try:
+            conn.putrequest("PUT", path, skip_accept_encoding=True)
+            for k, v in headers.items():
+                conn.putheader(k, v)
+            conn.putheader("Content-Type", "application/octet-stream")
+            conn.putheader("Content-Length", str(size))
+            conn.endheaders()
+            return conn
+        except ConnectionError:
+            conn.close()
+            if fresh:
+                raise
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -139,10 +182,7 @@ def transfer(
     for _ in range(6):
         parts = urlsplit(url)
         try:
-            sconn = pool.get(parts.scheme, parts.netloc)
-            path = parts.path + (f"?{parts.query}" if parts.query else "")
-            sconn.request("GET", path, headers=headers)
-            sresp = sconn.getresponse()
+            sconn, sresp = _send_get(pool, url, headers)
         except (OSError, http.client.HTTPException) as err:
             raise _transport_error(err, src.where, "download") from None
         if sresp.status in _REDIRECTS and sresp.getheader("Location"):
@@ -166,13 +206,7 @@ def transfer(
     # -- the upload
     dparts = urlsplit(dst.url)
     try:
-        dconn = pool.get(dparts.scheme, dparts.netloc)
-        dconn.putrequest("PUT", dparts.path + (f"?{dparts.query}" if dparts.query else ""), skip_accept_encoding=True)
-        for k, v in dst.headers.items():
-            dconn.putheader(k, v)
-        dconn.putheader("Content-Type", "application/octet-stream")
-        dconn.putheader("Content-Length", str(size))
-        dconn.endheaders()
+        dconn = _start_put(pool, dst.url, dst.headers, size)
     except (OSError, http.client.HTTPException) as err:
         sconn.close()
         raise _transport_error(err, dst.where, "upload") from None
