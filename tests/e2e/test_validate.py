@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,17 +146,8 @@ def test_upgrade_that_changes_storage(cluster: Cluster, namespace: str, tmp_path
 
 
 @pytest.fixture(scope="module")
-def chart_dir(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """chart/ as is; on a local apiserver built before ci/toolchain set its version (it reports
-    v0.0.0-master, which helm's kubeVersion check refuses), a copy without the kubeVersion line."""
-    git_version = json.loads(cluster.kubectl("get", "--raw", "/version"))["gitVersion"]
-    if not git_version.startswith("v0.0.0"):
-        return CHART
-    copy = tmp_path_factory.mktemp("chart") / "cluster-registry"
-    shutil.copytree(CHART, copy)
-    chart_yaml = copy / "Chart.yaml"
-    chart_yaml.write_text("".join(ln for ln in chart_yaml.read_text().splitlines(keepends=True) if not ln.startswith("kubeVersion:")))
-    return copy
+def chart_dir() -> Path:
+    return CHART
 
 
 # Hook settings that keep a refused install quick: one attempt, no CRDs (other tests own them).
