@@ -79,6 +79,8 @@ PROVISIONER_NAME = "localcluster.clusterregistry.io/hostpath"
 # the project's own pods for real. kwok manages the nodes annotated kwok.x-k8s.io/node=fake.
 AGENT_ANNOTATION = "localcluster.clusterregistry.io/agent"
 NODEAGENT = ROOT / "tests" / "support" / "nodeagent.py"
+FORWARD_ANNOTATION = "localcluster.clusterregistry.io/forward-to"
+HARNESS_NAMESPACE = "localcluster"
 
 
 def log(msg: str) -> None:
@@ -518,6 +520,16 @@ def bootstrap_objects() -> None:
                 "allowVolumeExpansion": False,
             }
         )
+    # The harness's registries as seen from pods the node agent runs (it forwards these ClusterIPs
+    # to the host's loopback): the artifact store stands in for a remote registry such as ACR.
+    items.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": HARNESS_NAMESPACE}})
+    for name, port in (("artifact-store", ARTIFACT_STORE_PORT), ("cluster-registry", CLUSTER_REGISTRY_PORT)):
+        items.append({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": HARNESS_NAMESPACE,
+                         "annotations": {FORWARD_ANNOTATION: f"{HOST}:{port}"}},
+            "spec": {"type": "ClusterIP", "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}]},
+        })
     doc = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
     kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=localcluster", "-f", "-", stdin=doc)
 
@@ -684,6 +696,9 @@ def write_env() -> None:
         "LOCALCLUSTER_CA": str(PKI / "ca.crt"),
         "LOCALCLUSTER_STORAGE_CLASSES": ",".join(STORAGE_CLASSES),
         "LOCALCLUSTER_VOLUMES": str(VOLUMES),
+        # The same two registries as pods on the system nodes reach them (Service names).
+        "LOCALCLUSTER_ARTIFACT_STORE_IN_CLUSTER": f"artifact-store.{HARNESS_NAMESPACE}.svc.cluster.local:5000",
+        "LOCALCLUSTER_CLUSTER_REGISTRY_IN_CLUSTER": f"cluster-registry.{HARNESS_NAMESPACE}.svc.cluster.local:5000",
     }
     text = "".join(f"{k}={v}\n" for k, v in lines.items())
     if not ENV_FILE.exists() or ENV_FILE.read_text() != text:

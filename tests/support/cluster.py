@@ -59,6 +59,9 @@ class Cluster:
     artifact_store_password: str
     apiserver: str = ""
     ca_file: Path | None = None
+    # The two registries as pods on the node agent's nodes reach them (Service DNS names).
+    artifact_store_in_cluster: str = ""
+    cluster_registry_in_cluster: str = ""
 
     @classmethod
     def load(cls, path: Path = ENV_FILE) -> Cluster:
@@ -71,6 +74,8 @@ class Cluster:
             artifact_store_password=env["ARTIFACT_STORE_PASSWORD"],
             apiserver=env.get("LOCALCLUSTER_APISERVER", ""),
             ca_file=Path(env["LOCALCLUSTER_CA"]) if env.get("LOCALCLUSTER_CA") else None,
+            artifact_store_in_cluster=env.get("LOCALCLUSTER_ARTIFACT_STORE_IN_CLUSTER", ""),
+            cluster_registry_in_cluster=env.get("LOCALCLUSTER_CLUSTER_REGISTRY_IN_CLUSTER", ""),
         )
 
     # -- binaries ---------------------------------------------------------------------------------
@@ -118,6 +123,16 @@ class Cluster:
             if path.exists():
                 return path.read_text(errors="replace")
         return ""
+
+    def namespace_logs(self, namespace: str) -> dict[str, str]:
+        """Output of every container the node agent ran in NAMESPACE, gone pods included:
+        {"<pod>/<container>": text}."""
+        out: dict[str, str] = {}
+        for d in sorted((STATE / "nodeagent" / "logs").glob(f"{namespace}_*")):
+            pod = d.name[len(namespace) + 1:].rsplit("_", 1)[0]
+            for f in sorted(d.glob("*.log")):
+                out[f"{pod}/{f.stem}"] = f.read_text(errors="replace")
+        return out
 
     # -- API clients ------------------------------------------------------------------------------
 

@@ -64,6 +64,9 @@ VENV_BIN = ROOT / ".venv" / "bin"
 SANDBOX = Path(__file__).resolve().parent / "podsandbox.py"
 
 AGENT_ANNOTATION = "localcluster.clusterregistry.io/agent"
+# A selectorless Service with this annotation ("127.0.0.1:PORT") forwards to a server of the harness on
+# the host's loopback: how pods reach the artifact store that stands in for a remote registry.
+FORWARD_ANNOTATION = "localcluster.clusterregistry.io/forward-to"
 POD_NET = ipaddress.ip_network("198.18.0.0/17")
 GATEWAY = "198.18.0.1"  # the host side of every pod's veth
 SERVICE_CIDR = "198.19.0.0/16"
@@ -284,7 +287,7 @@ class Agent:
         self.view = ServiceView()
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="proxy-loop", daemon=True)
-        self.listeners: dict[tuple[str, int], tuple[tuple[str, str, str], asyncio.AbstractServer]] = {}
+        self.listeners: dict[tuple[str, int], tuple[tuple[str, str, str, str], asyncio.AbstractServer]] = {}
 
     # -- nodes ------------------------------------------------------------------------------------
 
@@ -373,8 +376,10 @@ class Agent:
         for s in self.core.list_service_for_all_namespaces().items:
             if not s.spec.cluster_ip or s.spec.cluster_ip == "None":
                 continue
+            forward = (s.metadata.annotations or {}).get(FORWARD_ANNOTATION, "")
             svcs[(s.metadata.namespace, s.metadata.name)] = {
                 "ip": s.spec.cluster_ip,
+                "forward": forward if forward.startswith("127.0.0.1:") else "",
                 "ports": [{"name": p.name or "", "port": p.port, "targetPort": p.target_port,
                            "protocol": p.protocol or "TCP"} for p in s.spec.ports or []],
             }
@@ -402,7 +407,7 @@ class Agent:
 
     def sync_listeners(self, services: dict[tuple[str, str], dict[str, Any]]) -> None:
         """One listener per Service ClusterIP:port in the services namespace."""
-        wanted = {(s["ip"], int(p["port"])): (ns, name, p["name"])
+        wanted = {(s["ip"], int(p["port"])): (ns, name, p["name"], s["forward"])
                   for (ns, name), s in services.items() for p in s["ports"] if p["protocol"] == "TCP"}
         for key in [k for k in self.listeners if k not in wanted or self.listeners[k][0] != wanted[k]]:
             _, server = self.listeners.pop(key)
@@ -422,11 +427,14 @@ class Agent:
             fut = asyncio.run_coroutine_threadsafe(self.serve(sock, target), self.loop)
             self.listeners[key] = (target, fut.result(10))
 
-    async def serve(self, sock: socket.socket, target: tuple[str, str, str]) -> asyncio.AbstractServer:
+    async def serve(self, sock: socket.socket, target: tuple[str, str, str, str]) -> asyncio.AbstractServer:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            ns, name, port_name = target
+            ns, name, port_name, forward = target
             if (ns, name) == ("default", "kubernetes"):
                 dest: tuple[str, int] | None = self.apiserver
+            elif forward:
+                host, port = forward.rsplit(":", 1)
+                dest = (host, int(port))
             else:
                 dest = self.pick_endpoint(ns, name, port_name)
             if dest is None:
@@ -640,6 +648,7 @@ class Container:
     backoff: float = 0.0
     restart_at: float = 0.0
     kill_reason: str = ""
+    termination_log: Path | None = None
     readiness: Probe | None = None
     liveness: Probe | None = None
     startup: Probe | None = None
@@ -862,8 +871,12 @@ class PodWorker(threading.Thread):
         reason = c.kill_reason or ("Completed" if rc == 0 else "Error")
         if rc < 0:
             rc = 128 - rc
-        term = {"terminated": {"exitCode": rc, "reason": reason, "startedAt": c.state.get("running", {}).get("startedAt", now_iso()),
-                               "finishedAt": now_iso(), "containerID": self.container_id(c)}}
+        term: dict[str, Any] = {"terminated": {
+            "exitCode": rc, "reason": reason, "startedAt": c.state.get("running", {}).get("startedAt", now_iso()),
+            "finishedAt": now_iso(), "containerID": self.container_id(c)}}
+        message = self.termination_message(c, rc)
+        if message:
+            term["terminated"]["message"] = message
         c.state = term
         c.last_state = term
         c.proc = None
@@ -874,6 +887,18 @@ class PodWorker(threading.Thread):
             if p:
                 p.successes = p.failures = 0
         log.info("%s/%s %s exited %d (%s)", self.ns, self.name, c.name, rc, reason)
+
+    def termination_message(self, c: Container, rc: int) -> str:
+        """kubelet's rules: the termination-log file (4 KiB), or the log tail when asked and empty."""
+        text = ""
+        if c.termination_log is not None and c.termination_log.exists():
+            text = c.termination_log.read_bytes()[:4096].decode(errors="replace")
+        if not text and rc != 0 and c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            path = self.log_path(c.name)
+            if path.exists():
+                lines = path.read_bytes()[-2048:].decode(errors="replace").splitlines()[-80:]
+                text = "\n".join(lines)
+        return text
 
     def container_id(self, c: Container) -> str:
         return f"process://{self.uid[:8]}-{c.name}-{c.restart_count}"
@@ -902,6 +927,12 @@ class PodWorker(threading.Thread):
             "noNewPrivs": sc.get("allowPrivilegeEscalation") is False,
             "traverse": traverse_dirs(),
         }
+        term_log = run_dir / "termination-log"
+        term_log.write_bytes(b"")
+        term_log.chmod(0o666)
+        c.termination_log = term_log
+        mounts.append({"source": str(term_log),
+                       "target": c.spec.get("terminationMessagePath") or "/dev/termination-log"})
         spec_path = run_dir / "spec.json"
         spec_path.write_text(json.dumps(spec))
         self.log_path(c.name).parent.mkdir(parents=True, exist_ok=True)

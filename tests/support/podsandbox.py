@@ -6,7 +6,7 @@ holds is the container's main process. Before that it builds the container's vie
 * a private mount namespace, and the pod's network namespace (``setns``);
 * a root filesystem: an overlay over the host's ``/`` whose writable layer is a private tmpfs (what
   the container writes outside its volumes vanishes with it, as in a container image layer), with
-  ``/proc``, ``/sys`` and ``/dev`` bound in;
+  ``/proc`` and ``/sys`` bound in and a private ``/dev`` (tmpfs with the usual device nodes);
 * every volume mount bound at its ``mountPath`` (read-only when asked), including the service
   account token at ``/var/run/secrets/kubernetes.io/serviceaccount`` and the pod's ``/etc/hosts``;
 * ``chroot`` into it, ``chdir`` to the working directory, drop to ``runAsUser``/``runAsGroup``.
@@ -78,6 +78,24 @@ def resolve_in_root(root: str, path: str) -> str:
     return root + "/" + "/".join(resolved)
 
 
+def setup_dev(dev: str) -> None:
+    """A private /dev like a container runtime's: a tmpfs with the usual device nodes bound in."""
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=0755")
+    for name in ("null", "zero", "full", "random", "urandom", "tty"):
+        if os.path.exists(f"/dev/{name}"):
+            with open(f"{dev}/{name}", "a"):
+                pass
+            mount(f"/dev/{name}", f"{dev}/{name}", None, MS_BIND)
+    os.makedirs(f"{dev}/pts")
+    if os.path.isdir("/dev/pts"):
+        mount("/dev/pts", f"{dev}/pts", None, MS_BIND)
+    os.makedirs(f"{dev}/shm")
+    mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx")):
+        os.symlink(target, f"{dev}/{link}")
+
+
 def _ensure_target(path: str, is_file: bool) -> None:
     if os.path.lexists(path):
         return
@@ -107,8 +125,9 @@ def main(spec_path: str) -> None:
     os.makedirs(f"{scratch}/upper")
     os.makedirs(f"{scratch}/work")
     mount("overlay", root, "overlay", 0, f"lowerdir=/,upperdir={scratch}/upper,workdir={scratch}/work")
-    for d in ("/proc", "/sys", "/dev"):
+    for d in ("/proc", "/sys"):
         mount(d, root + d, None, MS_BIND | MS_REC)
+    setup_dev(root + "/dev")
 
     for m in spec["mounts"]:
         target = resolve_in_root(root, m["target"])
