@@ -1,9 +1,10 @@
-"""`cluster-registry validate` against the local control plane, with exactly the values and flags the
-chart's pre-install/pre-upgrade hook Job would run it with (rendered by the real `helm template`).
+"""`cluster-registry validate` against the local control plane.
 
-The hook Job itself cannot run our code under kwok's simulated pods yet, so each case renders the
-chart's hook ConfigMap and Job, and runs the Job's command as a local process against the cluster.
-Value combinations that `_validate.tpl` rejects are also checked through a real `helm install`.
+Most cases render the chart's hook ConfigMap and validate Job with the real `helm template` and run
+the Job's exact command as a local process against the cluster (quick, one process per case). Two
+cases run the real thing: `helm install` / `helm upgrade` of chart/, whose pre-install/pre-upgrade
+hook Job runs `validate` on a system node (the node agent), refuses, and leaves the release
+unchanged. Value combinations `_validate.tpl` rejects are checked through `helm install` as well.
 """
 
 from __future__ import annotations
