@@ -667,3 +667,16 @@ def test_kubernetes_older_than_1_30_is_refused() -> None:
     assert old.returncode != 0 and "needs Kubernetes 1.30 or later" in old.stderr, old.stderr
     dev = subprocess.run([*helm_template().args[:-1], "0.0.0-master"], capture_output=True, text=True, check=False)
     assert dev.returncode == 0, "a development build's unknown version is not refused"
+
+
+def test_templates_use_no_cluster_lookups_or_random_data() -> None:
+    """GitOps safety: nothing depends on `lookup` or churns per render (random, generated certs, time)."""
+    from tests.chart.chartlib import CHART
+
+    forbidden = ("lookup", "randAlpha", "randAlphaNum", "randNumeric", "randAscii", "randBytes", "uuidv4",
+                 "genCA", "genSelfSignedCert", "genSignedCert", "genPrivateKey", "now", "date ")
+    for path in sorted((CHART / "templates").rglob("*")):
+        if path.is_file():
+            actions = " ".join(part.split("}}")[0] for part in path.read_text().split("{{")[1:])
+            words = set(actions.replace("(", " ").replace(")", " ").replace("|", " ").split())
+            assert not words & {f.strip() for f in forbidden}, f"{path.name}: {words & set(forbidden)}"
