@@ -1,5 +1,6 @@
-"""`cluster-registry preload` against the local control plane: a list loaded for real by the artifact
-reconciler (run as a local process), a timeout report, and a chart's images through `helm template`."""
+"""`cluster-registry preload` against the local control plane: values, a list and a chart's images
+loaded for real by the artifact reconciler (run as a local process), a timeout report, and a chart's
+images (init containers, CronJobs, values files) through `helm template`."""
 
 from __future__ import annotations
 
@@ -84,22 +85,32 @@ def test_preload_a_list(cluster: Cluster, namespace: str, reconciler: subprocess
     repo = f"preload/{namespace}"
     one = push_image(store, repo, "one", layers=[32 * 1024], seed=11)
     two = push_image(store, repo, "two", layers=[16 * 1024, 1024], seed=12)
+    three = push_image(store, repo, "three", layers=[8 * 1024], seed=13)
     secret = pull_secret(cluster, namespace)
+    chart = tmp_path / "cnf"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: cnf\nversion: 0.1.0\n")
+    (chart / "values.yaml").write_text(f"image: {cluster.artifact_store}/{repo}:three\n")
+    (chart / "templates" / "deployment.yaml").write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: cnf}\nspec:\n  selector: {matchLabels: {a: b}}\n"
+        "  template:\n    metadata: {labels: {a: b}}\n    spec:\n      containers: [{name: app, image: '{{ .Values.image }}'}]\n"
+    )
     values = tmp_path / "values.yaml"
     values.write_text(
         "global:\n  networkfunctionextension:\n    earlyLoading:\n"
         f"      images: ['{cluster.artifact_store}/{repo}:one']\n      timeout: 2m\n"
     )
     proc = cli(cluster, "preload", "--values", str(values), "--image", f"{cluster.artifact_store}/{repo}:two",
+               "--chart", str(chart), "--helm", str(ROOT / ".cache" / "bin" / "helm"),
                "--namespace", namespace, "--pull-secret", secret, "--poll", "0.5")
     assert proc.returncode == 0, proc.stdout + proc.stderr + (tmp_path / "reconciler.log").read_text()
-    assert proc.stdout.strip().splitlines()[-1].startswith("preload: 2 of 2 images Ready")
-    progress = [ln for ln in proc.stderr.splitlines() if "of 2 images Ready" in ln]
-    assert progress and "2 of 2 images Ready" in progress[-1]  # progress is logged as it changes, ending complete
+    assert proc.stdout.strip().splitlines()[-1].startswith("preload: 3 of 3 images Ready")
+    progress = [ln for ln in proc.stderr.splitlines() if "of 3 images Ready" in ln]
+    assert progress and "3 of 3 images Ready" in progress[-1]  # progress is logged as it changes, ending complete
 
     artifacts = cluster.kubectl_json("get", "artifacts.clusterregistry.io", "-n", namespace)["items"]
     by_source = {a["spec"]["sourceArtifact"]: a for a in artifacts}
-    for image in (one, two):
+    for image in (one, two, three):
         source = f"{cluster.artifact_store}/{repo}:{image.tag}"
         art = by_source[source]
         assert art["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "cluster-registry"
