@@ -1,0 +1,296 @@
+"""Issue 8: `helm install` of chart/ runs the chart's own containers for real on the local cluster.
+
+The node agent (tests/support/nodeagent.py) runs every pod of the project's image and of the
+distribution image on the system nodes as local processes, with the chart's command, args, env,
+ConfigMaps, Secrets, volumes, probes and ServiceAccount token. So each test here fails on the
+mistakes only a cluster shows: RBAC, Service ports and names, the webhook's caBundle, probes, mounts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.cluster import Cluster, CommandError, wait_for
+from tests.support.ociimages import Pusher, push_image
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "chart"
+CRDS = ("artifacts.clusterregistry.io", "components.clusterregistry.io")
+VALUES = "global.networkfunctionextension"
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    namespace: str
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}-cluster-registry"
+
+
+def adopt_crds(cluster: Cluster, release: str, namespace: str) -> None:
+    """The CRDs are cluster-wide and outlive releases (resource-policy keep): let RELEASE own them."""
+    for crd in CRDS:
+        if cluster.kubectl("get", "crd", crd, "--ignore-not-found", "-o", "name").strip():
+            cluster.kubectl("label", "crd", crd, "--overwrite", "app.kubernetes.io/managed-by=Helm")
+            cluster.kubectl("annotate", "crd", crd, "--overwrite",
+                            f"meta.helm.sh/release-name={release}", f"meta.helm.sh/release-namespace={namespace}")
+
+
+def component_pods(cluster: Cluster, namespace: str, component: str) -> list[dict[str, Any]]:
+    items = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/component={component}")["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def ready(pod: dict[str, Any]) -> bool:
+    conds = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
+    return pod["status"].get("phase") == "Running" and conds.get("Ready") == "True"
+
+
+def three_ready(cluster: Cluster, namespace: str, component: str, timeout: float = 240) -> list[dict[str, Any]]:
+    return wait_for(
+        lambda: (lambda ps: ps if len(ps) == 3 and all(map(ready, ps)) else None)(
+            component_pods(cluster, namespace, component)),
+        timeout=timeout, interval=2, what=f"3 Ready {component} pods")
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - pod IPs on this machine
+            return int(r.status), r.read()
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.read()
+
+
+@pytest.fixture(scope="module")
+def release(cluster: Cluster) -> Iterator[Release]:
+    """The chart installed with its default values (HA on) and `--wait --wait-for-jobs`."""
+    rel = Release(f"cr{secrets.token_hex(2)}", f"e2e-chart-runs-{secrets.token_hex(3)}")
+    cluster.kubectl("create", "namespace", rel.namespace)
+    adopt_crds(cluster, rel.name, rel.namespace)
+    cluster.helm("install", rel.name, str(CHART), "-n", rel.namespace, "--wait", "--wait-for-jobs",
+                 "--timeout", "480s", timeout=540)
+    try:
+        yield rel
+    finally:
+        cluster.helm("uninstall", rel.name, "-n", rel.namespace, "--wait", "--timeout", "120s", check=False)
+        cluster.kubectl("delete", "namespace", rel.namespace, "--wait=false", check=False)
+
+
+def test_default_install_runs_the_chart_containers_for_real(cluster: Cluster, release: Release) -> None:
+    status = json.loads(cluster.helm("status", release.name, "-n", release.namespace, "-o", "json"))
+    assert status["info"]["status"] == "deployed"
+    # Hook Jobs ran their real command and succeeded (helm waited on them).
+    hooks = {h["name"].removeprefix(f"{release.prefix}-"): h["last_run"]["phase"] for h in status.get("hooks", [])}
+    assert hooks.get("validate") == "Succeeded", hooks
+
+    system = {n["metadata"]["name"] for n in cluster.kubectl_json(
+        "get", "nodes", "-l", "kubernetes.azure.com/mode=system")["items"]}
+    for component in ("registry", "webhook"):
+        pods = three_ready(cluster, release.namespace, component)
+        assert {p["spec"]["nodeName"] for p in pods} == system, f"{component}: one replica per system node"
+        for p in pods:
+            for cs in p["status"]["containerStatuses"]:
+                assert cs["containerID"].startswith("process://"), (component, cs)
+                assert cs["ready"] and "running" in cs["state"]
+    for component in ("artifact-reconciler", "component-reconciler"):
+        pods = wait_for(lambda c=component: [p for p in component_pods(cluster, release.namespace, c) if ready(p)],
+                        timeout=120, what=f"{component} Ready")
+        assert pods[0]["status"]["containerStatuses"][0]["containerID"].startswith("process://")
+
+    # The registry container is the distribution binary with the chart's config; the gate in front.
+    pod = component_pods(cluster, release.namespace, "registry")[0]
+    ip = pod["status"]["podIP"]
+    code, _ = http_get(f"http://{ip}:5002/debug/health")
+    assert code == 200
+    code, _ = http_get(f"http://{ip}:5000/v2/")
+    assert code == 200  # anonymous reads pass the gate
+    logs = cluster.pod_logs(release.namespace, pod["metadata"]["name"], "registry")
+    assert '"msg":"listening on 127.0.0.1:5001"' in logs.replace(" ", "") or "127.0.0.1:5001" in logs
+
+
+def registry_credentials(cluster: Cluster, release: Release) -> tuple[str, str]:
+    secret = cluster.kubectl_json("get", "secret", "-n", release.namespace, f"{release.prefix}-registry")
+    creds = yaml.safe_load(base64.b64decode(secret["data"]["credentials.yaml"]))
+    return str(creds["username"]), str(creds["password"])
+
+
+def test_three_registry_replicas_share_one_volume(cluster: Cluster, release: Release) -> None:
+    pods = three_ready(cluster, release.namespace, "registry")
+    user, password = registry_credentials(cluster, release)
+    first, *others = [p["status"]["podIP"] for p in pods]
+    # Writes need the reconcilers' credentials at the gate.
+    with pytest.raises(Exception):
+        push_image(Pusher(f"{first}:5000"), "e2e/shared", "v1", layers=[4096], seed=11)
+    image = push_image(Pusher(f"{first}:5000", auth=(user, password)), "e2e/shared", "v1", layers=[1 << 20, 4096], seed=11)
+    accept = {"Accept": image.media_type}
+    for ip in others:
+        code, body = http_get(f"http://{ip}:5000/v2/e2e/shared/manifests/v1", accept)
+        assert code == 200 and body == image.manifest, f"replica {ip} does not see the pushed manifest"
+    claims = {v["persistentVolumeClaim"]["claimName"] for p in pods for v in p["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert len(claims) == 1
+    pvc = cluster.kubectl_json("get", "pvc", "-n", release.namespace, claims.pop())
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_webhook_is_called_through_its_service_with_the_chart_ca(cluster: Cluster, release: Release,
+                                                                  namespace: str) -> None:
+    config = cluster.kubectl_json("get", "mutatingwebhookconfiguration", f"{release.prefix}-webhook")
+    hook = config["webhooks"][0]
+    assert "url" not in hook["clientConfig"]
+    service = hook["clientConfig"]["service"]
+    assert service["namespace"] == release.namespace
+    ca_bundle = base64.b64decode(hook["clientConfig"]["caBundle"])
+
+    # The serving certificate of every replica verifies against that caBundle for the Service's name.
+    ctx = ssl.create_default_context(cadata=ca_bundle.decode())
+    for p in three_ready(cluster, release.namespace, "webhook"):
+        port = next(cp["containerPort"] for c in p["spec"]["containers"] for cp in c.get("ports", [])
+                    if cp.get("name") == "https")
+        with socket.create_connection((p["status"]["podIP"], port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname=f"{service['name']}.{service['namespace']}.svc") as tls:
+                assert tls.version()
+
+    # The API server calls it (through the Service, at the endpoints' pod IPs) for a pod elsewhere.
+    image = "myacr.azurecr.io/e2e/cnf:1.0.0"
+    cluster.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "cnf", "namespace": namespace},
+                   "spec": {"nodeSelector": {"kubernetes.azure.com/mode": "user"},
+                            "containers": [{"name": "cnf", "image": image}]}})
+    artifacts = wait_for(
+        lambda: [a for a in cluster.kubectl_json("get", "artifacts", "-n", namespace)["items"]
+                 if a["spec"]["sourceArtifact"] == image],
+        timeout=60, what="the webhook's Artifact for the pod's image")
+    assert artifacts[0]["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "cluster-registry"
+    logs = "".join(cluster.pod_logs(release.namespace, p["metadata"]["name"], "webhook")
+                   for p in component_pods(cluster, release.namespace, "webhook"))
+    assert image in logs
+
+
+def test_hook_job_exit_code_decides_the_install(cluster: Cluster, release: Release) -> None:
+    """validate (pre-install hook) really runs against the cluster: a missing StorageClass fails it."""
+    name, ns = f"bad{secrets.token_hex(2)}", f"e2e-chart-bad-{secrets.token_hex(3)}"
+    cluster.kubectl("create", "namespace", ns)
+    try:
+        adopt_crds(cluster, name, ns)
+        with pytest.raises(CommandError) as failed:
+            cluster.helm("install", name, str(CHART), "-n", ns, "--wait", "--timeout", "240s",
+                         "--set", f"{VALUES}.clusterRegistry.storageClassName=e2e-no-such-class", timeout=300)
+        assert "validate" in str(failed.value) and "BackoffLimitExceeded" in str(failed.value), failed.value
+        # The Job's pods (deleted with the failed hook) really ran `cluster-registry validate`.
+        logs = {k: v for k, v in cluster.namespace_logs(ns).items() if "validate" in k}
+        assert logs, "no validate container ran"
+        assert all("e2e-no-such-class" in text and "refusing" in text for text in logs.values()), logs
+        # Nothing but the hook ran: no workload of the failed release exists.
+        assert not cluster.kubectl("get", "deployments", "-n", ns, "-o", "name").strip()
+    finally:
+        cluster.helm("uninstall", name, "-n", ns, "--timeout", "60s", check=False)
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        adopt_crds(cluster, release.name, release.namespace)
+
+
+def test_registry_pod_killed_mid_push_is_replaced_and_the_copy_completes(cluster: Cluster, release: Release,
+                                                                         namespace: str) -> None:
+    assert cluster.artifact_store_in_cluster, "env file lacks LOCALCLUSTER_ARTIFACT_STORE_IN_CLUSTER"
+    cluster.helm("upgrade", release.name, str(CHART), "-n", release.namespace, "--reuse-values", "--wait",
+                 "--timeout", "300s", "--set-json",
+                 f'{VALUES}.artifactReconciler.insecureRegistries=["{cluster.artifact_store_in_cluster}"]',
+                 timeout=360)
+    three_ready(cluster, release.namespace, "registry")
+    wait_for(lambda: [p for p in component_pods(cluster, release.namespace, "artifact-reconciler") if ready(p)
+                      and "--insecure-registry" in p["spec"]["containers"][0]["args"]],
+             timeout=180, what="the reconciler rolled with --insecure-registry")
+
+    # A large-ish image in the artifact store (the remote registry), pulled with a pull secret.
+    store = Pusher(cluster.artifact_store, auth=(cluster.artifact_store_user, cluster.artifact_store_password))
+    image = push_image(store, "e2e/big", "v1", layers=[48 << 20, 48 << 20, 48 << 20], seed=int(time.time()))
+    auth = base64.b64encode(f"{cluster.artifact_store_user}:{cluster.artifact_store_password}".encode()).decode()
+    dockercfg = {"auths": {cluster.artifact_store_in_cluster: {"auth": auth}}}
+    cluster.apply({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+                   "metadata": {"name": "store-pull", "namespace": namespace},
+                   "data": {".dockerconfigjson": base64.b64encode(json.dumps(dockercfg).encode()).decode()}})
+    source = f"{cluster.artifact_store_in_cluster}/e2e/big:v1"
+    cluster.apply({"apiVersion": "clusterregistry.io/v1alpha1", "kind": "Artifact",
+                   "metadata": {"name": "big", "namespace": namespace},
+                   "spec": {"sourceArtifact": source, "pullSecrets": ["store-pull"]}})
+
+    # Kill a registry pod as soon as blob data lands in the shared volume (the push is under way).
+    pvc_name = next(v["persistentVolumeClaim"]["claimName"]
+                    for v in component_pods(cluster, release.namespace, "registry")[0]["spec"]["volumes"]
+                    if "persistentVolumeClaim" in v)
+    pv = cluster.kubectl_json("get", "pv", cluster.kubectl_json(
+        "get", "pvc", "-n", release.namespace, pvc_name)["spec"]["volumeName"])
+    uploads = Path(pv["spec"]["hostPath"]["path"]) / "docker" / "registry" / "v2" / "repositories"
+    wait_for(lambda: any(uploads.glob("*/e2e/big/_uploads/*")), timeout=120, interval=0.05,
+             what="an upload in progress in the registry volume")
+    victim = component_pods(cluster, release.namespace, "registry")[0]["metadata"]["name"]
+    cluster.kubectl("delete", "pod", "-n", release.namespace, victim, "--grace-period=0", "--force")
+    phase_during = cluster.kubectl_json("get", "artifact", "big", "-n", namespace).get("status", {}).get("phase")
+
+    done = wait_for(
+        lambda: (lambda a: a if a.get("status", {}).get("phase") in ("Ready", "Failed") else None)(
+            cluster.kubectl_json("get", "artifact", "big", "-n", namespace)),
+        timeout=300, interval=2, what="the Artifact to finish copying")
+    assert done["status"]["phase"] == "Ready", done["status"]
+    assert done["status"]["digest"] == image.digest
+    assert phase_during != "Ready", "the registry pod was killed only after the copy had finished"
+    # The replacement pod came up and the Deployment is whole again.
+    pods = three_ready(cluster, release.namespace, "registry")
+    assert victim not in {p["metadata"]["name"] for p in pods}
+    # Every replica serves the copied image, byte-exact.
+    local = done["status"]["localArtifact"]
+    repo = local.split("/", 1)[1].rsplit("@", 1)[0].rsplit(":", 1)[0]
+    for p in pods:
+        code, body = http_get(f"http://{p['status']['podIP']}:5000/v2/{repo}/manifests/{image.digest}",
+                              {"Accept": image.media_type})
+        assert code == 200 and body == image.manifest
+
+
+def test_removed_rbac_rule_makes_the_webhook_fail_visibly(cluster: Cluster, release: Release, namespace: str) -> None:
+    """The pods talk to the API server as their ServiceAccounts: take `create artifacts` from the
+    webhook's ClusterRole and it can no longer record Artifacts (it says so, and none appear)."""
+    role_name = f"{release.prefix}-webhook"
+    role = cluster.kubectl_json("get", "clusterrole", role_name)
+    original = json.loads(json.dumps(role["rules"]))
+    stripped = []
+    for rule in role["rules"]:
+        if "artifacts" in rule.get("resources", []):
+            rule = {**rule, "verbs": [v for v in rule["verbs"] if v != "create"]}
+        stripped.append(rule)
+    assert stripped != original
+    cluster.kubectl("patch", "clusterrole", role_name, "--type=json",
+                    "-p", json.dumps([{"op": "replace", "path": "/rules", "value": stripped}]))
+    try:
+        image = "myacr.azurecr.io/e2e/forbidden:2.0.0"
+        cluster.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "cnf", "namespace": namespace},
+                       "spec": {"nodeSelector": {"kubernetes.azure.com/mode": "user"},
+                                "containers": [{"name": "cnf", "image": image}]}})
+
+        def forbidden_logged() -> bool:
+            logs = "".join(cluster.pod_logs(release.namespace, p["metadata"]["name"], "webhook")
+                           for p in component_pods(cluster, release.namespace, "webhook"))
+            return any("forbidden" in line.lower() and "artifacts" in line for line in logs.splitlines()
+                       if image in line or "403" in line or "forbidden" in line.lower())
+
+        wait_for(forbidden_logged, timeout=60, what="the webhook to log the RBAC denial")
+        assert not [a for a in cluster.kubectl_json("get", "artifacts", "-n", namespace)["items"]
+                    if a["spec"]["sourceArtifact"] == image]
+    finally:
+        cluster.kubectl("patch", "clusterrole", role_name, "--type=json",
+                        "-p", json.dumps([{"op": "replace", "path": "/rules", "value": original}]))
