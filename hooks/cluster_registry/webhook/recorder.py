@@ -170,6 +170,9 @@ class Recorder:
             try:
                 failed, done = await asyncio.to_thread(self.flush, batch)
                 self.remember(done)
+            except Exception:  # noqa: BLE001 - never let the recorder die; retry the whole batch
+                log.exception("Artifact batch failed")
+                failed = batch
             finally:
                 self._inflight = set()
             if failed:
