@@ -10,3 +10,13 @@ app.kubernetes.io/name: {{ index . 1 }}
 app.kubernetes.io/instance: {{ (index . 0).Release.Name }}
 app.kubernetes.io/part-of: sample-cnf
 {{- end -}}
+
+{{/* Placement of every pod: {{ include "sample-cnf.placement" . | nindent 6 }} */}}
+{{- define "sample-cnf.placement" -}}
+{{- with .Values.nodeSelector -}}
+nodeSelector: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
