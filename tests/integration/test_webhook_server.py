@@ -126,7 +126,8 @@ async def test_mutate_over_tls(server: Proc) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"not json", b"\xff\xfe", b"[]", b'{"kind": "Pod"}', b'{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1"}'],
+    [b"", b"not json", b"\xff\xfe", b"[]", b'{"kind": "Pod"}', b'{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1"}',
+     b"[" * 200_000, b'{"kind":"AdmissionReview","apiVersion":{"a":1},"request":{"uid":"u"}}'],
 )
 async def test_garbage_gets_400(server: Proc, payload: bytes) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(server.ca[0]))) as s:
@@ -277,3 +278,44 @@ def test_generated_reviews_through_the_real_server(server: Proc) -> None:
     finally:
         conn.close()
     assert seen["n"] >= 100
+
+
+def test_arbitrary_json_never_gets_a_5xx(server: Proc) -> None:
+    """Any JSON, including AdmissionReview envelopes around junk: 200 (allowed, uid echoed) or 400, never 5xx."""
+    import http.client
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=20,
+    )
+    envelopes = st.builds(
+        lambda req, uid: {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {**req, "uid": uid}},
+        st.fixed_dictionaries({}, optional={
+            "operation": st.sampled_from(["CREATE", "UPDATE"]) | json_values,
+            "resource": st.just({"resource": "pods", "group": ""}) | json_values,
+            "subResource": st.just("ephemeralcontainers") | json_values,
+            "object": st.fixed_dictionaries({}, optional={"metadata": json_values, "spec": json_values}) | json_values,
+            "oldObject": json_values, "namespace": json_values, "dryRun": json_values,
+        }),
+        st.text(min_size=1, max_size=10),
+    )  # fmt: skip
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=client_ssl(server.ca[0]), timeout=10)
+
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(json_values | envelopes)
+    def run(body: Any) -> None:
+        conn.request("POST", "/mutate", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = json.loads(r.read())
+        assert r.status in (200, 400), data
+        if r.status == 200:
+            assert data["response"]["uid"] == body["request"]["uid"] and data["response"]["allowed"] is True
+
+    try:
+        run()
+    finally:
+        conn.close()

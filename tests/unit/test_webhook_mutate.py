@@ -223,6 +223,8 @@ def test_registry_host_is_matched_case_insensitively() -> None:
         {"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v2", "request": {"uid": "x"}},
         {"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1"},
         {"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "request": {"uid": 7}},
+        {"kind": "AdmissionReview", "apiVersion": ["admission.k8s.io/v1"], "request": {"uid": "x"}},
+        {"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "request": [{"uid": "x"}]},
     ],
 )
 def test_not_an_admission_review_is_a_bad_request(body: Any) -> None:

@@ -176,7 +176,7 @@ class Mutator:
         if not isinstance(body, dict) or body.get("kind") != "AdmissionReview":
             raise BadRequest("body is not an AdmissionReview")
         api_version = body.get("apiVersion")
-        if api_version not in REVIEW_VERSIONS:
+        if not isinstance(api_version, str) or api_version not in REVIEW_VERSIONS:
             raise BadRequest(f"unsupported AdmissionReview apiVersion {api_version!r}")
         request = body.get("request")
         if not isinstance(request, dict) or not isinstance(request.get("uid"), str):

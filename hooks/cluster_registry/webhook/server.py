@@ -116,7 +116,7 @@ class Webhook:
         try:
             body = await request.read()
             outcome = self.mutator.review(json.loads(body), self.view)
-        except (BadRequest, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except (BadRequest, ValueError, RecursionError) as err:  # JSON/UTF-8 errors are ValueErrors; deep nesting
             m.by_result["bad_request"].inc()
             return web.json_response({"error": f"not an AdmissionReview: {err}"}, status=400)
         if outcome.error is not None:
