@@ -62,7 +62,6 @@ def split_host_port(text: str, default_port: int = 8443) -> tuple[str, int]:
     hidden=True,
     help="No API server: nothing is Ready and no Artifact is written (benchmarks, local trials).",
 )
-@click.option("--insecure-http", is_flag=True, hidden=True, help="Serve plain HTTP (tests only).")
 def webhook(
     listen: str,
     tls_cert: str | None,
@@ -76,11 +75,10 @@ def webhook(
     tls_reload_interval: float,
     batch_interval: float,
     offline: bool,
-    insecure_http: bool,
 ) -> None:
     """Serve the pod mutating admission webhook (AdmissionReview v1 on /mutate)."""
     host, port = split_host_port(listen)
-    if not insecure_http and not (tls_cert and tls_key):
+    if not (tls_cert and tls_key):
         raise click.UsageError("--tls-cert and --tls-key are required (the API server only calls HTTPS)")
     settings = Settings.build(registry_host, rewrite_policy, exclude_registry, allow_registry)
     if offline:
@@ -96,7 +94,7 @@ def webhook(
         mutator=Mutator(settings),
         view=view,
         recorder=recorder,
-        tls=None if insecure_http else TlsFiles(str(tls_cert), str(tls_key)),
+        tls=TlsFiles(str(tls_cert), str(tls_key)),
         registry=CollectorRegistry(),
     )
     asyncio.run(serve_forever(hook, host, port, tls_reload_interval))
