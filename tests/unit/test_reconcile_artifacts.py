@@ -285,3 +285,16 @@ async def test_a_created_pull_secret_retries_an_access_failure_at_once() -> None
     await drain(r, kube)
     assert kube.status("a/img")["phase"] == "Ready" and script.calls[-1][2] is not None
     assert await r.recheck_secrets() == []  # nothing left to watch
+
+
+async def test_a_new_artifact_waiting_for_a_worker_is_pending() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    r = make(script, kube, clock)
+    r.on_event("ADDED", kube.add("a", "img", "ghcr.io/x/y:1"))
+    for task in list(r._tasks):  # the workers are busy elsewhere: the queued-write lands first
+        await task
+    s = kube.status("a/img")
+    assert s["phase"] == "Pending" and s["observedGeneration"] == 1
+    await drain(r, kube)
+    assert [w[1].get("phase") for w in kube.status_writes] == ["Pending", "Copying", "Ready"]
+    assert [e[2] for e in kube.events] == ["Copying", "Copied"]

@@ -72,6 +72,15 @@ def test_condition_transition_time_moves_only_on_status_change() -> None:
     assert ready(dict(ok))["lastTransitionTime"] == st.timestamp(NOW + 120)
 
 
+def test_queued_only_marks_an_artifact_without_status() -> None:
+    pending = st.next_status({}, 1, st.Queued(SRC, LOCAL), NOW)
+    assert pending["phase"] == "Pending" and ready(dict(pending))["reason"] == "Pending"
+    assert st.transition_event({}, pending) is None  # no Event for merely being queued
+    copying = st.next_status(pending, 1, st.Started(SRC, LOCAL), NOW)
+    assert copying["phase"] == "Copying"
+    assert st.next_status(copying, 1, st.Queued(SRC, LOCAL), NOW) == copying  # never a step back
+
+
 def test_retry_after_failure_or_deferral_does_not_flip_to_copying() -> None:
     failed = st.next_status({}, 3, st.CopyFailed("NotFound", "no such tag", False), NOW)
     assert st.next_status(failed, 3, st.Started(SRC, LOCAL), NOW + 1) == failed

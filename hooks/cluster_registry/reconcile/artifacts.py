@@ -112,6 +112,7 @@ class ArtifactReconciler:
         self.session: RegistrySession | None = None
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._locks: dict[str, asyncio.Lock] = {}  # artifact key -> serialises its status writes
 
     # -- adapters to the copy engine ----------------------------------------------------------------
 
@@ -145,6 +146,7 @@ class ArtifactReconciler:
         if type_ == "DELETED":
             self.objects.pop(key, None)
             self.handled.pop(key, None)
+            self._locks.pop(key, None)
             dest = self.groups.set(key, None)
             if dest is not None and not self.groups.members(dest):
                 self._drop(dest)
@@ -171,6 +173,8 @@ class ArtifactReconciler:
             self.copy_wanted.add(dest)
             if not v.observed:
                 self.attempts.pop(dest, None)  # a new spec starts a fresh backoff
+            if not v.phase:  # brand new: say it is queued (workers may all be busy)
+                self._spawn(self._write(v, st.Queued(v.source, dest)))
         self.queue.add(dest, due)
         self._wake.set()
         self._gauges()
@@ -385,19 +389,32 @@ class ArtifactReconciler:
                     log.warning("pull secret %s/%s: %s", m.namespace, name, err.message)
         return found, missing, fingerprint.hexdigest()
 
-    async def _write(self, m: st.ArtifactView, outcome: st.Outcome) -> None:
-        """Write the status after ``outcome`` (only what changed) and the Event of the transition."""
-        new = st.next_status(m.status, m.generation, outcome, self.clock())
-        patch = st.status_patch(m.status, new)
-        if patch is None:
-            return
-        try:
-            obj = await asyncio.to_thread(self.kube.patch_status, ARTIFACTS, m.namespace, m.name, patch)
-        except Exception as err:  # noqa: BLE001
-            if getattr(err, "status", None) == 404:
-                return  # deleted meanwhile
-            raise
-        self._remember(obj)
+    async def _write(self, stale: st.ArtifactView, outcome: st.Outcome) -> None:
+        """Write the status after ``outcome`` (only what changed) and the Event of the transition.
+
+        Writes to one Artifact are serialised and computed from the latest known object, so a
+        queued-write and a worker's write cannot interleave; an outcome for an older generation
+        is dropped (the new spec is already queued).
+        """
+        lock = self._locks.setdefault(stale.key, asyncio.Lock())
+        async with lock:
+            current = self.objects.get(stale.key)
+            if current is None:
+                return
+            m = st.view(current)
+            if (m.generation, m.uid) != (stale.generation, stale.uid):
+                return
+            new = st.next_status(m.status, m.generation, outcome, self.clock())
+            patch = st.status_patch(m.status, new)
+            if patch is None:
+                return
+            try:
+                obj = await asyncio.to_thread(self.kube.patch_status, ARTIFACTS, m.namespace, m.name, patch)
+            except Exception as err:  # noqa: BLE001
+                if getattr(err, "status", None) == 404:
+                    return  # deleted meanwhile
+                raise
+            self._remember(obj)
         event = st.transition_event(m.status, new)
         if event is not None:
             await self._event(st.view(obj), event, obj)

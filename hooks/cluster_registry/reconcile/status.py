@@ -151,7 +151,15 @@ class Locked:
     message: str = "the cluster registry is in its garbage-collection read-only window; the copy waits"
 
 
-Outcome = Started | Copied | CopyFailed | Locked
+@dataclass(frozen=True)
+class Queued:
+    """A new spec is waiting for a copy worker (only written to an Artifact without status)."""
+
+    source: str
+    local: str
+
+
+Outcome = Queued | Started | Copied | CopyFailed | Locked
 
 
 def failure(err: BaseException) -> CopyFailed | Locked:
@@ -173,7 +181,14 @@ def next_status(current: Mapping[str, Any], generation: int, outcome: Outcome, n
     """
     status: dict[str, Any] = {k: v for k, v in current.items()}
     conditions: list[Condition] = list(status.get("conditions") or [])
-    if isinstance(outcome, Started):
+    if isinstance(outcome, Queued):
+        if status.get("phase") and not (status.get("phase") == Phase.PENDING and status.get("observedGeneration") != generation):
+            return cast(ArtifactStatus, status)  # a worker got there first: Pending would be a step back
+        status["phase"] = Phase.PENDING.value
+        conditions = set_condition(
+            conditions, READY, "False", "Pending", f"waiting to copy {outcome.source} to {outcome.local}", now, generation
+        )
+    elif isinstance(outcome, Started):
         if status.get("observedGeneration") == generation and status.get("phase") in (Phase.FAILED, Phase.DEFERRED):
             return cast(ArtifactStatus, status)
         status["phase"] = Phase.COPYING.value
