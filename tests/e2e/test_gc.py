@@ -181,7 +181,8 @@ def ensure_crds(cluster: Cluster) -> None:
 
 
 def pod_template(image: str, labels: dict[str, str]) -> dict[str, Any]:
-    return {"metadata": {"labels": labels},
+    # Opted out of any cluster-registry webhook another test may have installed in the shared cluster.
+    return {"metadata": {"labels": {**labels, "clusterregistry.io/skip": "true"}},
             "spec": {"containers": [{"name": "c", "image": image}], "terminationGracePeriodSeconds": 0}}  # fmt: skip
 
 
@@ -253,14 +254,14 @@ def test_gc_deletes_exactly_the_unreferenced_images(cluster: Cluster, namespace:
         {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "ds"},
          "spec": {"selector": {"matchLabels": {"app": "ds"}}, "template": pod_template(source(ns, "ds"), {"app": "ds"})}},
         {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "cron"},
-         "spec": {"schedule": "0 0 1 1 *", "suspend": True, "jobTemplate": {"spec": {"template": {"metadata": {},
+         "spec": {"schedule": "0 0 1 1 *", "suspend": True, "jobTemplate": {"spec": {"template": {"metadata": pod_template("x", lbl)["metadata"],
              "spec": {**pod_template(source(ns, "cronjob"), lbl)["spec"], "restartPolicy": "Never"}}}}}},
         {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "job"},
-         "spec": {"template": {"metadata": {}, "spec": {**pod_template(source(ns, "job"), lbl)["spec"], "restartPolicy": "Never"}}}},
+         "spec": {"template": {"metadata": pod_template("x", lbl)["metadata"], "spec": {**pod_template(source(ns, "job"), lbl)["spec"], "restartPolicy": "Never"}}}},
         {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "job-gone"},
-         "spec": {"template": {"metadata": {}, "spec": {**pod_template(source(ns, "job-gone"), lbl)["spec"], "restartPolicy": "Never"}}}},
-        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pod"}, "spec": pod_template(source(ns, "pod"), lbl)["spec"]},
-        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pod-gone"}, "spec": pod_template(source(ns, "pod-gone"), lbl)["spec"]},
+         "spec": {"template": {"metadata": pod_template("x", lbl)["metadata"], "spec": {**pod_template(source(ns, "job-gone"), lbl)["spec"], "restartPolicy": "Never"}}}},
+        {"apiVersion": "v1", "kind": "Pod", **pod_template(source(ns, "pod"), lbl), "metadata": {"name": "pod", **pod_template("x", lbl)["metadata"]}},
+        {"apiVersion": "v1", "kind": "Pod", **pod_template(source(ns, "pod-gone"), lbl), "metadata": {"name": "pod-gone", **pod_template("x", lbl)["metadata"]}},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner-alive"}},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner-gone"}},
         {"apiVersion": "clusterregistry.io/v1alpha1", "kind": "Component", "metadata": {"name": "cnf"},
@@ -270,10 +271,10 @@ def test_gc_deletes_exactly_the_unreferenced_images(cluster: Cluster, namespace:
     # Roll "rollback" and "nohistory" to v2: the first keeps its v1 ReplicaSet, the second drops it.
     for name, case in (("rollback", "deploy-rollback"), ("nohistory", "deploy-history-gone")):
         cluster.kubectl("set", "image", f"deployment/{name}", f"c={source(ns, case, 'v2')}", "-n", ns)
-    wait_for(lambda: len(cluster.kubectl_json("get", "rs", "-n", ns, "-l", "app=rb")["items"]) == 2, 90, what="2 rs")
-    wait_for(lambda: len(cluster.kubectl_json("get", "rs", "-n", ns, "-l", "app=nh")["items"]) == 1, 90, what="old rs pruned")
+    wait_for(lambda: len(cluster.kubectl_json("get", "rs", "-n", ns, "-l", "app=rb")["items"]) == 2, 180, what="2 rs")
+    wait_for(lambda: len(cluster.kubectl_json("get", "rs", "-n", ns, "-l", "app=nh")["items"]) == 1, 180, what="old rs pruned")
     wait_for(lambda: all(c["image"].endswith(":v2") for pod in cluster.kubectl_json("get", "pods", "-n", ns, "-l", "app=nh")["items"]
-                         for c in pod["spec"]["containers"]), 90, what="the v1 pods of nohistory to go")  # fmt: skip
+                         for c in pod["spec"]["containers"]), 180, what="the v1 pods of nohistory to go")  # fmt: skip
     cm_alive, cm_gone = uid(cluster, ns, "configmap", "owner-alive"), uid(cluster, ns, "configmap", "owner-gone")
     owner = lambda u, n: {"apiVersion": "v1", "kind": "ConfigMap", "name": n, "uid": u}  # noqa: E731
     arts = [
@@ -297,7 +298,7 @@ def test_gc_deletes_exactly_the_unreferenced_images(cluster: Cluster, namespace:
     cluster.kubectl("delete", "pod", "pod-gone", "-n", ns, "--grace-period=0", "--force")
     wait_for(lambda: not cluster.kubectl("get", "pod", "pod-gone", "-n", ns, "--ignore-not-found", "-o", "name"), 60,
              what="pod-gone deleted")  # fmt: skip
-    wait_for(lambda: not cluster.kubectl("get", "pods", "-n", ns, "-l", "job-name=job-gone", "-o", "name"), 90,
+    wait_for(lambda: not cluster.kubectl("get", "pods", "-n", ns, "-l", "job-name=job-gone", "-o", "name"), 180,
              what="the pods of job-gone to go")  # fmt: skip
 
     dry = run_gc(cluster, ns, registry.url, registry.storage, "--dry-run", "--no-sweep")
@@ -352,8 +353,9 @@ def _shared_layer_image(p: Pusher, repo: str, tag: str, shared: list[bytes], own
     raise AssertionError(f"could not push {repo}:{tag}")
 
 
+@pytest.mark.parametrize("mode", ["distribution", "trash"])
 def test_pushes_during_gc_never_corrupt_and_the_gate_acks_its_drain(
-    cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path
+    cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path, mode: str
 ) -> None:
     p = Pusher(gate.host, auth=(USER, PASSWORD))
     shared = [os.urandom(4096) for _ in range(3)]
@@ -387,7 +389,7 @@ def test_pushes_during_gc_never_corrupt_and_the_gate_acks_its_drain(
         t.start()
     try:
         time.sleep(1)
-        report = run_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds=creds)
+        report = run_gc(cluster, namespace, f"http://{gate.host}", registry.storage, "--sweep-mode", mode, creds=creds)
         time.sleep(1)
     finally:
         stop.set()

@@ -45,7 +45,8 @@ def test_inventory_and_usage_match_what_was_pushed(reg: Registry) -> None:
     assert used.bytes == on_disk and used.blobs == len(sizes)
 
 
-def test_soft_delete_then_sweep_frees_exactly_the_unreferenced_blobs(reg: Registry) -> None:
+@pytest.mark.parametrize("mode", ["distribution", "trash"])
+def test_soft_delete_then_sweep_frees_exactly_the_unreferenced_blobs(reg: Registry, mode: str) -> None:
     p = Pusher(reg.host)
     keep = push_index(p, "h.example.com/keep", "v1", PLATFORMS[:2], layers=[4000], seed=10, shared_base=3000)
     gone = push_index(p, "h.example.com/gone", "v1", PLATFORMS[:2], layers=[6000], seed=11)
@@ -66,7 +67,17 @@ def test_soft_delete_then_sweep_frees_exactly_the_unreferenced_blobs(reg: Regist
     out = gcreg.delete_sync(reg.url, [[(m.repository, m.digest) for m in w] for w in sel.delete_waves])
     assert sorted(o.status for o in out) == ["deleted"] * 4
     assert storage.usage(reg.storage) == before, "a soft delete frees nothing by itself"
-    res = sweep.run(sweep.default_config(str(reg.storage)))
+    config = sweep.default_config(str(reg.storage))
+    if mode == "trash":
+        res = sweep.run_trash(config, str(reg.storage))
+        assert storage.usage(reg.storage).blobs < before.blobs, "the garbage is out of the registry's sight"
+        assert any(sweep.trash_root(str(reg.storage)).rglob("data"))
+        sweep.empty_trash(str(reg.storage))
+        assert not sweep.trash_root(str(reg.storage)).exists()
+        layer_links = list((reg.storage / "docker/registry/v2/repositories/h.example.com/gone").rglob("_layers/*/*/link"))
+        assert layer_links == [], "the deleted images' layer links went too, as distribution's sweep does"
+    else:
+        res = sweep.run(config)
     after = storage.usage(reg.storage)
     gone_blobs = {d for i in (gone, gone_plain) for d, _ in i.all_blobs()} | {m.digest for m in gone.all_manifests()}
     gone_blobs.add(gone_plain.digest)

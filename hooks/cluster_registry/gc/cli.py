@@ -80,6 +80,9 @@ def _observe(gauges: object | None, rep: Report) -> None:
 @click.option("--drain-timeout", default="60s", show_default=True, help="How long to wait for the gates' in-flight writes.")
 @click.option("--lease-duration", default=15, show_default=True, type=click.IntRange(5, 60), help="The lock's TTL in seconds.")
 @click.option("--no-sweep", is_flag=True, help="Soft delete only; skip the read-only window.")
+@click.option("--sweep-mode", type=click.Choice(["distribution", "trash"]), default="distribution", show_default=True,
+              help="distribution: `registry garbage-collect` deletes inside the window. trash (filesystem driver): "
+                   "distribution's mark decides, the window only renames the garbage aside, it is deleted after.")  # fmt: skip
 @click.option("--metrics-listen", help="HOST:PORT to serve Prometheus metrics on while running.")
 @click.option("--artifact-namespace", "artifact_namespaces", multiple=True,
               help="Delete Artifacts only in these namespaces (repeatable; default all). References are read cluster-wide.")  # fmt: skip
@@ -102,6 +105,7 @@ def gc(
     drain_timeout: str,
     lease_duration: int,
     no_sweep: bool,
+    sweep_mode: str,
     metrics_listen: str | None,
     artifact_namespaces: tuple[str, ...],
 ) -> None:
@@ -122,6 +126,7 @@ def gc(
         lease_seconds=lease_duration,
         dry_run=dry_run,
         sweep=not no_sweep,
+        sweep_mode=sweep_mode,
         artifact_namespaces=frozenset(artifact_namespaces),
     )
     api = kube.api_client(kubeconfig)

@@ -38,6 +38,7 @@ class Options:
     dry_run: bool = False
     artifact_namespaces: frozenset[str] = frozenset()  # only these namespaces' Artifacts may be deleted
     sweep: bool = True  # run the read-only window (mark-and-sweep) after the soft delete
+    sweep_mode: str = "distribution"  # or "trash": distribution's mark, renames inside the window
     say: Callable[[str], None] = print  # where --dry-run's "would delete" lines go
 
 
@@ -159,7 +160,11 @@ def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
     log.info("soft delete starting", extra={"manifests": len(sel.delete_manifests), "artifacts": len(sel.delete_artifacts)})
     _soft_delete(opts, view, sel, rep)
     if opts.sweep:
+        if opts.storage_root:
+            sweep.empty_trash(opts.storage_root)  # left by a run killed after its window
         _window(opts, api, rep, sizes)
+        if opts.storage_root:
+            sweep.empty_trash(opts.storage_root)
     after = blob_sizes(opts)
     rep.usageBytesAfter = sum(after.values())
     if opts.sweep and opts.storage_root:
@@ -210,7 +215,10 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
         # With the filesystem at hand the sweep runs quiet and the deleted blobs are counted after
         # the window (what was there at the start and is gone now); otherwise from its output.
         quiet = bool(opts.storage_root)
-        res = sweep.run(config, binary=opts.registry_binary, keep_going=lock.safe, quiet=quiet)
+        if opts.sweep_mode == "trash" and opts.storage_root:
+            res = sweep.run_trash(config, opts.storage_root, binary=opts.registry_binary, keep_going=lock.safe)
+        else:
+            res = sweep.run(config, binary=opts.registry_binary, keep_going=lock.safe, quiet=quiet)
         if not lock.safe():
             raise TemporaryError("the write lock lapsed during the sweep")
         rep.sweepSeconds, rep.sweepCpuSeconds = res.seconds, res.cpu_seconds
