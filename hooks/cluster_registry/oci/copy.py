@@ -247,7 +247,7 @@ class _Copier:
 
     def child(self, desc: media.Descriptor) -> asyncio.Task[None]:
         digest = desc["digest"]
-        if "platform" in desc:
+        if desc.get("platform", {}).get("os", "unknown") != "unknown":  # not buildx attestations
             self.platforms.append(media.platform_string(desc.get("platform")))
         task = self.manifests.get(digest)
         if task is None:
@@ -268,7 +268,7 @@ class _Copier:
         if info.is_index:
             children = await asyncio.gather(*(self.src.get_manifest(d["digest"]) for d in info.children))
             for desc in info.children:
-                if "platform" in desc:
+                if desc.get("platform", {}).get("os", "unknown") != "unknown":
                     self.platforms.append(media.platform_string(desc.get("platform")))
             for child in children:
                 await self.account(child)
