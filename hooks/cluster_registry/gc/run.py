@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -208,27 +209,34 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
     config = opts.registry_config or sweep.default_config(str(opts.storage_root))
     lock = GCLock(api, opts.namespace, opts.lock_name, duration=opts.lease_seconds)
     w0 = time.monotonic()
-    lock.acquire()
     try:
-        drained = lock.wait_drained(opts.drain_timeout)
-        rep.gatesAcked, rep.drainSeconds = len(drained.acked), drained.seconds
-        # With the filesystem at hand the sweep runs quiet and the deleted blobs are counted after
-        # the window (what was there at the start and is gone now); otherwise from its output.
-        quiet = bool(opts.storage_root)
-        if opts.sweep_mode == "trash" and opts.storage_root:
-            res = sweep.run_trash(config, opts.storage_root, binary=opts.registry_binary, keep_going=lock.safe)
-        else:
-            res = sweep.run(config, binary=opts.registry_binary, keep_going=lock.safe, quiet=quiet)
-        if not lock.safe():
-            raise TemporaryError("the write lock lapsed during the sweep")
-        rep.sweepSeconds, rep.sweepCpuSeconds = res.seconds, res.cpu_seconds
-        if not quiet:
-            rep.blobsDeleted = res.blobs_deleted
-            rep.bytesFreed = sum(sizes.get(d, 0) for d in res.deleted_digests)
+        lock.acquire()
+        _locked(opts, lock, config, rep, sizes)
     finally:
         lock.release()
         rep.windowSeconds = time.monotonic() - w0
+        if not opts.registry_config:
+            os.unlink(config)
     log.info(
         "read-only window closed",
         extra={"seconds": round(rep.windowSeconds, 3), "blobs": rep.blobsDeleted, "bytes": rep.bytesFreed},
     )
+
+
+def _locked(opts: Options, lock: GCLock, config: str, rep: Report, sizes: dict[str, int]) -> None:
+    """Inside the window: wait for the gates to drain, then sweep."""
+    drained = lock.wait_drained(opts.drain_timeout)
+    rep.gatesAcked, rep.drainSeconds = len(drained.acked), drained.seconds
+    # With the filesystem at hand the sweep runs quiet and the deleted blobs are counted after
+    # the window (what was there at the start and is gone now); otherwise from its output.
+    quiet = bool(opts.storage_root)
+    if opts.sweep_mode == "trash" and opts.storage_root:
+        res = sweep.run_trash(config, opts.storage_root, binary=opts.registry_binary, keep_going=lock.safe)
+    else:
+        res = sweep.run(config, binary=opts.registry_binary, keep_going=lock.safe, quiet=quiet)
+    if not lock.safe():
+        raise TemporaryError("the write lock lapsed during the sweep")
+    rep.sweepSeconds, rep.sweepCpuSeconds = res.seconds, res.cpu_seconds
+    if not quiet:
+        rep.blobsDeleted = res.blobs_deleted
+        rep.bytesFreed = sum(sizes.get(d, 0) for d in res.deleted_digests)
