@@ -1,0 +1,279 @@
+"""The sample CNF (examples/sample-cnf) on the local cluster, shared by `make demo` and the e2e scenarios.
+
+* :func:`push_images` builds the CNF's images deterministically (``tests/support/ociimages.py``) and
+  pushes them to the artifact store of ``.cache/localcluster/env``: by tag, one pinned by digest, a
+  multi-platform index, and one in the private repository ``private/``.
+* :class:`StoreFront` is the artifact store as the CNF's cluster sees it: a proxy on 127.0.0.1 that we
+  start and stop ourselves (the shared artifact store keeps serving the other tests), exposed to the
+  pods by a selectorless Service that the node agent forwards to it. It lets anonymous clients pull every
+  repository but ``private/`` (it adds the store's credentials for them, as a registry with anonymous
+  pull does), so only the private image needs the pull secret. ``stop()`` is the disconnected drill.
+* :func:`push_chart` publishes the sample chart as an OCI chart with the real ``helm push --plain-http``
+  (after ``helm registry login``), its values pointing at the store front and at the pinned digest.
+* :func:`install_cluster_registry` installs chart/ with the real helm as tests/e2e/test_chart_install.py
+  does (its ``adopt_crds``); :func:`install_cnf` installs the published chart.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.cluster import ROOT, Cluster, CommandError, wait_for
+from tests.support.ociimages import PLATFORMS, Image, Pusher, push_image, push_index
+from tests.support.proxy import FaultProxy
+
+SAMPLE_CHART = ROOT / "examples" / "sample-cnf"
+CLUSTER_CHART = ROOT / "chart"
+CHART_NAME = "sample-cnf"
+CHART_REPO = "charts"  # oci://<store>/charts/sample-cnf
+VALUES = "global.networkfunctionextension"
+PULL_SECRET = "cnf-pull"
+STORE_SERVICE = "cnf-store"
+FORWARD_ANNOTATION = "localcluster.clusterregistry.io/forward-to"  # tests/support/nodeagent.py
+CRDS = ("artifacts.clusterregistry.io", "components.clusterregistry.io")
+
+
+@dataclass(frozen=True)
+class CnfImage:
+    key: str  # the values key in examples/sample-cnf/values.yaml
+    repo: str  # repository in the artifact store
+    ref: str  # "repo:tag" or "repo@digest", as the chart's values name it
+    image: Image  # what was pushed (digest, manifest bytes, blobs)
+    owner_kind: str  # the top owner of the pods that use it
+    owner: str  # that owner's name without the release prefix ("frontend" -> <release>-frontend)
+
+    @property
+    def digest(self) -> str:
+        return self.image.digest
+
+    @property
+    def size(self) -> int:
+        """Bytes of every manifest and blob of the image (what a copy transfers)."""
+        manifests = sum(len(m.manifest) for m in self.image.all_manifests())
+        return manifests + sum(size for _, size in self.image.all_blobs())
+
+    def source(self, store_host: str) -> str:
+        """The image reference as the CNF's pods name it (and the Artifact's sourceArtifact)."""
+        return f"{store_host}/{self.ref}"
+
+
+def store_pusher(cluster: Cluster) -> Pusher:
+    return Pusher(cluster.artifact_store, auth=(cluster.artifact_store_user, cluster.artifact_store_password))
+
+
+def push_images(cluster: Cluster, tag: str = "1.0.0") -> dict[str, CnfImage]:
+    """Build and push the CNF's images (same bytes, same digests every time)."""
+    p = store_pusher(cluster)
+    init = push_image(p, "cnf/init", tag, layers=[64 << 10], seed=9101)
+    frontend = push_image(p, "cnf/frontend", tag, layers=[1 << 20, 256 << 10], seed=9102)
+    backend = push_image(p, "cnf/backend", tag, layers=[768 << 10, 64 << 10], seed=9103)
+    agent = push_index(p, "cnf/agent", tag, PLATFORMS[:2], layers=[192 << 10], seed=9104)
+    reporter = push_image(p, "private/reporter", tag, layers=[512 << 10], seed=9105)
+    return {
+        "init": CnfImage("init", "cnf/init", f"cnf/init:{tag}", init, "Deployment", "frontend"),
+        "frontend": CnfImage("frontend", "cnf/frontend", f"cnf/frontend:{tag}", frontend, "Deployment", "frontend"),
+        "backend": CnfImage("backend", "cnf/backend", f"cnf/backend@{backend.digest}", backend, "StatefulSet", "backend"),
+        "agent": CnfImage("agent", "cnf/agent", f"cnf/agent:{tag}", agent, "DaemonSet", "agent"),
+        "reporter": CnfImage("reporter", "private/reporter", f"private/reporter:{tag}", reporter, "CronJob", "reporter"),
+    }
+
+
+# -- the artifact store as the CNF's cluster reaches it ----------------------------------------------
+
+
+class StoreFront(FaultProxy):
+    """A proxy on 127.0.0.1 in front of the artifact store: anonymous pulls everywhere but ``private/``."""
+
+    def __init__(self, cluster: Cluster, port: int | None = None) -> None:
+        super().__init__(f"http://{cluster.artifact_store}")
+        if port is not None:
+            self.port = port
+        token = f"{cluster.artifact_store_user}:{cluster.artifact_store_password}".encode()
+        self._basic = "Basic " + base64.b64encode(token).decode()
+
+    async def _handle(self, request: Any) -> Any:
+        if "Authorization" not in request.headers and not request.path.startswith("/v2/private/"):
+            headers = dict(request.headers)
+            headers["Authorization"] = self._basic
+            request = request.clone(headers=headers)
+        return await super()._handle(request)
+
+
+def expose_store(cluster: Cluster, namespace: str, front: StoreFront) -> str:
+    """A selectorless Service in NAMESPACE that pods reach the store front through; returns its host:port."""
+    cluster.apply({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": STORE_SERVICE, "namespace": namespace,
+                     "annotations": {FORWARD_ANNOTATION: front.host}},
+        "spec": {"type": "ClusterIP", "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}]},
+    })
+    return f"{STORE_SERVICE}.{namespace}.svc.cluster.local:5000"
+
+
+def pull_secret(cluster: Cluster, namespace: str, store_host: str) -> None:
+    """The CNF's pull secret: the artifact store's credentials for the host the pods name."""
+    auth = base64.b64encode(f"{cluster.artifact_store_user}:{cluster.artifact_store_password}".encode()).decode()
+    config = {"auths": {store_host: {"username": cluster.artifact_store_user,
+                                     "password": cluster.artifact_store_password, "auth": auth}}}
+    cluster.apply({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+        "metadata": {"name": PULL_SECRET, "namespace": namespace},
+        "data": {".dockerconfigjson": base64.b64encode(json.dumps(config).encode()).decode()},
+    })
+
+
+# -- the chart ------------------------------------------------------------------------------------
+
+
+def chart_version() -> str:
+    return str(yaml.safe_load((SAMPLE_CHART / "Chart.yaml").read_text())["version"])
+
+
+def push_chart(cluster: Cluster, images: dict[str, CnfImage], store_host: str, version: str | None = None) -> str:
+    """Package examples/sample-cnf with its values pointing at STORE_HOST (and the backend's digest) and
+    push it with `helm push --plain-http` after `helm registry login`; returns the oci:// reference."""
+    version = version or chart_version()
+    with tempfile.TemporaryDirectory(prefix="sample-cnf-") as tmp:
+        work = Path(tmp) / CHART_NAME
+        shutil.copytree(SAMPLE_CHART, work)
+        values = yaml.safe_load((work / "values.yaml").read_text())
+        values["registry"] = store_host
+        values["images"] = {k: img.ref for k, img in images.items()}
+        # Keep the documented file, replace only the values (a publisher's release step).
+        (work / "values.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+        cluster.helm("package", str(work), "--version", version, "-d", tmp)
+        config = Path(tmp) / "registry.json"
+        cluster.helm("registry", "login", cluster.artifact_store, "--plain-http", "--insecure",
+                     "--registry-config", str(config), "--username", cluster.artifact_store_user,
+                     "--password", cluster.artifact_store_password)
+        cluster.helm("push", str(Path(tmp) / f"{CHART_NAME}-{version}.tgz"), f"oci://{cluster.artifact_store}/{CHART_REPO}",
+                     "--plain-http", "--registry-config", str(config))
+    return f"oci://{cluster.artifact_store}/{CHART_REPO}/{CHART_NAME}"
+
+
+def install_cnf(cluster: Cluster, release: str, namespace: str, chart_ref: str, version: str | None = None,
+                extra: Iterable[str] = ()) -> None:
+    """`helm install` of the published chart (pulled from the store like an operator would)."""
+    with tempfile.TemporaryDirectory(prefix="sample-cnf-") as tmp:
+        config = Path(tmp) / "registry.json"
+        host = chart_ref.removeprefix("oci://").split("/", 1)[0]
+        cluster.helm("registry", "login", host, "--plain-http", "--insecure", "--registry-config", str(config),
+                     "--username", cluster.artifact_store_user, "--password", cluster.artifact_store_password)
+        cluster.helm("install", release, chart_ref, "--version", version or chart_version(), "-n", namespace,
+                     "--plain-http", "--registry-config", str(config), *extra, timeout=300)
+
+
+# -- the cluster registry -------------------------------------------------------------------------
+
+
+def cluster_registry_values(cnf_namespaces: Iterable[str], store_host: str, *, rewrite_policy: str = "WhenReady",
+                            storage_size: str = "1Gi") -> dict[str, Any]:
+    """Values for the CNF scenarios: the webhook scoped to the CNF's namespaces (other tests install the
+    chart into the same cluster at the same time), the store front spoken to over plain HTTP, GC with
+    no grace period so a Job triggered from the CronJob collects at once."""
+    scope = " || ".join(f"request.namespace == '{ns}'" for ns in cnf_namespaces)
+    return {"global": {"networkfunctionextension": {
+        "webhook": {"pod": {"mutation": {"matchConditionExpression": scope}}, "rewritePolicy": rewrite_policy},
+        "clusterRegistry": {"storageSize": storage_size, "gc": {"grace": "1s"}},
+        "artifactReconciler": {"insecureRegistries": [store_host]},
+    }}}
+
+
+def install_cluster_registry(cluster: Cluster, release: str, namespace: str, values: dict[str, Any],
+                             timeout: int = 420) -> None:
+    """`helm install --wait --wait-for-jobs` of chart/, the way tests/e2e/test_chart_install.py does."""
+    from tests.e2e.test_chart_install import adopt_crds
+
+    adopt_crds(cluster, release, namespace)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="cr-values-") as f:
+        f.write(yaml.safe_dump(values))
+        f.flush()
+        cluster.helm("install", release, str(CLUSTER_CHART), "-n", namespace, "-f", f.name, "--wait",
+                     "--wait-for-jobs", "--timeout", f"{timeout}s", timeout=timeout + 60)
+
+
+def upgrade_cluster_registry(cluster: Cluster, release: str, namespace: str, values: dict[str, Any],
+                             *sets: str, timeout: int = 420) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="cr-values-") as f:
+        f.write(yaml.safe_dump(values))
+        f.flush()
+        cluster.helm("upgrade", release, str(CLUSTER_CHART), "-n", namespace, "-f", f.name,
+                     *[a for s in sets for a in ("--set", s)], "--wait", "--timeout", f"{timeout}s",
+                     timeout=timeout + 60)
+
+
+def fullname(release: str) -> str:
+    return release if "cluster-registry" in release else f"{release}-cluster-registry"
+
+
+def component_pods(cluster: Cluster, namespace: str, component: str) -> list[dict[str, Any]]:
+    from tests.e2e.test_chart_install import pods
+
+    return pods(cluster, namespace, component)
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    from tests.e2e.test_chart_install import ready
+
+    return ready(pod)
+
+
+def registry_endpoints(cluster: Cluster, namespace: str) -> list[str]:
+    """`IP:5000` of every Ready registry pod: where the registry Service's name leads (as kube-proxy would)."""
+    return [f"{p['status']['podIP']}:5000" for p in component_pods(cluster, namespace, "registry") if pod_ready(p)]
+
+
+def registry_volume(cluster: Cluster, namespace: str, release: str) -> Path:
+    """The hostPath directory behind the registry's PVC (the local cluster's provisioner)."""
+    pvc = cluster.kubectl_json("get", "pvc", "-n", namespace, f"{fullname(release)}-registry")
+    pv = cluster.kubectl_json("get", "pv", pvc["spec"]["volumeName"])
+    return Path(pv["spec"]["hostPath"]["path"])
+
+
+def du(path: Path) -> int:
+    """Bytes of the regular files under PATH."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+# -- pulling as a node would ----------------------------------------------------------------------
+
+
+def skopeo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    exe = shutil.which("skopeo")
+    if exe is None:
+        raise RuntimeError("skopeo is not installed (ci/toolchain installs it from Debian)")
+    proc = subprocess.run([exe, *args], capture_output=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise CommandError([exe, *args], proc.returncode, proc.stdout.decode(errors="replace"),
+                           proc.stderr.decode(errors="replace"))
+    return proc
+
+
+def pull(rewritten: str, endpoint: str) -> str:
+    """Pull REWRITTEN (`<registry service>:5000/<repo>[:tag][@digest]`) from ENDPOINT (a registry pod's
+    IP:5000, where a node's runtime lands through the Service) with the real skopeo: the raw manifest
+    (its sha256 is returned) and the whole image, every platform, into a throwaway OCI layout (skopeo
+    verifies every blob's digest)."""
+    _, _, path = rewritten.partition("/")
+    ref = f"docker://{endpoint}/{path}"
+    raw = skopeo("inspect", "--raw", "--tls-verify=false", ref).stdout
+    with tempfile.TemporaryDirectory(prefix="pull-") as tmp:
+        skopeo("copy", "--all", "--src-tls-verify=false", "--preserve-digests", ref, f"oci:{tmp}/layout:x",
+               timeout=300)
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def wait_gone(cluster: Cluster, *args: str, timeout: float = 120) -> None:
+    wait_for(lambda: not cluster.kubectl("get", *args, "--ignore-not-found", "-o", "name").strip(),
+             timeout=timeout, interval=1, what=f"{' '.join(args)} gone")
