@@ -297,3 +297,17 @@ def test_webhook_down_with_failure_policy_ignore(cluster: Cluster, namespace: st
         assert images_of(cluster, namespace, "p") == [src]
     finally:
         cluster.kubectl("delete", "mutatingwebhookconfiguration", name, "--ignore-not-found")
+
+
+def test_webhook_job_pods_record_their_cronjob(cluster: Cluster, namespace: str, hook: Hook) -> None:
+    src = f"{cluster.artifact_store}/e2e/backup:2.0"
+    cronjob = {
+        "apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "backup"},
+        "spec": {"schedule": "0 0 1 1 *", "suspend": True, "jobTemplate": {"spec": {"template": {"spec": {
+            "restartPolicy": "Never", "containers": [{"name": "backup", "image": src}]}}}}},
+    }  # fmt: skip
+    cluster.apply(cronjob, namespace)
+    cluster.kubectl("create", "job", "backup-manual", "--from=cronjob/backup", "-n", namespace)
+    cj_uid = cluster.kubectl("get", "cronjob", "backup", "-n", namespace, "-o", "jsonpath={.metadata.uid}")
+    art = wait_for(lambda: artifacts(cluster, namespace).get(reference.normalize(src)), timeout=60, what="the Job's Artifact")
+    assert art["spec"]["owners"] == [{"apiVersion": "batch/v1", "kind": "CronJob", "name": "backup", "uid": cj_uid}]
