@@ -783,9 +783,28 @@ def cmd_down() -> int:
         names = ORDER_DOWN + sorted(p.stem for p in PIDS.glob("*.pid") if p.stem not in ORDER_DOWN)
         for name in names:
             stop(name, grace=30 if name == "nodeagent" else 10)  # the agent first stops its pods
+        sweep_node_agent_leftovers()
         remove_blackhole()
         ENV_FILE.unlink(missing_ok=True)
     return 0
+
+
+def sweep_node_agent_leftovers() -> None:
+    """What a node agent that died without cleaning up left: its container processes (marked with
+    NODEAGENT_POD_UID in their environment, which only the agent sets) and its network namespaces."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"NODEAGENT_POD_UID=" in (proc / "environ").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+                log(f"killed leftover container process {proc.name}")
+        except (OSError, ValueError):
+            pass
+    netns = Path("/run/netns")
+    for ns in sorted(netns.iterdir()) if netns.is_dir() else []:
+        if ns.name.startswith("crpod-") or ns.name == "crsvc":
+            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
 
 
 def cmd_status() -> int:

@@ -6,6 +6,8 @@ binaries from `.cache/bin` against the local cluster's kubeconfig, never the cal
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import ssl
@@ -13,7 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -171,6 +173,31 @@ def _http_status(url: str) -> int:
         return int(e.code)
     except (OSError, ssl.SSLError):
         return 0
+
+
+@contextlib.contextmanager
+def exclusive_chart(timeout: float = 1800) -> Iterator[None]:
+    """Hold the cluster-wide lock for installing chart/ while the release exists.
+
+    Two releases of the chart on one cluster fight: the CRDs are cluster-scoped (one owner), and each
+    release's webhook and artifact reconciler act on every namespace. Tests that install the chart
+    hold this lock (a flock on .cache/localcluster/chart.lock) from install to uninstall.
+    """
+    STATE.mkdir(parents=True, exist_ok=True)
+    with open(STATE / "chart.lock", "w") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("another test held the chart lock for too long") from None
+                time.sleep(1)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ensure_up() -> Cluster:

@@ -85,26 +85,45 @@ log = logging.getLogger("nodeagent")
 
 @dataclass(frozen=True)
 class ImageKind:
+    """What an image would bring: its files (mapped to this machine's), config and entrypoint."""
+
     name: str
     entrypoint: list[str]
     cmd: list[str]
-    files: dict[str, Path]  # path inside the container -> file on this machine
-    path: str
+    files: dict[str, Path]  # path inside the container -> file or directory on this machine
+    env: dict[str, str]
+    user: tuple[int, int] | None = None  # the image's USER (uid, gid); None = root
+    workdir: str = "/"
 
 
+# hooks/Containerfile: the venv at /opt/venv, registry and helm in /usr/local/bin, USER 65532,
+# WORKDIR /tmp, HOME=/tmp, helm's caches under /tmp, ENTRYPOINT ["cluster-registry"].
 PYTHON_IMAGE = ImageKind(
     name="cluster-registry",
     entrypoint=["cluster-registry"],
-    cmd=[],
-    files={"/usr/local/bin/cluster-registry": VENV_BIN / "cluster-registry"},
-    path=f"/usr/local/bin:{VENV_BIN}:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin",
+    cmd=["--help"],
+    files={
+        "/opt/venv": VENV_BIN.parent,
+        "/usr/local/bin/cluster-registry": VENV_BIN / "cluster-registry",
+        "/usr/local/bin/registry": BIN / "registry",
+        "/usr/local/bin/helm": BIN / "helm",
+    },
+    env={
+        "PATH": f"/opt/venv/bin:{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "HOME": "/tmp",
+        "HELM_CACHE_HOME": "/tmp/helm/cache", "HELM_CONFIG_HOME": "/tmp/helm/config",
+        "HELM_DATA_HOME": "/tmp/helm/data",
+    },
+    user=(65532, 65532),
+    workdir="/tmp",
 )
+# distribution's image: /bin/registry, ENTRYPOINT ["registry"], CMD ["serve", "/etc/distribution/config.yml"].
 REGISTRY_IMAGE = ImageKind(
     name="registry",
     entrypoint=["registry"],
     cmd=["serve", "/etc/distribution/config.yml"],
-    files={"/bin/registry": BIN / "registry", "/usr/local/bin/registry": BIN / "registry"},
-    path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    files={"/bin/registry": BIN / "registry"},
+    env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
 )
 
 
@@ -484,22 +503,22 @@ class Agent:
                         self.dispatch(self.api.sanitize_for_serialization(p))
                 with self.lock:
                     gone = [w for uid, w in self.workers.items() if uid not in seen]
-                for w in gone:
-                    w.vanished()
-                w = watch.Watch()
-                for ev in w.stream(self.core.list_pod_for_all_namespaces, resource_version=pods.metadata.resource_version,
+                for worker in gone:
+                    worker.vanished()
+                watcher = watch.Watch()
+                for ev in watcher.stream(self.core.list_pod_for_all_namespaces, resource_version=pods.metadata.resource_version,
                                    timeout_seconds=60, _request_timeout=75):
                     if self.stopping.is_set():
-                        w.stop()
+                        watcher.stop()
                         break
                     obj = self.api.sanitize_for_serialization(ev["object"])
                     if obj.get("spec", {}).get("nodeName") not in self.nodes:
                         continue
                     if ev["type"] == "DELETED":
                         with self.lock:
-                            worker = self.workers.get(obj["metadata"]["uid"])
-                        if worker:
-                            worker.vanished()
+                            known = self.workers.get(obj["metadata"]["uid"])
+                        if known:
+                            known.vanished()
                     else:
                         self.dispatch(obj)
             except Exception as e:
@@ -915,11 +934,11 @@ class PodWorker(threading.Thread):
             "root": str(run_dir / "root"),
             "scratch": str(run_dir / "scratch"),
             "mounts": mounts,
-            "workingDir": c.spec.get("workingDir") or "/",
+            "workingDir": c.spec.get("workingDir") or (c.kind.workdir if c.kind else "/"),
             "argv": argv,
             "env": env,
-            "runAsUser": sc.get("runAsUser"),
-            "runAsGroup": sc.get("runAsGroup"),
+            "runAsUser": sc.get("runAsUser", c.kind.user[0] if c.kind and c.kind.user else None),
+            "runAsGroup": sc.get("runAsGroup", c.kind.user[1] if c.kind and c.kind.user else None),
             "supplementalGroups": [g for g in [(self.pod["spec"].get("securityContext") or {}).get("fsGroup")]
                                    + list((self.pod["spec"].get("securityContext") or {}).get("supplementalGroups") or [])
                                    if g is not None],
@@ -1135,16 +1154,15 @@ class PodWorker(threading.Thread):
 
     def container_env(self, c: Container) -> dict[str, str]:
         env: dict[str, str] = {
-            "PATH": (c.kind.path if c.kind else "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+            **(c.kind.env if c.kind else {}),
             "HOSTNAME": self.pod["spec"].get("hostname") or self.name,
-            "HOME": "/root" if not (self.pod["spec"].get("securityContext") or {}).get("runAsUser") else "/tmp",
             "KUBERNETES_SERVICE_HOST": self.kubernetes_ip(),
             "KUBERNETES_SERVICE_PORT": "443",
             "KUBERNETES_SERVICE_PORT_HTTPS": "443",
             "KUBERNETES_PORT": f"tcp://{self.kubernetes_ip()}:443",
             "NODEAGENT_POD_UID": self.uid,
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONUNBUFFERED": "1",
         }
         if self.pod["spec"].get("enableServiceLinks", True):
             with self.agent.lock:
