@@ -258,6 +258,23 @@ def load_bench(tmp: Path) -> dict[str, Any]:
                     break
                 best = rate
                 rate += 500
+        elif out["at_300rps"]["p99_ms"] < 5 and not out["at_300rps"]["errors"]:
+            best = 300.0
+            for rate in (500.0, 700.0, 850.0):
+                res = asyncio.run(open_loop(port, ca, rate, SEARCH_SECONDS, requests, uids))
+                log(f"search {rate:.0f} req/s: p99 {res['p99_ms']} ms, errors {res['errors']}, achieved {res['achieved_rps']}")
+                search.append({k: res[k] for k in ("rate", "achieved_rps", "p50_ms", "p99_ms", "errors")})
+                if res["p99_ms"] >= 5 or res["errors"]:
+                    break
+                best = rate
+        else:  # not even 300/s on this machine right now: search downwards so the figure still says something
+            for rate in (200.0, 100.0, 50.0, 25.0):
+                res = asyncio.run(open_loop(port, ca, rate, SEARCH_SECONDS, requests, uids))
+                log(f"search {rate:.0f} req/s: p99 {res['p99_ms']} ms, errors {res['errors']}, achieved {res['achieved_rps']}")
+                search.append({k: res[k] for k in ("rate", "achieved_rps", "p50_ms", "p99_ms", "errors")})
+                if res["p99_ms"] < 5 and not res["errors"]:
+                    best = rate
+                    break
         out["max_rate_p99_under_5ms"] = best
         out["search"] = search
         return out
