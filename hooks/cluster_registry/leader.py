@@ -109,13 +109,15 @@ class LeaseLock:
         self.name = name
         self.identity = identity or default_identity()
         self.duration = duration
+        # (connect, read): a renewal that hangs must fail well before the Lease could expire
+        self.timeout = (min(5.0, duration / 3), max(1.0, duration / 3))
         self._seen: tuple[str, str | None, str] | None = None
         self._seen_at = time.monotonic()
 
     def read(self) -> LeaseRecord | None:
         """The Lease as stored, or None when it does not exist."""
         try:
-            lease: Any = self.api.read_namespaced_lease(self.name, self.namespace)
+            lease: Any = self.api.read_namespaced_lease(self.name, self.namespace, _request_timeout=self.timeout)
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -156,10 +158,14 @@ class LeaseLock:
             }
             meta: dict[str, object] = {"name": self.name, "namespace": self.namespace}
             if record is None:
-                self.api.create_namespaced_lease(self.namespace, {"metadata": meta, "spec": spec})
+                self.api.create_namespaced_lease(
+                    self.namespace, {"metadata": meta, "spec": spec}, _request_timeout=self.timeout
+                )
             else:
                 meta["resourceVersion"] = record.version
-                self.api.replace_namespaced_lease(self.name, self.namespace, {"metadata": meta, "spec": spec})
+                self.api.replace_namespaced_lease(
+                    self.name, self.namespace, {"metadata": meta, "spec": spec}, _request_timeout=self.timeout
+                )
             if decision is Decision.ACQUIRE:
                 log.info("lease acquired", extra={"lease": f"{self.namespace}/{self.name}", "identity": self.identity})
             return Result.HELD
@@ -185,7 +191,9 @@ class LeaseLock:
                 "leaseTransitions": record.transitions,
             }
             meta = {"name": self.name, "namespace": self.namespace, "resourceVersion": record.version}
-            self.api.replace_namespaced_lease(self.name, self.namespace, {"metadata": meta, "spec": spec})
+            self.api.replace_namespaced_lease(
+                self.name, self.namespace, {"metadata": meta, "spec": spec}, _request_timeout=self.timeout
+            )
             log.info("lease released", extra={"lease": f"{self.namespace}/{self.name}", "identity": self.identity})
         except Exception as err:  # noqa: BLE001
             log.warning("lease %s/%s: release failed: %s", self.namespace, self.name, type(err).__name__)
@@ -204,7 +212,11 @@ class LeaderElector:
         self.last_contact = 0.0  # monotonic time of the last answer from the API (health checks)
 
     async def _attempt(self) -> Result:
-        result = await asyncio.to_thread(self.lock.try_acquire_or_renew)
+        try:  # belt and braces over the request timeout: never wait longer than the renew deadline
+            result = await asyncio.wait_for(asyncio.to_thread(self.lock.try_acquire_or_renew), self.renew_deadline)
+        except asyncio.TimeoutError:
+            log.warning("lease %s/%s: no answer within %.0fs", self.lock.namespace, self.lock.name, self.renew_deadline)
+            return Result.ERROR
         if result is not Result.ERROR:
             self.last_contact = time.monotonic()
         return result

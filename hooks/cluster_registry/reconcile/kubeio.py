@@ -33,8 +33,10 @@ def key_of(obj: Obj) -> str:
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, timeout: tuple[float, float] = (10.0, 60.0)) -> None:
         self.api = api
+        # (connect, read) seconds for every request: a half-open connection must not stall a worker
+        self.timeout = timeout
         # Any: the client's models are typed, but bodies here are plain dicts (custom objects, patches)
         self.custom: Any = client.CustomObjectsApi(api)
         self.core: Any = client.CoreV1Api(api)
@@ -45,9 +47,11 @@ class Kube:
     def list(self, plural: str, label_selector: str | None = None, namespace: str | None = None) -> tuple[list[Obj], str]:
         kwargs: dict[str, Any] = {"label_selector": label_selector} if label_selector else {}
         if namespace:
-            resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural, **kwargs)
+            resp = self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, _request_timeout=self.timeout, **kwargs
+            )
         else:
-            resp = self.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
+            resp = self.custom.list_cluster_custom_object(GROUP, VERSION, plural, _request_timeout=self.timeout, **kwargs)
         return list(resp.get("items") or []), str((resp.get("metadata") or {}).get("resourceVersion") or "")
 
     def watch(
@@ -74,7 +78,9 @@ class Kube:
 
     def get(self, plural: str, namespace: str, name: str) -> Obj | None:
         try:
-            obj: Obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+            obj: Obj = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, _request_timeout=self.timeout
+            )
             return obj
         except ApiException as err:
             if err.status == 404:
@@ -82,24 +88,30 @@ class Kube:
             raise
 
     def create(self, plural: str, namespace: str, body: Obj) -> Obj:
-        obj: Obj = self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, body)
+        obj: Obj = self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, body, _request_timeout=self.timeout
+        )
         return obj
 
     def patch(self, plural: str, namespace: str, name: str, patch: Obj) -> Obj:
         """A JSON merge patch of the object (metadata/spec)."""
-        obj: Obj = self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, patch)
+        obj: Obj = self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, name, patch, _request_timeout=self.timeout
+        )
         return obj
 
     def patch_status(self, plural: str, namespace: str, name: str, status_patch: Obj) -> Obj:
         """A JSON merge patch of ``status`` through the status subresource."""
         obj: Obj = self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, plural, name, {"status": status_patch}
+            GROUP, VERSION, namespace, plural, name, {"status": status_patch}, _request_timeout=self.timeout
         )
         return obj
 
     def delete(self, plural: str, namespace: str, name: str) -> None:
         try:
-            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+            self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, _request_timeout=self.timeout
+            )
         except ApiException as err:
             if err.status != 404:
                 raise
@@ -107,7 +119,7 @@ class Kube:
     def server_version(self) -> str | None:
         """The API server's version as ``v1.35.4`` (for ``helm template --kube-version``), or None."""
         try:
-            info = client.VersionApi(self.api).get_code()
+            info = client.VersionApi(self.api).get_code(_request_timeout=self.timeout)
         except Exception:  # noqa: BLE001 - unknown version: helm's default applies
             return None
         match = re.match(r"v?(\d+)\.(\d+)\.(\d+)", str(getattr(info, "git_version", "") or ""))
@@ -121,7 +133,7 @@ class Kube:
     def docker_config(self, namespace: str, name: str) -> bytes | None:
         """The docker config JSON held by a pull Secret (``.dockerconfigjson`` or ``.dockercfg``)."""
         try:
-            secret = self.core.read_namespaced_secret(name, namespace)
+            secret = self.core.read_namespaced_secret(name, namespace, _request_timeout=self.timeout)
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -170,7 +182,7 @@ class Kube:
             },
         }
         try:
-            self.events.create_namespaced_event(meta.get("namespace"), body)
+            self.events.create_namespaced_event(meta.get("namespace"), body, _request_timeout=self.timeout)
         except Exception as err:  # noqa: BLE001 - an Event is never worth failing a reconcile for
             log.warning("could not record event %s on %s: %s", reason, key_of(obj), getattr(err, "status", type(err).__name__))
 
