@@ -202,9 +202,10 @@ async def test_tls_with_ca_bundle(tmp_path: Path, src: Registry) -> None:
         assert "--ca-bundle" in str(err.value)
 
 
-async def test_write_lock_defers_and_leaves_no_tag(src: Registry, dst: Registry) -> None:
+@pytest.mark.parametrize("lock_on", [r"^POST /v2/app/blobs/uploads/", r"^PUT /v2/app/manifests/1"], ids=["blobs", "tag"])
+async def test_write_lock_defers_and_leaves_no_tag(src: Registry, dst: Registry, lock_on: str) -> None:
     img = push_image(Pusher(src.host), "app", "1", layers=[20_000], seed=8)
-    with FaultProxy(dst.url, [Fault("lock", r"^POST /v2/app/blobs/uploads/", times=-1)]) as proxy:
+    with FaultProxy(dst.url, [Fault("lock", lock_on, times=-1)]) as proxy:
         with pytest.raises(WriteLockedError) as err:
             await copy(f"{src.host}/app:1", f"{proxy.host}/app:1", src.host, proxy.host)
         assert err.value.temporary and "garbage collection" in str(err.value)

@@ -27,6 +27,7 @@ def headers(**kw: str) -> email.message.Message:
     ("status", "hdrs", "body", "error", "temporary"),
     [
         (503, {"X_Cluster_Registry_Lock": "gc"}, b"", WriteLockedError, True),
+        (503, {"X_Cluster_Registry_Lock": "unknown"}, b"", WriteLockedError, True),
         (503, {}, b"", RegistryUnavailableError, True),
         (500, {}, b"oops", RegistryUnavailableError, True),
         (429, {"Retry_After": "3"}, b"", RateLimitedError, True),

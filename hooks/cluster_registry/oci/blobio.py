@@ -135,8 +135,8 @@ class Endpoint:
 def _status_error(status: int, reason: str, headers: http.client.HTTPMessage, where: str, body: bytes) -> ClusterRegistryError:
     text = " ".join(body.decode("utf-8", "replace").split())[:200]
     suffix = f": {text}" if text else ""
-    if status == 503 and headers.get(LOCK_HEADER, "").lower() == "gc":
-        return WriteLockedError(f"{where}: the cluster registry is read-only while garbage collection runs")
+    if status == 503 and headers.get(LOCK_HEADER):
+        return WriteLockedError(f"{where}: the cluster registry holds writes back (garbage-collection lock)")
     if status == 429:
         err = RateLimitedError(f"{where}: HTTP 429 Too Many Requests")
         err.retry_after = parse_retry_after(headers.get("Retry-After"), time.time())  # type: ignore[attr-defined]

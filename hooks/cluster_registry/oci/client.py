@@ -338,11 +338,15 @@ class Repository:
                 reauthed = True
                 attempt -= 1
                 continue
-            if resp.status == 503 and resp.headers.get(LOCK_HEADER, "").lower() == "gc":
+            if resp.status == 503 and resp.headers.get(LOCK_HEADER):
+                lock = resp.headers.get(LOCK_HEADER, "").lower()
                 resp.release()
                 raise WriteLockedError(
                     f"{what}: the cluster registry {self.host} is read-only while garbage collection runs; "
                     "the write will be retried when the lock is released"
+                    if lock == "gc"
+                    else f"{what}: the cluster registry {self.host} holds writes back: it cannot confirm the "
+                    "garbage-collection lock is free; the write will be retried"
                 )
             if is_retryable_status(resp.status):
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
