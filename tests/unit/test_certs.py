@@ -143,3 +143,11 @@ def test_ca_bundle_patch_targets_service_webhooks_only() -> None:
         {"op": "add", "path": "/webhooks/1/clientConfig/caBundle", "value": "QUJD"},
     ]
     assert ca_bundle_patch({"webhooks": None}, "cr-webhook", "cluster-registry", "QUJD") == []
+
+
+def test_long_service_names_fit_the_common_name_limit() -> None:
+    names = pki.service_names("cluster-registry-e2e-" + "x" * 30 + "-webhook", "a-namespace-with-a-rather-long-name")
+    assert len(names[0]) > 64
+    d = pki.plan(None, names, NOW, MONTH)
+    sans = cert(d.data).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == names
