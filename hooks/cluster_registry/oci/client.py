@@ -16,6 +16,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin
@@ -60,6 +61,7 @@ class RegistryOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     connections_per_host: int = 32
     chunk_size: int = 1 << 20
+    blob_threads: int = 8  # worker threads streaming large blobs, per session
     connect_timeout: float = 30.0
     read_timeout: float = 300.0
 
@@ -92,6 +94,7 @@ class RegistrySession:
         self._http: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | None = None
         self._pool: blobio.ConnectionPool | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._tokens: dict[tuple[str, str, tuple[str, ...]], _Token] = {}
         self._challenges: dict[str, Challenge] = {}
         self._token_locks: dict[tuple[str, str, tuple[str, ...]], asyncio.Lock] = {}
@@ -110,6 +113,14 @@ class RegistrySession:
                 raise ConfigError(f"cannot load CA bundle {self.options.ca_bundle}: {err}") from err
             self._ssl = ctx
         return self._ssl
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The session's own worker threads for large blobs (never the loop's default executor,
+        which the rest of a process may need for short calls while blobs stream for minutes)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.options.blob_threads, thread_name_prefix="oci-blob")
+        return self._executor
 
     @property
     def pool(self) -> blobio.ConnectionPool:
@@ -140,6 +151,9 @@ class RegistrySession:
         if self._http is not None:
             await self._http.close()
             self._http = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
         if self._pool is not None:
             self._pool.close()
             self._pool = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -225,8 +226,11 @@ class _Copier:
         dst = blobio.Endpoint(upload, await self.dst.authorization(), f"push blob {self.dst.where}@{digest}")
         cancel = threading.Event()
         try:
-            await asyncio.to_thread(
-                blobio.transfer, self.session.pool, src, dst, digest, size, cancel, self.session.options.chunk_size
+            await asyncio.get_running_loop().run_in_executor(
+                self.session.executor,
+                functools.partial(
+                    blobio.transfer, self.session.pool, src, dst, digest, size, cancel, self.session.options.chunk_size
+                ),
             )
         except BaseException:
             cancel.set()
