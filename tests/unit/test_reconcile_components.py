@@ -244,9 +244,11 @@ async def test_component_loop_creates_adopts_releases_and_reports() -> None:
     await r.reconcile("t/cnf")
     arts = {k[1]: v for k, v in kube.objs.items() if k[0] == "artifacts"}
     assert len(arts) == 7  # 6 from the chart + 1 listed
-    assert all(a["metadata"]["ownerReferences"][-1]["uid"] == "c1" for a in arts.values())
-    adopted = arts[f"t/{reference.artifact_name('example.com/cnf/db:2.1')}"]
-    assert adopted["metadata"]["labels"]["clusterregistry.io/component"] == "cnf"
+    webhook_key = f"t/{reference.artifact_name('example.com/cnf/db:2.1')}"
+    assert all(a["metadata"]["ownerReferences"] == [cs.owner_reference(comp)] for k, a in arts.items() if k != webhook_key)
+    # the webhook's Artifact (pods use it) is not adopted: deleting the Component must not delete it
+    assert "ownerReferences" not in arts[webhook_key]["metadata"] and f"patch {webhook_key[2:]}" not in kube.calls
+    assert r.wanted_by[webhook_key] == {"t/cnf"}
     status = kube.objs[("components", "t/cnf")]["status"]
     assert status["ready"] == "0/7" and condition(status["conditions"], "Ready")["reason"] == "Progressing"  # type: ignore[index]
 

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cluster_registry import workloads
+from cluster_registry import reference, workloads
 from cluster_registry.api import ARTIFACTS, COMPONENTS, LABEL_MANAGED_BY
 from cluster_registry.errors import ClusterRegistryError
 from cluster_registry.reconcile import component_status as cs
@@ -79,6 +79,8 @@ class ComponentReconciler:
         self.attempts: dict[str, int] = {}
         self.renders: dict[str, tuple[str, list[str] | str]] = {}  # key -> (chart hash, images | error)
         self.render_retry_at: dict[str, float] = {}
+        # artifact key -> Components whose status lists it (also those not owning it: see _ensure_artifact)
+        self.wanted_by: dict[str, set[str]] = {}
         self.synced = False
         self._wake = asyncio.Event()
         self._informers: list[Informer] = []
@@ -98,6 +100,7 @@ class ComponentReconciler:
         if type_ == "DELETED":
             self.components.pop(key, None)
             self.renders.pop(key, None)
+            self._set_wanted(key, set())
             self.attempts.pop(key, None)
             self.queue.forget(key)
             return
@@ -111,8 +114,18 @@ class ComponentReconciler:
         else:
             self._store(self.artifacts, obj)
         ns = (obj.get("metadata") or {}).get("namespace", "")
-        for name in cs.component_owners(obj):
-            self._enqueue(f"{ns}/{name}")
+        wanting = {f"{ns}/{name}" for name in cs.component_owners(obj)} | self.wanted_by.get(key, set())
+        for component in wanting:
+            self._enqueue(component)
+
+    def _set_wanted(self, component: str, artifacts: set[str]) -> None:
+        for key in list(self.wanted_by):
+            if key not in artifacts:
+                self.wanted_by[key].discard(component)
+                if not self.wanted_by[key]:
+                    del self.wanted_by[key]
+        for key in artifacts:
+            self.wanted_by.setdefault(key, set()).add(component)
 
     def _enqueue(self, key: str, at: float | None = None) -> None:
         self.queue.add(key, self.clock() if at is None else at)
@@ -259,6 +272,8 @@ class ComponentReconciler:
         spec = comp.get("spec") or {}
         chart_imgs, render_error, temporary = await self.chart_images(comp)
         want = cs.desired([str(i) for i in spec.get("images") or []], chart_imgs)
+        if render_error is None:
+            self._set_wanted(key, {f"{ns}/{reference.artifact_name(src)}" for src in want.sources})
         secrets = cs.pull_secrets(spec)
         wanted_names = set()
         if render_error is None:  # never drop Artifacts because a render failed
@@ -310,6 +325,10 @@ class ComponentReconciler:
                     raise ClusterRegistryError(f"artifact {ns}/{name} vanished while adopting it") from None
         if (existing.get("spec") or {}).get("sourceArtifact") != body["spec"]["sourceArtifact"]:
             log.warning("artifact %s/%s holds another source; not adopting it", ns, name)
+            return
+        if (existing.get("spec") or {}).get("owners") and not (existing.get("metadata") or {}).get("ownerReferences"):
+            # The webhook's, for running pods: left as is. An ownerReference would make Kubernetes
+            # delete it with this Component while pods still use the image. The status follows it by name.
             return
         owners = cs.owners_adding(existing, comp)
         labels = (existing.get("metadata") or {}).get("labels") or {}
