@@ -934,6 +934,7 @@ class PodWorker(threading.Thread):
             "root": str(run_dir / "root"),
             "scratch": str(run_dir / "scratch"),
             "mounts": mounts,
+            "hostname": (self.pod["spec"].get("hostname") or self.name)[:63],
             "workingDir": c.spec.get("workingDir") or (c.kind.workdir if c.kind else "/"),
             "argv": argv,
             "env": env,

@@ -3,7 +3,8 @@
 Runs as root, single-threaded, and ends by exec'ing the container's command, so the PID the agent
 holds is the container's main process. Before that it builds the container's view of the machine:
 
-* a private mount namespace, and the pod's network namespace (``setns``);
+* a private mount namespace and UTS namespace (hostname = the pod's), and the pod's network
+  namespace (``setns``);
 * a root filesystem: an overlay over the host's ``/`` whose writable layer is a private tmpfs (what
   the container writes outside its volumes vanishes with it, as in a container image layer), with
   ``/proc`` and ``/sys`` bound in and a private ``/dev`` (tmpfs with the usual device nodes);
@@ -24,6 +25,7 @@ import sys
 from typing import Any
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -113,7 +115,10 @@ def main(spec_path: str) -> None:
     root: str = os.path.realpath(spec["root"])
     scratch: str = os.path.realpath(spec["scratch"])
 
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unshare(CLONE_NEWNS|CLONE_NEWUTS)")
+    hostname = str(spec.get("hostname") or "")
+    if hostname:
+        _check(_libc.sethostname(hostname.encode(), len(hostname.encode())), "sethostname")
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     fd = os.open(spec["netns"], os.O_RDONLY)
     _check(_libc.setns(fd, CLONE_NEWNET), "setns(net)")
