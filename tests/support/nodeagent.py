@@ -1273,11 +1273,17 @@ class PodWorker(threading.Thread):
                 self.volume_dirs[name] = self.pvc_path(v["persistentVolumeClaim"]["claimName"])
                 continue
             if "hostPath" in v:
-                hp = Path(v["hostPath"]["path"])
-                if v["hostPath"].get("type") in ("DirectoryOrCreate",):
+                # Each node has its own "host" filesystem under the agent's state, never this machine's.
+                node = self.pod["spec"].get("nodeName", "node")
+                hp = self.agent.state / "hostpath" / node / v["hostPath"]["path"].lstrip("/")
+                kind = v["hostPath"].get("type") or ""
+                if kind in ("", "DirectoryOrCreate"):
                     hp.mkdir(parents=True, exist_ok=True)
+                elif kind == "FileOrCreate" and not hp.exists():
+                    hp.parent.mkdir(parents=True, exist_ok=True)
+                    hp.touch()
                 if not hp.exists():
-                    raise PodFailed(f"hostPath {hp} does not exist")
+                    raise PodFailed(f"hostPath {v['hostPath']['path']} ({kind}) does not exist on {node}")
                 self.volume_dirs[name] = hp
                 continue
             path.mkdir(parents=True, exist_ok=True)
