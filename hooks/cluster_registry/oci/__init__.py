@@ -34,6 +34,8 @@ Public API (everything importable from ``cluster_registry.oci``)::
   thread_threshold=4 MiB)``: blobs in flight, how many of them large; blobs over
   ``thread_threshold`` stream on worker threads with blocking sockets (``blobio``: the GIL is
   released in recv/send/SHA-256, so a copy uses more than one core); smaller ones on the loop.
+  The threads are the session's own (``RegistryOptions.blob_threads``, default 8), so a process
+  sharing one session among several copies never starves the loop's default executor.
 * ``RegistryOptions(insecure_hosts, ca_bundle, retry, ...)``: plain-HTTP hosts, an extra CA
   bundle, the :class:`RetryPolicy` (retries on connection errors, 429 honouring ``Retry-After``,
   and 5xx; bounded exponential backoff with full jitter).
