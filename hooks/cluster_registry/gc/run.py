@@ -60,6 +60,7 @@ class Report:
     artifactsSeen: int = 0
     artifactsDeleted: int = 0
     artifactsChanged: int = 0  # changed since read (e.g. a new owner): kept, with their images
+    manifestsRaced: int = 0  # deleted, but referenced again by the time the deletes were done
     blobsDeleted: int = 0
     bytesFreed: int = 0
     usageBytesAfter: int = 0
@@ -160,6 +161,7 @@ def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
 
     log.info("soft delete starting", extra={"manifests": len(sel.delete_manifests), "artifacts": len(sel.delete_artifacts)})
     _soft_delete(opts, view, sel, rep)
+    _recheck(opts, view, inputs, sel, rep)
     if opts.sweep:
         if opts.storage_root:
             sweep.empty_trash(opts.storage_root)  # left by a run killed after its window
@@ -195,6 +197,30 @@ def _soft_delete(opts: Options, view: ClusterView, sel: Selection, rep: Report) 
             rep.manifestsDeleted += 1
             rep.deleted.append(f"{o.repository}@{o.digest}")
     log.info("soft delete done", extra={"manifests": rep.manifestsDeleted, "artifacts": rep.artifactsDeleted})
+
+
+def _recheck(opts: Options, view: ClusterView, before: Inputs, sel: Selection, rep: Report) -> None:
+    """Read the references again after the deletes: a pod or Artifact that appeared meanwhile may name
+    an image just deleted (the race every registry GC has). Say so on its Artifacts, with a Warning
+    Event, so the copy is redone (the reconciler re-verifies Ready Artifacts) and the report shows it."""
+    if not rep.deleted:
+        return
+    deleted = {tuple(d.rsplit("@", 1)) for d in rep.deleted}
+    gone = tuple(m for m in sel.delete_manifests if m.key in deleted)
+    artifacts = view.artifacts()
+    workloads = view.workloads()
+    fresh = Inputs(gone, tuple(artifacts), tuple(workloads), tuple(view.components()),
+                   frozenset(w.uid for w in workloads) | before.live_uids, before.now, before.grace,
+                   before.local_hosts)  # fmt: skip
+    again = select(fresh)
+    raced = {k for k, why in again.keep.items() if any(not w.startswith("grace: pushed") for w in why)}
+    rep.manifestsRaced = len(raced)
+    for a in artifacts:
+        if any(k in raced for k in again.artifact_keys.get(str(a), [])):
+            view.event(a, "ImageGarbageCollected", "cluster-registry gc deleted this image while it was being "
+                       "referenced again; it must be copied again", type_="Warning")  # fmt: skip
+    if raced:
+        log.warning("images deleted while referenced again", extra={"manifests": sorted(f"{r}@{d}" for r, d in raced)})
 
 
 def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, int]) -> None:
