@@ -98,7 +98,10 @@ def test_reads_are_anonymous_and_byte_exact(registry: Registry, gate: tuple[Gate
     assert anon.tags("reads/app") == ["v1"]
 
 
-def test_writes_need_the_credentials(registry: Registry, gate: tuple[GateServer, GateState]) -> None:
+def test_writes_need_the_credentials(
+    registry: Registry, gate: tuple[GateServer, GateState], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
     server, _ = gate
     with pytest.raises(HTTPError) as err:
         push_image(Pusher(server.host), "writes/app", "v1", layers=[1000], seed=2)
@@ -115,6 +118,7 @@ def test_writes_need_the_credentials(registry: Registry, gate: tuple[GateServer,
     anon = Pusher(server.host)
     st, _, _ = anon.request("DELETE", f"/v2/writes/app/manifests/{img.digest}", "writes/app")
     assert st == 401 and direct.get_manifest("writes/app", img.digest) is not None
+    assert PASSWORD not in caplog.text and "wrong" not in caplog.text, "credentials never reach the logs"
 
 
 def test_lock_refuses_writes_with_503_and_keeps_reads(registry: Registry, gate: tuple[GateServer, GateState]) -> None:
