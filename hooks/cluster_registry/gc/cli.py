@@ -78,7 +78,7 @@ def _observe(gauges: object | None, rep: Report) -> None:
 @click.option("--registry-config", type=click.Path(dir_okay=False), help="Config for `registry garbage-collect` (default: generated over --storage-root).")
 @click.option("--registry-binary", help="The distribution `registry` binary (default: PATH, then .cache/bin).")
 @click.option("--drain-timeout", default="60s", show_default=True, help="How long to wait for the gates' in-flight writes.")
-@click.option("--lease-duration", default=15, show_default=True, type=click.IntRange(5, 60), help="The lock's TTL in seconds.")
+@click.option("--lease-duration", default=15, show_default=True, type=click.IntRange(5, 45), help="The lock's TTL in seconds (a dead GC frees writes within it).")
 @click.option("--no-sweep", is_flag=True, help="Soft delete only; skip the read-only window.")
 @click.option("--sweep-mode", type=click.Choice(["distribution", "trash"]), default="distribution", show_default=True,
               help="distribution: `registry garbage-collect` deletes inside the window. trash (filesystem driver): "
