@@ -324,12 +324,20 @@ def apiserver_bench(tmp: Path) -> dict[str, Any]:
     cluster = Cluster.load()
     if not cluster.healthy():
         return {"skipped": "local cluster unhealthy"}
+    proc, port, ca = start_webhook(tmp, ["--registry-host", cluster.cluster_registry, "--rewrite-policy", "Always",
+                                         "--kubeconfig", str(cluster.kubeconfig)], {"KUBECONFIG": str(cluster.kubeconfig)})
+    try:
+        return _apiserver_bench(cluster, proc, port, ca)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _apiserver_bench(cluster: Any, proc: subprocess.Popen[bytes], port: int, ca: bytes) -> dict[str, Any]:
     from kubernetes import client
 
     ns = f"bench-webhook-{secrets.token_hex(3)}"
     hook_name = f"bench-{secrets.token_hex(3)}.clusterregistry.io"
-    proc, port, ca = start_webhook(tmp, ["--registry-host", cluster.cluster_registry, "--rewrite-policy", "Always",
-                                         "--kubeconfig", str(cluster.kubeconfig)], {"KUBECONFIG": str(cluster.kubeconfig)})
     v = "global.networkfunctionextension.webhook"
     rendered = cluster.helm("template", "bench", str(ROOT / "chart"), "--namespace", "cluster-registry-bench", "--kube-version", "1.35.4",
                             "--show-only", "templates/webhook/mutatingwebhookconfiguration.yaml",
@@ -378,8 +386,6 @@ def apiserver_bench(tmp: Path) -> dict[str, Any]:
     finally:
         cluster.kubectl("delete", "mutatingwebhookconfiguration", hook_name, "--ignore-not-found", timeout=60)
         cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", timeout=60)
-        proc.terminate()
-        proc.wait(10)
 
 
 def main() -> None:

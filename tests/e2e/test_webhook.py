@@ -105,7 +105,11 @@ def start_webhook(cluster: Cluster, tmp: Path, policy: str) -> Hook:
         with urllib.request.urlopen(f"https://127.0.0.1:{port}/readyz", context=ctx, timeout=2) as r:  # noqa: S310
             return bool(r.status == 200)
 
-    wait_for(ready, timeout=60, what="webhook /readyz")
+    try:
+        wait_for(ready, timeout=60, what="webhook /readyz")
+    except BaseException:
+        stop(proc)
+        raise
     return hook
 
 
@@ -121,14 +125,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def hook(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hook]:
     ensure_crds(cluster)
     h = start_webhook(cluster, tmp_path_factory.mktemp("webhook-e2e"), "WhenReady")
-    release = f"wh-e2e-{secrets.token_hex(3)}"
-    mwc = render_mwc(cluster, release, f"https://127.0.0.1:{h.port}/mutate", h.ca[0], SCOPE, "Fail")
-    cluster.apply(mwc)
-    time.sleep(2)  # the API server picks webhook configurations up asynchronously
+    name = ""
     try:
+        mwc = render_mwc(cluster, f"wh-e2e-{secrets.token_hex(3)}", f"https://127.0.0.1:{h.port}/mutate", h.ca[0], SCOPE, "Fail")
+        name = mwc["metadata"]["name"]
+        cluster.apply(mwc)
+        time.sleep(2)  # the API server picks webhook configurations up asynchronously
         yield h
     finally:
-        cluster.kubectl("delete", "mutatingwebhookconfiguration", mwc["metadata"]["name"], "--ignore-not-found")
+        if name:
+            cluster.kubectl("delete", "mutatingwebhookconfiguration", name, "--ignore-not-found")
         stop(h.proc)
 
 
