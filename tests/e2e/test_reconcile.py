@@ -65,8 +65,9 @@ class Process:
 
 
 @pytest.fixture
-def start(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Any]:
+def start(cluster: Cluster, namespace: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     procs: list[Process] = []
+    failed_before = request.session.testsfailed
 
     def run(kind: str, *extra: str, name: str | None = None) -> Process:
         port = free_port()
@@ -76,7 +77,7 @@ def start(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Any]:
         if kind == "artifacts":
             common += ["--registry-host", cluster.cluster_registry, "--registry-insecure", "--backoff-base", "2"]
         else:
-            common += ["--helm", HELM]
+            common += ["--helm", HELM, "--registry-host", cluster.cluster_registry]
         p = Process(["--log-format", "json", "reconcile", kind, *common, *extra], tmp_path / f"{name or kind}.log", port)
         procs.append(p)
         return p
@@ -84,6 +85,14 @@ def start(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Any]:
     yield run
     for p in procs:
         p.stop()
+    if request.session.testsfailed > failed_before:  # keep what explains a failure: logs, objects' state
+        keep = Path(os.environ.get("RECONCILE_E2E_KEEP", "/tmp")) / f"reconcile-e2e-{namespace}"
+        keep.mkdir(parents=True, exist_ok=True)
+        for p in procs:
+            (keep / p.log.name).write_bytes(p.log.read_bytes())
+        state = cluster.kubectl("get", f"artifacts.{GROUP},components.{GROUP},events", "-n", namespace, "-o", "yaml", check=False)
+        (keep / "objects.yaml").write_text(state)
+        print(f"reconciler logs and objects kept in {keep}")
 
 
 def pull_secret(cluster: Cluster, namespace: str, name: str = "store", password: str | None = None) -> None:
@@ -96,8 +105,14 @@ def pull_secret(cluster: Cluster, namespace: str, name: str = "store", password:
     })
 
 
+# The shared local cluster may run installed charts whose reconcilers watch every namespace: the
+# annotation keeps them off this test's objects (they belong to the reconcilers started here).
+CLAIM = "clusterregistry.io/registry"
+
+
 def artifact(name: str, source: str, secrets: list[str] | None = None) -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Artifact", "metadata": {"name": name},
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Artifact",
+            "metadata": {"name": name, "annotations": {CLAIM: Cluster.load().cluster_registry}},
             "spec": {"sourceArtifact": source, **({"pullSecrets": secrets} if secrets else {})}}
 
 
@@ -227,9 +242,11 @@ def test_components_with_images_and_with_a_chart_become_ready(
                  "--registry-config", str(regconf))
     pull_secret(cluster, namespace)
     cluster.apply([
-        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Component", "metadata": {"name": "listed"},
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Component",
+         "metadata": {"name": "listed", "annotations": {CLAIM: cluster.cluster_registry}},
          "spec": {"images": [f"{base}/app:1.0", f"{base}/extra:1.0"], "pullSecrets": ["store"]}},
-        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Component", "metadata": {"name": "charted"},
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Component",
+         "metadata": {"name": "charted", "annotations": {CLAIM: cluster.cluster_registry}},
          "spec": {"chart": {"ref": f"oci://{base}/charts/reconcile-cnf", "version": "0.1.0",
                             "values": {"registry": base}, "pullSecrets": ["store"]}}},
     ], namespace)
@@ -253,6 +270,7 @@ def test_components_with_images_and_with_a_chart_become_ready(
     by_source = {a["spec"]["sourceArtifact"]: a for a in arts}
     shared = by_source[f"{base}/app:1.0"]  # wanted by both Components: one Artifact, two owners
     assert sorted(r["name"] for r in shared["metadata"]["ownerReferences"]) == ["charted", "listed"]
+    assert all(a["metadata"]["annotations"][CLAIM] == cluster.cluster_registry for a in arts)  # claim propagated
     db = by_source[f"{base}/db:2.1"]
     assert db["metadata"]["name"] == reference.artifact_name(f"{base}/db:2.1")
     assert db["metadata"]["labels"]["clusterregistry.io/component"] == "charted"

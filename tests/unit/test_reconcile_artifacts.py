@@ -298,3 +298,17 @@ async def test_a_new_artifact_waiting_for_a_worker_is_pending() -> None:
     await drain(r, kube)
     assert [w[1].get("phase") for w in kube.status_writes] == ["Pending", "Copying", "Ready"]
     assert [e[2] for e in kube.events] == ["Copying", "Copied"]
+
+
+async def test_artifacts_claimed_by_another_installation_are_left_alone() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    r = make(script, kube, clock)
+    theirs = kube.add("a", "theirs", "ghcr.io/x/y:1")
+    theirs["metadata"]["annotations"] = {st.ANNOTATION_REGISTRY: "other-registry:5000"}
+    ours = kube.add("a", "ours", "ghcr.io/x/z:1")
+    ours["metadata"]["annotations"] = {st.ANNOTATION_REGISTRY: REG}
+    r.on_event("ADDED", theirs)
+    r.on_event("ADDED", ours)
+    await drain(r, kube)
+    assert [c[0] for c in script.calls] == ["ghcr.io/x/z:1"]
+    assert "status" not in kube.objects["a/theirs"] and kube.status("a/ours")["phase"] == "Ready"

@@ -143,6 +143,8 @@ class ArtifactReconciler:
 
     def on_event(self, type_: str, obj: Obj) -> None:
         key = key_of(obj)
+        if st.claimed_elsewhere(obj, self.config.registry_host):
+            type_ = "DELETED"  # another installation's: not ours to touch (forget it if we knew it)
         if type_ == "DELETED":
             self.objects.pop(key, None)
             self.handled.pop(key, None)

@@ -128,17 +128,22 @@ def artifacts(
 @click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True)
 @click.option("--resync", type=float, default=300.0, show_default=True, help="seconds between full resyncs")
 @click.option("--kube-version", default=None, help="Kubernetes version charts are rendered for (default: the API server's)")
+@click.option(
+    "--registry-host", default=None,
+    help="this installation's cluster registry; Components annotated clusterregistry.io/registry for another are skipped",
+)
 def components(
     kubeconfig: str | None, namespace: str, leader_election: bool, lease_name: str, lease_duration: float,
     renew_deadline: float, retry_period: float, http_listen: str, insecure_registry: tuple[str, ...],
     ca_bundle: str | None, watch_namespace: str | None, helm_bin: str, workers: int, resync: float,
-    kube_version: str | None,
+    kube_version: str | None, registry_host: str | None,
 ) -> None:
     """Create the Artifacts of every Component (listed images, chart images) and report readiness."""
     identity = default_identity()
     config = comps.Config(
         helm=helm_bin, workers=workers, insecure_registries=frozenset(insecure_registry), ca_bundle=ca_bundle,
         resync=resync, identity=identity, watch_namespace=watch_namespace, kube_version=kube_version,
+        registry_host=registry_host,
     )
     metrics = component_metrics()
     api = kubeconf.api_client(kubeconfig)

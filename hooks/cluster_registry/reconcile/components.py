@@ -47,6 +47,7 @@ class Config:
     identity: str = "component-reconciler"
     watch_namespace: str | None = None  # None: every namespace
     kube_version: str | None = None  # for helm template; None: ask the API server
+    registry_host: str | None = None  # only to honour the clusterregistry.io/registry annotation
 
 
 def _rv(obj: Obj) -> int:
@@ -97,6 +98,8 @@ class ComponentReconciler:
 
     def on_component(self, type_: str, obj: Obj) -> None:
         key = key_of(obj)
+        if st.claimed_elsewhere(obj, self.config.registry_host):
+            type_ = "DELETED"  # another installation's Component
         if type_ == "DELETED":
             self.components.pop(key, None)
             self.renders.pop(key, None)
@@ -279,6 +282,9 @@ class ComponentReconciler:
         if render_error is None:  # never drop Artifacts because a render failed
             for source in want.sources:
                 body = cs.artifact_body(comp, source, secrets)
+                claim = (meta.get("annotations") or {}).get(st.ANNOTATION_REGISTRY)
+                if claim:  # the Component's installation copies its images
+                    body["metadata"]["annotations"] = {st.ANNOTATION_REGISTRY: claim}
                 name = body["metadata"]["name"]
                 wanted_names.add(name)
                 await self._ensure_artifact(comp, body)

@@ -111,6 +111,18 @@ def view(obj: Mapping[str, Any]) -> ArtifactView:
     )
 
 
+# An Artifact or Component annotated with a registry host is reconciled only by the installation
+# pushing to that host (several installations in one cluster, e.g. a test cluster); unannotated
+# objects belong to every installation (the normal case: one per cluster).
+ANNOTATION_REGISTRY = "clusterregistry.io/registry"
+
+
+def claimed_elsewhere(obj: Mapping[str, Any], registry_host: str | None) -> bool:
+    """Whether ``obj`` is annotated for another installation than the one at ``registry_host``."""
+    claim = ((obj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_REGISTRY)
+    return bool(claim) and claim != registry_host
+
+
 def destination(source: str, registry_host: str) -> str:
     """The cluster-registry reference ``source`` is copied to; raise InvalidReferenceError."""
     if not source:
