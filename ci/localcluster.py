@@ -737,6 +737,14 @@ def missing_binaries() -> list[str]:
     return [b for b in need if not os.access(BIN / b, os.X_OK)]
 
 
+def record_up_time(kind: str, seconds: float) -> None:
+    """Print and append to logs/up.log how long `up` took (cold: no etcd data yet)."""
+    line = f"{dt.datetime.now().isoformat(timespec='seconds')} {kind} {seconds:.1f}s"
+    log(f"{kind} in {seconds:.1f}s")
+    with open(LOGS / "up.log", "a") as f:
+        f.write(line + "\n")
+
+
 def cmd_up() -> int:
     t0 = time.monotonic()
     missing = missing_binaries()
@@ -746,13 +754,14 @@ def cmd_up() -> int:
     with Lock():
         for d in (PKI, PIDS, LOGS, VOLUMES):
             d.mkdir(parents=True, exist_ok=True)
+        cold = not (STATE / "etcd").exists()
         ensure_pki()
         ensure_kubeconfig()
         ensure_blackhole()
         comps = {c.name: c for c in components()}
         if all(recorded(n) for n in comps) and all(c.healthy() for c in comps.values()) and nodes_ready():
             write_env()
-            log(f"already up ({time.monotonic() - t0:.1f}s)")
+            record_up_time("already up", time.monotonic() - t0)
             return 0
         # Independent processes first; the apiserver retries etcd, the controllers retry the apiserver.
         for name in ("etcd", "cluster-registry", "artifact-store"):
@@ -768,7 +777,8 @@ def cmd_up() -> int:
         wait("nodes Ready", nodes_ready, 60)
         wait("default service account", lambda: kubectl("get", "sa", "default", check=False).returncode == 0, 60)
         write_env()
-        log(f"up in {time.monotonic() - t0:.1f}s; env: {ENV_FILE}")
+        record_up_time("cold" if cold else "started", time.monotonic() - t0)
+        log(f"env: {ENV_FILE}")
     return 0
 
 
