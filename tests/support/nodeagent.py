@@ -532,8 +532,8 @@ class Agent:
         with self.lock:
             worker = self.workers.get(uid)
             if worker is None:
-                if phase in ("Succeeded", "Failed") and not pod["metadata"].get("deletionTimestamp"):
-                    return
+                if phase in ("Succeeded", "Failed"):
+                    return  # finished before we saw it (the API server deletes terminal pods at once)
                 worker = PodWorker(self, pod)
                 self.workers[uid] = worker
                 worker.start()
@@ -706,6 +706,9 @@ class PodWorker(threading.Thread):
         self.token_expiry: dict[str, float] = {}
         self.next_volume_sync = 0.0
         self.message = ""
+        self.containers: list[Container] = []
+        if pod["metadata"].get("deletionTimestamp"):  # already being deleted when we first see it
+            self.update(pod)
 
     # -- events from the agent --------------------------------------------------------------------
 
@@ -745,7 +748,9 @@ class PodWorker(threading.Thread):
 
     def run(self) -> None:
         try:
-            if self.real:
+            if self.deleting:  # nothing to start: only confirm the deletion
+                self.finish_delete()
+            elif self.real:
                 self.run_real()
             else:
                 self.run_simulated()
@@ -994,7 +999,7 @@ class PodWorker(threading.Thread):
         proc.wait()
 
     def stop_all(self, grace: float) -> None:
-        running = [c for c in getattr(self, "containers", []) if c.proc is not None]
+        running = [c for c in self.containers if c.proc is not None]
         threads = [threading.Thread(target=self.kill, args=(c, grace)) for c in running]
         for t in threads:
             t.start()
@@ -1500,7 +1505,7 @@ class PodWorker(threading.Thread):
                 log.warning("%s/%s: final delete: %s", self.ns, self.name, e.reason)
 
     def teardown(self) -> None:
-        if getattr(self, "containers", None):
+        if self.containers:
             self.stop_all(0)
         if self.netns:
             delete_pod_network(self.netns)
