@@ -339,8 +339,8 @@ storage:
   {{- end }}
   delete:
     enabled: true
-  cache:
-    blobdescriptor: inmemory
+  # No blobdescriptor cache: after GC's sweep a cached descriptor would let a manifest that names a
+  # swept blob be accepted.
   maintenance:
     uploadpurging:
       enabled: true
