@@ -17,6 +17,10 @@ COMPONENTS = "components"
 # Labels and annotations the project sets on objects it manages.
 LABEL_OPT_OUT = "clusterregistry.io/skip"  # "true" on a pod: never rewritten
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_COMPONENT = "clusterregistry.io/component"  # on Artifacts created for a Component
+# Who loaded an Artifact ahead of any pod: "preload" or "sideload". GC keeps sideloaded images: a
+# disconnected site has nowhere to copy them from again.
+LABEL_LOADED_BY = "clusterregistry.io/loaded-by"
 ANNOTATION_SOURCE = "clusterregistry.io/source"
 
 

@@ -38,9 +38,9 @@ def img(repo: str, n: int, *tags: str, children: tuple[str, ...] = (), pushed: d
 
 
 def art(source: str = SRC, *owners: Owner, ns: str = "cnf", name: str = "a", digest: str | None = None,
-        synced: datetime = OLD, component: str | None = None) -> Artifact:  # fmt: skip
+        synced: datetime = OLD, component: str | None = None, sideloaded: bool = False) -> Artifact:  # fmt: skip
     return Artifact(ns, name, source, uid=f"u-{name}", resource_version="1", digest=digest, owners=owners,
-                    component=component, last_sync=synced, created=synced)  # fmt: skip
+                    component=component, sideloaded=sideloaded, last_sync=synced, created=synced)  # fmt: skip
 
 
 def owner(kind: str, uid: str, name: str = "o") -> Owner:
@@ -103,6 +103,7 @@ def test_owner_rules(case: str, workloads: list[Workload], owners: list[Owner], 
         ("synced before grace", art(synced=NOW - timedelta(minutes=61)), [], OLD, False),
         ("pushed within grace, no Artifact", None, [], NOW - timedelta(minutes=5), True),
         ("Component-labelled Artifact", art(component="cnf1"), [], OLD, True),
+        ("sideloaded Artifact", art(sideloaded=True), [], OLD, True),
         ("listed by a Component", None, [Component("cnf", "cnf1", (SRC,))], OLD, True),
         ("no Artifact, old push, unreferenced", None, [], OLD, False),
     ],

@@ -23,7 +23,6 @@ from cluster_registry.gc.select import TEMPLATED_KINDS, Artifact, Component, Own
 from cluster_registry.workloads import pod_spec, pod_spec_images
 
 log = logging.getLogger(__name__)
-LABEL_COMPONENT = "clusterregistry.io/component"
 EVENT_SOURCE = "cluster-registry-gc"
 
 # (kind, api method name, api class) for every kind whose pod template GC reads
@@ -124,7 +123,8 @@ class ClusterView:
                     resource_version=meta.get("resourceVersion", ""),
                     digest=status.get("digest") or None,
                     owners=owners,
-                    component=(meta.get("labels") or {}).get(LABEL_COMPONENT),
+                    component=(meta.get("labels") or {}).get(crd.LABEL_COMPONENT),
+                    sideloaded=(meta.get("labels") or {}).get(crd.LABEL_LOADED_BY) == "sideload",
                     last_sync=parse_time(status.get("lastSyncTime")),
                     created=parse_time(meta.get("creationTimestamp")),
                 )

@@ -16,6 +16,8 @@ A manifest (one repository, one digest) is **kept** when any of these holds:
   judged by their templates above, which is stricter and exact.
 - ``component``: it belongs to a Component (listed in its spec or status, or an Artifact labelled
   with a Component).
+- ``sideloaded``: an Artifact for it was side loaded from a drive (label
+  ``clusterregistry.io/loaded-by=sideload``): a disconnected site could not copy it again.
 - ``grace``: an Artifact for it was synced (``status.lastSyncTime``; creation time while it has
   never synced) within the grace period, or the registry received it within the grace period.
 - ``index``: it is a platform manifest of a kept index in the same repository.
@@ -93,6 +95,7 @@ class Artifact:
     digest: str | None = None  # status.digest
     owners: tuple[Owner, ...] = ()
     component: str | None = None  # the clusterregistry.io/component label
+    sideloaded: bool = False  # labelled clusterregistry.io/loaded-by=sideload
     last_sync: datetime | None = None
     created: datetime | None = None
 
@@ -216,6 +219,8 @@ def artifact_reasons(a: Artifact, inputs: Inputs, templated_uids: frozenset[str]
     reasons = []
     if a.component:
         reasons.append(f"component {a.namespace}/{a.component}")
+    if a.sideloaded:
+        reasons.append(f"sideloaded: Artifact {a} has no source to copy it from again")
     synced = a.last_sync or a.created
     if _recent(synced, inputs):
         reasons.append(f"grace: Artifact {a} synced {synced:%Y-%m-%dT%H:%M:%SZ}")

@@ -17,10 +17,9 @@ from kubernetes.client import ApiException
 from cluster_registry import api, reference
 
 MANAGED_BY = "cluster-registry"
-LABEL_COMPONENT = "clusterregistry.io/component"
+LABEL_COMPONENT = api.LABEL_COMPONENT
 ANNOTATION_SIDELOADED = "clusterregistry.io/sideloaded"
-# Who loaded an Artifact ahead of any pod: "preload" or "sideload" (a hint for GC's keep rules).
-LABEL_LOADED_BY = "clusterregistry.io/loaded-by"
+LABEL_LOADED_BY = api.LABEL_LOADED_BY
 
 
 def artifact_body(
