@@ -680,3 +680,9 @@ def test_templates_use_no_cluster_lookups_or_random_data() -> None:
             actions = " ".join(part.split("}}")[0] for part in path.read_text().split("{{")[1:])
             words = set(actions.replace("(", " ").replace(")", " ").replace("|", " ").split())
             assert not words & {f.strip() for f in forbidden}, f"{path.name}: {words & set(forbidden)}"
+
+
+def test_webhook_pods_never_see_the_ca_key() -> None:
+    """The TLS Secret also holds ca.key (the certs Job signs renewals with it); the webhook mounts only its pair."""
+    (volume,) = [v for v in pod_spec(deployment(render(), "webhook"))["volumes"] if "secret" in v]
+    assert sorted(item["key"] for item in volume["secret"]["items"]) == ["tls.crt", "tls.key"]
