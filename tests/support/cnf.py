@@ -181,10 +181,13 @@ def cluster_registry_values(cnf_namespaces: Iterable[str], store_host: str, *, r
                             storage_size: str = "1Gi") -> dict[str, Any]:
     """Values for the CNF scenarios: the webhook scoped to the CNF's namespaces (other tests install the
     chart into the same cluster at the same time), the store front spoken to over plain HTTP, GC with
-    no grace period so a Job triggered from the CronJob collects at once."""
+    no grace period so a Job triggered from the CronJob collects at once. The system pool is required,
+    not just preferred: the local cluster's user nodes are kwok-simulated and cannot run the project's
+    pods, and with the chart's soft preference a webhook scaled from 0 to 3 was once scheduled on one."""
     scope = " || ".join(f"request.namespace == '{ns}'" for ns in cnf_namespaces)
     return {"global": {"networkfunctionextension": {
         "webhook": {"pod": {"mutation": {"matchConditionExpression": scope}}, "rewritePolicy": rewrite_policy},
+        "systemPool": {"required": True},
         "clusterRegistry": {"storageSize": storage_size, "gc": {"grace": "1s"}},
         "artifactReconciler": {"insecureRegistries": [store_host]},
     }}}
