@@ -686,3 +686,17 @@ def test_webhook_pods_never_see_the_ca_key() -> None:
     """The TLS Secret also holds ca.key (the certs Job signs renewals with it); the webhook mounts only its pair."""
     (volume,) = [v for v in pod_spec(deployment(render(), "webhook"))["volumes"] if "secret" in v]
     assert sorted(item["key"] for item in volume["secret"]["items"]) == ["tls.crt", "tls.key"]
+
+
+def test_both_reconcilers_reach_source_registries_the_same_way() -> None:
+    """Plain-HTTP sources and extra CAs apply to chart pulls (component reconciler) as to image copies."""
+    docs = render(
+        "global.networkfunctionextension.artifactReconciler.caBundleConfigMap=lab-ca",
+        "global.networkfunctionextension.artifactReconciler.insecureRegistries={lab:5000}",
+    )
+    for component in ("artifact-reconciler", "component-reconciler"):
+        spec = pod_spec(deployment(docs, component))
+        args = spec["containers"][0]["args"]
+        assert args[args.index("--insecure-registry") + 1] == "lab:5000", component
+        assert args[args.index("--ca-bundle") + 1] == "/etc/cluster-registry/ca/ca.crt", component
+        assert {"name": "ca", "configMap": {"name": "lab-ca"}} in spec["volumes"], component
