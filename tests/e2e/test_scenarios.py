@@ -76,6 +76,7 @@ def env(cluster: Cluster) -> Iterator[Env]:
         chart_ref = cnf.push_chart(cluster, images, store_host)
         values = cnf.cluster_registry_values([cnf_ns, early_ns], store_host)
         cnf.install_cluster_registry(cluster, release, namespace, values)
+        cnf.wait_replicas(cluster, namespace)
         e = Env(release, namespace, cnf_ns, early_ns, store_host, images, chart_ref, front, values)
         yield e
         front = e.front  # the drill restarts it
@@ -395,7 +396,9 @@ def test_scenario_3_disconnected_drill(cluster: Cluster, env: Env) -> None:
         pull_everything(env, cluster, list(env.images))
         # The copies stay Ready while their source is unreachable.
         arts = artifacts(cluster, ns)
-        state = {k: (arts[env.source(k)]["status"]["phase"], ready_condition(arts[env.source(k)]).get("message"))
+        state = {k: (arts[env.source(k)]["status"]["phase"], ready_condition(arts[env.source(k)]).get("message"),
+                     arts[env.source(k)]["metadata"]["generation"],
+                     [(m.get("manager"), m.get("subresource", ""), m.get("time")) for m in arts[env.source(k)]["metadata"]["managedFields"]])
                  for k in env.images}
         assert all(phase == "Ready" for phase, _ in state.values()), state
     finally:

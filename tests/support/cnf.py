@@ -206,6 +206,14 @@ def install_cluster_registry(cluster: Cluster, release: str, namespace: str, val
                      "--wait-for-jobs", "--timeout", f"{timeout}s", timeout=timeout + 60)
 
 
+def wait_replicas(cluster: Cluster, namespace: str, count: int = 3, timeout: float = 240) -> None:
+    """Wait for COUNT Ready registry and webhook pods (helm --wait returns at the Deployment's initial
+    replica; the HPAs, min 3, scale up from there)."""
+    for component in ("registry", "webhook"):
+        wait_for(lambda c=component: (lambda ps: len(ps) == count and all(map(pod_ready, ps)))(  # type: ignore[misc]
+            component_pods(cluster, namespace, c)), timeout=timeout, interval=2, what=f"{count} Ready {component} pods")
+
+
 def upgrade_cluster_registry(cluster: Cluster, release: str, namespace: str, values: dict[str, Any],
                              *sets: str, timeout: int = 420) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="cr-values-") as f:

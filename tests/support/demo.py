@@ -179,6 +179,8 @@ def up() -> int:
         say(f"helm install {RELEASE} ./chart -n {NAMESPACE} --wait (hooks, 3 registry + 3 webhook replicas) ...")
         with Ticker("waiting for the chart's pods and hooks", every=15):
             cnf.install_cluster_registry(cluster, RELEASE, NAMESPACE, values, timeout=600)
+        with Ticker("waiting for the autoscalers to bring the registry and webhook to 3 replicas each", every=15):
+            cnf.wait_replicas(cluster, NAMESPACE)
         say("cluster registry installed")
 
     cnf.pull_secret(cluster, CNF_NAMESPACE, store_host)
