@@ -256,7 +256,7 @@ def ensure_htpasswd(password: str) -> Path:
             check=True, capture_output=True, text=True,
         ).stdout.strip()
     else:  # libxcrypt's bcrypt through the stdlib (Python <= 3.12)
-        import crypt  # type: ignore[import-not-found]
+        import crypt  # type: ignore[import-not-found,unused-ignore]
 
         out = f"{ARTIFACT_STORE_USER}:" + crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
     _write(path, (out + "\n").encode(), 0o600)
@@ -884,7 +884,7 @@ def provisioner() -> int:
                 directory = VOLUMES / f"{pvc.metadata.namespace}-{pvc.metadata.name}-{pvc.metadata.uid[:8]}"
                 directory.mkdir(parents=True, exist_ok=True)
                 directory.chmod(0o777)
-                pv = {
+                manifest = {
                     "apiVersion": "v1",
                     "kind": "PersistentVolume",
                     "metadata": {
@@ -907,7 +907,7 @@ def provisioner() -> int:
                     },
                 }
                 try:
-                    core.create_persistent_volume(pv)
+                    core.create_persistent_volume(manifest)
                     print(f"provisioned {pv_name} for {pvc.metadata.namespace}/{pvc.metadata.name} at {directory}",
                           flush=True)
                 except ApiException as e:

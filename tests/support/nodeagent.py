@@ -1,6 +1,6 @@
 """A process-backed node agent: the local cluster's "kubelet" for the project's own images.
 
-`ci/localcluster up` starts it (``python -m tests.support.nodeagent``). It owns the nodes annotated
+`ci/localcluster up` starts it (``python tests/support/nodeagent.py --kubeconfig … --state …``). It owns the nodes annotated
 ``localcluster.clusterregistry.io/agent=process`` (the three system-pool nodes; kwok keeps simulating
 the others) and, for every pod bound to them:
 
@@ -53,7 +53,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1395,7 +1394,7 @@ class PodWorker(threading.Thread):
                      "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.name, "uid": self.uid}},
         }
         tr = self.agent.core.create_namespaced_service_account_token(sa, self.ns, body)
-        lifetime = seconds
+        lifetime: float = seconds
         if tr.status.expiration_timestamp is not None:
             lifetime = max(60, (tr.status.expiration_timestamp - dt.datetime.now(dt.timezone.utc)).total_seconds())
         return tr.status.token, time.monotonic() + 0.8 * lifetime
@@ -1581,10 +1580,6 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         except OSError:
             pass
         writer.close()
-
-
-def iter_nothing() -> Iterator[None]:
-    yield from ()
 
 
 def main(argv: list[str] | None = None) -> int:
