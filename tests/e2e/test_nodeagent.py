@@ -68,7 +68,8 @@ class H(http.server.BaseHTTPRequestHandler):
                 for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
                     if not f.startswith("."):
                         files[f"{d}/{f}"] = open(f"{d}/{f}").read()[:200]
-            info = {"env": dict(os.environ), "files": files, "uid": os.getuid(), "pid": os.getpid()}
+            info = {"env": dict(os.environ), "files": files, "uid": os.getuid(), "pid": os.getpid(),
+                    "hostname": __import__("socket").gethostname()}
             try:
                 info["api"] = api_identity()
             except Exception as e:
@@ -220,6 +221,7 @@ def test_pod_runs_with_env_volumes_and_its_service_account(cluster: Cluster, nam
     assert env["PASSWORD"] == "s3cr3t"
     assert env["COMPOSED"] == f"info-in-{p['spec']['nodeName']}"
     assert info["uid"] == 65532
+    assert info["hostname"] == "info"  # the pod's own UTS namespace
     files = info["files"]
     assert files["/etc/demo/greeting"] == "hello from a configmap"
     assert files["/etc/demo/password"] == "s3cr3t"
