@@ -147,3 +147,17 @@ def test_signatures_and_referrers_stay_with_their_image_and_go_with_it(reg: Regi
     assert attached["kept"].isdisjoint(doomed) and kept.digest not in doomed
     fallback = {m.digest for m in inv if f"sha256-{gone.digest[7:]}" in m.tags}
     assert doomed == {gone.digest} | attached["gone"] | fallback
+
+
+def test_a_registry_that_never_stored_anything_is_not_swept(tmp_path: Path) -> None:
+    """distribution's garbage-collect fails on empty storage; GC must see that case and skip the window."""
+    with run_registry(tmp_path / "empty") as empty:
+        assert not storage.has_repositories(empty.storage)
+        config = sweep.default_config(str(empty.storage))
+        try:
+            with pytest.raises(Exception, match="garbage-collect failed"):
+                sweep.run(config)
+        finally:
+            os.unlink(config)
+        push_image(Pusher(empty.host), "app", "v1", layers=[1024], seed=7)
+        assert storage.has_repositories(empty.storage)

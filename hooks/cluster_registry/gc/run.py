@@ -232,6 +232,9 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
     unfinished upload is not counted."""
     if not opts.registry_config and not opts.storage_root:
         raise ConfigError("the sweep needs --registry-config (the registry's own config) or --storage-root")
+    if opts.storage_root and not storage.has_repositories(opts.storage_root):
+        log.info("the registry has never stored an image: nothing to sweep")
+        return
     config = opts.registry_config or sweep.default_config(str(opts.storage_root))
     lock = GCLock(api, opts.namespace, opts.lock_name, duration=opts.lease_seconds)
     w0 = time.monotonic()

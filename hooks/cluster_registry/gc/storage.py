@@ -68,6 +68,11 @@ def _scandirs(path: Path) -> Iterator[os.DirEntry[str]]:
     yield from entries
 
 
+def has_repositories(storage_root: str | Path) -> bool:
+    """False for a registry that has never stored an image (distribution's sweep fails on it)."""
+    return (v2_root(storage_root) / "repositories").is_dir()
+
+
 def repositories(storage_root: str | Path) -> Iterator[str]:
     """Every repository name (a directory holding ``_manifests``)."""
     base = v2_root(storage_root) / "repositories"
