@@ -17,6 +17,7 @@ COMPONENTS = "components"
 # Labels and annotations the project sets on objects it manages.
 LABEL_OPT_OUT = "clusterregistry.io/skip"  # "true" on a pod: never rewritten
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "cluster-registry"  # the value of LABEL_MANAGED_BY on objects the project creates
 LABEL_COMPONENT = "clusterregistry.io/component"  # on Artifacts created for a Component
 # Who loaded an Artifact ahead of any pod: "preload" or "sideload". GC keeps sideloaded images: a
 # disconnected site has nowhere to copy them from again.

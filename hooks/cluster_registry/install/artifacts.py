@@ -16,7 +16,7 @@ from kubernetes.client import ApiException
 
 from cluster_registry import api, reference
 
-MANAGED_BY = "cluster-registry"
+MANAGED_BY = api.MANAGED_BY
 LABEL_COMPONENT = api.LABEL_COMPONENT
 ANNOTATION_SIDELOADED = "clusterregistry.io/sideloaded"
 LABEL_LOADED_BY = api.LABEL_LOADED_BY

@@ -10,12 +10,18 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from cluster_registry import reference
-from cluster_registry.api import API_VERSION, LABEL_MANAGED_BY, ComponentStatus, Condition, ImageStatus, Phase
+from cluster_registry.api import (
+    API_VERSION,
+    LABEL_COMPONENT,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    ComponentStatus,
+    Condition,
+    ImageStatus,
+    Phase,
+)
 from cluster_registry.errors import InvalidReferenceError
 from cluster_registry.reconcile.status import READY, condition, set_condition
-
-LABEL_COMPONENT = "clusterregistry.io/component"
-MANAGED_BY = "cluster-registry"
 
 
 @dataclass(frozen=True)

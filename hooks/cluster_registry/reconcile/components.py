@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster_registry import reference, workloads
-from cluster_registry.api import ARTIFACTS, COMPONENTS, LABEL_MANAGED_BY
+from cluster_registry.api import ARTIFACTS, COMPONENTS, LABEL_COMPONENT, LABEL_MANAGED_BY, MANAGED_BY
 from cluster_registry.errors import ClusterRegistryError
 from cluster_registry.reconcile import component_status as cs
 from cluster_registry.reconcile import helm
@@ -144,7 +144,7 @@ class ComponentReconciler:
         self.synced = False
         self._informers = [
             Informer(
-                self.kube, ARTIFACTS, loop, self.on_artifact, label_selector=f"{LABEL_MANAGED_BY}={cs.MANAGED_BY}",
+                self.kube, ARTIFACTS, loop, self.on_artifact, label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}",
                 namespace=self.config.watch_namespace,
             ),
             Informer(self.kube, COMPONENTS, loop, self.on_component, namespace=self.config.watch_namespace),
@@ -343,9 +343,9 @@ class ComponentReconciler:
         patch_meta: dict[str, Any] = {"resourceVersion": existing["metadata"].get("resourceVersion")}
         if owners is not None:
             patch_meta["ownerReferences"] = owners
-        new_labels = {LABEL_MANAGED_BY: cs.MANAGED_BY} if LABEL_MANAGED_BY not in labels else {}
-        if cs.LABEL_COMPONENT not in labels:
-            new_labels[cs.LABEL_COMPONENT] = comp["metadata"]["name"]
+        new_labels = {LABEL_MANAGED_BY: MANAGED_BY} if LABEL_MANAGED_BY not in labels else {}
+        if LABEL_COMPONENT not in labels:
+            new_labels[LABEL_COMPONENT] = comp["metadata"]["name"]
         if new_labels:
             patch_meta["labels"] = new_labels
         updated = await asyncio.to_thread(self.kube.patch, ARTIFACTS, ns, name, {"metadata": patch_meta})
@@ -365,7 +365,7 @@ class ComponentReconciler:
                 log.info("deleted artifact no longer wanted", extra={"artifact": key})
                 continue
             patch_meta: dict[str, Any] = {"resourceVersion": art["metadata"].get("resourceVersion"), "ownerReferences": remaining}
-            if ((art.get("metadata") or {}).get("labels") or {}).get(cs.LABEL_COMPONENT) == comp["metadata"]["name"]:
-                patch_meta["labels"] = {cs.LABEL_COMPONENT: None}
+            if ((art.get("metadata") or {}).get("labels") or {}).get(LABEL_COMPONENT) == comp["metadata"]["name"]:
+                patch_meta["labels"] = {LABEL_COMPONENT: None}
             updated = await asyncio.to_thread(self.kube.patch, ARTIFACTS, ns, name, {"metadata": patch_meta})
             self._store(self.artifacts, updated)

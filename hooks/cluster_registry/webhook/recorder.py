@@ -77,7 +77,7 @@ def artifact_body(namespace: str, source: str, owners: list[dict[str, str]], sec
         "metadata": {
             "name": reference.artifact_name(source),
             "namespace": namespace,
-            "labels": {api.LABEL_MANAGED_BY: "cluster-registry"},
+            "labels": {api.LABEL_MANAGED_BY: api.MANAGED_BY},
         },
         "spec": spec,
     }
