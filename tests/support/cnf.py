@@ -31,6 +31,8 @@ import yaml
 
 from tests.support.cluster import ROOT, Cluster, CommandError, wait_for
 from tests.support.ociimages import PLATFORMS, Image, Pusher, push_image, push_index
+from aiohttp import web
+
 from tests.support.proxy import FaultProxy
 
 SAMPLE_CHART = ROOT / "examples" / "sample-cnf"
@@ -102,7 +104,14 @@ class StoreFront(FaultProxy):
         token = f"{cluster.artifact_store_user}:{cluster.artifact_store_password}".encode()
         self._basic = "Basic " + base64.b64encode(token).decode()
 
+    offline = False  # the disconnected drill: every connection is reset, keep-alive ones included
+
     async def _handle(self, request: Any) -> Any:
+        if self.offline:
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            return web.Response(status=502)
         if "Authorization" not in request.headers and not request.path.startswith("/v2/private/"):
             headers = dict(request.headers)
             headers["Authorization"] = self._basic
