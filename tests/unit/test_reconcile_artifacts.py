@@ -18,7 +18,7 @@ from cluster_registry import reference
 from cluster_registry.errors import WriteLockedError
 from cluster_registry.oci.auth import Credentials
 from cluster_registry.oci.copy import CopyResult
-from cluster_registry.oci.errors import AuthenticationError, NotFoundError
+from cluster_registry.oci.errors import AuthenticationError, NotFoundError, RegistryUnavailableError
 from cluster_registry.reconcile import status as st
 from cluster_registry.reconcile.artifacts import ArtifactReconciler, Config
 from cluster_registry.reconcile.metrics import artifact_metrics
@@ -312,3 +312,38 @@ async def test_artifacts_claimed_by_another_installation_are_left_alone() -> Non
     await drain(r, kube)
     assert [c[0] for c in script.calls] == ["ghcr.io/x/z:1"]
     assert "status" not in kube.objects["a/theirs"] and kube.status("a/ours")["phase"] == "Ready"
+
+
+async def test_a_newcomer_during_a_source_outage_leaves_ready_artifacts_ready() -> None:
+    """Disconnected drill: a new namespace starts using an image the cluster registry already holds
+    while the source is down. Its own Artifact fails (its access cannot be checked), the others stay
+    Ready; once the source is back the newcomer is copied too."""
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    r = make(script, kube, clock)
+    r.on_event("ADDED", kube.add("a", "img", "ghcr.io/x/y:1"))
+    await drain(r, kube)
+    assert kube.status("a/img")["phase"] == "Ready"
+    script.answers = [RegistryUnavailableError("cannot reach ghcr.io"), result()]
+    writes_to_a = sum(1 for key, _ in kube.status_writes if key == "a/img")
+    r.on_event("ADDED", kube.add("b", "img", "ghcr.io/x/y:1"))
+    await drain(r, kube)
+    assert kube.status("b/img")["phase"] == "Failed"
+    assert kube.status("a/img")["phase"] == "Ready"
+    assert sum(1 for key, _ in kube.status_writes if key == "a/img") == writes_to_a  # not even Copying
+    clock.now = r.queue.next_due() or 0
+    await drain(r, kube)
+    assert kube.status("b/img")["phase"] == "Ready" and kube.status("a/img")["phase"] == "Ready"
+
+
+async def test_a_lost_copy_with_the_source_down_is_not_ready() -> None:
+    """When the cluster registry itself lost the image, every Artifact for it reflects the failed recopy."""
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    r = make(script, kube, clock)
+    for ns in ("a", "b"):
+        r.on_event("ADDED", kube.add(ns, "img", "ghcr.io/x/y:1"))
+    await drain(r, kube)
+    script.present.clear()
+    script.answers = [RegistryUnavailableError("cannot reach ghcr.io")]
+    clock.now = r.queue.next_due() or 0
+    await drain(r, kube)
+    assert kube.status("a/img")["phase"] == "Failed" and kube.status("b/img")["phase"] == "Failed"

@@ -104,6 +104,7 @@ class ArtifactReconciler:
         self.queue = DelayQueue()
         self.handled: dict[str, int] = {}  # artifact key -> generation the scheduler owns
         self.copy_wanted: set[str] = set()  # destinations to copy (not just verify)
+        self.lost: set[str] = set()  # destinations found missing from the cluster registry
         self.attempts: dict[str, int] = {}  # destination -> consecutive failures
         # destination -> fingerprint of its pull secrets when a copy failed for want of access; a
         # changed fingerprint (a Secret created or fixed) retries at once instead of after the backoff
@@ -185,6 +186,7 @@ class ArtifactReconciler:
         """Forget a destination no Artifact points at any more."""
         self.queue.forget(dest)
         self.copy_wanted.discard(dest)
+        self.lost.discard(dest)
         self.attempts.pop(dest, None)
         self.secrets_at_failure.pop(dest, None)
 
@@ -205,7 +207,7 @@ class ArtifactReconciler:
         loop = asyncio.get_running_loop()
         # Leadership may have been lost and regained: start from a fresh list, not stale memory.
         self.objects, self.groups, self.queue = {}, Groups(), DelayQueue()
-        self.handled, self.copy_wanted, self.attempts, self.secrets_at_failure = {}, set(), {}, {}
+        self.handled, self.copy_wanted, self.lost, self.attempts, self.secrets_at_failure = {}, set(), set(), {}, {}
         self.session = RegistrySession(self.config.registry_options())
         self.informer = Informer(self.kube, ARTIFACTS, loop, self.on_event, namespace=self.config.watch_namespace)
         self.informer.start()
@@ -316,12 +318,21 @@ class ArtifactReconciler:
                 self.attempts.pop(dest, None)
                 return self.clock() + cfg.verify_interval * (0.9 + 0.2 * self.rand())
             self.metrics.verifications.labels("missing").inc()
+            self.lost.add(dest)
             log.warning("%s is missing from the cluster registry (or holds another digest): copying again", dest)
             for m in members:
                 await self._event(m, st.Event("Warning", "Missing", f"{dest} is gone from the cluster registry; copying it again"))
         self.copy_wanted.add(dest)
+
+        def affected(m: st.ArtifactView) -> bool:
+            # An Artifact already Ready stays Ready while the cluster registry holds its image: a copy
+            # started for a newcomer (another namespace, a new spec) must not turn it Copying or
+            # Failed when the source is unreachable, the very case the cluster registry is for.
+            return dest in self.lost or not (m.observed and m.phase == Phase.READY)
+
         for m in members:
-            await self._write(m, st.Started(str(src), dest))
+            if affected(m):
+                await self._write(m, st.Started(str(src), dest))
         creds, missing, secrets_fp = await self._credentials(members, src.host)
         started = time.monotonic()
         outcome: st.Outcome
@@ -350,11 +361,13 @@ class ArtifactReconciler:
         self.metrics.copies.labels(result_label).inc()
         self.metrics.copy_seconds.labels(result_label).observe(elapsed)
         for m in self.members(dest):  # fresh: members may have changed during the copy
-            await self._write(m, outcome)
+            if isinstance(outcome, st.Copied) or affected(m):
+                await self._write(m, outcome)
         now = self.clock()
         self.secrets_at_failure.pop(dest, None)
         if isinstance(outcome, st.Copied):
             self.copy_wanted.discard(dest)
+            self.lost.discard(dest)
             self.attempts.pop(dest, None)
             return now + cfg.verify_interval * (0.9 + 0.2 * self.rand())
         if isinstance(outcome, st.Locked):
