@@ -950,6 +950,7 @@ class PodWorker(threading.Thread):
             "readOnlyRoot": bool(sc.get("readOnlyRootFilesystem")),
             "noNewPrivs": sc.get("allowPrivilegeEscalation") is False,
             "traverse": traverse_dirs(),
+            "hostTrees": [str(ROOT), sys.base_prefix],
         }
         term_log = run_dir / "termination-log"
         term_log.write_bytes(b"")

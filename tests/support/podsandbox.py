@@ -141,6 +141,17 @@ def main(spec_path: str) -> None:
         if m.get("readOnly"):
             mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
 
+    # The image's files live in host trees (the repo's venv and tools, the Python installation). A
+    # volume mounted over one of their parents (an emptyDir at /tmp while the repo is cloned under
+    # /tmp) would hide them: bind them back, read-only, on top.
+    targets = [m["target"].rstrip("/") or "/" for m in spec["mounts"]]
+    for host in spec.get("hostTrees") or []:
+        if any(host == t or host.startswith(t.rstrip("/") + "/") for t in targets):
+            target = resolve_in_root(root, host)
+            _ensure_target(target, False)
+            mount(host, target, None, MS_BIND | MS_REC)
+            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+
     # The image's files must be usable by a non-root user: directories on the way to them may be
     # private on this machine (a pyenv under /root). Changing the mode copies the directory up into
     # the container's private layer; the host is untouched.
