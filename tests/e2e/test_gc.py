@@ -41,7 +41,6 @@ from tests.support.ociimages import (
 )
 from tests.support.registry import Registry, free_port, registry_binary, run_registry
 
-pytestmark = pytest.mark.skipif(registry_binary() is None, reason="no distribution registry binary (ci/toolchain)")
 USER, PASSWORD = "gc-writer", "gc-e2e-password"
 HOST = "gc-e2e.example.com"
 TWO_HOURS_AGO = time.time() - 7200

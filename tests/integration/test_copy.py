@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,23 +29,10 @@ from cluster_registry.oci import (
 )
 from tests.support.ociimages import PLATFORMS, Pusher, assert_copied, push_image, push_index, push_referrer, push_signature
 from tests.support.proxy import Fault, FaultProxy
-from tests.support.registry import Registry, TokenServer, registry_binary, run_registry
+from tests.support.registry import Registry, TokenServer, run_registry
 
-pytestmark = pytest.mark.skipif(registry_binary() is None, reason="no registry binary (run ci/toolchain)")
 ROOT = Path(__file__).resolve().parents[2]
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.05, max_delay=0.2)
-
-
-@pytest.fixture
-def src(tmp_path: Path) -> Iterator[Registry]:
-    with run_registry(tmp_path / "src") as reg:
-        yield reg
-
-
-@pytest.fixture
-def dst(tmp_path: Path) -> Iterator[Registry]:
-    with run_registry(tmp_path / "dst") as reg:
-        yield reg
 
 
 def options(*hosts: str, **kw: object) -> RegistryOptions:

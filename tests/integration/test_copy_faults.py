@@ -4,7 +4,6 @@ corruption fails the copy, and a failed copy leaves nothing tagged at the destin
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,9 +21,8 @@ from cluster_registry.oci import (
 from cluster_registry.oci.copy import CopyResult
 from tests.support.ociimages import Image, Pusher, assert_copied, push_image
 from tests.support.proxy import Fault, FaultProxy
-from tests.support.registry import Registry, registry_binary, run_registry
+from tests.support.registry import Registry, run_registry
 
-pytestmark = pytest.mark.skipif(registry_binary() is None, reason="no registry binary (run ci/toolchain)")
 BLOB_GET = r"^GET /v2/app/blobs/sha256:"
 RETRY = RetryPolicy(attempts=4, base_delay=0.05, max_delay=0.2)
 
@@ -34,12 +32,6 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, Im
     with run_registry(tmp_path_factory.mktemp("src")) as reg:
         img = push_image(Pusher(reg.host), "app", "1", layers=[700_000, 300_000, 1_200_000], seed=21)
         yield reg, img
-
-
-@pytest.fixture
-def dst(tmp_path: Path) -> Iterator[Registry]:
-    with run_registry(tmp_path / "dst") as reg:
-        yield reg
 
 
 async def run_copy(proxy: FaultProxy, dst: Registry, retry: RetryPolicy = RETRY, threads: bool = False) -> CopyResult:

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.ociimages import Pusher, assert_copied, push_image
-from tests.support.registry import registry_binary, run_measured, run_registry
+from tests.support.registry import run_measured, run_registry
 
-pytestmark = pytest.mark.skipif(registry_binary() is None, reason="no registry binary (run ci/toolchain)")
 ROOT = Path(__file__).resolve().parents[2]
 LARGE = int(os.environ.get("CLUSTER_REGISTRY_TEST_LARGE_BLOB", str(512 << 20)))
 RSS_LIMIT_MB = 100

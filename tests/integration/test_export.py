@@ -13,9 +13,7 @@ from click.testing import CliRunner, Result
 from cluster_registry.cli import cli
 from cluster_registry.install import layout as L
 from tests.support.ociimages import Pusher, push_image
-from tests.support.registry import Registry, registry_binary, run_registry
-
-pytestmark = pytest.mark.skipif(registry_binary() is None, reason="no registry binary (run ci/toolchain)")
+from tests.support.registry import Registry, run_registry
 
 
 @pytest.fixture

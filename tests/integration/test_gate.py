@@ -22,9 +22,8 @@ from cluster_registry.gate.protocol import LeaseView
 from cluster_registry.gate.proxy import Credentials, make_app
 from cluster_registry.gate.state import GateState
 from tests.support.ociimages import HTTPError, Pusher, layer_chunks, push_image
-from tests.support.registry import Registry, free_port, registry_binary, run_registry
+from tests.support.registry import Registry, free_port, run_registry
 
-pytestmark = pytest.mark.skipif(registry_binary() is None, reason="no distribution registry binary (ci/toolchain)")
 USER, PASSWORD = "writer", "gate-test-password"
 
 

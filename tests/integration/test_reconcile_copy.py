@@ -22,9 +22,7 @@ from cluster_registry.reconcile.artifacts import ArtifactReconciler, Config
 from cluster_registry.reconcile.metrics import artifact_metrics
 from cluster_registry.oci.client import RegistrySession
 from tests.support import ociimages
-from tests.support.registry import Registry, registry_binary, run_registry
-
-pytestmark = pytest.mark.skipif(registry_binary() is None, reason="no distribution registry binary (ci/toolchain)")
+from tests.support.registry import Registry, run_registry
 
 USER, PASSWORD = "puller", "pw-Secr3t-value"
 

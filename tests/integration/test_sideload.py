@@ -8,7 +8,6 @@ import io
 import json
 import tarfile
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,7 @@ from click.testing import CliRunner, Result
 from cluster_registry import reference
 from cluster_registry.cli import cli
 from tests.support.ociimages import PLATFORMS, Pusher, assert_copied, push_index, push_referrer, push_signature
-from tests.support.registry import Registry, registry_binary, run_registry
-
-pytestmark = pytest.mark.skipif(registry_binary() is None, reason="no registry binary (run ci/toolchain)")
-
-
-@pytest.fixture
-def src(tmp_path: Path) -> Iterator[Registry]:
-    with run_registry(tmp_path / "src") as reg:
-        yield reg
-
-
-@pytest.fixture
-def dst(tmp_path: Path) -> Iterator[Registry]:
-    with run_registry(tmp_path / "dst") as reg:
-        yield reg
+from tests.support.registry import Registry
 
 
 def run(*args: str) -> Result:
