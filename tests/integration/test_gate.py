@@ -167,6 +167,11 @@ def test_drain_waits_for_an_in_flight_upload(registry: Registry, gate: tuple[Gat
     t = threading.Thread(target=upload)
     t.start()
     assert started.wait(10)
+    # The client has sent the headers; wait until the gate has admitted the write (its handler runs on
+    # another thread), or the lock taken below would refuse it instead of finding it in flight.
+    deadline = time.monotonic() + 5
+    while state.inflight != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     hold(state, "gc-drain")
     time.sleep(0.3)
     assert state.inflight == 1 and state.ack_wanted() is None and not acks, "an upload is still in flight"
