@@ -80,14 +80,17 @@ def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 1
 
 @pytest.fixture(scope="module")
 def release(cluster: Cluster) -> Iterator[Release]:
-    """The chart installed with its default values (HA on) and `--wait --wait-for-jobs`."""
+    """The chart installed with its default values (HA on) and `--wait --wait-for-jobs`, except that the
+    system pool is required rather than preferred: the user nodes are kwok-simulated, and a replacement
+    registry pod the scheduler put on one (which the soft preference allows) would be Ready without
+    running (a CI run once failed that way, dialling a kwok pod IP)."""
     rel = Release(f"cr{secrets.token_hex(2)}", f"e2e-chart-runs-{secrets.token_hex(3)}")
     with exclusive_chart():
         cluster.kubectl("create", "namespace", rel.namespace)
         adopt_crds(cluster, rel.name, rel.namespace)
         try:
             cluster.helm("install", rel.name, str(CHART), "-n", rel.namespace, "--wait", "--wait-for-jobs",
-                         "--timeout", "480s", timeout=540)
+                         "--set", f"{VALUES}.systemPool.required=true", "--timeout", "480s", timeout=540)
             yield rel
         finally:
             cluster.helm("uninstall", rel.name, "-n", rel.namespace, "--wait", "--timeout", "120s", check=False)

@@ -166,6 +166,13 @@ def test_ephemeral_update_asks_only_for_the_new_container() -> None:
     assert {i.source for i in out.intents} == {"docker.io/nicolaka/netshoot:v0.13"}
 
 
+def test_a_bare_pods_update_records_the_same_owner_as_its_create() -> None:
+    """CREATE has no uid yet; an UPDATE that carried one would patch a second owner entry for the same pod."""
+    body = fixture("ephemeral_update")
+    body["request"]["object"]["metadata"]["uid"] = "0f0e0d0c-0000-4000-8000-000000000001"
+    assert {i.owner for i in mutator().review(body, NothingReady()).intents} == {Owner("v1", "Pod", "upf-0", "")}
+
+
 @pytest.mark.parametrize("name", ["already_rewritten", "mirror_pod", "opt_out", "pod_update"])
 def test_nothing_recorded_for_skipped_pods(name: str) -> None:
     assert mutator().review(fixture(name), NothingReady()).intents == frozenset()

@@ -270,6 +270,6 @@ def _controller(meta: dict[str, Any]) -> Owner | None:
         if isinstance(ref, dict) and ref.get("controller") is True:
             return Owner(str(ref.get("apiVersion", "")), str(ref.get("kind", "")), str(ref.get("name", "")), str(ref.get("uid", "")))
     name = meta.get("name")
-    if name:  # a bare pod owns itself; its uid is not known at admission time
-        return Owner("v1", "Pod", str(name), str(meta.get("uid") or ""))
+    if name:  # a bare pod owns itself, by name: its uid is unset on CREATE, so UPDATEs must not add it either
+        return Owner("v1", "Pod", str(name), "")
     return None
