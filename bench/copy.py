@@ -11,11 +11,12 @@ loopback, plain HTTP), from one shared source registry:
 Also the ingest ceiling: the four (a) blobs uploaded in parallel from memory (POST + PUT) into a
 fresh registry: how fast the destination itself can take them.
 
-Each tool runs ``--rounds`` times per case (default 2) in rotated order, each run into a fresh
-registry after ``sync``; the best run is reported (the least disturbed by other load).
-Reported per tool: wall seconds (whole process, interpreter start-up included), MB/s over the
-image's blob bytes (MB = 10^6 bytes), and for the engine its own in-process seconds and the peak RSS
-of the copy process. Ratios are engine MB/s (wall) over the peer's. The last line is one JSON object.
+Each tool runs ``--rounds`` times per case (default 2) in an order rotated by round and case,
+each run into a fresh registry after ``sync``; the best run is reported (the least disturbed by
+other load). Reported per tool: wall seconds (whole process, interpreter start-up included), MB/s
+over the image's blob bytes (MB = 10^6 bytes), the CPU seconds of the tool and of the two
+registries during its run (the three share the machine's cores), and for the engine its own
+in-process seconds and the peak RSS of the copy process. Ratios are engine MB/s (wall) over the peer's. The last line is one JSON object.
 
     .venv/bin/python bench/copy.py [--only a,b,c,d] [--skip-peers]
 """
@@ -31,6 +32,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -53,6 +55,21 @@ def run(cmd: list[str], timeout: float = 1800) -> tuple[float, int, str]:
     if m.code != 0:
         raise RuntimeError(f"{cmd[0]} failed: {m.stderr[-2000:]} {m.stdout[-500:]}")
     return m.wall, m.rss_kib, m.stdout
+
+
+def children_cpu() -> float:
+    """CPU seconds of every child process waited for so far (the tools, not the registries)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def registry_cpu(*regs: Registry) -> float:
+    """CPU seconds the running registries have used so far."""
+    total = 0.0
+    for reg in regs:
+        fields = Path(f"/proc/{reg.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def engine(src: str, dst: str) -> dict[str, Any]:
@@ -152,18 +169,24 @@ def main() -> None:
         for tool in ["engine", *peers]:
             figures["tools"][tool] = {}
         tools = ["engine", *peers]
-        for case in [c for c in ("a", "b", "c") if c in cases]:
+        for n, case in enumerate(c for c in ("a", "b", "c") if c in cases):
             img = images[case]
             size = blob_bytes(img)
             row: dict[str, Any] = {"bytes": size}
             trials: dict[str, list[dict[str, Any]]] = {t: [] for t in tools}
             for rnd in range(args.rounds):
-                order = tools[rnd % len(tools):] + tools[: rnd % len(tools)]  # rotate who goes first
+                # Rotate who goes first by round and by case: with --rounds 1 the engine is not always
+                # the first to run after the source pushes or the previous case's clean-up.
+                first = (rnd + n) % len(tools)
+                order = tools[first:] + tools[:first]
                 for tool in order:
                     dst = registry(f"dst-{case}-{tool}-{rnd}")
                     s, d = f"{src.host}/{img.repo}:1", f"{dst.host}/{img.repo}:1"
                     os.sync()  # start each run without the previous one's dirty pages in flight
+                    cpu0, reg0 = children_cpu(), registry_cpu(src, dst)
                     res = engine(s, d) if tool == "engine" else skopeo(s, d, case == "b") if tool == "skopeo" else crane(s, d)
+                    res["cpu_s"] = round(children_cpu() - cpu0, 2)
+                    res["registries_cpu_s"] = round(registry_cpu(src, dst) - reg0, 2)
                     res["mbps"] = round(size / res["wall"] / 1e6, 1)
                     if tool == "engine":
                         res["mbps_in_process"] = round(size / res["engine_seconds"] / 1e6, 1)
@@ -223,7 +246,8 @@ def main() -> None:
         if case in figures:
             r = figures[case]
             compact[case] = {"MB": round(r["bytes"] / 1e6, 1)} | {
-                t: {"s": round(r[t]["wall"], 2), "MBps": r[t]["mbps"]} | (
+                t: {"s": round(r[t]["wall"], 2), "MBps": r[t]["mbps"], "cpu_s": r[t]["cpu_s"],
+                    "reg_cpu_s": r[t]["registries_cpu_s"]} | (
                     {"engine_s": r[t]["engine_seconds"], "rss_mb": r[t]["rss_mb"]} if t == "engine" else {"rss_mb": r[t]["rss_mb"]})
                 for t in ["engine", *peers]
             } | {k: v for k, v in r.items() if k.startswith(("ratio_", "engine_"))}

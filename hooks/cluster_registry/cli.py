@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 
 import click
@@ -33,7 +34,17 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module, _, attr = target.partition(":")
-        command = getattr(importlib.import_module(module), attr)
+        # A subcommand's import allocates tens of thousands of objects that live as long as the
+        # process: collecting meanwhile is wasted start-up time (about 10% of `copy`'s), and
+        # freezing them keeps later collections from walking them again.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            command = getattr(importlib.import_module(module), attr)
+        finally:
+            if enabled:
+                gc.enable()
+        gc.freeze()
         assert isinstance(command, click.Command)
         return command
 
