@@ -34,6 +34,7 @@ from cluster_registry.reconcile import status as st
 from cluster_registry.reconcile.kubeio import Informer, Kube, Obj, key_of
 from cluster_registry.reconcile.metrics import ArtifactMetrics
 from cluster_registry.reconcile.queue import DelayQueue, Groups
+from cluster_registry.reconcile.worker import next_due, store_newer
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,6 @@ class Config:
 def _secret_digest(namespace: str, name: str, data: bytes | None) -> bytes:
     """A one-way digest of a pull secret's content (None: missing), for change detection only."""
     return hashlib.sha256(f"{namespace}/{name}\0".encode() + (b"\1" + data if data is not None else b"\0")).digest()
-
-
-def _rv(obj: Obj) -> int:
-    try:
-        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
-    except ValueError:
-        return 0
 
 
 class ArtifactReconciler:
@@ -136,12 +130,6 @@ class ArtifactReconciler:
 
     # -- events ---------------------------------------------------------------------------------
 
-    def _remember(self, obj: Obj) -> None:
-        key = key_of(obj)
-        old = self.objects.get(key)
-        if old is None or _rv(obj) >= _rv(old):
-            self.objects[key] = obj
-
     def on_event(self, type_: str, obj: Obj) -> None:
         key = key_of(obj)
         if st.claimed_elsewhere(obj, self.config.registry_host):
@@ -155,7 +143,7 @@ class ArtifactReconciler:
                 self._drop(dest)
             self._gauges()
             return
-        self._remember(obj)
+        store_newer(self.objects, obj)
         v = st.view(self.objects[key])
         try:
             dest = st.destination(v.source, self.config.registry_host)
@@ -267,16 +255,7 @@ class ArtifactReconciler:
 
     async def worker(self, n: int) -> None:
         while True:
-            now = self.clock()
-            dest = self.queue.pop(now)
-            if dest is None:
-                nxt = self.queue.next_due()
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), None if nxt is None else max(0.01, nxt - now))
-                except asyncio.TimeoutError:
-                    pass
-                continue
+            dest = await next_due(self.queue, self._wake, self.clock)
             self._gauges()
             next_at: float | None = None
             try:
@@ -429,7 +408,7 @@ class ArtifactReconciler:
                 if getattr(err, "status", None) == 404:
                     return  # deleted meanwhile
                 raise
-            self._remember(obj)
+            store_newer(self.objects, obj)
         event = st.transition_event(m.status, new)
         if event is not None:
             await self._event(st.view(obj), event, obj)

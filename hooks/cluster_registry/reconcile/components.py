@@ -26,6 +26,7 @@ from cluster_registry.reconcile import status as st
 from cluster_registry.reconcile.kubeio import Informer, Kube, Obj, key_of
 from cluster_registry.reconcile.metrics import ComponentMetrics
 from cluster_registry.reconcile.queue import DelayQueue
+from cluster_registry.reconcile.worker import next_due, store_newer
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,6 @@ class Config:
     watch_namespace: str | None = None  # None: every namespace
     kube_version: str | None = None  # for helm template; None: ask the API server
     registry_host: str | None = None  # only to honour the clusterregistry.io/registry annotation
-
-
-def _rv(obj: Obj) -> int:
-    try:
-        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
-    except ValueError:
-        return 0
 
 
 class ComponentReconciler:
@@ -89,13 +83,6 @@ class ComponentReconciler:
 
     # -- events ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _store(cache: dict[str, Obj], obj: Obj) -> None:
-        key = key_of(obj)
-        old = cache.get(key)
-        if old is None or _rv(obj) >= _rv(old):
-            cache[key] = obj
-
     def on_component(self, type_: str, obj: Obj) -> None:
         key = key_of(obj)
         if st.claimed_elsewhere(obj, self.config.registry_host):
@@ -107,7 +94,7 @@ class ComponentReconciler:
             self.attempts.pop(key, None)
             self.queue.forget(key)
             return
-        self._store(self.components, obj)
+        store_newer(self.components, obj)
         self._enqueue(key)
 
     def on_artifact(self, type_: str, obj: Obj) -> None:
@@ -115,7 +102,7 @@ class ComponentReconciler:
         if type_ == "DELETED":
             self.artifacts.pop(key, None)
         else:
-            self._store(self.artifacts, obj)
+            store_newer(self.artifacts, obj)
         ns = (obj.get("metadata") or {}).get("namespace", "")
         wanting = {f"{ns}/{name}" for name in cs.component_owners(obj)} | self.wanted_by.get(key, set())
         for component in wanting:
@@ -174,16 +161,7 @@ class ComponentReconciler:
 
     async def worker(self) -> None:
         while True:
-            now = self.clock()
-            key = self.queue.pop(now)
-            if key is None:
-                nxt = self.queue.next_due()
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), None if nxt is None else max(0.01, nxt - now))
-                except asyncio.TimeoutError:
-                    pass
-                continue
+            key = await next_due(self.queue, self._wake, self.clock)
             next_at: float | None = None
             try:
                 next_at = await self.reconcile(key)
@@ -296,7 +274,7 @@ class ComponentReconciler:
         patch = st.status_patch(comp.get("status") or {}, new)
         if patch is not None:
             obj = await asyncio.to_thread(self.kube.patch_status, COMPONENTS, ns, meta["name"], patch)
-            self._store(self.components, obj)
+            store_newer(self.components, obj)
             old_ready = st.condition((comp.get("status") or {}).get("conditions"), st.READY) or {}
             new_ready = st.condition(new.get("conditions"), st.READY) or {}
             if (old_ready.get("status"), old_ready.get("reason")) != (new_ready.get("status"), new_ready.get("reason")):
@@ -320,7 +298,7 @@ class ComponentReconciler:
         if existing is None:
             try:
                 created = await asyncio.to_thread(self.kube.create, ARTIFACTS, ns, body)
-                self._store(self.artifacts, created)
+                store_newer(self.artifacts, created)
                 log.info("created artifact", extra={"artifact": f"{ns}/{name}", "source": body["spec"]["sourceArtifact"]})
                 return
             except Exception as err:  # noqa: BLE001
@@ -349,7 +327,7 @@ class ComponentReconciler:
         if new_labels:
             patch_meta["labels"] = new_labels
         updated = await asyncio.to_thread(self.kube.patch, ARTIFACTS, ns, name, {"metadata": patch_meta})
-        self._store(self.artifacts, updated)
+        store_newer(self.artifacts, updated)
 
     async def _release_unwanted(self, comp: Obj, wanted: set[str]) -> None:
         ns, uid = comp["metadata"]["namespace"], comp["metadata"]["uid"]
@@ -368,4 +346,4 @@ class ComponentReconciler:
             if ((art.get("metadata") or {}).get("labels") or {}).get(LABEL_COMPONENT) == comp["metadata"]["name"]:
                 patch_meta["labels"] = {LABEL_COMPONENT: None}
             updated = await asyncio.to_thread(self.kube.patch, ARTIFACTS, ns, name, {"metadata": patch_meta})
-            self._store(self.artifacts, updated)
+            store_newer(self.artifacts, updated)
