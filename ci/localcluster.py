@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
-import ipaddress
 import json
 import os
 import secrets
@@ -100,91 +99,37 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def ensure_pki() -> None:
-    """CA, apiserver serving cert, admin client cert, service-account key pair (created once)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    """CA, apiserver serving cert, admin client cert, service-account key pair (created once).
+
+    The CA and the serving certificate are made as the webhook's are, by cluster_registry.certs.pki
+    (installed in the .venv that ci/localcluster runs this with); pki makes no client certificates.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from cluster_registry.certs import pki
 
     if all((PKI / f).exists() for f in ("ca.crt", "apiserver.crt", "admin.crt", "sa.key", "sa.pub")):
         return
     log("generating certificates")
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
-    ten_years = now + dt.timedelta(days=3650)
-
-    def pem_key(key: Any) -> bytes:
-        return key.private_bytes(  # type: ignore[no-any-return]
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localcluster-ca")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(ten_years)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False,
-                encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(cn: str, orgs: Sequence[str], server: bool, sans: Sequence[x509.GeneralName] = ()) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in orgs]
-        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name(attrs))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(ten_years)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-            )
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        return cert.public_bytes(serialization.Encoding.PEM), pem_key(key)
-
-    sans: list[x509.GeneralName] = [
-        x509.DNSName(n)
-        for n in (
-            "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-            "kubernetes.default.svc.cluster.local",
-        )
-    ]
-    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in (HOST, KUBERNETES_SERVICE_IP)]
-    api_crt, api_key = leaf("kube-apiserver", [], True, sans)
-    admin_crt, admin_key = leaf("localcluster-admin", ["system:masters"], False)
+    now = dt.datetime.now(dt.timezone.utc)
+    ten_years = dt.timedelta(days=3650)
+    ca_crt, ca_key = pki.new_ca(now, "localcluster-ca", ten_years)
+    api_names = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                 "kubernetes.default.svc.cluster.local"]
+    api_crt, api_key = pki.new_serving(ca_crt, ca_key, api_names, now, ten_years, [HOST, KUBERNETES_SERVICE_IP])
+    admin_crt, admin_key = _client_cert(ca_crt, ca_key, "localcluster-admin", ["system:masters"], now, ten_years)
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
-    _write(PKI / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write(PKI / "ca.key", pem_key(ca_key), 0o600)
+    _write(PKI / "ca.crt", ca_crt)
+    _write(PKI / "ca.key", ca_key, 0o600)
     _write(PKI / "apiserver.crt", api_crt)
     _write(PKI / "apiserver.key", api_key, 0o600)
-    _write(PKI / "sa.key", pem_key(sa_key), 0o600)
+    _write(
+        PKI / "sa.key",
+        sa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        0o600,
+    )
     _write(
         PKI / "sa.pub",
         sa_key.public_key().public_bytes(
@@ -193,6 +138,37 @@ def ensure_pki() -> None:
     )
     _write(PKI / "admin.key", admin_key, 0o600)
     _write(PKI / "admin.crt", admin_crt)  # written last: its presence marks a complete PKI
+
+
+def _client_cert(
+    ca_crt: bytes, ca_key_pem: bytes, cn: str, orgs: Sequence[str], now: dt.datetime, validity: dt.timedelta
+) -> tuple[bytes, bytes]:
+    """A client certificate (CN: user, O: groups) signed by the CA: (certificate PEM, key PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in orgs]
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attrs))
+        .issuer_name(x509.load_pem_x509_certificate(ca_crt).subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 def ensure_kubeconfig() -> None:

@@ -18,7 +18,6 @@ import ctypes
 import ctypes.util
 import datetime
 import http.server
-import ipaddress
 import json
 import os
 import secrets
@@ -39,6 +38,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
+
+from cluster_registry.certs import pki
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,10 +71,11 @@ def bcrypt_hash(password: str) -> str:
     return str(out.decode())
 
 
-def _self_signed(common_name: str, key: ec.EllipticCurvePrivateKey, *, ca: bool) -> x509.Certificate:
+def _self_signed(common_name: str, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    """A self-signed CA certificate for ``key`` (the token service's signer), valid for two days."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -81,42 +83,21 @@ def _self_signed(common_name: str, key: ec.EllipticCurvePrivateKey, *, ca: bool)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
     )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-            critical=False,
-        )
-    return builder.sign(key, hashes.SHA256())
 
 
 def _write_tls(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem)."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _self_signed("cluster-registry test CA", ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
+    """A CA and a server certificate for 127.0.0.1 signed by it, made as the webhook's are
+    (cluster_registry.certs.pki): (ca.pem, cert.pem, key.pem)."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    two_days = datetime.timedelta(days=2)
+    ca_cert, ca_key = pki.new_ca(now, "cluster-registry test CA", two_days)
+    cert, key = pki.new_serving(ca_cert, ca_key, ["localhost"], now, two_days, ["127.0.0.1"])
     paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    for path, pem in zip(paths, (ca_cert, cert, key)):
+        path.write_bytes(pem)
     return paths
 
 
@@ -140,7 +121,7 @@ class TokenServer:
 
     def __post_init__(self) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
-        self.cert = _self_signed("token signer", self.key, ca=True)
+        self.cert = _self_signed("token signer", self.key)
         self.port = free_port()
         self._server: http.server.ThreadingHTTPServer | None = None
 
