@@ -18,20 +18,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.cluster import Cluster, CommandError, wait_for
+from tests.support.cluster import (
+    CRDS, Cluster, CommandError, adopt_crds, component_pods, pod_ready, three_ready, wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "chart"
-CRDS = ("artifacts.clusterregistry.io", "components.clusterregistry.io")
-
-
-def adopt_crds(cluster: Cluster, release: str, namespace: str) -> None:
-    """Other e2e tests `kubectl apply` the chart's CRDs; let this release take them over (as Helm allows)."""
-    for crd in CRDS:
-        if cluster.kubectl("get", "crd", crd, "--ignore-not-found", "-o", "name").strip():
-            cluster.kubectl("label", "crd", crd, "--overwrite", "app.kubernetes.io/managed-by=Helm")
-            cluster.kubectl("annotate", "crd", crd, "--overwrite",
-                            f"meta.helm.sh/release-name={release}", f"meta.helm.sh/release-namespace={namespace}")
 
 
 @pytest.fixture
@@ -49,16 +41,6 @@ def release(cluster: Cluster, short_namespace: str) -> Iterator[str]:
     name = f"cr-{secrets.token_hex(3)}"
     yield name
     cluster.helm("uninstall", name, "-n", short_namespace, "--wait", "--timeout", "120s", check=False)
-
-
-def pods(cluster: Cluster, namespace: str, component: str) -> list[dict[str, Any]]:
-    items = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/component={component}")["items"]
-    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
-
-
-def ready(pod: dict[str, Any]) -> bool:
-    conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
-    return pod["status"].get("phase") == "Running" and conditions.get("Ready") == "True"
 
 
 def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Cluster, short_namespace: str, release: str,
@@ -92,15 +74,12 @@ def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Clus
 
     # The HPAs (min 3) scale the registry and webhook up from the Deployment's initial replica.
     for component in ("registry", "webhook"):
-        spread = wait_for(
-            lambda c=component: (lambda ps: ps if len(ps) == 3 and all(map(ready, ps)) else None)(pods(cluster, namespace, c)),
-            timeout=180, interval=2, what=f"3 Ready {component} pods",
-        )
+        spread = three_ready(cluster, namespace, component, timeout=180)
         placed = {p["spec"]["nodeName"] for p in spread}
         assert placed == system, f"{component} pods on {placed}, want one on each system node {system}"
     for component in ("artifact-reconciler", "component-reconciler"):
-        (pod,) = wait_for(lambda c=component: [p for p in pods(cluster, namespace, c) if ready(p)], timeout=120,
-                          what=f"{component} Ready")
+        (pod,) = wait_for(lambda c=component: [p for p in component_pods(cluster, namespace, c) if pod_ready(p)],
+                          timeout=120, what=f"{component} Ready")
         assert pod["spec"]["nodeName"] in system
 
     pvc = cluster.kubectl_json("get", "pvc", "-n", namespace, f"{release}-cluster-registry-registry")
@@ -145,8 +124,9 @@ def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Clus
     assert deployment["spec"]["replicas"] == 3, "an upgrade must not reset what the HPA scaled to"
     registry = deployment["spec"]["template"]["spec"]["containers"][0]
     assert registry["resources"]["requests"] == {"cpu": "100m", "memory": "250Mi"}
-    wait_for(lambda: (lambda ps: len(ps) == 3 and all(map(ready, ps)) and all(
-        p["spec"]["containers"][0]["resources"]["requests"]["memory"] == "250Mi" for p in ps))(pods(cluster, namespace, "registry")),
+    wait_for(lambda: (lambda ps: len(ps) == 3 and all(map(pod_ready, ps)) and all(
+        p["spec"]["containers"][0]["resources"]["requests"]["memory"] == "250Mi" for p in ps))(
+        component_pods(cluster, namespace, "registry")),
         timeout=180, interval=2, what="registry rolled to scale=small")
 
     cluster.helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s")

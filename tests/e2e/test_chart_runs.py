@@ -19,17 +19,17 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
-from tests.support.cluster import Cluster, CommandError, exclusive_chart, wait_for
+from tests.support.cluster import (
+    Cluster, CommandError, adopt_crds, component_pods, exclusive_chart, pod_ready, three_ready, wait_for,
+)
 from tests.support.ociimages import Pusher, push_image
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "chart"
-CRDS = ("artifacts.clusterregistry.io", "components.clusterregistry.io")
 VALUES = "global.networkfunctionextension"
 
 
@@ -41,32 +41,6 @@ class Release:
     @property
     def prefix(self) -> str:
         return f"{self.name}-cluster-registry"
-
-
-def adopt_crds(cluster: Cluster, release: str, namespace: str) -> None:
-    """The CRDs are cluster-wide and outlive releases (resource-policy keep): let RELEASE own them."""
-    for crd in CRDS:
-        if cluster.kubectl("get", "crd", crd, "--ignore-not-found", "-o", "name").strip():
-            cluster.kubectl("label", "crd", crd, "--overwrite", "app.kubernetes.io/managed-by=Helm")
-            cluster.kubectl("annotate", "crd", crd, "--overwrite",
-                            f"meta.helm.sh/release-name={release}", f"meta.helm.sh/release-namespace={namespace}")
-
-
-def component_pods(cluster: Cluster, namespace: str, component: str) -> list[dict[str, Any]]:
-    items = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/component={component}")["items"]
-    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
-
-
-def ready(pod: dict[str, Any]) -> bool:
-    conds = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
-    return pod["status"].get("phase") == "Running" and conds.get("Ready") == "True"
-
-
-def three_ready(cluster: Cluster, namespace: str, component: str, timeout: float = 240) -> list[dict[str, Any]]:
-    return wait_for(
-        lambda: (lambda ps: ps if len(ps) == 3 and all(map(ready, ps)) else None)(
-            component_pods(cluster, namespace, component)),
-        timeout=timeout, interval=2, what=f"3 Ready {component} pods")
 
 
 def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, bytes]:
@@ -114,7 +88,7 @@ def test_default_install_runs_the_chart_containers_for_real(cluster: Cluster, re
                 assert cs["containerID"].startswith("process://"), (component, cs)
                 assert cs["ready"] and "running" in cs["state"]
     for component in ("artifact-reconciler", "component-reconciler"):
-        pods = wait_for(lambda c=component: [p for p in component_pods(cluster, release.namespace, c) if ready(p)],
+        pods = wait_for(lambda c=component: [p for p in component_pods(cluster, release.namespace, c) if pod_ready(p)],
                         timeout=120, what=f"{component} Ready")
         assert pods[0]["status"]["containerStatuses"][0]["containerID"].startswith("process://")
 
@@ -222,7 +196,7 @@ def test_registry_pod_killed_mid_push_is_replaced_and_the_copy_completes(cluster
     def rolled() -> bool:  # every reconciler pod, terminating ones included (one may hold the lease)
         pods = cluster.kubectl_json("get", "pods", "-n", release.namespace,
                                     "-l", "app.kubernetes.io/component=artifact-reconciler")["items"]
-        return bool(pods) and all(ready(p) and "--insecure-registry" in p["spec"]["containers"][0]["args"]
+        return bool(pods) and all(pod_ready(p) and "--insecure-registry" in p["spec"]["containers"][0]["args"]
                                   for p in pods)
 
     wait_for(rolled, timeout=180, what="the reconciler rolled with --insecure-registry")

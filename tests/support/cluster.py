@@ -232,6 +232,40 @@ def wait_for(predicate: Callable[[], T | None], timeout: float = 60, interval: f
         time.sleep(interval)
 
 
+# The chart's releases and pods, shared by the e2e tests that install chart/ (and tests/support/cnf.py).
+
+CRDS = ("artifacts.clusterregistry.io", "components.clusterregistry.io")
+
+
+def adopt_crds(cluster: Cluster, release: str, namespace: str) -> None:
+    """Let RELEASE take over the chart's CRDs (as Helm allows): they are cluster-wide, outlive releases
+    (resource-policy keep), and other e2e tests `kubectl apply` them."""
+    for crd in CRDS:
+        if cluster.kubectl("get", "crd", crd, "--ignore-not-found", "-o", "name").strip():
+            cluster.kubectl("label", "crd", crd, "--overwrite", "app.kubernetes.io/managed-by=Helm")
+            cluster.kubectl("annotate", "crd", crd, "--overwrite",
+                            f"meta.helm.sh/release-name={release}", f"meta.helm.sh/release-namespace={namespace}")
+
+
+def component_pods(cluster: Cluster, namespace: str, component: str) -> list[dict[str, Any]]:
+    """The pods of one chart component (`app.kubernetes.io/component`), those being deleted left out."""
+    items = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/component={component}")["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
+    return pod["status"].get("phase") == "Running" and conditions.get("Ready") == "True"
+
+
+def three_ready(cluster: Cluster, namespace: str, component: str, timeout: float = 240) -> list[dict[str, Any]]:
+    """Wait for exactly 3 Ready pods of COMPONENT (the HPAs' minimum) and return them."""
+    return wait_for(
+        lambda: (lambda ps: ps if len(ps) == 3 and all(map(pod_ready, ps)) else None)(
+            component_pods(cluster, namespace, component)),
+        timeout=timeout, interval=2, what=f"3 Ready {component} pods")
+
+
 # Module-level shortcuts against the running cluster (`ci/localcluster up` must have run).
 
 

@@ -11,7 +11,7 @@
 * :func:`push_chart` publishes the sample chart as an OCI chart with the real ``helm push --plain-http``
   (after ``helm registry login``), its values pointing at the store front and at the pinned digest.
 * :func:`install_cluster_registry` installs chart/ with the real helm as tests/e2e/test_chart_install.py
-  does (its ``adopt_crds``); :func:`install_cnf` installs the published chart.
+  does (``tests.support.cluster.adopt_crds``); :func:`install_cnf` installs the published chart.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from typing import Any
 
 import yaml
 
-from tests.support.cluster import ROOT, Cluster, CommandError, wait_for
+from tests.support.cluster import ROOT, Cluster, CommandError, adopt_crds, wait_for
+# re-exported: tests/support/demo.py and tests/e2e/test_scenarios.py call them as cnf.*
+from tests.support.cluster import component_pods as component_pods, pod_ready as pod_ready
 from tests.support.ociimages import PLATFORMS, Image, Pusher, push_image, push_index
 from aiohttp import web
 
@@ -43,7 +45,6 @@ VALUES = "global.networkfunctionextension"
 PULL_SECRET = "cnf-pull"
 STORE_SERVICE = "cnf-store"
 FORWARD_ANNOTATION = "localcluster.clusterregistry.io/forward-to"  # tests/support/nodeagent.py
-CRDS = ("artifacts.clusterregistry.io", "components.clusterregistry.io")
 
 
 @dataclass(frozen=True)
@@ -205,8 +206,6 @@ def cluster_registry_values(cnf_namespaces: Iterable[str], store_host: str, *, r
 def install_cluster_registry(cluster: Cluster, release: str, namespace: str, values: dict[str, Any],
                              timeout: int = 420) -> None:
     """`helm install --wait --wait-for-jobs` of chart/, the way tests/e2e/test_chart_install.py does."""
-    from tests.e2e.test_chart_install import adopt_crds
-
     adopt_crds(cluster, release, namespace)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="cr-values-") as f:
         f.write(yaml.safe_dump(values))
@@ -235,18 +234,6 @@ def upgrade_cluster_registry(cluster: Cluster, release: str, namespace: str, val
 
 def fullname(release: str) -> str:
     return release if "cluster-registry" in release else f"{release}-cluster-registry"
-
-
-def component_pods(cluster: Cluster, namespace: str, component: str) -> list[dict[str, Any]]:
-    from tests.e2e.test_chart_install import pods
-
-    return pods(cluster, namespace, component)
-
-
-def pod_ready(pod: dict[str, Any]) -> bool:
-    from tests.e2e.test_chart_install import ready
-
-    return ready(pod)
 
 
 def registry_endpoints(cluster: Cluster, namespace: str) -> list[str]:
