@@ -30,7 +30,7 @@ import pytest
 
 from cluster_registry import reference
 from tests.support import cnf
-from tests.support.cluster import Cluster, CommandError, wait_for
+from tests.support.cluster import Cluster, CommandError, component_pods, pod_ready, three_ready, wait_for
 
 GROUP = "clusterregistry.io"
 CNF = "cnf"  # the CNF's release name in every CNF namespace
@@ -250,7 +250,7 @@ def test_scenario_7_webhook_outage(cluster: Cluster, env: Env) -> None:
     webhook = f"{cnf.fullname(env.release)}-webhook"
     cluster.kubectl("scale", "deployment", webhook, "-n", rns, "--replicas=0")
     try:
-        wait_for(lambda: not cnf.component_pods(cluster, rns, "webhook"), timeout=90, interval=1, what="no webhook pod")
+        wait_for(lambda: not component_pods(cluster, rns, "webhook"), timeout=90, interval=1, what="no webhook pod")
         before = {p["metadata"]["uid"] for p in live_pods(cluster, ns)}
         cluster.kubectl("scale", "deployment", f"{CNF}-frontend", "-n", ns, "--replicas=4")
         added = wait_for(lambda: [p for p in live_pods(cluster, ns, "app.kubernetes.io/name=frontend")
@@ -264,8 +264,7 @@ def test_scenario_7_webhook_outage(cluster: Cluster, env: Env) -> None:
             assert not [i for i in images_of(pod).values() if i.startswith(env.registry_host + "/")], images_of(pod)
     finally:
         cluster.kubectl("scale", "deployment", webhook, "-n", rns, "--replicas=3")
-    wait_for(lambda: (lambda ps: len(ps) == 3 and all(map(cnf.pod_ready, ps)))(cnf.component_pods(cluster, rns, "webhook")),
-             timeout=180, interval=2, what="3 Ready webhook pods again")
+    three_ready(cluster, rns, "webhook", timeout=180)
     # The API server calls the webhook again once its endpoints reach it (seconds after Ready): probe
     # with server-side dry-run pods until one comes back rewritten.
     wait_for(lambda: json.loads(cluster.kubectl(
@@ -308,8 +307,7 @@ def test_scenario_6_high_availability(cluster: Cluster, env: Env) -> None:
     system = {n["metadata"]["name"] for n in cluster.kubectl_json("get", "nodes", "-l", "kubernetes.azure.com/mode=system")["items"]}
     assert len(system) == 3
     for component in ("registry", "webhook"):
-        pods = wait_for(lambda c=component: (lambda ps: ps if len(ps) == 3 and all(map(cnf.pod_ready, ps)) else None)(
-            cnf.component_pods(cluster, rns, c)), timeout=180, interval=2, what=f"3 Ready {component} pods")
+        pods = three_ready(cluster, rns, component, timeout=180)
         assert {p["spec"]["nodeName"] for p in pods} == system, f"{component}: one replica per system node"
         pdb = cluster.kubectl_json("get", "pdb", "-n", rns, f"{cnf.fullname(env.release)}-{component}")
         assert pdb["spec"]["minAvailable"] == 2
@@ -319,8 +317,7 @@ def test_scenario_6_high_availability(cluster: Cluster, env: Env) -> None:
         assert first == 201, "the first eviction leaves 2 of 3: allowed"
         assert second == 429 and "disruption budget" in why, (component, second, why)
         # The Deployment replaces the evicted pod; HA is whole again.
-        wait_for(lambda c=component: (lambda ps: len(ps) == 3 and all(map(cnf.pod_ready, ps)))(
-            cnf.component_pods(cluster, rns, c)), timeout=180, interval=2, what=f"3 Ready {component} pods again")
+        three_ready(cluster, rns, component, timeout=180)
 
 
 # -- 2. early loading ------------------------------------------------------------------------------
@@ -500,8 +497,8 @@ def test_scenario_5_upgrades(cluster: Cluster, env: Env) -> None:
     def watch() -> None:
         while not stop.is_set():
             try:
-                ps = cnf.component_pods(cluster, rns, "registry")
-                samples.append((sum(map(cnf.pod_ready, ps)), len(ps)))
+                ps = component_pods(cluster, rns, "registry")
+                samples.append((sum(map(pod_ready, ps)), len(ps)))
             except Exception:  # noqa: BLE001 - a missed sample
                 pass
             stop.wait(0.5)
@@ -512,9 +509,9 @@ def test_scenario_5_upgrades(cluster: Cluster, env: Env) -> None:
         cnf.upgrade_cluster_registry(cluster, release, rns, env.values,
                                      f"{cnf.VALUES}.clusterRegistry.autoScaling.enabled=false",
                                      f"{cnf.VALUES}.clusterRegistry.registryService.scale=small")
-        wait_for(lambda: (lambda ps: len(ps) == 3 and all(map(cnf.pod_ready, ps)) and all(
+        wait_for(lambda: (lambda ps: len(ps) == 3 and all(map(pod_ready, ps)) and all(
             p["spec"]["containers"][0]["resources"]["requests"]["memory"] == "250Mi" for p in ps))(
-            cnf.component_pods(cluster, rns, "registry")), timeout=240, interval=2, what="registry rolled")
+            component_pods(cluster, rns, "registry")), timeout=240, interval=2, what="registry rolled")
     finally:
         stop.set()
         watcher.join(10)

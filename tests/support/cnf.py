@@ -31,7 +31,7 @@ import yaml
 
 from tests.support.cluster import ROOT, Cluster, CommandError, adopt_crds, wait_for
 # re-exported: tests/support/demo.py and tests/e2e/test_scenarios.py call them as cnf.*
-from tests.support.cluster import component_pods as component_pods, pod_ready as pod_ready
+from tests.support.cluster import component_pods, pod_ready
 from tests.support.ociimages import PLATFORMS, Image, Pusher, push_image, push_index
 from aiohttp import web
 

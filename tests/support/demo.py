@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support import cnf
-from tests.support.cluster import ROOT, Cluster, CommandError, ensure_up, wait_for
+from tests.support.cluster import ROOT, Cluster, CommandError, component_pods, ensure_up, pod_ready, wait_for
 
 STATE = ROOT / ".cache" / "demo"
 PIDFILE = STATE / "storefront.pid"
@@ -280,7 +280,7 @@ def summary(cluster: Cluster, registry_host: str) -> None:
             import json
 
             repos = json.loads(r.read())["repositories"]
-    ready = sum(cnf.pod_ready(p) for p in cnf.component_pods(cluster, NAMESPACE, "registry"))
+    ready = sum(pod_ready(p) for p in component_pods(cluster, NAMESPACE, "registry"))
     print(f"Registry usage: {human(used)} of {size} (PVC {pvc['metadata']['name']}, {pvc['spec']['accessModes'][0]}), "
           f"{len(repos)} repositories, {ready} registry replicas Ready")
     print()
