@@ -17,10 +17,13 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from cluster_registry.errors import ClusterRegistryError, WriteLockedError
+from cluster_registry.gate.protocol import LOCK_HEADER
 from cluster_registry.oci.errors import (
     AuthenticationError,
     CorruptBlobError,
@@ -29,11 +32,12 @@ from cluster_registry.oci.errors import (
     RegistryProtocolError,
     RegistryUnavailableError,
     TLSError,
+    error_detail,
 )
 from cluster_registry.oci.retry import parse_retry_after
 
-LOCK_HEADER = "X-Cluster-Registry-Lock"
 _REDIRECTS = (301, 302, 303, 307, 308)
+_T = TypeVar("_T")
 
 
 class Cancelled(Exception):
@@ -87,15 +91,15 @@ class ConnectionPool:
             self._idle.clear()
 
 
-def _send_get(pool: ConnectionPool, url: str, headers: dict[str, str]) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """GET ``url``; a reused connection the server closed meanwhile is replaced once by a new one."""
+def _on_connection(pool: ConnectionPool, url: str, send: Callable[[http.client.HTTPConnection, str], _T]) -> _T:
+    """``send(conn, path)`` on a pooled connection to ``url``'s host; a reused connection the server
+    closed meanwhile is replaced once by a new one."""
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     for fresh in (False, True):
         conn = pool.get(parts.scheme, parts.netloc, fresh=fresh)
         try:
-            conn.request("GET", path, headers=headers)
-            return conn, conn.getresponse()
+            return send(conn, path)
         except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
             conn.close()
             if fresh:
@@ -103,24 +107,25 @@ def _send_get(pool: ConnectionPool, url: str, headers: dict[str, str]) -> tuple[
     raise AssertionError("unreachable")
 
 
+def _send_get(pool: ConnectionPool, url: str, headers: dict[str, str]) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    def send(conn: http.client.HTTPConnection, path: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        conn.request("GET", path, headers=headers)
+        return conn, conn.getresponse()
+
+    return _on_connection(pool, url, send)
+
+
 def _start_put(pool: ConnectionPool, url: str, headers: dict[str, str], size: int) -> http.client.HTTPConnection:
-    parts = urlsplit(url)
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    for fresh in (False, True):
-        conn = pool.get(parts.scheme, parts.netloc, fresh=fresh)
-        try:
-            conn.putrequest("PUT", path, skip_accept_encoding=True)
-            for k, v in headers.items():
-                conn.putheader(k, v)
-            conn.putheader("Content-Type", "application/octet-stream")
-            conn.putheader("Content-Length", str(size))
-            conn.endheaders()
-            return conn
-        except ConnectionError:
-            conn.close()
-            if fresh:
-                raise
-    raise AssertionError("unreachable")
+    def send(conn: http.client.HTTPConnection, path: str) -> http.client.HTTPConnection:
+        conn.putrequest("PUT", path, skip_accept_encoding=True)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.putheader("Content-Type", "application/octet-stream")
+        conn.putheader("Content-Length", str(size))
+        conn.endheaders()
+        return conn
+
+    return _on_connection(pool, url, send)
 
 
 @dataclass
@@ -133,7 +138,7 @@ class Endpoint:
 
 
 def _status_error(status: int, reason: str, headers: http.client.HTTPMessage, where: str, body: bytes) -> ClusterRegistryError:
-    text = " ".join(body.decode("utf-8", "replace").split())[:200]
+    text = error_detail(body.decode("utf-8", "replace"))
     suffix = f": {text}" if text else ""
     if status == 503 and headers.get(LOCK_HEADER):
         return WriteLockedError(f"{where}: the cluster registry holds writes back (garbage-collection lock)")

@@ -27,6 +27,7 @@ from yarl import URL
 
 from cluster_registry import __version__
 from cluster_registry.errors import ClusterRegistryError, ConfigError, WriteLockedError
+from cluster_registry.gate.protocol import LOCK_HEADER
 from cluster_registry.oci import blobio, media
 from cluster_registry.oci.auth import Challenge, Credentials, parse_challenge, scope
 from cluster_registry.oci.errors import (
@@ -38,12 +39,12 @@ from cluster_registry.oci.errors import (
     RegistryProtocolError,
     RegistryUnavailableError,
     TLSError,
+    error_detail,
 )
 from cluster_registry.oci.retry import RetryPolicy, is_retryable_status, parse_retry_after
 
 log = logging.getLogger(__name__)
 
-LOCK_HEADER = "X-Cluster-Registry-Lock"
 MAX_MANIFEST = 4 * 1024 * 1024
 _DOCKER_HUB_API = "registry-1.docker.io"
 
@@ -381,7 +382,7 @@ class Repository:
         detail = ""
         try:
             text = (await resp.content.read(2048)).decode("utf-8", "replace")
-            detail = _error_detail(text)
+            detail = error_detail(text)
         except (aiohttp.ClientError, asyncio.TimeoutError):
             pass
         finally:
@@ -647,20 +648,6 @@ def _dumps(doc: Any) -> bytes:
     import json
 
     return json.dumps(doc).encode()
-
-
-def _error_detail(text: str) -> str:
-    """The codes and messages of a distribution error body, else a short excerpt."""
-    import json
-
-    try:
-        doc = json.loads(text)
-        errors = doc.get("errors") if isinstance(doc, dict) else None
-        if isinstance(errors, list) and errors:
-            return "; ".join(f"{e.get('code', '')} {e.get('message', '')}".strip() for e in errors if isinstance(e, dict))
-    except ValueError:
-        pass
-    return " ".join(text.split())[:200]
 
 
 def _describe(err: BaseException) -> str:

@@ -6,6 +6,8 @@ credential, a token or a request header.
 
 from __future__ import annotations
 
+import json
+
 from cluster_registry.errors import PermanentError, TemporaryError, WriteLockedError
 
 __all__ = [
@@ -19,7 +21,20 @@ __all__ = [
     "TLSError",
     "UnsupportedManifestError",
     "WriteLockedError",
+    "error_detail",
 ]
+
+
+def error_detail(text: str) -> str:
+    """The codes and messages of a distribution error body, else a short excerpt of it."""
+    try:
+        doc = json.loads(text)
+        errors = doc.get("errors") if isinstance(doc, dict) else None
+        if isinstance(errors, list) and errors:
+            return "; ".join(f"{e.get('code', '')} {e.get('message', '')}".strip() for e in errors if isinstance(e, dict))
+    except ValueError:
+        pass
+    return " ".join(text.split())[:200]
 
 
 class RegistryUnavailableError(TemporaryError):
