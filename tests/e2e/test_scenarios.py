@@ -113,6 +113,14 @@ def running(pod: dict[str, Any]) -> bool:
 
 
 
+def scale_frontend(cluster: Cluster, namespace: str, replicas: int, what: str) -> list[dict[str, Any]]:
+    """Scale the sample CNF's frontend to REPLICAS; return the frontend pods that scaling created."""
+    before = {p["metadata"]["uid"] for p in live_pods(cluster, namespace)}
+    cluster.kubectl("scale", "deployment", f"{CNF}-frontend", "-n", namespace, f"--replicas={replicas}")
+    return wait_for(lambda: [p for p in live_pods(cluster, namespace, "app.kubernetes.io/name=frontend")
+                             if p["metadata"]["uid"] not in before], timeout=60, interval=1, what=what)
+
+
 def expect_rewritten(env: Env, pod: dict[str, Any]) -> None:
     for container, image in images_of(pod).items():
         assert image == env.rewritten(container), (pod["metadata"]["name"], container, image)
@@ -251,11 +259,7 @@ def test_scenario_7_webhook_outage(cluster: Cluster, env: Env) -> None:
     cluster.kubectl("scale", "deployment", webhook, "-n", rns, "--replicas=0")
     try:
         wait_for(lambda: not component_pods(cluster, rns, "webhook"), timeout=90, interval=1, what="no webhook pod")
-        before = {p["metadata"]["uid"] for p in live_pods(cluster, ns)}
-        cluster.kubectl("scale", "deployment", f"{CNF}-frontend", "-n", ns, "--replicas=4")
-        added = wait_for(lambda: [p for p in live_pods(cluster, ns, "app.kubernetes.io/name=frontend")
-                                  if p["metadata"]["uid"] not in before],
-                         timeout=60, interval=1, what="a frontend pod created while the webhook is down")
+        added = scale_frontend(cluster, ns, 4, "a frontend pod created while the webhook is down")
         # failurePolicy Ignore: the pod was created, and not by way of our webhook (its images do not
         # point at our registry). Not "== the store's references": another chart release installed by
         # a concurrent test with the default matchConditions may rewrite them to its own registry.
@@ -271,11 +275,7 @@ def test_scenario_7_webhook_outage(cluster: Cluster, env: Env) -> None:
         "run", "probe", "-n", ns, f"--image={env.source('frontend')}", "--restart=Never", "--dry-run=server",
         "-o", "json"))["spec"]["containers"][0]["image"] == env.rewritten("frontend"),
         timeout=60, interval=2, what="the webhook answering the API server again")
-    before = {p["metadata"]["uid"] for p in live_pods(cluster, ns)}
-    cluster.kubectl("scale", "deployment", f"{CNF}-frontend", "-n", ns, "--replicas=5")
-    added = wait_for(lambda: [p for p in live_pods(cluster, ns, "app.kubernetes.io/name=frontend")
-                              if p["metadata"]["uid"] not in before],
-                     timeout=60, interval=1, what="a frontend pod created after the webhook is back")
+    added = scale_frontend(cluster, ns, 5, "a frontend pod created after the webhook is back")
     for pod in added:
         expect_rewritten(env, pod)
     cluster.kubectl("scale", "deployment", f"{CNF}-frontend", "-n", ns, "--replicas=2")
