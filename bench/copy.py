@@ -151,6 +151,10 @@ def main() -> None:
     if not args.skip_peers and len(peers) < 2:
         print(f"warning: only these peers are installed: {peers}", file=sys.stderr)
     figures: dict[str, Any] = {"tools": {}}
+    # The engine runs from this tree: compile its modules as the container image ships them
+    # (hooks/Containerfile runs compileall), else every run pays for compiling them from source
+    # wherever PYTHONDONTWRITEBYTECODE is set.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "hooks" / "cluster_registry")], check=True)
     load_before = os.getloadavg()[0]
     try:
         src = registry("src")
