@@ -50,22 +50,3 @@ def test_transport_errors_name_no_url() -> None:
     err = blobio._transport_error(ConnectionResetError(104, "Connection reset by peer"), "get blob h/r@d", "download")
     assert isinstance(err, RegistryUnavailableError) and err.temporary
     assert "Connection reset by peer" in str(err)
-
-
-def test_pool_drops_idle_connections() -> None:
-    class Conn:
-        closed = False
-
-        def close(self) -> None:
-            self.closed = True
-
-    pool = blobio.ConnectionPool(max_idle=0.0)
-    stale = Conn()
-    pool.put("http", "127.0.0.1:9", stale)  # type: ignore[arg-type]
-    with pytest.raises(OSError):  # nothing listens on port 9: a new connection is attempted
-        pool.get("http", "127.0.0.1:9")
-    assert stale.closed
-    fresh_pool = blobio.ConnectionPool(max_idle=60.0)
-    kept = Conn()
-    fresh_pool.put("http", "h:1", kept)  # type: ignore[arg-type]
-    assert fresh_pool.get("http", "h:1") is kept  # type: ignore[comparison-overlap]

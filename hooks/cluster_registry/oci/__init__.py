@@ -31,14 +31,19 @@ Public API (everything importable from ``cluster_registry.oci``)::
   A ``WriteLockedError`` or any other failure mid-copy may leave untagged blobs and by-digest
   manifests at the destination (GC collects them); a rerun skips what is already there.
 * ``CopyOptions(concurrency=16, large_concurrency=6, attached=True, mount=True,
-  thread_threshold=4 MiB)``: blobs in flight, how many of them large; blobs over
-  ``thread_threshold`` stream on worker threads with blocking sockets (``blobio``: the GIL is
-  released in recv/send/SHA-256, so a copy uses more than one core); smaller ones on the loop.
-  The threads are the session's own (``RegistryOptions.blob_threads``, default 8), so a process
-  sharing one session among several copies never starves the loop's default executor.
+  thread_threshold=4 MiB)``: blobs in flight, how many of them large; a blob over
+  ``thread_threshold`` streams from GET to PUT within one worker-thread call (``blobio``: the GIL
+  is released in recv/send/SHA-256, so a copy uses more than one core); a smaller one as a
+  verified stream that the event loop forwards chunk by chunk.
+* Transport: ``http.client`` connections (keep-alive, pooled per host) driven from the session's
+  own worker threads (``RegistryOptions.connections_per_host``, default 32), never the loop's
+  default executor; the async API above is unchanged. No aiohttp on this path: importing it was
+  most of ``cluster-registry copy``'s start-up. The TLS context (system trust plus ``ca_bundle``)
+  is made on the first https connection only. A cancelled request's connection is closed, never
+  pooled.
 * ``RegistryOptions(insecure_hosts, ca_bundle, retry, ...)``: plain-HTTP hosts, an extra CA
   bundle, the :class:`RetryPolicy` (retries on connection errors, 429 honouring ``Retry-After``,
-  and 5xx; bounded exponential backoff with full jitter).
+  and 5xx; bounded exponential backoff with full jitter), ``connect_timeout``/``read_timeout``.
 * ``Credentials(username, password)`` or ``Credentials(token=...)``; ``repr`` hides secrets.
   ``credentials_from_docker_config(json_bytes, host)`` reads ``.dockerconfigjson``/``.dockercfg``.
   Anonymous, basic and the bearer-token flow (``WWW-Authenticate`` realm/service/scope) work.
@@ -63,7 +68,7 @@ Read API for ``gc``/``export``/``sideload`` (on a :class:`Repository` from
   ``list_tags() -> list[str]``; ``referrers(digest) -> list[Descriptor] | None``.
 * ``blob_size(digest) -> int | None``; ``async with await repo.open_blob(digest, size) as s: async for chunk in s``
   (verified stream); ``upload_blob(digest, data)`` (in memory) or
-  ``start_upload(digest) -> URL | None`` then ``finish_upload(url, digest, size, async_chunks)``
+  ``start_upload(digest) -> str | None`` (the upload URL) then ``finish_upload(url, digest, size, async_chunks)``
   (streamed, for sideloading large layers).
 * Module-level shorthands: ``get_manifest(ref)``, ``list_tags(ref)``, ``delete_manifest(ref)``.
 * ``media.inspect(body, media_type) -> ManifestInfo`` (blobs, children, subject) is pure.

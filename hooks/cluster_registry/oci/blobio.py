@@ -1,9 +1,10 @@
-"""Large-blob streaming on worker threads: GET at the source, PUT at the destination.
+"""Large-blob streaming on worker threads (GET at the source, PUT at the destination) and the
+keep-alive connection pool every request of the client uses.
 
-The event loop handles every request of a copy except the bodies of large blobs: those move on a
-worker thread per blob with blocking sockets (``http.client``), where the socket system calls and
-SHA-256 release the GIL. Under CPU contention a copy then uses as many cores as it has blobs in
-flight, like Go's clients do, instead of one. Memory stays bounded: two chunk buffers per blob.
+Every request runs on the session's worker threads with blocking sockets (``http.client``; see
+``transport``); a large blob moves in one :func:`transfer` per blob, where the socket system calls
+and SHA-256 release the GIL. Under CPU contention a copy then uses as many cores as it has blobs
+in flight, like Go's clients do, instead of one. Memory stays bounded: two chunk buffers per blob.
 
 Authorization headers are computed by the async side and passed in; the thread never sees a
 credential other than the header value and never logs or raises one.
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import select
 import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -46,49 +49,119 @@ class Cancelled(Exception):
 
 @dataclass
 class ConnectionPool:
-    """Idle keep-alive connections per (scheme, host:port), shared by the worker threads."""
+    """Idle keep-alive connections per (scheme, host:port), shared by the worker threads.
+
+    The TLS context is made on the first https connection (``make_ssl``), so a process that only
+    speaks plain HTTP never loads the CA store. Connections time out after ``connect_timeout``
+    while connecting and ``timeout`` per read or write afterwards. ``close`` also shuts down the
+    connections in use, which unblocks any thread still waiting on one.
+    """
 
     ssl_context: ssl.SSLContext | None = None
     timeout: float = 300.0
     max_idle: float = 15.0  # seconds; servers close idle keep-alive connections sooner or later
+    connect_timeout: float | None = None  # None: ``timeout``
+    make_ssl: Callable[[], ssl.SSLContext] = ssl.create_default_context
     _idle: dict[tuple[str, str], list[tuple[float, http.client.HTTPConnection]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _active: weakref.WeakSet[http.client.HTTPConnection] = field(default_factory=weakref.WeakSet)
+    _closed: bool = False
+    _swept: float = 0.0
 
     def get(self, scheme: str, netloc: str, *, fresh: bool = False) -> http.client.HTTPConnection:
+        return self.acquire(scheme, netloc, fresh=fresh)[0]
+
+    def acquire(self, scheme: str, netloc: str, *, fresh: bool = False) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection to ``netloc`` and whether it was reused (an idle one) rather than new."""
         now = time.monotonic()
         with self._lock:
+            if now - self._swept > self.max_idle:  # a long-lived process talks to many hosts
+                self._sweep(now)
             idle = self._idle.get((scheme, netloc), [])
             while idle and not fresh:
                 since, idle_conn = idle.pop()
-                if now - since < self.max_idle:
-                    return idle_conn
+                if now - since < self.max_idle and _alive(idle_conn):
+                    self._active.add(idle_conn)
+                    return idle_conn, True
                 idle_conn.close()
+            if scheme == "https" and self.ssl_context is None:
+                self.ssl_context = self.make_ssl()
         host, _, port = netloc.rpartition(":") if netloc.rsplit(":", 1)[-1].isdigit() else (netloc, "", "")
         host = host.strip("[]")
+        connect_timeout = self.timeout if self.connect_timeout is None else self.connect_timeout
         if scheme == "https":
-            if self.ssl_context is None:
-                self.ssl_context = ssl.create_default_context()
-            ctx = self.ssl_context
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                host, int(port) if port else None, timeout=self.timeout, context=ctx
+                host, int(port) if port else None, timeout=connect_timeout, context=self.ssl_context
             )
         else:
-            conn = http.client.HTTPConnection(host, int(port) if port else None, timeout=self.timeout)
+            conn = http.client.HTTPConnection(host, int(port) if port else None, timeout=connect_timeout)
         conn.connect()
         if conn.sock is not None:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+            conn.sock.settimeout(self.timeout)
+        with self._lock:
+            self._active.add(conn)
+        return conn, False
+
+    def _sweep(self, now: float) -> None:
+        """Close the idle connections kept too long (called with the lock held)."""
+        self._swept = now
+        for key, idle in list(self._idle.items()):
+            keep = [(since, c) for since, c in idle if now - since < self.max_idle]
+            for since, c in idle:
+                if now - since >= self.max_idle:
+                    c.close()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
 
     def put(self, scheme: str, netloc: str, conn: http.client.HTTPConnection) -> None:
+        """Keep ``conn`` for reuse; only a connection whose last response was read to the end."""
         with self._lock:
-            self._idle.setdefault((scheme, netloc), []).append((time.monotonic(), conn))
+            self._active.discard(conn)
+            if not self._closed and conn.sock is not None:
+                self._idle.setdefault((scheme, netloc), []).append((time.monotonic(), conn))
+                return
+        conn.close()
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             for conns in self._idle.values():
                 for _, c in conns:
                     c.close()
             self._idle.clear()
+            active = list(self._active)
+        for c in active:
+            shutdown(c)
+
+
+def shutdown(conn: http.client.HTTPConnection) -> None:
+    """Shut ``conn``'s socket down (from any thread): a thread blocked on it returns at once.
+
+    The owner still closes it. ``socket.socket.shutdown`` directly, because an SSL socket's own
+    ``shutdown`` also drops its TLS state under the feet of a thread reading it.
+    """
+    sock = conn.sock
+    if sock is not None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _alive(conn: http.client.HTTPConnection) -> bool:
+    """An idle connection the server has not closed: nothing to read on it (no EOF, no stray data)."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    poller = select.poll()  # not select(): it fails on descriptors past 1023 in a busy process
+    poller.register(sock, select.POLLIN)
+    try:
+        return not poller.poll(0)
+    except OSError:
+        return False
 
 
 def _on_connection(pool: ConnectionPool, url: str, send: Callable[[http.client.HTTPConnection, str], _T]) -> _T:

@@ -1,7 +1,8 @@
 """The OCI distribution API client: one pooled HTTP session, per-repository handles.
 
-``RegistrySession`` owns the aiohttp connection pool (keep-alive, reused across blobs and
-images), the token cache and the knowledge of which blob already sits in which repository of a
+``RegistrySession`` owns the keep-alive connection pool (reused across blobs and images), the
+worker threads that drive it (``http.client`` through :mod:`.transport`: see there why not an
+asyncio HTTP library), the token cache and the knowledge of which blob already sits in which repository of a
 destination registry (for cross-repository mounts). ``Repository`` is a handle on one repository
 with one set of credentials; every request goes through :meth:`Repository.request`, which
 authenticates (basic or the bearer-token flow), retries connection errors, 429 and 5xx with bounded
@@ -11,24 +12,23 @@ backoff, and maps failures to the error hierarchy. Nothing here logs or raises a
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import http.client
+import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import urljoin
-
-import aiohttp
-from multidict import CIMultiDict
-from yarl import URL
+from typing import Any, TypeVar
+from urllib.parse import urlencode, urljoin
 
 from cluster_registry import __version__
 from cluster_registry.errors import ClusterRegistryError, ConfigError, WriteLockedError
 from cluster_registry.gate.protocol import LOCK_HEADER
-from cluster_registry.oci import blobio, media
+from cluster_registry.oci import blobio, media, transport
 from cluster_registry.oci.auth import Challenge, Credentials, parse_challenge, scope
 from cluster_registry.oci.errors import (
     AccessDeniedError,
@@ -46,7 +46,10 @@ from cluster_registry.oci.retry import RetryPolicy, is_retryable_status, parse_r
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST = 4 * 1024 * 1024
+MAX_BODY = 16 << 20  # any other response body read into memory (tag lists, tokens, errors)
 _DOCKER_HUB_API = "registry-1.docker.io"
+USER_AGENT = f"cluster-registry/{__version__}"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,8 @@ class RegistryOptions:
     insecure_hosts: frozenset[str] = frozenset()
     ca_bundle: str | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    connections_per_host: int = 32
+    connections_per_host: int = 32  # also the session's worker threads: blocking exchanges at once
     chunk_size: int = 1 << 20
-    blob_threads: int = 8  # worker threads streaming large blobs, per session
     connect_timeout: float = 30.0
     read_timeout: float = 300.0
 
@@ -92,8 +94,6 @@ class RegistrySession:
 
     def __init__(self, options: RegistryOptions | None = None) -> None:
         self.options = options or RegistryOptions()
-        self._http: aiohttp.ClientSession | None = None
-        self._ssl: ssl.SSLContext | None = None
         self._pool: blobio.ConnectionPool | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._tokens: dict[tuple[str, str, tuple[str, ...]], _Token] = {}
@@ -104,54 +104,85 @@ class RegistrySession:
         #: registry host -> False once it refused a mount from the target repository itself.
         self.self_mount: dict[str, bool] = {}
 
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """The TLS context with the extra CA bundle, or None for the system defaults."""
-        if self.options.ca_bundle and self._ssl is None:
-            ctx = ssl.create_default_context()
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context: the system's trust plus the extra CA bundle. Made by the pool on the
+        first https connection only (loading the CA store takes tens of milliseconds)."""
+        ctx = ssl.create_default_context()
+        if self.options.ca_bundle:
             try:
                 ctx.load_verify_locations(cafile=self.options.ca_bundle)
             except (OSError, ssl.SSLError) as err:
                 raise ConfigError(f"cannot load CA bundle {self.options.ca_bundle}: {err}") from err
-            self._ssl = ctx
-        return self._ssl
+        return ctx
 
     @property
     def executor(self) -> ThreadPoolExecutor:
-        """The session's own worker threads for large blobs (never the loop's default executor,
-        which the rest of a process may need for short calls while blobs stream for minutes)."""
+        """The session's own worker threads, one per blocking exchange (never the loop's default
+        executor, which the rest of a process may need for short calls while blobs stream)."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.options.blob_threads, thread_name_prefix="oci-blob")
+            self._executor = ThreadPoolExecutor(max(1, self.options.connections_per_host), thread_name_prefix="oci")
         return self._executor
 
     @property
     def pool(self) -> blobio.ConnectionPool:
-        """Blocking keep-alive connections for the worker threads that stream large blobs."""
+        """Blocking keep-alive connections, used only on the worker threads."""
         if self._pool is None:
-            self._pool = blobio.ConnectionPool(self.ssl_context(), timeout=self.options.read_timeout)
+            self._pool = blobio.ConnectionPool(
+                timeout=self.options.read_timeout,
+                connect_timeout=self.options.connect_timeout,
+                make_ssl=self.ssl_context,
+            )
         return self._pool
 
-    @property
-    def http(self) -> aiohttp.ClientSession:
-        if self._http is None or self._http.closed:
-            ctx: ssl.SSLContext | bool = self.ssl_context() or True
-            connector = aiohttp.TCPConnector(
-                limit=0, limit_per_host=self.options.connections_per_host, ssl=ctx, ttl_dns_cache=300
-            )
-            self._http = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self.options.connect_timeout, sock_read=self.options.read_timeout
-                ),
-                auto_decompress=False,
-                read_bufsize=self.options.chunk_size,
-                headers={"User-Agent": f"cluster-registry/{__version__}"},
-            )
-        return self._http
+    async def run(self, lease: transport.Lease, step: Callable[[], _T]) -> _T:
+        """``step`` (blocking, on ``lease``'s connection) on a worker thread. A caller cancelled
+        meanwhile abandons the exchange: its connection is closed, never pooled half-read."""
+        future = self.executor.submit(lease.run, step)
+        try:
+            return await asyncio.wrap_future(future)
+        except BaseException:
+            lease.abandon()
+            raise
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        data: bytes | AsyncIterable[bytes] | None = None,
+        *,
+        limit: int = MAX_BODY,
+        stream: bool = False,
+    ) -> transport.Response:
+        """One HTTP exchange (no auth, no retry). Raises transport.TransportError on connection failures.
+
+        A bytes body is sent and redirects followed in one trip to a worker thread. A streamed body
+        is sent as ``data`` yields it, one trip per chunk, the headers going with the first and the
+        response read with the last (an error ``data`` raises propagates as is).
+        """
+        hdrs = {"User-Agent": USER_AGENT, **headers}
+        lease = transport.Lease(self.pool)
+        if data is None or isinstance(data, bytes):
+            first = self.options.chunk_size if stream else 0
+            return await self.run(lease, functools.partial(transport.exchange, lease, method, url, hdrs, data, limit, first))
+        try:
+            chunks = aiter(data)
+            conn: http.client.HTTPConnection | None = None
+            chunk = await anext(chunks, None)
+            while True:
+                following = None if chunk is None else await anext(chunks, None)
+                last = following is None
+                conn, resp = await self.run(
+                    lease, functools.partial(transport.send_part, lease, conn, method, url, hdrs, chunk, last, limit)
+                )
+                if resp is not None:
+                    return resp
+                chunk = following
+        except BaseException:
+            lease.abandon()
+            raise
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -215,30 +246,32 @@ class RegistrySession:
                         "client_id": "cluster-registry",
                         "scope": " ".join(scopes),
                     }
-                    resp = await self.http.post(realm, data=form)
+                    form_type = {"Content-Type": "application/x-www-form-urlencoded"}
+                    resp = await self.send("POST", realm, form_type, urlencode(form).encode())
                 else:
                     headers = {} if creds.anonymous else {"Authorization": creds.basic_header()}
-                    resp = await self.http.get(realm, params=params, headers=headers)
-                async with resp:
-                    if is_retryable_status(resp.status) and policy.should_retry(attempt):
-                        await asyncio.sleep(policy.delay(attempt, parse_retry_after(resp.headers.get("Retry-After"), time.time())))
-                        continue
-                    if resp.status in (401, 403):
-                        raise AuthenticationError(
-                            f"the token service of {host} refused the credentials"
-                            f"{' for user ' + repr(creds.username) if creds.username else ' (anonymous)'}: "
-                            "check the pull secret or registry credentials"
-                        )
-                    if resp.status != 200:
-                        raise (RegistryUnavailableError if resp.status >= 500 else RegistryProtocolError)(
-                            f"the token service of {host} answered HTTP {resp.status}"
-                        )
-                    doc = await resp.json(content_type=None)
-            except aiohttp.ClientConnectionError as err:
+                    query = urlencode(params)
+                    url = f"{realm}{'&' if '?' in realm else '?'}{query}" if query else realm
+                    resp = await self.send("GET", url, headers)
+            except transport.TransportError as err:
                 if policy.should_retry(attempt):
                     await asyncio.sleep(policy.delay(attempt))
                     continue
-                raise RegistryUnavailableError(f"cannot reach the token service of {host}: {type(err).__name__}") from None
+                raise RegistryUnavailableError(f"cannot reach the token service of {host}: {_describe(err.cause)}") from None
+            if is_retryable_status(resp.status) and policy.should_retry(attempt):
+                await asyncio.sleep(policy.delay(attempt, parse_retry_after(resp.headers.get("Retry-After"), time.time())))
+                continue
+            if resp.status in (401, 403):
+                raise AuthenticationError(
+                    f"the token service of {host} refused the credentials"
+                    f"{' for user ' + repr(creds.username) if creds.username else ' (anonymous)'}: "
+                    "check the pull secret or registry credentials"
+                )
+            if resp.status != 200:
+                raise (RegistryUnavailableError if resp.status >= 500 else RegistryProtocolError)(
+                    f"the token service of {host} answered HTTP {resp.status}"
+                )
+            doc = _json(resp, f"the token service of {host}")
             token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
             if not isinstance(token, str) or not token:
                 raise RegistryProtocolError(f"the token service of {host} returned no token")
@@ -247,7 +280,10 @@ class RegistrySession:
 
 
 class SourceFailure:
-    """Holds an error raised while producing a streamed request body (the source side)."""
+    """Holds an error raised while producing a streamed request body (the source side).
+
+    The source's own error propagates from :meth:`Repository.finish_upload` anyway; callers that
+    record it here get it raised even when the destination failed at the same moment."""
 
     error: BaseException | None = None
 
@@ -306,13 +342,19 @@ class Repository:
         extra_scopes: tuple[str, ...] = (),
         retry: bool = True,
         what: str = "",
-    ) -> aiohttp.ClientResponse:
-        """Send one API request; return the response (caller releases it) for any non-retryable status.
+        limit: int = MAX_BODY,
+        stream: bool = False,
+    ) -> transport.Response:
+        """Send one API request; return the response for any non-retryable status.
 
+        The body is read into the response (at most ``limit`` bytes), except with ``stream``, where
+        a 200 response's body stays open as ``resp.stream`` (the caller closes it).
         Streamed bodies (async iterables) are sent once (``retry`` must be False for them).
         """
         if not url.startswith(("http://", "https://")):
             url = self.base + url
+        if params:
+            url += ("&" if "?" in url else "?") + urlencode(params, safe=":/")
         scopes = self._scopes(extra_scopes)
         policy = self.session.options.retry
         attempt = 0
@@ -320,31 +362,32 @@ class Repository:
         what = what or f"{method} {self.where}"
         while True:
             attempt += 1
-            hdrs = CIMultiDict(headers or {})
+            hdrs = dict(headers or {})
             authz = await self._authorize(scopes, self.session._challenges.get(self.host))
             if authz:
                 hdrs["Authorization"] = authz
             try:
-                resp = await self.session.http.request(
-                    method, URL(url, encoded="%" in url), headers=hdrs, params=params, data=data, allow_redirects=True
-                )
-            except aiohttp.ClientConnectorCertificateError as err:
-                raise TLSError(
-                    f"TLS certificate of {self.host} does not verify ({err.certificate_error}): "
-                    "give its CA with --ca-bundle or list the host as insecure"
-                ) from None
-            except aiohttp.ClientSSLError as err:
-                raise TLSError(f"TLS handshake with {self.host} failed ({type(err).__name__}); plain HTTP registry? list it as insecure") from None
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as err:
+                resp = await self.session.send(method, url, hdrs, data, limit=limit, stream=stream)
+            except transport.TransportError as err:
+                cause = err.cause
+                if isinstance(cause, ssl.SSLCertVerificationError):
+                    raise TLSError(
+                        f"TLS certificate of {self.host} does not verify ({cause.verify_message}): "
+                        "give its CA with --ca-bundle or list the host as insecure"
+                    ) from None
+                if err.connecting and isinstance(cause, ssl.SSLError):
+                    raise TLSError(
+                        f"TLS handshake with {self.host} failed ({type(cause).__name__}); "
+                        "plain HTTP registry? list it as insecure"
+                    ) from None
                 if retry and policy.should_retry(attempt):
                     delay = policy.delay(attempt)
-                    log.debug("retrying %s after %s in %.2fs", what, type(err).__name__, delay)
+                    log.debug("retrying %s after %s in %.2fs", what, type(cause).__name__, delay)
                     await asyncio.sleep(delay)
                     continue
-                raise RegistryUnavailableError(f"{what}: cannot reach registry {self.host} ({_describe(err)})") from None
+                raise RegistryUnavailableError(f"{what}: cannot reach registry {self.host} ({_describe(cause)})") from None
             if resp.status == 401 and not reauthed and not (data is not None and not retry):
                 header = resp.headers.get("WWW-Authenticate", "")
-                resp.release()
                 challenge = parse_challenge(header)
                 if challenge is None:
                     raise AuthenticationError(f"{what}: registry {self.host} answered 401 without a challenge")
@@ -355,7 +398,6 @@ class Repository:
                 continue
             if resp.status == 503 and resp.headers.get(LOCK_HEADER):
                 lock = resp.headers.get(LOCK_HEADER, "").lower()
-                resp.release()
                 raise WriteLockedError(
                     f"{what}: the cluster registry {self.host} is read-only while garbage collection runs; "
                     "the write will be retried when the lock is released"
@@ -365,7 +407,6 @@ class Repository:
                 )
             if is_retryable_status(resp.status):
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
-                resp.release()
                 if retry and policy.should_retry(attempt):
                     if retry_after is not None and retry_after > policy.max_retry_after:
                         raise RateLimitedError(f"{what}: registry {self.host} asks to wait {retry_after:.0f}s")
@@ -377,16 +418,11 @@ class Repository:
                 raise cls(f"{what}: registry {self.host} answered HTTP {resp.status} (after {attempt} tries)")
             return resp
 
-    async def fail(self, resp: aiohttp.ClientResponse, what: str) -> ClusterRegistryError:
-        """The error for an unexpected response (the response is released)."""
-        detail = ""
-        try:
-            text = (await resp.content.read(2048)).decode("utf-8", "replace")
-            detail = error_detail(text)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            pass
-        finally:
-            resp.release()
+    async def fail(self, resp: transport.Response, what: str) -> ClusterRegistryError:
+        """The error for an unexpected response (an open stream is closed)."""
+        if resp.stream is not None:
+            resp.stream.close()
+        detail = error_detail(resp.body[:2048].decode("utf-8", "replace"))
         suffix = f": {detail}" if detail else ""
         status = resp.status
         if status == 401:
@@ -408,18 +444,15 @@ class Repository:
     async def get_manifest(self, ref: str) -> Manifest:
         """The manifest at tag or digest ``ref``: exact bytes, media type, digest (verified if pinned)."""
         what = f"manifest {self.where}{'@' if ':' in ref else ':'}{ref}"
-        resp = await self.request("GET", f"/manifests/{ref}", headers={"Accept": media.ACCEPT}, what=f"get {what}")
+        resp = await self.request(
+            "GET", f"/manifests/{ref}", headers={"Accept": media.ACCEPT}, what=f"get {what}", limit=MAX_MANIFEST
+        )
         if resp.status != 200:
             raise await self.fail(resp, f"get {what}")
-        async with resp:
-            if (resp.content_length or 0) > MAX_MANIFEST:
-                raise RegistryProtocolError(f"{what} is larger than {MAX_MANIFEST} bytes")
-            try:
-                body = await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-                raise RegistryUnavailableError(f"get {what}: {_describe(err)}") from None
-            ctype = resp.headers.get("Content-Type")
-        mt = media.detect_media_type(body, ctype)
+        if not resp.complete:
+            raise RegistryProtocolError(f"{what} is larger than {MAX_MANIFEST} bytes")
+        body = resp.body
+        mt = media.detect_media_type(body, resp.headers.get("Content-Type"))
         if ":" in ref:
             media.verify_manifest(body, ref, what)
             digest = ref
@@ -430,54 +463,51 @@ class Repository:
     async def head_manifest(self, ref: str) -> tuple[str, str, int] | None:
         """(digest, media type, size) of the manifest at ``ref``, or None if absent."""
         resp = await self.request("HEAD", f"/manifests/{ref}", headers={"Accept": media.ACCEPT}, what=f"head manifest {self.where}:{ref}")
-        async with resp:
-            if resp.status == 404:
-                return None
-            if resp.status != 200:
-                raise await self.fail(resp, f"head manifest {self.where}:{ref}")
-            digest = resp.headers.get("Docker-Content-Digest", "")
-            return digest, resp.headers.get("Content-Type", "").split(";")[0], int(resp.headers.get("Content-Length", "0") or 0)
+        if resp.status == 404:
+            return None
+        if resp.status != 200:
+            raise await self.fail(resp, f"head manifest {self.where}:{ref}")
+        digest = resp.headers.get("Docker-Content-Digest", "")
+        return digest, resp.headers.get("Content-Type", "").split(";")[0], resp.content_length or 0
 
-    async def put_manifest(self, ref: str, body: bytes, media_type: str) -> CIMultiDict[str]:
+    async def put_manifest(self, ref: str, body: bytes, media_type: str) -> http.client.HTTPMessage:
         """Push ``body`` byte for byte at tag or digest ``ref``; returns the response headers."""
         what = f"push manifest {self.where}{'@' if ':' in ref else ':'}{ref}"
         resp = await self.request(
             "PUT", f"/manifests/{ref}", headers={"Content-Type": media_type}, data=body, what=what
         )
-        async with resp:
-            if resp.status not in (200, 201, 202):
-                raise await self.fail(resp, what)
-            got = resp.headers.get("Docker-Content-Digest")
-            want = media.digest_of(body)
-            if got and got != want:
-                raise RegistryProtocolError(f"{what}: registry stored digest {got}, expected {want}")
-            return CIMultiDict(resp.headers)
+        if resp.status not in (200, 201, 202):
+            raise await self.fail(resp, what)
+        got = resp.headers.get("Docker-Content-Digest")
+        want = media.digest_of(body)
+        if got and got != want:
+            raise RegistryProtocolError(f"{what}: registry stored digest {got}, expected {want}")
+        return resp.headers
 
     async def delete_manifest(self, digest: str) -> bool:
         """Delete the manifest ``digest`` (untags every tag pointing at it). False if it was absent."""
         what = f"delete manifest {self.where}@{digest}"
         resp = await self.request("DELETE", f"/manifests/{media.check_digest(digest)}", what=what)
-        async with resp:
-            if resp.status == 404:
-                return False
-            if resp.status not in (200, 202):
-                raise await self.fail(resp, what)
-            return True
+        if resp.status == 404:
+            return False
+        if resp.status not in (200, 202):
+            raise await self.fail(resp, what)
+        return True
 
     async def list_tags(self, page_size: int = 1000) -> list[str]:
         """Every tag of the repository (follows ``Link`` pagination). Empty if the repository is absent."""
         tags: list[str] = []
         url = f"/tags/list?n={page_size}"
+        what = f"list tags of {self.where}"
         while url:
-            resp = await self.request("GET", url, what=f"list tags of {self.where}")
-            async with resp:
-                if resp.status == 404:
-                    return tags
-                if resp.status != 200:
-                    raise await self.fail(resp, f"list tags of {self.where}")
-                doc = await resp.json(content_type=None)
-                tags += [t for t in (doc.get("tags") or []) if isinstance(t, str)]
-                link = resp.headers.get("Link", "")
+            resp = await self.request("GET", url, what=what)
+            if resp.status == 404:
+                return tags
+            if resp.status != 200:
+                raise await self.fail(resp, what)
+            doc = _json(resp, what)
+            tags += [t for t in (doc.get("tags") or []) if isinstance(t, str)] if isinstance(doc, dict) else []
+            link = resp.headers.get("Link", "")
             url = ""
             if link and 'rel="next"' in link:
                 target = link.split(";", 1)[0].strip().strip("<>")
@@ -488,28 +518,28 @@ class Repository:
         """The referrers of ``digest`` via the OCI 1.1 referrers API; None if the registry lacks it."""
         what = f"list referrers of {self.where}@{digest}"
         resp = await self.request("GET", f"/referrers/{digest}", headers={"Accept": media.OCI_INDEX}, what=what)
-        async with resp:
-            if resp.status in (404, 405, 400):
-                return None
-            if resp.status != 200:
-                raise await self.fail(resp, what)
-            ctype = resp.headers.get("Content-Type", "").split(";")[0]
-            if ctype != media.OCI_INDEX:
-                return None
-            doc = await resp.json(content_type=None)
-        return list(media.inspect(_dumps(doc), media.OCI_INDEX).children)
+        if resp.status in (404, 405, 400):
+            return None
+        if resp.status != 200:
+            raise await self.fail(resp, what)
+        ctype = resp.headers.get("Content-Type", "").split(";")[0]
+        if ctype != media.OCI_INDEX:
+            return None
+        if not resp.complete:
+            raise RegistryProtocolError(f"{what}: the answer is larger than {MAX_BODY} bytes")
+        return list(media.inspect(resp.body, media.OCI_INDEX).children)
 
     # -- blobs ------------------------------------------------------------------------------------
 
     async def blob_size(self, digest: str) -> int | None:
         """The size of blob ``digest`` if the repository has it, else None."""
         resp = await self.request("HEAD", f"/blobs/{digest}", what=f"check blob {self.where}@{digest}")
-        async with resp:
-            if resp.status == 404:
-                return None
-            if resp.status != 200:
-                raise await self.fail(resp, f"check blob {self.where}@{digest}")
-            return int(resp.headers.get("Content-Length", "-1"))
+        if resp.status == 404:
+            return None
+        if resp.status != 200:
+            raise await self.fail(resp, f"check blob {self.where}@{digest}")
+        length = resp.content_length
+        return -1 if length is None else length
 
     async def open_blob(self, digest: str, size: int | None = None) -> BlobStream:
         """Stream blob ``digest`` in chunks, verifying size and SHA-256 as it goes.
@@ -520,26 +550,31 @@ class Repository:
         """
         what = f"get blob {self.where}@{digest}"
         algorithm = media.check_digest(digest).split(":", 1)[0]
-        resp = await self.request("GET", f"/blobs/{digest}", what=what)
-        if resp.status != 200:
+        resp = await self.request("GET", f"/blobs/{digest}", what=what, stream=True)
+        if resp.status != 200 or resp.stream is None:
             raise await self.fail(resp, what)
-        if size is None and resp.content_length is not None:
+        if size is None:
             size = resp.content_length
-        return BlobStream(resp, self._verified(resp, digest, algorithm, size, what))
+        return BlobStream(resp.stream, self._verified(resp.stream, digest, algorithm, size, what))
 
     async def _verified(
-        self, resp: aiohttp.ClientResponse, digest: str, algorithm: str, size: int | None, what: str
+        self, stream: transport.Stream, digest: str, algorithm: str, size: int | None, what: str
     ) -> AsyncGenerator[bytes, None]:
         hasher = hashlib.new(algorithm)
         got = 0
         chunk_size = self.session.options.chunk_size
         held: bytes | None = None
         try:
-            while True:
+            # the exchange read the first chunk; the read that ends the body gives the connection back
+            while stream.first is not None or not stream.done:
+                chunk, stream.first = stream.first, None
                 try:
-                    chunk = await resp.content.read(chunk_size)
-                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as err:
-                    raise RegistryUnavailableError(f"{what}: connection dropped after {got} bytes ({_describe(err)})") from None
+                    if chunk is None:
+                        chunk = await self.session.run(stream.lease, functools.partial(stream.read, chunk_size))
+                except transport.TransportError as err:
+                    raise RegistryUnavailableError(
+                        f"{what}: connection dropped after {got} bytes ({_describe(err.cause)})"
+                    ) from None
                 if not chunk:
                     break
                 hasher.update(chunk)
@@ -557,11 +592,12 @@ class Repository:
             if held is not None:
                 yield held
         finally:
-            resp.release() if got == size else resp.close()
+            stream.close()
 
-    async def start_upload(self, digest: str, *, mount_from: str | None = None, allow_self: bool = False) -> URL | None:
+    async def start_upload(self, digest: str, *, mount_from: str | None = None, allow_self: bool = False) -> str | None:
         """POST an upload session; None if the blob got mounted from ``mount_from`` instead.
 
+        Returns the upload URL (the ``digest`` query included) for :meth:`finish_upload`.
         A mount the registry declines starts an ordinary upload, so trying one costs no request.
         """
         what = f"push blob {self.where}@{digest}"
@@ -571,19 +607,19 @@ class Repository:
             params = {"mount": digest, "from": mount_from}
             extra = (scope(mount_from, False),) if mount_from != self.name else ()
         resp = await self.request("POST", "/blobs/uploads/", params=params, extra_scopes=extra, what=what)
-        async with resp:
-            if resp.status == 201 and params:
-                return None
-            if resp.status != 202:
-                raise await self.fail(resp, what)
-            location = resp.headers.get("Location")
-            if not location:
-                raise RegistryProtocolError(f"{what}: registry {self.host} gave no upload location")
-            return URL(urljoin(str(resp.url), location), encoded=True).update_query({"digest": digest})
+        if resp.status == 201 and params:
+            return None
+        if resp.status != 202:
+            raise await self.fail(resp, what)
+        location = resp.headers.get("Location")
+        if not location:
+            raise RegistryProtocolError(f"{what}: registry {self.host} gave no upload location")
+        upload = urljoin(resp.url, location)
+        return f"{upload}{'&' if '?' in upload else '?'}{urlencode({'digest': digest}, safe=':')}"
 
     async def finish_upload(
         self,
-        upload: URL,
+        upload: str,
         digest: str,
         size: int,
         body: AsyncIterable[bytes] | bytes,
@@ -592,8 +628,8 @@ class Repository:
     ) -> None:
         """One monolithic PUT to ``upload`` whose body is streamed from ``body`` (``size`` bytes).
 
-        ``failure`` carries an error the body's producer raised; it wins over the transport error
-        aiohttp reports when a body generator fails.
+        An error ``body`` raises propagates as is; so does one recorded in ``failure``, which wins
+        over a destination error raised at the same time.
         """
         what = f"push blob {self.where}@{digest}"
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
@@ -606,11 +642,9 @@ class Repository:
                 raise failure.error from None
             raise
         if failure is not None and failure.error is not None:
-            resp.close()
             raise failure.error
-        async with resp:
-            if resp.status != 201:
-                raise await self.fail(resp, what)
+        if resp.status != 201:
+            raise await self.fail(resp, what)
 
     async def upload_blob(self, digest: str, data: bytes, *, mount_from: str | None = None) -> bool:
         """Upload an in-memory blob (skipping it if present). True if it was uploaded or mounted."""
@@ -625,8 +659,8 @@ class Repository:
 class BlobStream:
     """A verified blob download: ``async for chunk in stream``; ``await stream.aclose()`` always."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, chunks: AsyncGenerator[bytes, None]) -> None:
-        self._resp = resp
+    def __init__(self, stream: transport.Stream, chunks: AsyncGenerator[bytes, None]) -> None:
+        self._stream = stream
         self._chunks = chunks
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -634,8 +668,7 @@ class BlobStream:
 
     async def aclose(self) -> None:
         await self._chunks.aclose()
-        if not self._resp.closed:
-            self._resp.close()
+        self._stream.close()
 
     async def __aenter__(self) -> BlobStream:
         return self
@@ -644,16 +677,19 @@ class BlobStream:
         await self.aclose()
 
 
-def _dumps(doc: Any) -> bytes:
-    import json
-
-    return json.dumps(doc).encode()
+def _json(resp: transport.Response, what: str) -> Any:
+    if not resp.complete:
+        raise RegistryProtocolError(f"{what}: the answer is larger than {len(resp.body)} bytes")
+    try:
+        return json.loads(resp.body)
+    except ValueError:
+        raise RegistryProtocolError(f"{what}: the answer is not JSON") from None
 
 
 def _describe(err: BaseException) -> str:
-    """A credential-free description of a transport error (no URL query, no headers)."""
-    if isinstance(err, asyncio.TimeoutError):
+    """A credential-free description of a transport error (no URL, no header)."""
+    if isinstance(err, TimeoutError):
         return "timed out"
-    if isinstance(err, aiohttp.ClientOSError) and err.strerror:
+    if isinstance(err, OSError) and err.strerror:
         return f"{type(err).__name__}: {err.strerror}"
     return type(err).__name__

@@ -27,14 +27,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cluster_registry.errors import ClusterRegistryError, PermanentError, TemporaryError, WriteLockedError
 from cluster_registry.oci import blobio, media
 from cluster_registry.oci.auth import Credentials
-from cluster_registry.oci.client import Manifest, RegistrySession, Repository, SourceFailure
+from cluster_registry.oci.client import USER_AGENT, Manifest, RegistrySession, Repository
 from cluster_registry.oci.errors import (
     CorruptBlobError,
     NotFoundError,
@@ -56,7 +56,7 @@ class CopyOptions:
     large_concurrency: int = 6  # of which blobs over LARGE_BLOB bytes (bounds memory)
     attached: bool = True
     attached_suffixes: tuple[str, ...] = ("sig", "att", "sbom")
-    thread_threshold: int = LARGE_BLOB  # blobs larger than this stream on worker threads; -1: never
+    thread_threshold: int = LARGE_BLOB  # blobs larger than this move in one worker-thread call; -1: never
     mount: bool = True
 
 
@@ -199,12 +199,11 @@ class _Copier:
                         return
                 mount_from = None
                 if 0 <= self.options.thread_threshold < size:
-                    await self._threaded(digest, size, str(upload))
+                    await self._threaded(digest, size, upload)
                 else:
-                    failure = SourceFailure()
                     stream = await self.src.open_blob(digest, size)
                     try:
-                        await self.dst.finish_upload(upload, digest, size, _guard(stream, failure), failure=failure)
+                        await self.dst.finish_upload(upload, digest, size, stream)
                     finally:
                         await stream.aclose()
                 self.stats.copied += 1
@@ -219,11 +218,13 @@ class _Copier:
                 await asyncio.sleep(delay)
 
     async def _threaded(self, digest: str, size: int, upload: str) -> None:
-        """Stream one blob on a worker thread (see ``blobio``); cancellation stops it."""
+        """Stream one blob from GET to PUT within one worker-thread call (see ``blobio``), instead
+        of a trip through the event loop per chunk; cancellation stops it."""
+        ua = {"User-Agent": USER_AGENT}
         src = blobio.Endpoint(
-            f"{self.src.base}/blobs/{digest}", await self.src.authorization(), f"get blob {self.src.where}@{digest}"
+            f"{self.src.base}/blobs/{digest}", ua | await self.src.authorization(), f"get blob {self.src.where}@{digest}"
         )
-        dst = blobio.Endpoint(upload, await self.dst.authorization(), f"push blob {self.dst.where}@{digest}")
+        dst = blobio.Endpoint(upload, ua | await self.dst.authorization(), f"push blob {self.dst.where}@{digest}")
         cancel = threading.Event()
         try:
             await asyncio.get_running_loop().run_in_executor(
@@ -361,16 +362,6 @@ class _Copier:
             {"schemaVersion": 2, "mediaType": media.OCI_INDEX, "manifests": manifests}, separators=(",", ":")
         ).encode()
         await self.dst.put_manifest(tag, body, media.OCI_INDEX)
-
-
-async def _guard(stream: AsyncIterable[bytes], failure: SourceFailure) -> AsyncIterator[bytes]:
-    """Forward ``stream``, recording a source-side error so it is reported instead of aiohttp's wrapper."""
-    try:
-        async for chunk in stream:
-            yield chunk
-    except BaseException as err:
-        failure.error = err
-        raise
 
 
 async def _gather(*aws: asyncio.Future[None] | Any) -> None:
