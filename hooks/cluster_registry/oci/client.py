@@ -279,15 +279,6 @@ class RegistrySession:
             return token, float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else 60.0
 
 
-class SourceFailure:
-    """Holds an error raised while producing a streamed request body (the source side).
-
-    The source's own error propagates from :meth:`Repository.finish_upload` anyway; callers that
-    record it here get it raised even when the destination failed at the same moment."""
-
-    error: BaseException | None = None
-
-
 class Repository:
     """One repository on one registry, with one set of credentials."""
 
@@ -623,26 +614,14 @@ class Repository:
         digest: str,
         size: int,
         body: AsyncIterable[bytes] | bytes,
-        *,
-        failure: SourceFailure | None = None,
     ) -> None:
         """One monolithic PUT to ``upload`` whose body is streamed from ``body`` (``size`` bytes).
 
-        An error ``body`` raises propagates as is; so does one recorded in ``failure``, which wins
-        over a destination error raised at the same time.
+        An error ``body`` raises (a corrupt or cut source) propagates as is.
         """
         what = f"push blob {self.where}@{digest}"
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-        try:
-            resp = await self.request(
-                "PUT", str(upload), headers=headers, data=body, retry=isinstance(body, bytes), what=what
-            )
-        except ClusterRegistryError:
-            if failure is not None and failure.error is not None:
-                raise failure.error from None
-            raise
-        if failure is not None and failure.error is not None:
-            raise failure.error
+        resp = await self.request("PUT", upload, headers=headers, data=body, retry=isinstance(body, bytes), what=what)
         if resp.status != 201:
             raise await self.fail(resp, what)
 
