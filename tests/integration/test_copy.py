@@ -121,6 +121,19 @@ async def test_signatures_and_referrers(src: Registry, dst: Registry) -> None:
     assert fallback is not None and sbom.digest in fallback[0].decode()
 
 
+async def test_platform_signatures_of_an_index_come_along(src: Registry, dst: Registry) -> None:
+    # `cosign sign --recursive` signs the index and each platform manifest
+    sp, dp = Pusher(src.host), Pusher(dst.host)
+    idx = push_index(sp, "multi/signed", "1", PLATFORMS[:2], layers=[5_000], seed=41)
+    sigs = [push_signature(sp, "multi/signed", m.digest) for m in (idx, *idx.children)]
+    sbom = push_referrer(sp, "multi/signed", idx.children[1])
+    result = await copy(f"{src.host}/multi/signed:1", f"{dst.host}/multi/signed:1", src.host, dst.host)
+    assert set(result.attached) >= {s.digest for s in sigs} | {sbom.digest}
+    for art in (*sigs, sbom):
+        assert_copied(sp, dp, art, "multi/signed")
+    assert {f"{m.digest.replace(':', '-')}.sig" for m in (idx, *idx.children)} <= set(dp.tags("multi/signed"))
+
+
 async def test_cross_repository_mount(src: Registry, dst: Registry) -> None:
     sp, dp = Pusher(src.host), Pusher(dst.host)
     img = push_image(sp, "base", "1", layers=[100_000, 100_000], seed=9)

@@ -13,8 +13,9 @@ Order of work, so that a failure leaves nothing tagged at the destination:
    its last chunk held back until the digest and size verified. Registries that refuse the
    mount probe get the classic HEAD, POST, PUT;
 3. child manifests pushed by digest, byte for byte;
-4. attached artifacts: OCI 1.1 referrers (API, else the ``sha256-<hex>`` tag schema) and
-   cosign-style tags (``sha256-<hex>.sig``/``.att``/``.sbom``);
+4. attached artifacts of the image and, for an index, of each platform manifest: OCI 1.1
+   referrers (API, else the ``sha256-<hex>`` tag schema) and cosign-style tags
+   (``sha256-<hex>.sig``/``.att``/``.sbom``);
 5. the top manifest, by tag (or by digest), last.
 """
 
@@ -409,15 +410,22 @@ async def copy_image(
         push_ref = dst.tag or top.digest
         info = media.inspect(top.body, top.media_type)
         present = await dst_repo.head_manifest(push_ref)
+        # An index's platform manifests can carry their own signatures (`cosign sign --recursive`).
+        subjects = [top.digest, *(d["digest"] for d in info.children)] if options.attached else []
         if present and present[0] == top.digest:
             log.debug("%s already at %s", top.digest, dst)
             await copier.account(top)
-            image_size = sum(copier.stats.sizes.values())
-            attached = await copier.attached(top.digest) if options.attached else []
         else:
             await copier.tree(top, None)
-            image_size = sum(copier.stats.sizes.values())
-            attached = await copier.attached(top.digest) if options.attached else []
+        image_size = sum(copier.stats.sizes.values())
+        found: dict[str, list[str]] = {}
+
+        async def attach(subject: str) -> None:
+            found[subject] = await copier.attached(subject)
+
+        await _gather(*map(attach, subjects))
+        attached = [d for subject in subjects for d in found[subject]]
+        if not (present and present[0] == top.digest):
             await dst_repo.put_manifest(push_ref, top.body, top.media_type)
         if not info.is_index:
             await copier.single_platform(top)
