@@ -164,41 +164,59 @@ def _alive(conn: http.client.HTTPConnection) -> bool:
         return False
 
 
-def _on_connection(pool: ConnectionPool, url: str, send: Callable[[http.client.HTTPConnection, str], _T]) -> _T:
-    """``send(conn, path)`` on a pooled connection to ``url``'s host; a reused connection the server
-    closed meanwhile is replaced once by a new one."""
+STALE = (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)
+
+
+def send_on(
+    url: str,
+    connect: Callable[[str, str, bool], tuple[http.client.HTTPConnection, bool]],
+    drop: Callable[[http.client.HTTPConnection], None],
+    send: Callable[[http.client.HTTPConnection, str], _T],
+) -> tuple[http.client.HTTPConnection, _T]:
+    """``send(conn, path)`` on a connection to ``url``'s origin; returns the connection used too.
+
+    ``connect(scheme, netloc, fresh)`` gives a connection and whether a stale-connection failure on
+    it deserves one more try on a fresh one (a pooled connection the server closed meanwhile);
+    ``drop`` disposes of the failed one.
+    """
     parts = urlsplit(url)
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    for fresh in (False, True):
-        conn = pool.get(parts.scheme, parts.netloc, fresh=fresh)
-        try:
-            return send(conn, path)
-        except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
-            conn.close()
-            if fresh:
-                raise
-    raise AssertionError("unreachable")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    conn, retry = connect(parts.scheme, parts.netloc, False)
+    try:
+        return conn, send(conn, path)
+    except STALE:
+        drop(conn)
+        if not retry:
+            raise
+    conn, _ = connect(parts.scheme, parts.netloc, True)
+    return conn, send(conn, path)
+
+
+def begin(conn: http.client.HTTPConnection, method: str, path: str, headers: dict[str, str]) -> None:
+    """Send the request line and ``headers`` of a request whose body the caller sends itself."""
+    conn.putrequest(method, path, skip_accept_encoding=True)
+    for k, v in headers.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+
+
+def _from_pool(pool: ConnectionPool) -> Callable[[str, str, bool], tuple[http.client.HTTPConnection, bool]]:
+    """``send_on``'s ``connect`` for the blob threads: any first connection gets one more try."""
+    return lambda scheme, netloc, fresh: (pool.get(scheme, netloc, fresh=fresh), True)
 
 
 def _send_get(pool: ConnectionPool, url: str, headers: dict[str, str]) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    def send(conn: http.client.HTTPConnection, path: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    def send(conn: http.client.HTTPConnection, path: str) -> http.client.HTTPResponse:
         conn.request("GET", path, headers=headers)
-        return conn, conn.getresponse()
+        return conn.getresponse()
 
-    return _on_connection(pool, url, send)
+    return send_on(url, _from_pool(pool), http.client.HTTPConnection.close, send)
 
 
 def _start_put(pool: ConnectionPool, url: str, headers: dict[str, str], size: int) -> http.client.HTTPConnection:
-    def send(conn: http.client.HTTPConnection, path: str) -> http.client.HTTPConnection:
-        conn.putrequest("PUT", path, skip_accept_encoding=True)
-        for k, v in headers.items():
-            conn.putheader(k, v)
-        conn.putheader("Content-Type", "application/octet-stream")
-        conn.putheader("Content-Length", str(size))
-        conn.endheaders()
-        return conn
-
-    return _on_connection(pool, url, send)
+    sized = headers | {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+    conn, _ = send_on(url, _from_pool(pool), http.client.HTTPConnection.close, lambda c, path: begin(c, "PUT", path, sized))
+    return conn
 
 
 @dataclass

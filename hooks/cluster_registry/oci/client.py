@@ -250,9 +250,7 @@ class RegistrySession:
                     resp = await self.send("POST", realm, form_type, urlencode(form).encode())
                 else:
                     headers = {} if creds.anonymous else {"Authorization": creds.basic_header()}
-                    query = urlencode(params)
-                    url = f"{realm}{'&' if '?' in realm else '?'}{query}" if query else realm
-                    resp = await self.send("GET", url, headers)
+                    resp = await self.send("GET", _with_query(realm, urlencode(params)), headers)
             except transport.TransportError as err:
                 if policy.should_retry(attempt):
                     await asyncio.sleep(policy.delay(attempt))
@@ -345,7 +343,7 @@ class Repository:
         if not url.startswith(("http://", "https://")):
             url = self.base + url
         if params:
-            url += ("&" if "?" in url else "?") + urlencode(params, safe=":/")
+            url = _with_query(url, urlencode(params, safe=":/"))
         scopes = self._scopes(extra_scopes)
         policy = self.session.options.retry
         attempt = 0
@@ -516,9 +514,7 @@ class Repository:
         ctype = resp.headers.get("Content-Type", "").split(";")[0]
         if ctype != media.OCI_INDEX:
             return None
-        if not resp.complete:
-            raise RegistryProtocolError(f"{what}: the answer is larger than {MAX_BODY} bytes")
-        return list(media.inspect(resp.body, media.OCI_INDEX).children)
+        return list(media.inspect(_full_body(resp, what), media.OCI_INDEX).children)
 
     # -- blobs ------------------------------------------------------------------------------------
 
@@ -606,7 +602,7 @@ class Repository:
         if not location:
             raise RegistryProtocolError(f"{what}: registry {self.host} gave no upload location")
         upload = urljoin(resp.url, location)
-        return f"{upload}{'&' if '?' in upload else '?'}{urlencode({'digest': digest}, safe=':')}"
+        return _with_query(upload, urlencode({"digest": digest}, safe=":"))
 
     async def finish_upload(
         self,
@@ -656,11 +652,21 @@ class BlobStream:
         await self.aclose()
 
 
-def _json(resp: transport.Response, what: str) -> Any:
+def _with_query(url: str, query: str) -> str:
+    """``url`` with ``query`` (already encoded) added to any query it has."""
+    return f"{url}{'&' if '?' in url else '?'}{query}" if query else url
+
+
+def _full_body(resp: transport.Response, what: str) -> bytes:
+    """The whole body, or an error when it was longer than the exchange read."""
     if not resp.complete:
         raise RegistryProtocolError(f"{what}: the answer is larger than {len(resp.body)} bytes")
+    return resp.body
+
+
+def _json(resp: transport.Response, what: str) -> Any:
     try:
-        return json.loads(resp.body)
+        return json.loads(_full_body(resp, what))
     except ValueError:
         raise RegistryProtocolError(f"{what}: the answer is not JSON") from None
 

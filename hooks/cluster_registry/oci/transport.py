@@ -31,7 +31,6 @@ from cluster_registry.oci.errors import RegistryProtocolError
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 10
-_STALE = (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)
 _T = TypeVar("_T")
 
 
@@ -182,19 +181,11 @@ class Stream:
 def _send(
     lease: Lease, url: str, send: Callable[[http.client.HTTPConnection, str], _T]
 ) -> tuple[http.client.HTTPConnection, _T]:
-    """``send(conn, path)`` on a connection to ``url``'s origin; a reused connection the server
-    closed meanwhile is replaced once by a new one."""
-    parts = urlsplit(url)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    conn, reused = lease.connect(parts.scheme, parts.netloc)
-    try:
-        return conn, send(conn, path)
-    except _STALE:
-        lease.discard()
-        if not reused:
-            raise
-    conn, _ = lease.connect(parts.scheme, parts.netloc, fresh=True)
-    return conn, send(conn, path)
+    """``send(conn, path)`` on the lease's connection to ``url``'s origin; a reused connection the
+    server closed meanwhile is replaced once by a new one."""
+    return blobio.send_on(
+        url, lambda scheme, netloc, fresh: lease.connect(scheme, netloc, fresh=fresh), lambda _: lease.discard(), send
+    )
 
 
 def _finish(lease: Lease, resp: http.client.HTTPResponse, url: str, limit: int) -> Response:
@@ -269,14 +260,7 @@ def send_part(
     ``conn`` is None), then ``chunk``, then, when it is the ``last``, the response (redirects are
     not followed: the body is gone). Blocking: call it through ``lease.run`` on a worker thread."""
     if conn is None:
-
-        def start(c: http.client.HTTPConnection, path: str) -> None:
-            c.putrequest(method, path, skip_accept_encoding=True)
-            for k, v in headers.items():
-                c.putheader(k, v)
-            c.endheaders()
-
-        conn, _ = _send(lease, url, start)
+        conn, _ = _send(lease, url, lambda c, path: blobio.begin(c, method, path, headers))
     if chunk:
         conn.send(chunk)
     return conn, _finish(lease, conn.getresponse(), url, limit) if last else None
