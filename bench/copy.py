@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.ociimages import PLATFORMS, Image, Pusher, layer_chunks, push_image, push_index  # noqa: E402
-from tests.support.registry import Registry, run_measured, start_registry  # noqa: E402
+from tests.support.registry import Registry, cpu_seconds, run_measured, start_registry  # noqa: E402
 
 MiB = 1 << 20
 
@@ -65,11 +65,7 @@ def children_cpu() -> float:
 
 def registry_cpu(*regs: Registry) -> float:
     """CPU seconds the running registries have used so far."""
-    total = 0.0
-    for reg in regs:
-        fields = Path(f"/proc/{reg.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(cpu_seconds(reg.proc.pid) for reg in regs)
 
 
 def engine(src: str, dst: str) -> dict[str, Any]:

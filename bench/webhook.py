@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "hooks"))
 
 from cluster_registry.certs import pki  # noqa: E402
+from tests.support.registry import cpu_seconds  # noqa: E402
 
 LOCAL = "cluster-registry.cluster-registry.svc:5000"
 SECONDS = float(os.environ.get("WEBHOOK_BENCH_SECONDS", "30"))
@@ -238,11 +239,6 @@ def attack(tmp: Path, targets: Path, ca: Path, rate: float, seconds: float) -> d
     return {"rate": rate, "seconds": seconds, "requests": len(latencies), "achieved_rps": round(len(latencies) / elapsed, 1),
             "errors": errors, "first_error": first, "p50_ms": q(0.50), "p90_ms": q(0.90), "p99_ms": q(0.99),
             "max_ms": round(latencies[-1] * 1000, 3)}
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Target:

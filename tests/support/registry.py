@@ -302,6 +302,12 @@ def run_registry(root: Path, **kwargs: Any) -> Iterator[Registry]:
         reg.stop()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Measured:
     code: int
