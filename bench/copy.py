@@ -13,10 +13,13 @@ fresh registry: how fast the destination itself can take them (best of at least 
 
 Each tool runs ``--rounds`` times per case (default 2) in an order rotated by round and case,
 each run into a fresh registry after ``sync``; the best run is reported (the least disturbed by
-other load). Reported per tool: wall seconds (whole process, interpreter start-up included), MB/s
-over the image's blob bytes (MB = 10^6 bytes), the CPU seconds of the tool and of the two
-registries during its run (the three share the machine's cores), and for the engine its own
-in-process seconds and the peak RSS of the copy process. Ratios are engine MB/s (wall) over the peer's. The last line is one JSON object.
+other load), and beside it the median (``s_median``, ``ratio_<peer>_median``,
+``engine_vs_ceiling_median``): one run swings by 10-20% here with the disk's flush speed.
+Reported per tool: wall seconds (whole process, interpreter start-up included), MB/s over the
+image's blob bytes (MB = 10^6 bytes), the CPU seconds of the tool and of the two registries
+during its run (the three share the machine's cores), and for the engine its own in-process
+seconds and the peak RSS of the copy process. Ratios are engine MB/s (wall) over the peer's.
+The last line is one JSON object.
 
     .venv/bin/python bench/copy.py [--only a,b,c,d] [--skip-peers]
 """
@@ -34,6 +37,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -204,6 +208,7 @@ def main() -> None:
                     done(dst)
             for tool in tools:  # best of the rounds: the run least disturbed by the machine's other load
                 best = dict(min(trials[tool], key=lambda t: t["wall"]))
+                best["wall_median"] = statistics.median(t["wall"] for t in trials[tool])
                 if tool == "engine":
                     best["engine_seconds"] = min(t["engine_seconds"] for t in trials[tool])
                     best["mbps_in_process"] = round(size / best["engine_seconds"] / 1e6, 1)
@@ -215,6 +220,7 @@ def main() -> None:
                 row[tool] = best
             for peer in peers:
                 row[f"ratio_{peer}"] = round(row["engine"]["mbps"] / row[peer]["mbps"], 2)
+                row[f"ratio_{peer}_median"] = round(row[peer]["wall_median"] / row["engine"]["wall_median"], 2)
                 row[f"ratio_{peer}_in_process"] = round(row["engine"]["mbps_in_process"] / row[peer]["mbps"], 2)
             figures[case] = row
 
@@ -224,20 +230,23 @@ def main() -> None:
                 data = b"".join(layer_chunks(101 * 100_003 + i, big))
                 blobs.append(("sha256:" + __import__("hashlib").sha256(data).hexdigest(), data))
             for parallel in (4, 1):
-                best = 0.0
+                tries: list[float] = []
                 # At least 3 tries whatever --rounds says: one try swings 2x with the disk's flush
                 # speed (the registry fsyncs each blob), and the ceiling must not fall below a copy.
                 for rnd in range(max(args.rounds, 3)):
                     dst = registry(f"ceiling-{parallel}-{rnd}")
                     os.sync()
-                    best = max(best, ingest_ceiling(dst.host, blobs, parallel))
+                    tries.append(ingest_ceiling(dst.host, blobs, parallel))
                     done(dst)
-                figures[f"ceiling_mbps_p{parallel}"] = round(best, 1)
+                figures[f"ceiling_mbps_p{parallel}"] = round(max(tries), 1)
+                figures[f"ceiling_mbps_p{parallel}_median"] = round(statistics.median(tries), 1)
             del blobs
             if "a" in figures:
                 figures["a"]["engine_vs_ceiling"] = round(figures["a"]["engine"]["mbps"] / figures["ceiling_mbps_p4"], 2)
                 figures["a"]["engine_in_process_vs_ceiling"] = round(
                     figures["a"]["engine"]["mbps_in_process"] / figures["ceiling_mbps_p4"], 2)
+                median_mbps = figures["a"]["bytes"] / figures["a"]["engine"]["wall_median"] / 1e6
+                figures["a"]["engine_vs_ceiling_median"] = round(median_mbps / figures["ceiling_mbps_p4_median"], 2)
     finally:
         for reg in started:
             reg.stop()
@@ -248,7 +257,7 @@ def main() -> None:
         if case in figures:
             r = figures[case]
             compact[case] = {"MB": round(r["bytes"] / 1e6, 1)} | {
-                t: {"s": round(r[t]["wall"], 2), "MBps": r[t]["mbps"], "cpu_s": r[t]["cpu_s"],
+                t: {"s": round(r[t]["wall"], 2), "s_median": round(r[t]["wall_median"], 2), "MBps": r[t]["mbps"], "cpu_s": r[t]["cpu_s"],
                     "reg_cpu_s": r[t]["registries_cpu_s"]} | (
                     {"engine_s": r[t]["engine_seconds"], "rss_mb": r[t]["rss_mb"]} if t == "engine" else {"rss_mb": r[t]["rss_mb"]})
                 for t in ["engine", *peers]
@@ -256,7 +265,7 @@ def main() -> None:
     if "a" in figures and "d" in cases:
         compact["d"] = {t: {"s": round(figures["a"][t]["recopy"]["wall"], 3)} for t in ["engine", *peers]}
         compact["d"]["engine"]["engine_s"] = figures["a"]["engine"]["recopy"]["engine_seconds"]
-    for k in ("ceiling_mbps_p4", "ceiling_mbps_p1"):
+    for k in ("ceiling_mbps_p4", "ceiling_mbps_p1", "ceiling_mbps_p4_median", "ceiling_mbps_p1_median"):
         if k in figures:
             compact[k] = figures[k]
     compact["loadavg_1m"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]

@@ -105,6 +105,14 @@ class _Stats:
     sizes: dict[str, int] = field(default_factory=dict)  # every blob and manifest of the image
 
 
+@dataclass(frozen=True)
+class _Attached:
+    """What the source holds attached to one manifest: referrer descriptors, and tag -> digest."""
+
+    referrers: list[media.Descriptor]
+    tags: dict[str, str]
+
+
 class _Copier:
     def __init__(
         self,
@@ -303,23 +311,28 @@ class _Copier:
 
     # -- attached artifacts ---------------------------------------------------------------------
 
-    async def attached(self, digest: str) -> list[str]:
-        """Copy the referrers and cosign-style tags of ``digest``; returns their digests.
+    async def find_attached(self, digest: str) -> _Attached:
+        """The referrers and cosign-style tags of ``digest`` at the source (reads only).
 
         Referrers come from the referrers API when the source has it; the tags probed are
         ``sha256-<hex>`` (the referrers tag schema) and ``sha256-<hex>.<suffix>`` for each of
         ``CopyOptions.attached_suffixes`` (HEAD requests: no tag listing, so cost is constant).
         """
-        found: list[str] = []
         prefix = media.attached_tag_prefix(digest)
         candidates = [prefix] + [f"{prefix}.{suffix}" for suffix in self.options.attached_suffixes]
         referrers, heads = await asyncio.gather(
             self.src.referrers(digest), asyncio.gather(*(self.src.head_manifest(t) for t in candidates))
         )
-        tags = {t: h[0] for t, h in zip(candidates, heads) if h is not None}
+        return _Attached(referrers or [], {t: h[0] for t, h in zip(candidates, heads) if h is not None})
+
+    async def attached(self, digest: str, at_source: _Attached) -> list[str]:
+        """Copy what :meth:`find_attached` found for ``digest``; returns the digests copied or present."""
+        found: list[str] = []
+        prefix = media.attached_tag_prefix(digest)
+        referrers, tags = at_source.referrers, at_source.tags
         subject_supported = False
         pushed: list[media.Descriptor] = []
-        for desc in referrers or []:
+        for desc in referrers:
             ref_digest = desc["digest"]
             found.append(ref_digest)
             if await self.dst.head_manifest(ref_digest):
@@ -343,9 +356,8 @@ class _Copier:
                 await self.tree(m, tag)
 
         await _gather(*(copy_tag(t, d) for t, d in sorted(tags.items())))
-        fallback = media.attached_tag_prefix(digest)
-        if pushed and not subject_supported and fallback not in tags:
-            await self._update_fallback_index(fallback, pushed)
+        if pushed and not subject_supported and prefix not in tags:
+            await self._update_fallback_index(prefix, pushed)
         return found
 
     async def _update_fallback_index(self, tag: str, add: list[media.Descriptor]) -> None:
@@ -412,23 +424,31 @@ async def copy_image(
         present = await dst_repo.head_manifest(push_ref)
         # An index's platform manifests can carry their own signatures (`cosign sign --recursive`).
         subjects = [top.digest, *(d["digest"] for d in info.children)] if options.attached else []
-        if present and present[0] == top.digest:
+        at_source: dict[str, _Attached] = {}
+
+        async def find(subject: str) -> None:
+            at_source[subject] = await copier.find_attached(subject)
+
+        # The look-ups at the source run while the blobs move; nothing attached is pushed before
+        # the image's own content is in place.
+        done = present is not None and present[0] == top.digest
+        if done:
             log.debug("%s already at %s", top.digest, dst)
-            await copier.account(top)
-        else:
-            await copier.tree(top, None)
+        await _gather(
+            copier.account(top) if done else copier.tree(top, None),
+            *map(find, subjects),
+            *([] if info.is_index else [copier.single_platform(top)]),
+        )
         image_size = sum(copier.stats.sizes.values())
         found: dict[str, list[str]] = {}
 
         async def attach(subject: str) -> None:
-            found[subject] = await copier.attached(subject)
+            found[subject] = await copier.attached(subject, at_source[subject])
 
         await _gather(*map(attach, subjects))
         attached = [d for subject in subjects for d in found[subject]]
-        if not (present and present[0] == top.digest):
+        if not done:
             await dst_repo.put_manifest(push_ref, top.body, top.media_type)
-        if not info.is_index:
-            await copier.single_platform(top)
         s = copier.stats
         return CopyResult(
             digest=top.digest,
