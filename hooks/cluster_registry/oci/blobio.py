@@ -25,19 +25,13 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
-from cluster_registry.errors import ClusterRegistryError, WriteLockedError
-from cluster_registry.gate.protocol import LOCK_HEADER
+from cluster_registry.errors import ClusterRegistryError
 from cluster_registry.oci.errors import (
-    AuthenticationError,
     CorruptBlobError,
-    NotFoundError,
-    RateLimitedError,
     RegistryProtocolError,
     RegistryUnavailableError,
     TLSError,
-    error_detail,
 )
-from cluster_registry.oci.retry import parse_retry_after
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _T = TypeVar("_T")
@@ -225,27 +219,8 @@ class Endpoint:
 
     url: str
     headers: dict[str, str]
-    where: str  # "host/repository@digest", for messages
-
-
-def _status_error(status: int, reason: str, headers: http.client.HTTPMessage, where: str, body: bytes) -> ClusterRegistryError:
-    text = error_detail(body.decode("utf-8", "replace"))
-    suffix = f": {text}" if text else ""
-    if status == 503 and headers.get(LOCK_HEADER):
-        return WriteLockedError(f"{where}: the cluster registry holds writes back (garbage-collection lock)")
-    if status == 429:
-        err = RateLimitedError(f"{where}: HTTP 429 Too Many Requests")
-        err.retry_after = parse_retry_after(headers.get("Retry-After"), time.time())  # type: ignore[attr-defined]
-        return err
-    if status >= 500:
-        return RegistryUnavailableError(f"{where}: HTTP {status}{suffix}")
-    if status == 401:
-        return AuthenticationError(f"{where}: HTTP 401 (credentials refused or token expired)")
-    if status == 404:
-        return NotFoundError(f"{where}: not found{suffix}")
-    if status == 400 and ("DIGEST_INVALID" in text or "SIZE_INVALID" in text):
-        return CorruptBlobError(f"{where}: rejected the content{suffix}")
-    return RegistryProtocolError(f"{where}: HTTP {status} {reason}{suffix}")
+    what: str  # "get blob host/repository@digest", for messages
+    status_error: Callable[[int, http.client.HTTPMessage, bytes, str], ClusterRegistryError]  # see oci.errors
 
 
 def _transport_error(err: BaseException, where: str, what: str) -> ClusterRegistryError:
@@ -280,7 +255,7 @@ def transfer(
         try:
             sconn, sresp = _send_get(pool, url, headers)
         except (OSError, http.client.HTTPException) as err:
-            raise _transport_error(err, src.where, "download") from None
+            raise _transport_error(err, src.what, "download") from None
         if sresp.status in _REDIRECTS and sresp.getheader("Location"):
             sresp.read()
             pool.put(parts.scheme, parts.netloc, sconn)
@@ -290,22 +265,22 @@ def transfer(
             continue
         break
     else:
-        raise RegistryProtocolError(f"{src.where}: too many redirects")
+        raise RegistryProtocolError(f"{src.what}: too many redirects")
     if sresp.status != 200:
         body = sresp.read(2048)
         sconn.close()
-        raise _status_error(sresp.status, sresp.reason, sresp.headers, src.where, body)
+        raise src.status_error(sresp.status, sresp.headers, body, src.what)
     length = sresp.getheader("Content-Length")
     if length is not None and length.isdigit() and int(length) != size:
         sconn.close()
-        raise CorruptBlobError(f"{src.where}: registry serves {length} bytes, the descriptor says {size}")
+        raise CorruptBlobError(f"{src.what}: registry serves {length} bytes, the descriptor says {size}")
     # -- the upload
     dparts = urlsplit(dst.url)
     try:
         dconn = _start_put(pool, dst.url, dst.headers, size)
     except (OSError, http.client.HTTPException) as err:
         sconn.close()
-        raise _transport_error(err, dst.where, "upload") from None
+        raise _transport_error(err, dst.what, "upload") from None
     bufs = [bytearray(chunk_size), bytearray(chunk_size)]
     held: memoryview | None = None
     got = 0
@@ -318,33 +293,33 @@ def transfer(
             try:
                 n = sresp.readinto(buf)
             except (OSError, http.client.HTTPException) as err:
-                raise _transport_error(err, src.where, f"download after {got} bytes") from None
+                raise _transport_error(err, src.what, f"download after {got} bytes") from None
             if not n:
                 break
             view = memoryview(buf)[:n]
             hasher.update(view)
             got += n
             if got > size:
-                raise CorruptBlobError(f"{src.where}: registry sent more than the {size} bytes the descriptor says")
+                raise CorruptBlobError(f"{src.what}: registry sent more than the {size} bytes the descriptor says")
             if held is not None:
                 try:
                     dconn.send(held)
                 except OSError as err:
-                    raise _transport_error(err, dst.where, "upload") from None
+                    raise _transport_error(err, dst.what, "upload") from None
             held = view
             which ^= 1
         if got != size:  # the connection ended before Content-Length: a transfer fault
-            raise RegistryUnavailableError(f"{src.where}: connection closed after {got} of {size} bytes")
+            raise RegistryUnavailableError(f"{src.what}: connection closed after {got} of {size} bytes")
         actual = f"{algorithm}:{hasher.hexdigest()}"
         if actual != digest:
-            raise CorruptBlobError(f"{src.where}: content hashes to {actual}: the source served corrupt data")
+            raise CorruptBlobError(f"{src.what}: content hashes to {actual}: the source served corrupt data")
         try:
             if held is not None:
                 dconn.send(held)
             dresp = dconn.getresponse()
             body = dresp.read()
         except (OSError, http.client.HTTPException) as err:
-            raise _transport_error(err, dst.where, "upload") from None
+            raise _transport_error(err, dst.what, "upload") from None
     except BaseException:
         sconn.close()
         dconn.close()
@@ -352,5 +327,5 @@ def transfer(
     pool.put(urlsplit(url).scheme, urlsplit(url).netloc, sconn)
     if dresp.status != 201:
         dconn.close()
-        raise _status_error(dresp.status, dresp.reason, dresp.headers, dst.where, body)
+        raise dst.status_error(dresp.status, dresp.headers, body, dst.what)
     pool.put(dparts.scheme, dparts.netloc, dconn)

@@ -26,20 +26,18 @@ from typing import Any, TypeVar
 from urllib.parse import urlencode, urljoin
 
 from cluster_registry import __version__
-from cluster_registry.errors import ClusterRegistryError, ConfigError, WriteLockedError
+from cluster_registry.errors import ClusterRegistryError, ConfigError
 from cluster_registry.gate.protocol import LOCK_HEADER
 from cluster_registry.oci import blobio, media, transport
 from cluster_registry.oci.auth import Challenge, Credentials, parse_challenge, scope
 from cluster_registry.oci.errors import (
-    AccessDeniedError,
     AuthenticationError,
     CorruptBlobError,
-    NotFoundError,
     RateLimitedError,
     RegistryProtocolError,
     RegistryUnavailableError,
     TLSError,
-    error_detail,
+    status_error,
 )
 from cluster_registry.oci.retry import RetryPolicy, is_retryable_status, parse_retry_after
 
@@ -386,14 +384,7 @@ class Repository:
                 attempt -= 1
                 continue
             if resp.status == 503 and resp.headers.get(LOCK_HEADER):
-                lock = resp.headers.get(LOCK_HEADER, "").lower()
-                raise WriteLockedError(
-                    f"{what}: the cluster registry {self.host} is read-only while garbage collection runs; "
-                    "the write will be retried when the lock is released"
-                    if lock == "gc"
-                    else f"{what}: the cluster registry {self.host} holds writes back: it cannot confirm the "
-                    "garbage-collection lock is free; the write will be retried"
-                )
+                raise self.status_error(resp.status, resp.headers, resp.body, what)
             if is_retryable_status(resp.status):
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
                 if retry and policy.should_retry(attempt):
@@ -411,22 +402,13 @@ class Repository:
         """The error for an unexpected response (an open stream is closed)."""
         if resp.stream is not None:
             resp.stream.close()
-        detail = error_detail(resp.body[:2048].decode("utf-8", "replace"))
-        suffix = f": {detail}" if detail else ""
-        status = resp.status
-        if status == 401:
-            who = f"user {self.auth.username!r}" if self.auth.username else "anonymous access"
-            return AuthenticationError(
-                f"{what}: registry {self.host} refused {who}{suffix}; check the pull secret or credentials"
-            )
-        if status == 403:
-            action = "push to" if self.push else "pull from"
-            return AccessDeniedError(f"{what}: not allowed to {action} {self.where}{suffix}")
-        if status == 404:
-            return NotFoundError(f"{what}: not found in {self.where}{suffix}")
-        if status == 400 and ("DIGEST_INVALID" in detail or "SIZE_INVALID" in detail):
-            return CorruptBlobError(f"{what}: {self.where} rejected the content{suffix}")
-        return RegistryProtocolError(f"{what}: registry {self.host} answered HTTP {status}{suffix}")
+        return self.status_error(resp.status, resp.headers, resp.body, what)
+
+    def status_error(self, status: int, headers: http.client.HTTPMessage, body: bytes, what: str) -> ClusterRegistryError:
+        """The error for an answer ``status`` to ``what`` here (pure: the blob threads call it too)."""
+        return status_error(
+            status, headers, body, what, host=self.host, where=self.where, user=self.auth.username, push=self.push
+        )
 
     # -- manifests --------------------------------------------------------------------------------
 

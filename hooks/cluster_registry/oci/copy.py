@@ -231,9 +231,14 @@ class _Copier:
         of a trip through the event loop per chunk; cancellation stops it."""
         ua = {"User-Agent": USER_AGENT}
         src = blobio.Endpoint(
-            f"{self.src.base}/blobs/{digest}", ua | await self.src.authorization(), f"get blob {self.src.where}@{digest}"
+            f"{self.src.base}/blobs/{digest}",
+            ua | await self.src.authorization(),
+            f"get blob {self.src.where}@{digest}",
+            self.src.status_error,
         )
-        dst = blobio.Endpoint(upload, ua | await self.dst.authorization(), f"push blob {self.dst.where}@{digest}")
+        dst = blobio.Endpoint(
+            upload, ua | await self.dst.authorization(), f"push blob {self.dst.where}@{digest}", self.dst.status_error
+        )
         cancel = threading.Event()
         try:
             await asyncio.get_running_loop().run_in_executor(

@@ -6,9 +6,13 @@ credential, a token or a request header.
 
 from __future__ import annotations
 
+import http.client
 import json
+import time
 
-from cluster_registry.errors import PermanentError, TemporaryError, WriteLockedError
+from cluster_registry.errors import ClusterRegistryError, PermanentError, TemporaryError, WriteLockedError
+from cluster_registry.gate.protocol import LOCK_HEADER
+from cluster_registry.oci.retry import parse_retry_after
 
 __all__ = [
     "AccessDeniedError",
@@ -22,6 +26,7 @@ __all__ = [
     "UnsupportedManifestError",
     "WriteLockedError",
     "error_detail",
+    "status_error",
 ]
 
 
@@ -71,3 +76,49 @@ class RegistryProtocolError(PermanentError):
 
 class TLSError(PermanentError):
     """The registry's certificate does not verify: give a CA bundle or list it as insecure."""
+
+
+def status_error(
+    status: int,
+    headers: http.client.HTTPMessage,
+    body: bytes,
+    what: str,
+    *,
+    host: str,
+    where: str,
+    user: str = "",
+    push: bool = False,
+) -> ClusterRegistryError:
+    """The error for an answer ``status`` to ``what`` (at ``where``, a repository of ``host``).
+
+    ``user`` names whom a 401 refused ("" for anonymous access); ``push`` says whether a 403 denied
+    a push or a pull. A 429's ``Retry-After`` is kept as ``retry_after`` (seconds, or None).
+    """
+    detail = error_detail(body[:2048].decode("utf-8", "replace"))
+    suffix = f": {detail}" if detail else ""
+    if status == 503 and headers.get(LOCK_HEADER):
+        if headers.get(LOCK_HEADER, "").lower() == "gc":
+            return WriteLockedError(
+                f"{what}: the cluster registry {host} is read-only while garbage collection runs; "
+                "the write will be retried when the lock is released"
+            )
+        return WriteLockedError(
+            f"{what}: the cluster registry {host} holds writes back: it cannot confirm the "
+            "garbage-collection lock is free; the write will be retried"
+        )
+    if status == 429:
+        limited = RateLimitedError(f"{what}: registry {host} answered HTTP 429 Too Many Requests")
+        limited.retry_after = parse_retry_after(headers.get("Retry-After"), time.time())  # type: ignore[attr-defined]
+        return limited
+    if status >= 500:
+        return RegistryUnavailableError(f"{what}: registry {host} answered HTTP {status}{suffix}")
+    if status == 401:
+        who = f"user {user!r}" if user else "anonymous access"
+        return AuthenticationError(f"{what}: registry {host} refused {who}{suffix}; check the pull secret or credentials")
+    if status == 403:
+        return AccessDeniedError(f"{what}: not allowed to {'push to' if push else 'pull from'} {where}{suffix}")
+    if status == 404:
+        return NotFoundError(f"{what}: not found in {where}{suffix}")
+    if status == 400 and ("DIGEST_INVALID" in detail or "SIZE_INVALID" in detail):
+        return CorruptBlobError(f"{what}: {where} rejected the content{suffix}")
+    return RegistryProtocolError(f"{what}: registry {host} answered HTTP {status}{suffix}")
