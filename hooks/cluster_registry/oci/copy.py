@@ -276,8 +276,7 @@ class _Copier:
 
     async def _copy_child(self, desc: media.Descriptor) -> None:
         digest = desc["digest"]
-        child = await self.src.get_manifest(digest)
-        present = await self.dst.head_manifest(digest)
+        child, present = await asyncio.gather(self.src.get_manifest(digest), self.dst.head_manifest(digest))
         await self.tree(child, None if present else digest)
 
     async def account(self, manifest: Manifest) -> None:
