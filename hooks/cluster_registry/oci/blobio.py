@@ -223,12 +223,12 @@ class Endpoint:
     status_error: Callable[[int, http.client.HTTPMessage, bytes, str], ClusterRegistryError]  # see oci.errors
 
 
-def _transport_error(err: BaseException, where: str, what: str) -> ClusterRegistryError:
+def _transport_error(err: BaseException, what: str, action: str) -> ClusterRegistryError:
     if isinstance(err, ssl.SSLCertVerificationError):
-        return TLSError(f"{where}: TLS certificate does not verify ({err.verify_message}): give its CA with --ca-bundle")
+        return TLSError(f"{what}: TLS certificate does not verify ({err.verify_message}): give its CA with --ca-bundle")
     name = type(err).__name__
     detail = err.strerror if isinstance(err, OSError) and err.strerror else name
-    return RegistryUnavailableError(f"{where}: {what} failed ({detail})")
+    return RegistryUnavailableError(f"{what}: {action} failed ({detail})")
 
 
 def transfer(

@@ -15,7 +15,7 @@ Order of work, so that a failure leaves nothing tagged at the destination:
 3. child manifests pushed by digest, byte for byte;
 4. attached artifacts of the image and, for an index, of each platform manifest: OCI 1.1
    referrers (API, else the ``sha256-<hex>`` tag schema) and cosign-style tags
-   (``sha256-<hex>.sig``/``.att``/``.sbom``);
+   (``sha256-<hex>.sig``/``.att``/``.sbom``), looked up at the source while step 2 runs;
 5. the top manifest, by tag (or by digest), last.
 """
 
@@ -435,11 +435,11 @@ async def copy_image(
 
         # The look-ups at the source run while the blobs move; nothing attached is pushed before
         # the image's own content is in place.
-        done = present is not None and present[0] == top.digest
-        if done:
+        already_there = present is not None and present[0] == top.digest
+        if already_there:
             log.debug("%s already at %s", top.digest, dst)
         await _gather(
-            copier.account(top) if done else copier.tree(top, None),
+            copier.account(top) if already_there else copier.tree(top, None),
             *map(find, subjects),
             *([] if info.is_index else [copier.single_platform(top)]),
         )
@@ -451,7 +451,7 @@ async def copy_image(
 
         await _gather(*map(attach, subjects))
         attached = [d for subject in subjects for d in found[subject]]
-        if not done:
+        if not already_there:
             await dst_repo.put_manifest(push_ref, top.body, top.media_type)
         s = copier.stats
         return CopyResult(
