@@ -37,13 +37,16 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import argparse  # noqa: E402
+import http.client  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
+import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -97,19 +100,9 @@ def crane(src: str, dst: str) -> dict[str, Any]:
 def ingest_ceiling(host: str, blobs: list[tuple[str, bytes]], parallel: int) -> float:
     """MB/s of POST + monolithic PUT uploads of ``blobs`` from memory, ``parallel`` threads with
     blocking sockets (so the probe itself is not limited to one core)."""
-    import http.client
-    from concurrent.futures import ThreadPoolExecutor
-
     def one(i: int, digest: str, data: bytes) -> None:
-        conn = http.client.HTTPConnection(*_host_port(host), timeout=600)
-        conn.request("POST", f"/v2/ceiling{i}/blobs/uploads/")
-        r = conn.getresponse()
-        r.read()
-        assert r.status == 202, r.status
-        loc = r.getheader("Location", "")
-        loc = loc.split("://", 1)[1].split("/", 1)[1] if "://" in loc else loc.lstrip("/")
-        sep = "&" if "?" in loc else "?"
-        conn.request("PUT", f"/{loc}{sep}digest={digest}", body=memoryview(data),
+        conn, put = _start_upload(host, f"ceiling{i}", digest)
+        conn.request("PUT", put, body=memoryview(data),
                      headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))})
         r = conn.getresponse()
         body = r.read()
@@ -126,23 +119,14 @@ def splice_bound(src: str, dst: str, repo: str, blobs: list[tuple[str, int]]) ->
     """MB/s of the fastest copy of ``blobs`` any tool could make here: each source GET handed to
     the destination's PUT inside the kernel (``splice``: no byte enters this process, nothing is
     verified), all in parallel. A copier also hashes and moves every byte through user space."""
-    import http.client
-    import socket
-    from concurrent.futures import ThreadPoolExecutor
-
     def one(digest: str, size: int) -> None:
-        up = http.client.HTTPConnection(*_host_port(dst), timeout=600)
-        up.request("POST", f"/v2/{repo}/blobs/uploads/")
-        r = up.getresponse()
-        r.read()
-        assert r.status == 202, r.status
-        loc = r.getheader("Location", "")
-        loc = loc.split("://", 1)[1].split("/", 1)[1] if "://" in loc else loc.lstrip("/")
-        up.putrequest("PUT", f"/{loc}{'&' if '?' in loc else '?'}digest={digest}")
+        up, put = _start_upload(dst, repo, digest)
+        up.putrequest("PUT", put)
         up.putheader("Content-Type", "application/octet-stream")
         up.putheader("Content-Length", str(size))
         up.endheaders()
-        with socket.create_connection(_host_port(src), timeout=600) as down:
+        name, _, port = src.rpartition(":")
+        with socket.create_connection((name, int(port)), timeout=600) as down:
             down.sendall(f"GET /v2/{repo}/blobs/{digest} HTTP/1.1\r\nHost: {src}\r\n\r\n".encode())
             head = b""
             while not head.endswith(b"\r\n\r\n"):  # byte by byte: the body must stay in the socket
@@ -174,9 +158,18 @@ def splice_bound(src: str, dst: str, repo: str, blobs: list[tuple[str, int]]) ->
     return sum(size for _, size in blobs) / (time.monotonic() - t0) / 1e6
 
 
-def _host_port(host: str) -> tuple[str, int]:
+def _start_upload(host: str, repo: str, digest: str) -> tuple[http.client.HTTPConnection, str]:
+    """A connection to registry ``host`` with an upload to ``repo`` opened, and the path of the PUT
+    that finishes it as blob ``digest``."""
     name, _, port = host.rpartition(":")
-    return name, int(port)
+    conn = http.client.HTTPConnection(name, int(port), timeout=600)
+    conn.request("POST", f"/v2/{repo}/blobs/uploads/")
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 202, r.status
+    loc = r.getheader("Location", "")
+    loc = loc.split("://", 1)[1].split("/", 1)[1] if "://" in loc else loc.lstrip("/")
+    return conn, f"/{loc}{'&' if '?' in loc else '?'}digest={digest}"
 
 
 def blob_bytes(img: Image) -> int:
