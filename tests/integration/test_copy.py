@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,6 +167,38 @@ async def test_basic_auth(tmp_path: Path, src: Registry, caplog: pytest.LogCaptu
             assert dst.host in str(err.value)
     assert "s3cret" not in caplog.text and "wrong-pw-123" not in caplog.text
     assert "cHVzaGVy" not in caplog.text  # base64 of the user name: no Authorization header logged
+
+
+@dataclass
+class PublicExceptPrivate(FaultProxy):
+    """A host serving every repository to anyone but ``private/`` ones (it lends the credentials),
+    as registries with public and private repositories behind HTTP basic auth do."""
+
+    basic: str = ""
+
+    async def _handle(self, request: Any) -> Any:
+        if "Authorization" not in request.headers and not request.path.startswith("/v2/private/"):
+            request = request.clone(headers={**request.headers, "Authorization": self.basic})
+        return await super()._handle(request)
+
+
+async def test_anonymous_pulls_of_public_repositories_on_a_host_that_challenged(tmp_path: Path, dst: Registry) -> None:
+    """One session (a reconciler's) copies a private image with credentials, then public ones of the
+    same host without: the host's remembered basic challenge must not stop anonymous requests."""
+    with run_registry(tmp_path / "store", htpasswd=("u", "store-pw")) as store:
+        pusher = Pusher(store.host, auth=("u", "store-pw"))
+        private = push_image(pusher, "private/app", "1", layers=[30_000], seed=21)
+        public = push_image(pusher, "cnf/app", "1", layers=[40_000, 5_000_000], seed=22)  # one over 4 MiB: blob threads
+        basic = "Basic " + base64.b64encode(b"u:store-pw").decode()
+        with PublicExceptPrivate(store.url, basic=basic) as front:
+            async with RegistrySession(options(front.host, dst.host)) as session:
+                r = await copy(f"{front.host}/private/app:1", f"{dst.host}/private/app:1", session=session,
+                               src_auth=Credentials("u", "store-pw"))
+                assert r.digest == private.digest
+                assert (await copy(f"{front.host}/cnf/app:1", f"{dst.host}/cnf/app:1", session=session)).digest == public.digest
+                with pytest.raises(AuthenticationError, match="requires credentials and none were given"):
+                    await copy(f"{front.host}/private/app:1", f"{dst.host}/private/again:1", session=session)
+    assert_copied(Pusher(store.host, auth=("u", "store-pw")), Pusher(dst.host), public, "cnf/app")
 
 
 async def test_token_auth(tmp_path: Path, dst: Registry) -> None:

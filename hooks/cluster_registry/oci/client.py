@@ -302,11 +302,9 @@ class Repository:
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            if self.auth.anonymous:
-                raise AuthenticationError(
-                    f"registry {self.host} requires credentials and none were given: add a pull secret or credentials"
-                )
-            return self.auth.basic_header()
+            # The challenge is remembered per host, but a host may serve some repositories to
+            # anyone: without credentials, ask anyway and let the registry answer.
+            return None if self.auth.anonymous else self.auth.basic_header()
         if challenge.scheme == "bearer":
             if self.auth.token and self.auth.token_is_bearer:
                 return f"Bearer {self.auth.token}"
@@ -378,6 +376,11 @@ class Repository:
                 challenge = parse_challenge(header)
                 if challenge is None:
                     raise AuthenticationError(f"{what}: registry {self.host} answered 401 without a challenge")
+                if challenge.scheme == "basic" and self.auth.anonymous:
+                    raise AuthenticationError(
+                        f"{what}: registry {self.host} requires credentials and none were given: "
+                        "add a pull secret or credentials"
+                    )
                 self.session._challenges[self.host] = challenge
                 self.session.forget_token(self.host, self.auth, scopes)
                 reauthed = True

@@ -438,11 +438,7 @@ async def copy_image(
         already_there = present is not None and present[0] == top.digest
         if already_there:
             log.debug("%s already at %s", top.digest, dst)
-        await _gather(
-            copier.account(top) if already_there else copier.tree(top, None),
-            *map(find, subjects),
-            *([] if info.is_index else [copier.single_platform(top)]),
-        )
+        await _gather(copier.account(top) if already_there else copier.tree(top, None), *map(find, subjects))
         image_size = sum(copier.stats.sizes.values())
         found: dict[str, list[str]] = {}
 
@@ -453,6 +449,8 @@ async def copy_image(
         attached = [d for subject in subjects for d in found[subject]]
         if not already_there:
             await dst_repo.put_manifest(push_ref, top.body, top.media_type)
+        if not info.is_index:
+            await copier.single_platform(top)
         s = copier.stats
         return CopyResult(
             digest=top.digest,
