@@ -381,13 +381,13 @@ class _Copier:
         await self.dst.put_manifest(tag, body, media.OCI_INDEX)
 
 
-async def _gather(*aws: asyncio.Future[None] | Any) -> None:
-    """Await all; on the first failure cancel the rest and raise it."""
+async def _gather(*aws: asyncio.Future[Any] | Any) -> list[Any]:
+    """Await all and return their results in order; on the first failure cancel the rest and raise it."""
     tasks = [asyncio.ensure_future(a) for a in aws]
     if not tasks:
-        return
+        return []
     try:
-        await asyncio.gather(*tasks)
+        return await asyncio.gather(*tasks)
     except BaseException:
         for t in tasks:
             t.cancel()
@@ -428,25 +428,17 @@ async def copy_image(
         present = await dst_repo.head_manifest(push_ref)
         # An index's platform manifests can carry their own signatures (`cosign sign --recursive`).
         subjects = [top.digest, *(d["digest"] for d in info.children)] if options.attached else []
-        at_source: dict[str, _Attached] = {}
-
-        async def find(subject: str) -> None:
-            at_source[subject] = await copier.find_attached(subject)
-
-        # The look-ups at the source run while the blobs move; nothing attached is pushed before
-        # the image's own content is in place.
         already_there = present is not None and present[0] == top.digest
         if already_there:
             log.debug("%s already at %s", top.digest, dst)
-        await _gather(copier.account(top) if already_there else copier.tree(top, None), *map(find, subjects))
+        # The look-ups at the source run while the blobs move; nothing attached is pushed before
+        # the image's own content is in place.
+        _, *at_source = await _gather(
+            copier.account(top) if already_there else copier.tree(top, None), *map(copier.find_attached, subjects)
+        )
         image_size = sum(copier.stats.sizes.values())
-        found: dict[str, list[str]] = {}
-
-        async def attach(subject: str) -> None:
-            found[subject] = await copier.attached(subject, at_source[subject])
-
-        await _gather(*map(attach, subjects))
-        attached = [d for subject in subjects for d in found[subject]]
+        found = await _gather(*map(copier.attached, subjects, at_source))
+        attached = [d for digests in found for d in digests]
         if not already_there:
             await dst_repo.put_manifest(push_ref, top.body, top.media_type)
         if not info.is_index:
