@@ -31,6 +31,7 @@ from cluster_registry.oci.errors import (
     RegistryProtocolError,
     RegistryUnavailableError,
     TLSError,
+    describe,
 )
 
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -226,9 +227,7 @@ class Endpoint:
 def _transport_error(err: BaseException, what: str, action: str) -> ClusterRegistryError:
     if isinstance(err, ssl.SSLCertVerificationError):
         return TLSError(f"{what}: TLS certificate does not verify ({err.verify_message}): give its CA with --ca-bundle")
-    name = type(err).__name__
-    detail = err.strerror if isinstance(err, OSError) and err.strerror else name
-    return RegistryUnavailableError(f"{what}: {action} failed ({detail})")
+    return RegistryUnavailableError(f"{what}: {action} failed ({describe(err)})")
 
 
 def transfer(
@@ -324,7 +323,7 @@ def transfer(
         sconn.close()
         dconn.close()
         raise
-    pool.put(urlsplit(url).scheme, urlsplit(url).netloc, sconn)
+    pool.put(parts.scheme, parts.netloc, sconn)
     if dresp.status != 201:
         dconn.close()
         raise dst.status_error(dresp.status, dresp.headers, body, dst.what)

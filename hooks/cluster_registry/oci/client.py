@@ -37,6 +37,7 @@ from cluster_registry.oci.errors import (
     RegistryProtocolError,
     RegistryUnavailableError,
     TLSError,
+    describe,
     status_error,
 )
 from cluster_registry.oci.retry import RetryPolicy, is_retryable_status, parse_retry_after
@@ -253,7 +254,7 @@ class RegistrySession:
                 if policy.should_retry(attempt):
                     await asyncio.sleep(policy.delay(attempt))
                     continue
-                raise RegistryUnavailableError(f"cannot reach the token service of {host}: {_describe(err.cause)}") from None
+                raise RegistryUnavailableError(f"cannot reach the token service of {host}: {describe(err.cause)}") from None
             if is_retryable_status(resp.status) and policy.should_retry(attempt):
                 await asyncio.sleep(policy.delay(attempt, parse_retry_after(resp.headers.get("Retry-After"), time.time())))
                 continue
@@ -370,7 +371,7 @@ class Repository:
                     log.debug("retrying %s after %s in %.2fs", what, type(cause).__name__, delay)
                     await asyncio.sleep(delay)
                     continue
-                raise RegistryUnavailableError(f"{what}: cannot reach registry {self.host} ({_describe(cause)})") from None
+                raise RegistryUnavailableError(f"{what}: cannot reach registry {self.host} ({describe(cause)})") from None
             if resp.status == 401 and not reauthed and not (data is not None and not retry):
                 header = resp.headers.get("WWW-Authenticate", "")
                 challenge = parse_challenge(header)
@@ -423,9 +424,7 @@ class Repository:
         )
         if resp.status != 200:
             raise await self.fail(resp, f"get {what}")
-        if not resp.complete:
-            raise RegistryProtocolError(f"{what} is larger than {MAX_MANIFEST} bytes")
-        body = resp.body
+        body = _full_body(resp, f"get {what}", MAX_MANIFEST)
         mt = media.detect_media_type(body, resp.headers.get("Content-Type"))
         if ":" in ref:
             media.verify_manifest(body, ref, what)
@@ -545,7 +544,7 @@ class Repository:
                         chunk = await self.session.run(stream.lease, functools.partial(stream.read, chunk_size))
                 except transport.TransportError as err:
                     raise RegistryUnavailableError(
-                        f"{what}: connection dropped after {got} bytes ({_describe(err.cause)})"
+                        f"{what}: connection dropped after {got} bytes ({describe(err.cause)})"
                     ) from None
                 if not chunk:
                     break
@@ -642,10 +641,10 @@ def _with_query(url: str, query: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}{query}" if query else url
 
 
-def _full_body(resp: transport.Response, what: str) -> bytes:
-    """The whole body, or an error when it was longer than the exchange read."""
+def _full_body(resp: transport.Response, what: str, limit: int = MAX_BODY) -> bytes:
+    """The whole body, or an error when it was longer than the exchange's ``limit``."""
     if not resp.complete:
-        raise RegistryProtocolError(f"{what}: the answer is larger than {len(resp.body)} bytes")
+        raise RegistryProtocolError(f"{what}: the answer is larger than {limit} bytes")
     return resp.body
 
 
@@ -654,12 +653,3 @@ def _json(resp: transport.Response, what: str) -> Any:
         return json.loads(_full_body(resp, what))
     except ValueError:
         raise RegistryProtocolError(f"{what}: the answer is not JSON") from None
-
-
-def _describe(err: BaseException) -> str:
-    """A credential-free description of a transport error (no URL, no header)."""
-    if isinstance(err, TimeoutError):
-        return "timed out"
-    if isinstance(err, OSError) and err.strerror:
-        return f"{type(err).__name__}: {err.strerror}"
-    return type(err).__name__

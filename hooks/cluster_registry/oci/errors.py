@@ -25,6 +25,7 @@ __all__ = [
     "TLSError",
     "UnsupportedManifestError",
     "WriteLockedError",
+    "describe",
     "error_detail",
     "status_error",
 ]
@@ -40,6 +41,15 @@ def error_detail(text: str) -> str:
     except ValueError:
         pass
     return " ".join(text.split())[:200]
+
+
+def describe(err: BaseException) -> str:
+    """A credential-free description of a transport error (no URL, no header)."""
+    if isinstance(err, TimeoutError):
+        return "timed out"
+    if isinstance(err, OSError) and err.strerror:
+        return f"{type(err).__name__}: {err.strerror}"
+    return type(err).__name__
 
 
 class RegistryUnavailableError(TemporaryError):
