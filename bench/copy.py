@@ -46,6 +46,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -276,31 +277,29 @@ def main() -> None:
             figures[case] = row
 
         if "a" in images:
+            def reference(key: str, measure: Callable[[Registry], float]) -> None:
+                """``figures[key]``: the best MB/s of ``measure`` into a fresh registry, its median beside.
+                At least 3 tries whatever --rounds says: one try swings 2x with the disk's flush speed
+                (the registry fsyncs each blob), and a reference must not fall below a copy."""
+                tries = []
+                for rnd in range(max(args.rounds, 3)):
+                    dst = registry(f"{key}-{rnd}")
+                    os.sync()
+                    tries.append(measure(dst))
+                    done(dst)
+                figures[key] = round(max(tries), 1)
+                figures[f"{key}_median"] = round(statistics.median(tries), 1)
+
             blobs = []
             for i in range(4):
                 data = b"".join(layer_chunks(101 * 100_003 + i, big))
                 blobs.append(("sha256:" + __import__("hashlib").sha256(data).hexdigest(), data))
             for parallel in (4, 1):
-                tries: list[float] = []
-                # At least 3 tries whatever --rounds says: one try swings 2x with the disk's flush
-                # speed (the registry fsyncs each blob), and the ceiling must not fall below a copy.
-                for rnd in range(max(args.rounds, 3)):
-                    dst = registry(f"ceiling-{parallel}-{rnd}")
-                    os.sync()
-                    tries.append(ingest_ceiling(dst.host, blobs, parallel))
-                    done(dst)
-                figures[f"ceiling_mbps_p{parallel}"] = round(max(tries), 1)
-                figures[f"ceiling_mbps_p{parallel}_median"] = round(statistics.median(tries), 1)
+                reference(f"ceiling_mbps_p{parallel}", lambda dst: ingest_ceiling(dst.host, blobs, parallel))
             del blobs
             # The same four blobs copied with no work in user space: what any copier could reach.
-            tries = []
-            for rnd in range(max(args.rounds, 3)):
-                dst = registry(f"splice-{rnd}")
-                os.sync()
-                tries.append(splice_bound(src.host, dst.host, images["a"].repo, [b for b in images["a"].all_blobs() if b[1] == big]))
-                done(dst)
-            figures["splice_bound_mbps"] = round(max(tries), 1)
-            figures["splice_bound_mbps_median"] = round(statistics.median(tries), 1)
+            layers = [b for b in images["a"].all_blobs() if b[1] == big]
+            reference("splice_bound_mbps", lambda dst: splice_bound(src.host, dst.host, images["a"].repo, layers))
             if "a" in figures:
                 figures["a"]["engine_vs_splice_bound"] = round(figures["a"]["engine"]["mbps"] / figures["splice_bound_mbps"], 2)
                 figures["a"]["engine_vs_ceiling"] = round(figures["a"]["engine"]["mbps"] / figures["ceiling_mbps_p4"], 2)
