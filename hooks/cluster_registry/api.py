@@ -5,8 +5,11 @@ The chart's CRDs (chart/templates/crds/) are the schema of record; these types m
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from enum import Enum
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
+
+from cluster_registry import reference
 
 GROUP = "clusterregistry.io"
 VERSION = "v1alpha1"
@@ -93,3 +96,41 @@ class ComponentStatus(TypedDict, total=False):
     ready: str  # "3/4", for the printer column
     images: list[ImageStatus]
     conditions: list[Condition]
+
+
+def component_ref(name: str, uid: str) -> OwnerRef:
+    """The ownerReference naming the Component ``name`` (Artifacts created for it are its dependents)."""
+    return OwnerRef(apiVersion=API_VERSION, kind="Component", name=name, uid=uid)
+
+
+def artifact_body(
+    source: str,
+    namespace: str,
+    *,
+    pull_secrets: Iterable[str] = (),
+    owners: Iterable[OwnerRef] = (),
+    labels: Mapping[str, str] | None = None,
+    annotations: Mapping[str, str] | None = None,
+    owner_references: Iterable[OwnerRef] = (),
+) -> dict[str, Any]:
+    """A new Artifact for normalised ``source`` in ``namespace``, named by a hash of it.
+
+    ``owners`` are the pods' top controllers (``spec.owners``, read by GC); ``owner_references`` the
+    Kubernetes owners (a Component). Pull secrets are deduplicated and sorted, so every writer produces
+    the same body for the same inputs.
+    """
+    meta: dict[str, Any] = {
+        "name": reference.artifact_name(source),
+        "namespace": namespace,
+        "labels": {LABEL_MANAGED_BY: MANAGED_BY, **(labels or {})},
+    }
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    if refs := list(owner_references):
+        meta["ownerReferences"] = refs
+    spec = ArtifactSpec(sourceArtifact=source)
+    if secrets := sorted(set(pull_secrets)):
+        spec["pullSecrets"] = secrets
+    if pod_owners := list(owners):
+        spec["owners"] = pod_owners
+    return {"apiVersion": API_VERSION, "kind": "Artifact", "metadata": meta, "spec": spec}

@@ -96,8 +96,8 @@ def test_desired_normalises_dedupes_and_reports_invalid() -> None:
     assert [i for i, _ in want.invalid] == ["Bad/Name"]
 
 
-def test_artifact_body_owner_and_labels() -> None:
-    body = cs.artifact_body(COMPONENT, "ghcr.io/a/b:1", cs.pull_secrets(COMPONENT["spec"]))
+def test_wanted_artifact_owner_and_labels() -> None:
+    body = cs.wanted_artifact(COMPONENT, "ghcr.io/a/b:1", cs.pull_secrets(COMPONENT["spec"]))
     meta = body["metadata"]
     assert meta["name"] == reference.artifact_name("ghcr.io/a/b:1") and meta["namespace"] == "tenant"
     assert meta["labels"] == {"app.kubernetes.io/managed-by": "cluster-registry", "clusterregistry.io/component": "cnf"}

@@ -1,6 +1,7 @@
 """Creating Artifacts from the install hooks (preload, sideload), through the Kubernetes API.
 
-Bodies are built by pure functions; the thin functions below do the API calls. An Artifact that
+Bodies are built by pure functions (``api.artifact_body``, ``ready_status``); the thin functions below
+do the API calls. An Artifact that
 already exists is kept (its spec is the source, named by a hash of it) and only gains the
 ``app.kubernetes.io/managed-by`` label when it lacks it.
 """
@@ -8,43 +9,18 @@ already exists is kept (its spec is the source, named by a hash of it) and only 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client import ApiException
 
-from cluster_registry import api, reference
+from cluster_registry import api
 
 MANAGED_BY = api.MANAGED_BY
 LABEL_COMPONENT = api.LABEL_COMPONENT
 ANNOTATION_SIDELOADED = "clusterregistry.io/sideloaded"
 LABEL_LOADED_BY = api.LABEL_LOADED_BY
-
-
-def artifact_body(
-    source: str,
-    namespace: str,
-    *,
-    pull_secrets: Iterable[str] = (),
-    labels: Mapping[str, str] | None = None,
-    annotations: Mapping[str, str] | None = None,
-    owner_references: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """The Artifact for normalised ``source`` in ``namespace``."""
-    meta: dict[str, Any] = {
-        "name": reference.artifact_name(source),
-        "namespace": namespace,
-        "labels": {api.LABEL_MANAGED_BY: MANAGED_BY, **(labels or {})},
-    }
-    if annotations:
-        meta["annotations"] = dict(annotations)
-    if owner_references:
-        meta["ownerReferences"] = owner_references
-    spec: dict[str, Any] = {"sourceArtifact": source}
-    if secrets := sorted(set(pull_secrets)):
-        spec["pullSecrets"] = secrets
-    return {"apiVersion": api.API_VERSION, "kind": "Artifact", "metadata": meta, "spec": spec}
 
 
 def ready_status(

@@ -235,16 +235,14 @@ def _ensure_all(
 ) -> None:
     for w in wanted:
         labels: dict[str, str] = {A.LABEL_LOADED_BY: "preload"}
-        owners: list[dict[str, Any]] | None = None
+        owners: list[api.OwnerRef] = []
         if w.origin.startswith("component "):
             comp_ns, _, comp_name = w.origin.removeprefix("component ").partition("/")
             comp = component_objs[(comp_ns, comp_name)]
             labels[A.LABEL_COMPONENT] = comp_name
-            owners = [
-                {"apiVersion": api.API_VERSION, "kind": "Component", "name": comp_name, "uid": comp["metadata"]["uid"]}
-            ]
+            owners = [api.component_ref(comp_name, comp["metadata"]["uid"])]
         secrets = pull_secrets if w.namespace == ns else ()
-        A.ensure(custom, A.artifact_body(w.source, w.namespace, pull_secrets=secrets, labels=labels, owner_references=owners))
+        A.ensure(custom, api.artifact_body(w.source, w.namespace, pull_secrets=secrets, labels=labels, owner_references=owners))
 
 
 def _service_account_namespace() -> str:

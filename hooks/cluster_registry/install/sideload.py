@@ -28,7 +28,7 @@ from typing import Any
 import click
 import yaml
 
-from cluster_registry import kube, reference
+from cluster_registry import api, kube, reference
 from cluster_registry.errors import ClusterRegistryError
 from cluster_registry.install import artifacts as A
 from cluster_registry.install import layout as L
@@ -122,7 +122,7 @@ def create_artifacts(
         source = artifact_source(entry)
         local = str(reference.rewrite(entry.source, registry_host))
         for ns in namespaces:
-            body = A.artifact_body(
+            body = api.artifact_body(
                 source, ns, labels={A.LABEL_LOADED_BY: "sideload"}, annotations={A.ANNOTATION_SIDELOADED: entry.origin.where[-200:]}
             )
             obj = A.ensure(custom, body)

@@ -11,14 +11,14 @@ from typing import Any, Iterable, Mapping
 
 from cluster_registry import reference
 from cluster_registry.api import (
-    API_VERSION,
     LABEL_COMPONENT,
-    LABEL_MANAGED_BY,
-    MANAGED_BY,
     ComponentStatus,
     Condition,
     ImageStatus,
+    OwnerRef,
     Phase,
+    artifact_body,
+    component_ref,
 )
 from cluster_registry.errors import InvalidReferenceError
 from cluster_registry.reconcile.status import READY, condition, set_condition
@@ -44,29 +44,21 @@ def desired(listed: Iterable[str], from_chart: Iterable[str] = ()) -> Desired:
     return Desired(tuple(sources), tuple(invalid.items()))
 
 
-def owner_reference(component: Mapping[str, Any]) -> dict[str, Any]:
+def owner_reference(component: Mapping[str, Any]) -> OwnerRef:
     meta = component["metadata"]
-    return {"apiVersion": API_VERSION, "kind": "Component", "name": meta["name"], "uid": meta["uid"]}
+    return component_ref(meta["name"], meta["uid"])
 
 
-def artifact_body(component: Mapping[str, Any], source: str, pull_secrets: Iterable[str]) -> dict[str, Any]:
+def wanted_artifact(component: Mapping[str, Any], source: str, pull_secrets: Iterable[str]) -> dict[str, Any]:
     """A new Artifact for ``source``, owned by ``component``."""
     meta = component["metadata"]
-    spec: dict[str, Any] = {"sourceArtifact": source}
-    secrets = list(dict.fromkeys(pull_secrets))
-    if secrets:
-        spec["pullSecrets"] = secrets
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "Artifact",
-        "metadata": {
-            "name": reference.artifact_name(source),
-            "namespace": meta["namespace"],
-            "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: meta["name"]},
-            "ownerReferences": [owner_reference(component)],
-        },
-        "spec": spec,
-    }
+    return artifact_body(
+        source,
+        meta["namespace"],
+        pull_secrets=pull_secrets,
+        labels={LABEL_COMPONENT: meta["name"]},
+        owner_references=[owner_reference(component)],
+    )
 
 
 def pull_secrets(spec: Mapping[str, Any]) -> list[str]:

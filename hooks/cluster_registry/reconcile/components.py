@@ -259,7 +259,7 @@ class ComponentReconciler:
         wanted_names = set()
         if render_error is None:  # never drop Artifacts because a render failed
             for source in want.sources:
-                body = cs.artifact_body(comp, source, secrets)
+                body = cs.wanted_artifact(comp, source, secrets)
                 claim = (meta.get("annotations") or {}).get(st.ANNOTATION_REGISTRY)
                 if claim:  # the Component's installation copies its images
                     body["metadata"]["annotations"] = {st.ANNOTATION_REGISTRY: claim}
