@@ -217,3 +217,55 @@ def test_existing_artifact_is_kept_and_gains_label_and_pull_secret() -> None:
     ]
     PL._ensure_all(fake, PL.normalise([("nginx:1.25", "cnf", "--image")]), {}, "cnf", ("b",))
     assert len(fake.patches) == 1  # nothing left to change: no second patch
+
+
+class FakeCore:
+    """read_namespaced_config_map of CoreV1Api: the release's early-loading ConfigMap, or 404."""
+
+    def __init__(self, uid: str | None) -> None:
+        self.uid = uid
+
+    def read_namespaced_config_map(self, name: str, ns: str) -> Any:
+        from types import SimpleNamespace
+
+        from kubernetes.client import ApiException
+
+        if self.uid is None:
+            raise ApiException(status=404, reason="Not Found")
+        return SimpleNamespace(metadata=SimpleNamespace(name=name, namespace=ns, uid=self.uid))
+
+
+def test_recorded_component_lists_the_images_owned_by_the_release_configmap() -> None:
+    body = PL.recorded_component("r-early-loading", "ops", ["myacr.azurecr.io/a:1", "myacr.azurecr.io/a:1"], "cm-uid")
+    assert body["spec"] == {"images": ["myacr.azurecr.io/a:1"]}
+    assert body["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "ConfigMap", "name": "r-early-loading", "uid": "cm-uid"}]
+    assert body["metadata"]["labels"]["clusterregistry.io/loaded-by"] == "preload"
+    assert PL.recorded_component("x", "ops", [], "u")["spec"] == {"images": []}, "an emptied list is recorded, so GC may collect"
+
+
+def test_record_component_creates_then_replaces_the_list() -> None:
+    fake = FakeCustom()
+    first = PL.record_component(FakeCore("cm-1"), fake, "rec", "ops", ["myacr.azurecr.io/a:1", "myacr.azurecr.io/b:1"])
+    assert first["spec"]["images"] == ["myacr.azurecr.io/a:1", "myacr.azurecr.io/b:1"]
+    PL.record_component(FakeCore("cm-2"), fake, "rec", "ops", ["myacr.azurecr.io/b:1"])
+    (patch,) = fake.patches
+    assert patch["spec"] == {"images": ["myacr.azurecr.io/b:1"]}, "a merge patch replaces the whole list: a removed image goes"
+    assert patch["metadata"]["ownerReferences"][0]["uid"] == "cm-2", "a re-created ConfigMap becomes the owner"
+
+
+def test_record_component_without_the_release_configmap_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="ConfigMap ops/rec .* does not exist"):
+        PL.record_component(FakeCore(None), FakeCustom(), "rec", "ops", ["myacr.azurecr.io/a:1"])
+
+
+def test_recorded_images_become_dependents_of_the_component() -> None:
+    """The preload Job's Artifacts are owned by the recording Component (so GC and the component
+    reconciler treat them as the Component's), not left ownerless for GC to collect."""
+    fake = FakeCustom()
+    comp = PL.record_component(FakeCore("cm-1"), fake, "rec", "ops", ["myacr.azurecr.io/a:1"])
+    comp["metadata"]["uid"] = "comp-uid"
+    wanted = PL.normalise([("myacr.azurecr.io/a:1", "ops", "component ops/rec")])
+    PL._ensure_all(fake, wanted, {("ops", "rec"): comp}, "ops", ())
+    art = fake.objects[("ops", reference.artifact_name("myacr.azurecr.io/a:1"))]
+    assert art["metadata"]["labels"]["clusterregistry.io/component"] == "rec"
+    assert art["metadata"]["ownerReferences"][0]["uid"] == "comp-uid"

@@ -82,6 +82,7 @@ CASES: list[tuple[str, dict[str, Any], C.Facts, list[tuple[str, C.Severity, tupl
         GOOD,
         [("early-loading-images", C.Severity.ERROR, ("'Bad Ref'",))],
     ),
+    ("early-loading-switch-alone-is-valid-aosm", vals(enableEarlyLoading=True, **HA_RWX), GOOD, []),
     (
         "ha-two-nodes",
         vals(**HA_RWX),

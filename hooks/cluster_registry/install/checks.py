@@ -193,16 +193,7 @@ def check_early_loading_images(v: V.Values, f: Facts) -> list[Problem]:
             reference.parse(image)
         except InvalidReferenceError as err:
             out.append(_err("early-loading-images", str(err), f"{V.K_EARLY_IMAGES}[{i}]"))
-    if v.enable_early_loading and not v.early_loading_images:
-        out.append(
-            _warn(
-                "early-loading-images",
-                "enableEarlyLoading is true but earlyLoading.images is empty: nothing is preloaded "
-                "from values (Components are still loaded)",
-                V.K_EARLY_IMAGES,
-            )
-        )
-    return out
+    return out  # enableEarlyLoading with no images is valid (AOSM): the chart's NOTES say nothing is preloaded
 
 
 def check_ha_nodes(v: V.Values, f: Facts) -> list[Problem]:

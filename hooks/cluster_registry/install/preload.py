@@ -7,6 +7,12 @@ the real ``helm template`` (``--chart-values FILE`` ...; every workload's images
 :mod:`cluster_registry.workloads`). Progress (n of N, bytes) is logged as it changes. A Deferred
 Artifact (the GC write lock is held) is waited on, not failed.
 
+With ``--record-component NAME`` the images of ``--values``/``--image``/``--chart`` are first recorded
+in the Component NAME of ``--namespace``, owned by the release's ConfigMap NAME, and their Artifacts
+are created as that Component's dependents: GC keeps them while the Component lists them (however long
+before the workload deploys), the component reconciler drops an image removed from the list, and
+deleting the ConfigMap (early loading switched off, the release uninstalled) deletes the Component.
+
 Exit codes: 0 every image Ready; 1 timeout (each image not Ready is listed with why) or an image
 that cannot be loaded; 2 usage.
 """
@@ -23,6 +29,7 @@ from typing import Any
 
 import click
 import yaml
+from kubernetes import client
 from kubernetes.client import ApiException
 
 from cluster_registry import api, kube, reference, workloads
@@ -73,6 +80,42 @@ def component_images(custom: Any, namespace: str, name: str) -> tuple[list[str],
     return listed, obj
 
 
+def recorded_component(name: str, namespace: str, sources: Iterable[str], owner_uid: str) -> dict[str, Any]:
+    """The Component that records early-loaded images, owned by the release's ConfigMap of the same name."""
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": "Component",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {api.LABEL_MANAGED_BY: api.MANAGED_BY, api.LABEL_LOADED_BY: "preload"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": name, "uid": owner_uid}],
+        },
+        "spec": {"images": list(dict.fromkeys(sources))},
+    }
+
+
+def record_component(core: Any, custom: Any, name: str, namespace: str, sources: Iterable[str]) -> dict[str, Any]:
+    """Create the recording Component, or set its images and owner; returns the object."""
+    try:
+        owner = core.read_namespaced_config_map(name, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            raise ConfigError(f"ConfigMap {namespace}/{name} (the release's record of early loading) does not exist") from None
+        raise
+    body = recorded_component(name, namespace, sources, owner.metadata.uid)
+    try:
+        created: dict[str, Any] = custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.COMPONENTS, body)
+        return created
+    except ApiException as err:
+        if err.status != 409:
+            raise
+    meta = body["metadata"]
+    patch = {"metadata": {"labels": meta["labels"], "ownerReferences": meta["ownerReferences"]}, "spec": body["spec"]}
+    patched: dict[str, Any] = custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.COMPONENTS, name, patch)
+    return patched
+
+
 def normalise(images: Iterable[tuple[str, str, str]]) -> list[P.Wanted]:
     """(image, namespace, origin) -> distinct Wanted, first-seen order; raises ConfigError listing bad ones."""
     out: dict[tuple[str, str], P.Wanted] = {}
@@ -121,6 +164,8 @@ def wait(
 @click.option("--chart-version", default=None, help="version of --chart")
 @click.option("--chart-values", multiple=True, type=click.Path(dir_okay=False), help="values file for --chart (repeatable)")
 @click.option("--namespace", default=None, envvar="POD_NAMESPACE", help="namespace of the Artifacts (default: the pod's, else default)")
+@click.option("--record-component", "record", default=None,
+              help="record the images (not --component's) in this Component of --namespace, owned by the ConfigMap of the same name; GC keeps them while it lists them")  # fmt: skip
 @click.option("--pull-secret", "pull_secrets", multiple=True, help="Secret (in --namespace) to pull the images with (repeatable)")
 @click.option("--kubeconfig", default=None, type=click.Path(dir_okay=False))
 @click.option("--timeout", default=None, help="how long to wait for every image to be Ready (default: earlyLoading.timeout, else 30m)")
@@ -136,6 +181,7 @@ def preload(
     chart_version: str | None,
     chart_values: tuple[str, ...],
     namespace: str | None,
+    record: str | None,
     pull_secrets: tuple[str, ...],
     kubeconfig: str | None,
     timeout: str | None,
@@ -145,7 +191,7 @@ def preload(
     dry_run: bool,
 ) -> None:
     """Preload images into the cluster registry and wait until all are Ready."""
-    ns = namespace or _service_account_namespace() or "default"
+    ns = namespace or kube.pod_namespace("default")
     listed: list[tuple[str, str, str]] = [(i, ns, "--image") for i in images]
     try:
         timeout_text = timeout
@@ -165,8 +211,6 @@ def preload(
     custom: Any = None
     component_objs: dict[tuple[str, str], dict[str, Any]] = {}
     if components or not dry_run:
-        from kubernetes import client
-
         custom = client.CustomObjectsApi(kube.api_client(kubeconfig))
     for text in components:
         comp_ns, _, comp_name = text.rpartition("/")
@@ -183,6 +227,21 @@ def preload(
     except ConfigError as err:
         click.echo(f"preload: {err}", err=True)
         sys.exit(1)
+    if record:
+        recorded = [w.source for w in wanted if not w.origin.startswith("component ")]
+        if dry_run:
+            click.echo(f"would record {len(recorded)} images in Component {ns}/{record}")
+        else:
+            try:
+                obj = record_component(client.CoreV1Api(custom.api_client), custom, record, ns, recorded)
+            except (ApiException, ConfigError) as err:
+                why = f"HTTP {err.status} {err.reason}" if isinstance(err, ApiException) else str(err)
+                click.echo(f"preload: cannot record the images in Component {ns}/{record}: {why}", err=True)
+                sys.exit(1)
+            component_objs[(ns, record)] = obj
+            origin = f"component {ns}/{record}"
+            wanted = [w if w.origin.startswith("component ") else P.Wanted(w.source, w.namespace, origin) for w in wanted]
+            log.info("preload: recorded %d images in Component %s/%s", len(recorded), ns, record)
     if not wanted:
         click.echo("preload: no images to preload")
         return
@@ -243,10 +302,3 @@ def _ensure_all(
             owners = [api.component_ref(comp_name, comp["metadata"]["uid"])]
         secrets = pull_secrets if w.namespace == ns else ()
         A.ensure(custom, api.artifact_body(w.source, w.namespace, pull_secrets=secrets, labels=labels, owner_references=owners))
-
-
-def _service_account_namespace() -> str:
-    try:
-        return Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
-    except OSError:
-        return ""
