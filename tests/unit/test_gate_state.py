@@ -145,3 +145,21 @@ def test_credentials(tmp_path: Path) -> None:
     assert not c.check(_basic("other", "s3cret:with:colons"))
     assert not c.check(None) and not c.check("Bearer x") and not c.check("Basic !!notbase64")
     assert not Credentials(None).check(_basic("writer", "s3cret:with:colons")), "no file: nobody writes"
+
+
+def test_last_gc_window_is_read_from_the_lock_lease_and_kept_across_reads(st: GateState) -> None:
+    from types import SimpleNamespace
+
+    from cluster_registry.gate.protocol import ANNOTATION_LAST_WINDOW, view
+
+    def v1(annotations: dict[str, str] | None) -> LeaseView:
+        meta = SimpleNamespace(name="gc", annotations=annotations, resource_version="1")
+        spec = SimpleNamespace(holder_identity=None, renew_time=WALL, acquire_time=None, lease_duration_seconds=15)
+        return view(SimpleNamespace(metadata=meta, spec=spec))
+
+    assert st.last_window is None
+    st.observe(v1({ANNOTATION_LAST_WINDOW: "2.345"}))
+    assert st.last_window == 2.345
+    st.observe(v1({ANNOTATION_LAST_WINDOW: "garbage"}))
+    st.observe(None)
+    assert st.last_window == 2.345, "an unreadable annotation or a deleted Lease keeps the last known window"

@@ -11,6 +11,9 @@
   ``clusterregistry.io/gate-for: <lock name>``, renewed every few seconds; once it has refused new
   writes for generation G and its in-flight writes have finished, it sets the annotation
   ``clusterregistry.io/drained: G`` on it. GC waits for that ack from every live gate.
+- **The last window**: on release GC sets ``clusterregistry.io/last-window-seconds`` on the lock
+  Lease to how long writes were held off; the gates export it as a metric (the GC Job is gone by the
+  time anything scrapes).
 - **Self-fencing**: a gate whose heartbeat could not be renewed for most of its duration, or whose
   view of the lock is stale, refuses writes: GC may already count it as dead.
 """
@@ -26,6 +29,7 @@ from typing import Any
 LOCK_HEADER = "X-Cluster-Registry-Lock"
 LABEL_GATE_FOR = "clusterregistry.io/gate-for"
 ANNOTATION_DRAINED = "clusterregistry.io/drained"
+ANNOTATION_LAST_WINDOW = "clusterregistry.io/last-window-seconds"
 GC_LEASE_SECONDS = 15  # GC's lock duration; renewed every third of it
 GATE_LEASE_SECONDS = 20  # a gate's heartbeat duration; renewed every quarter of it
 
@@ -40,6 +44,14 @@ class LeaseView:
     duration: int
     resource_version: str = ""
     drained: str | None = None
+    last_window: float | None = None  # seconds writes were held off by the last GC run
+
+
+def _seconds(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def view(lease: Any) -> LeaseView:
@@ -54,6 +66,7 @@ def view(lease: Any) -> LeaseView:
         duration=int((spec.lease_duration_seconds if spec else None) or GC_LEASE_SECONDS),
         resource_version=(meta.resource_version or "") if meta else "",
         drained=annotations.get(ANNOTATION_DRAINED),
+        last_window=_seconds(annotations.get(ANNOTATION_LAST_WINDOW)),
     )
 
 

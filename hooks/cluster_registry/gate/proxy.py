@@ -95,6 +95,11 @@ class Metrics:
         )
         self.inflight = Gauge("cluster_registry_gate_inflight_writes", "writes in flight", registry=self.registry)
         self.locked = Gauge("cluster_registry_gate_lock_held", "1 while the GC lock is held", registry=self.registry)
+        self.gc_window = Gauge(
+            "cluster_registry_gc_last_window_seconds",
+            "how long the last GC run held writes off (its read-only window); 0 before the first",
+            registry=self.registry,
+        )
 
 
 def make_app(
@@ -215,6 +220,7 @@ def make_app(
 
     async def metrics_handler(request: web.Request) -> web.Response:
         metrics.locked.set(1 if state.status() is Lock.HELD else 0)
+        metrics.gc_window.set(state.last_window or 0.0)
         return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_route("GET", "/healthz", healthz)

@@ -46,6 +46,7 @@ class GateState:
         self.heartbeat_at: float | None = None
         self.inflight = 0
         self.acked: str | None = None
+        self.last_window: float | None = None  # the last GC run's read-only window (the lock Lease's annotation)
         self.on_drained: Callable[[], None] = lambda: None
 
     # -- fed by the watch and the heartbeat ---------------------------------------------------------
@@ -61,6 +62,8 @@ class GateState:
                 self.observed_at = now
             self.holder, self.renew = holder, renew
             self.duration = lease.duration if lease else 0
+            if lease and lease.last_window is not None:
+                self.last_window = lease.last_window
             self.confirmed_at = now
             drained = self._drained_locked(now)
         if drained:

@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 from cluster_registry.errors import TemporaryError
 from cluster_registry.gate.protocol import (
     ANNOTATION_DRAINED,
+    ANNOTATION_LAST_WINDOW,
     GATE_LEASE_SECONDS,
     GC_LEASE_SECONDS,
     LABEL_GATE_FOR,
@@ -184,7 +185,9 @@ class GCLock:
         """True while every gate certainly still refuses writes for this generation."""
         return not self.lost and time.monotonic() - self._last_ok < self.duration - self.margin
 
-    def release(self) -> None:
+    def release(self, window_seconds: float | None = None) -> None:
+        """Clear the holder; ``window_seconds`` (how long writes were held off) is recorded on the Lease
+        for the gates' metric."""
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=self.duration)
@@ -198,6 +201,11 @@ class GCLock:
                         return
                     lease.spec.holder_identity = None
                     lease.spec.renew_time = datetime.now(timezone.utc)
+                    if window_seconds is not None:
+                        lease.metadata.annotations = {
+                            **(lease.metadata.annotations or {}),
+                            ANNOTATION_LAST_WINDOW: f"{window_seconds:.3f}",
+                        }
                     self.coord.replace_namespaced_lease(self.name, self.namespace, lease)
                 log.info("write lock released", extra={"lease": self.name})
                 return
