@@ -19,8 +19,8 @@ from typing import Any
 from cluster_registry.errors import ConfigError, PermanentError, TemporaryError
 
 _TEMPORARY = re.compile(
-    r"connection refused|i/o timeout|timeout|no such host|connection reset|unexpected EOF|too many requests"
-    r"|(?:status|code|response)\D{0,8}5\d\d\b",
+    r"connection refused|i/o timeout|timeout|no such host|connection reset|unexpected EOF|too ?many ?requests"
+    r"|(?:status|code|response)\D{0,8}(?:5\d\d|429)\b",
     re.I,
 )
 
