@@ -28,7 +28,7 @@ USER, PASSWORD = "puller", "pw-Secr3t-value"
 
 
 class MemoryKube:
-    """Just enough of reconcile.kubeio.Kube: objects, status patches, secrets, events."""
+    """Just enough of kubeio.Kube: objects, status patches, secrets, events."""
 
     def __init__(self) -> None:
         self.objects: dict[str, dict[str, Any]] = {}

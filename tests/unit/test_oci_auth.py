@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import pytest
 
 from cluster_registry.errors import ConfigError
-from cluster_registry.oci.auth import Credentials, credentials_from_docker_config, parse_challenge, scope
+from cluster_registry.oci.auth import Credentials, credentials_from_docker_config, parse_challenge, read_credentials_file, scope
 
 
 def b64(s: str) -> str:
@@ -94,3 +95,24 @@ def test_repr_hides_secrets() -> None:
         assert "user" in text
     assert Credentials().anonymous and not Credentials("u", "p").anonymous
     assert Credentials("u", "p").basic_header() == "Basic " + b64("u:p")
+
+
+def test_credentials_file_yaml_or_json(tmp_path: Path) -> None:
+    for text in ("username: gc\npassword: 1234\n", '{"username": "gc", "password": "1234"}'):
+        path = tmp_path / "credentials.yaml"
+        path.write_text(text)
+        assert read_credentials_file(str(path)) == Credentials("gc", "1234")  # a numeric password stays text
+
+
+@pytest.mark.parametrize("text", ["username: gc\n", "password: hunter2\n", "- a\n", "username: [unclosed\n", ""])
+def test_credentials_file_errors_name_the_file_not_the_secret(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "credentials.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        read_credentials_file(str(path))
+    assert str(path) in str(err.value) and "hunter2" not in str(err.value)
+
+
+def test_credentials_file_missing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the credentials file"):
+        read_credentials_file(str(tmp_path / "absent.yaml"))

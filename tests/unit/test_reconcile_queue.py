@@ -64,7 +64,7 @@ from typing import Any, Iterator  # noqa: E402
 
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 
-from cluster_registry.reconcile.kubeio import Informer  # noqa: E402
+from cluster_registry.kubeio import Informer  # noqa: E402
 
 
 def obj(name: str, rv: int) -> dict[str, Any]:

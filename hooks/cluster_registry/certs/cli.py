@@ -12,7 +12,6 @@ import base64
 import datetime as dt
 import json
 import logging
-import os
 from typing import Any
 
 import click
@@ -142,11 +141,9 @@ def certs(
     """Create or renew the webhook's TLS Secret and patch the caBundle into its configuration."""
     from kubernetes import client
 
-    from cluster_registry.kube import api_client
+    from cluster_registry.kube import api_client, pod_namespace
 
-    if not namespace:
-        path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-        namespace = open(path).read().strip() if os.path.exists(path) else ""
+    namespace = namespace or pod_namespace()
     if not namespace:
         raise click.UsageError("--namespace is required outside a pod")
     try:

@@ -17,17 +17,17 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
-import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from yarl import URL
 
+from cluster_registry.errors import ConfigError
 from cluster_registry.gate.protocol import LOCK_HEADER
 from cluster_registry.gate.state import GateState, Lock
+from cluster_registry.oci.auth import read_credentials_file
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -57,10 +57,8 @@ class Credentials:
         mtime = os.stat(self.path).st_mtime
         if mtime == self._mtime:
             return
-        data = yaml.safe_load(Path(self.path).read_text())
-        if not isinstance(data, dict) or not data.get("username") or "password" not in data:
-            raise ValueError(f"{self.path} must hold username and password")
-        self._expected = f"{data['username']}:{data['password']}".encode()
+        creds = read_credentials_file(self.path)
+        self._expected = f"{creds.username}:{creds.password}".encode()
         self._mtime = mtime
 
     def check(self, authorization: str | None) -> bool:
@@ -69,7 +67,7 @@ class Credentials:
             self._checked = now
             try:
                 self._load()
-            except (OSError, ValueError, yaml.YAMLError) as err:
+            except (OSError, ConfigError) as err:
                 log.warning("cannot re-read the credentials file; keeping the previous one", extra={"error": type(err).__name__})
         if self._expected is None:
             return False  # no credentials configured: nobody may write

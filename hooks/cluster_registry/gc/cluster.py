@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable, Iterator, Mapping
 
 from kubernetes import client
@@ -20,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from cluster_registry import api as crd
 from cluster_registry.errors import TemporaryError
 from cluster_registry.gc.select import TEMPLATED_KINDS, Artifact, Component, Owner, Workload
+from cluster_registry.kubeio import Kube
 from cluster_registry.workloads import pod_spec, pod_spec_images
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class ClusterView:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.kube = Kube(api)
 
     def workloads(self) -> list[Workload]:
         out = [_workload("Pod", p, pod_images(p)) for p in _pages(self.core.list_pod_for_all_namespaces)]
@@ -192,23 +193,9 @@ class ClusterView:
             raise TemporaryError(f"cannot delete Artifact {a}: {err.reason}") from err
 
     def event(self, a: Artifact, reason: str, message: str, type_: str = "Normal") -> None:
-        now = datetime.now(timezone.utc)
-        ev = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(name=f"{a.name[:200]}.{uuid.uuid4().hex[:16]}", namespace=a.namespace),
-            involved_object=client.V1ObjectReference(
-                api_version=crd.API_VERSION, kind="Artifact", name=a.name, namespace=a.namespace, uid=a.uid or None
-            ),
-            reason=reason,
-            message=message[:1024],
-            type=type_,
-            source=client.V1EventSource(component=EVENT_SOURCE),
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-            reporting_component=EVENT_SOURCE,
-            reporting_instance=EVENT_SOURCE,
-        )
-        try:
-            self.core.create_namespaced_event(a.namespace, ev)
-        except ApiException as err:
-            log.warning("cannot record an Event", extra={"artifact": str(a), "error": err.reason})
+        regarding = {
+            "apiVersion": crd.API_VERSION,
+            "kind": "Artifact",
+            "metadata": {"name": a.name, "namespace": a.namespace, "uid": a.uid or None},
+        }
+        self.kube.event(regarding, type_, reason, message, action="Delete", controller=EVENT_SOURCE, instance=EVENT_SOURCE)

@@ -25,8 +25,8 @@ import click
 from cluster_registry import reference
 from cluster_registry.errors import ClusterRegistryError, InvalidReferenceError
 from cluster_registry.install import layout as L
-from cluster_registry.install.sideload import read_credentials
 from cluster_registry.oci import Credentials, RegistryOptions, RegistrySession, Repository, media
+from cluster_registry.oci.auth import read_credentials_file
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def export(
                 refs,
                 output,
                 insecure=frozenset(insecure),
-                credentials=read_credentials(credentials_file),
+                credentials=read_credentials_file(credentials_file) if credentials_file else None,
                 referrers=referrers,
                 as_host=as_host,
                 summary=summary,

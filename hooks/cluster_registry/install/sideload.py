@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from cluster_registry import api, kube, reference
 from cluster_registry.errors import ClusterRegistryError
 from cluster_registry.install import artifacts as A
 from cluster_registry.install import layout as L
 from cluster_registry.oci import Credentials, RegistryOptions, RegistrySession
+from cluster_registry.oci.auth import read_credentials_file
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +140,6 @@ def create_artifacts(
             summary.artifacts += 1
 
 
-def read_credentials(path: str | None) -> Credentials | None:
-    if not path:
-        return None
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict) or not data.get("username"):
-        raise click.UsageError(f"{path}: expected a mapping with 'username' and 'password'")
-    return Credentials(username=str(data["username"]), password=str(data.get("password", "")))
-
-
 @click.command("sideload")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--registry-host", required=True, envvar="CLUSTER_REGISTRY_REGISTRY_HOST", help="the cluster registry, HOST:PORT")
@@ -173,7 +164,10 @@ def sideload(
     """Import OCI image layouts and docker archives under PATH into the cluster registry."""
     started = time.monotonic()
     summary = Summary()
-    credentials = read_credentials(registry_credentials_file)
+    try:
+        credentials = read_credentials_file(registry_credentials_file) if registry_credentials_file else None
+    except ClusterRegistryError as err:
+        raise click.UsageError(err.message) from None
     try:
         entries = load(path, default_repository)
         summary.images = sum(1 for e in entries if not e.referrer_of)
@@ -197,7 +191,7 @@ def sideload(
         click.echo(f"sideload: push failed ({summary.tags} tags written): {err}", err=True)
         sys.exit(1)
     if not no_artifacts:
-        ns = namespaces or (_pod_namespace(),)
+        ns = namespaces or (kube.pod_namespace("default"),)
         try:
             create_artifacts(entries, namespaces=ns, registry_host=registry_host, kubeconfig=kubeconfig, summary=summary)
         except Exception as err:  # noqa: BLE001 (API errors: the images are in; say what is missing)
@@ -205,14 +199,3 @@ def sideload(
             sys.exit(1)
     summary.seconds = time.monotonic() - started
     click.echo(summary.to_json())
-
-
-def _pod_namespace() -> str:
-    import os
-
-    if ns := os.environ.get("POD_NAMESPACE"):
-        return ns
-    try:
-        return Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
-    except OSError:
-        return "default"

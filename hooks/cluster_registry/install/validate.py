@@ -29,9 +29,10 @@ from kubernetes import client
 from kubernetes.client import ApiException
 
 from cluster_registry import kube, reference
-from cluster_registry.errors import InvalidReferenceError
+from cluster_registry.errors import ConfigError, InvalidReferenceError
 from cluster_registry.install import checks as C
 from cluster_registry.install import values as V
+from cluster_registry.oci.auth import read_credentials_file
 
 log = logging.getLogger(__name__)
 
@@ -282,20 +283,6 @@ def _http_get(url: str, authorization: str | None, timeout: float) -> None:
         response.read(1024)
 
 
-def _service_account_namespace() -> str:
-    try:
-        return Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
-    except OSError:
-        return ""
-
-
-def read_credentials(path: str) -> tuple[str, str]:
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict) or not isinstance(data.get("username"), str) or not isinstance(data.get("password"), str):
-        raise click.UsageError(f"{path}: expected a mapping with 'username' and 'password'")
-    return data["username"], data["password"]
-
-
 def store_hosts_of(values: V.Values, extra: Iterable[str]) -> list[str]:
     hosts = set(extra)
     for image in values.early_loading_images:
@@ -374,13 +361,17 @@ def validate(
         click.echo(f"validate: cannot read values file {values_file}: {err}", err=True)
         sys.exit(EXIT_USAGE)
     values, value_problems = V.load(document)
-    namespace = namespace or _service_account_namespace()
+    namespace = namespace or kube.pod_namespace()
     if system_pool_label:
         values = V.Values(**{**values.__dict__, "system_pool_label": system_pool_label})
     if dry_run:
         click.echo(plan(values))
         sys.exit(EXIT_OK)
-    credentials = read_credentials(credentials_file) if credentials_file else None
+    try:
+        creds = read_credentials_file(credentials_file) if credentials_file else None
+    except ConfigError as err:
+        raise click.UsageError(err.message) from None
+    credentials = (creds.username, creds.password) if creds else None
     try:
         api = kube.api_client(kubeconfig)
         facts = gather(

@@ -1,10 +1,12 @@
-"""Registry credentials and the pure parts of registry auth (no I/O).
+"""Registry credentials and the pure parts of registry auth (no I/O but the credentials-file reader).
 
 * :class:`Credentials`: username/password (basic, or exchanged for a bearer token) or a ready
   identity/registry token. ``repr``/``str`` never show a secret.
 * :func:`credentials_from_docker_config`: pull secrets (``.dockerconfigjson`` and the legacy
   ``.dockercfg``) to the credentials for one registry host.
 * :func:`parse_challenge`: a ``WWW-Authenticate`` header to scheme + parameters.
+* :func:`read_credentials_file`: the one reader of a ``{username, password}`` file mounted from a
+  Secret (every command's ``--credentials-file``; the gate's expected writer).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import binascii
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from cluster_registry.errors import ConfigError
 
@@ -47,6 +52,17 @@ class Credentials:
     def basic_header(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
+
+
+def read_credentials_file(path: str) -> Credentials:
+    """``{username, password}`` from a YAML (or JSON) file; ConfigError naming the file otherwise."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read the credentials file {path}: {type(err).__name__}") from err
+    if not isinstance(data, dict) or not data.get("username") or data.get("password") is None:
+        raise ConfigError(f"the credentials file {path} must hold a mapping with 'username' and 'password'")
+    return Credentials(username=str(data["username"]), password=str(data["password"]))
 
 
 def _host_of(key: str) -> str:

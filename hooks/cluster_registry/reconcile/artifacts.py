@@ -1,6 +1,6 @@
 """The artifact reconciler: copies each Artifact's source into the cluster registry and reports status.
 
-Flow: an :class:`~.kubeio.Informer` lists then watches Artifacts; each one maps to its destination
+Flow: an :class:`~cluster_registry.kubeio.Informer` lists then watches Artifacts; each one maps to its destination
 (``<registry host>/<reference.local_repository(source)>`` with tag and digest), and the destination
 is the unit of work in a deduplicating :class:`~.queue.DelayQueue`, so Artifacts of the same source
 in many namespaces cause one copy while each gets its own status. ``workers`` asyncio tasks take due
@@ -31,7 +31,7 @@ from cluster_registry.oci import (
     credentials_from_docker_config,
 )
 from cluster_registry.reconcile import status as st
-from cluster_registry.reconcile.kubeio import Informer, Kube, Obj, key_of
+from cluster_registry.kubeio import Informer, Kube, Obj, key_of
 from cluster_registry.reconcile.metrics import ArtifactMetrics
 from cluster_registry.reconcile.queue import DelayQueue, Groups
 from cluster_registry.reconcile.worker import next_due, store_newer

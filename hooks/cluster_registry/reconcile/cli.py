@@ -25,7 +25,7 @@ from cluster_registry.oci import Credentials
 from cluster_registry.reconcile import artifacts as arts
 from cluster_registry.reconcile import components as comps
 from cluster_registry.reconcile import status as st
-from cluster_registry.reconcile.kubeio import Kube
+from cluster_registry.kubeio import Kube
 from cluster_registry.reconcile.metrics import artifact_metrics, component_metrics
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from cluster_registry.errors import ClusterRegistryError
 from cluster_registry.reconcile import component_status as cs
 from cluster_registry.reconcile import helm
 from cluster_registry.reconcile import status as st
-from cluster_registry.reconcile.kubeio import Informer, Kube, Obj, key_of
+from cluster_registry.kubeio import Informer, Kube, Obj, key_of
 from cluster_registry.reconcile.metrics import ComponentMetrics
 from cluster_registry.reconcile.queue import DelayQueue
 from cluster_registry.reconcile.worker import next_due, store_newer

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from cluster_registry.reconcile.kubeio import Obj, key_of
+from cluster_registry.kubeio import Obj, key_of
 from cluster_registry.reconcile.queue import DelayQueue
 
 

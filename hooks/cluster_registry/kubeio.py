@@ -1,6 +1,7 @@
-"""Thin Kubernetes adapters for the reconcilers: custom objects, Secrets, Events, list+watch.
+"""The package's Kubernetes I/O: custom objects, Secrets, Events, and the one list+watch loop (``Informer``).
 
-Synchronous (the kubernetes client is); the controllers call these through ``asyncio.to_thread``.
+Synchronous (the kubernetes client is); asyncio callers go through ``asyncio.to_thread``. Clients are
+made by :mod:`cluster_registry.kube`.
 """
 
 from __future__ import annotations
