@@ -72,7 +72,7 @@ class ComponentReconciler:
         self.artifacts: dict[str, Obj] = {}
         self.queue = DelayQueue()
         self.attempts: dict[str, int] = {}
-        self.renders: dict[str, tuple[str, list[str] | str]] = {}  # key -> (chart hash, images | error)
+        self.renders: dict[str, tuple[str, list[str] | ClusterRegistryError]] = {}  # key -> (chart hash, images | error)
         self.render_retry_at: dict[str, float] = {}
         # artifact key -> Components whose status lists it (also those not owning it: see _ensure_artifact)
         self.wanted_by: dict[str, set[str]] = {}
@@ -203,8 +203,10 @@ class ComponentReconciler:
         cached = self.renders.get(key)
         if cached and cached[0] == digest and isinstance(cached[1], list):
             return cached[1], None, False
-        if cached and cached[0] == digest and self.clock() < self.render_retry_at.get(key, 0):
-            return [], str(cached[1]), True  # a failed render is retried on its backoff, not on every event
+        failed = cached[1] if cached and cached[0] == digest and not isinstance(cached[1], list) else None
+        if failed is not None and self.clock() < self.render_retry_at.get(key, 0):
+            # a failed render is retried on its backoff, not on every event; a permanent one stays Stalled
+            return [], failed.message, failed.temporary
         ns = comp["metadata"]["namespace"]
         configs: list[bytes] = []
         for name in cs.pull_secrets(spec):
@@ -216,7 +218,7 @@ class ComponentReconciler:
             found = workloads.images(workloads.load_manifests(text))
         except ClusterRegistryError as err:
             self.metrics.renders.labels("error").inc()
-            self.renders[key] = (digest, err.message)
+            self.renders[key] = (digest, err)
             return [], err.message, err.temporary
         except Exception as err:  # noqa: BLE001 - e.g. YAML helm should never print
             self.metrics.renders.labels("error").inc()
