@@ -135,6 +135,8 @@ def gc(
     while True:
         rep = run_once(opts, api)
         _observe(gauges, rep)
+        if rep.windowSeconds:
+            print(rep.window_line())
         print(json.dumps(rep.as_dict(), sort_keys=True), flush=True)
         if once or pause <= 0:
             sys.exit(1 if rep.error else 0)

@@ -73,6 +73,13 @@ class Report:
     error: str = ""
     deleted: list[str] = field(default_factory=list)
 
+    def window_line(self) -> str:
+        """The read-only window for people: printed before the JSON report and sent as an Event."""
+        return (
+            f"read-only window: writes were held off for {self.windowSeconds:.3f}s "
+            f"(drain {self.drainSeconds:.3f}s, sweep {self.sweepSeconds:.3f}s)"
+        )
+
     def as_dict(self, with_lists: bool = False) -> dict[str, Any]:
         out = dict(vars(self))
         for k in ("drainSeconds", "sweepSeconds", "sweepCpuSeconds", "windowSeconds", "runSeconds", "usagePercent"):
@@ -165,7 +172,11 @@ def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
     if opts.sweep:
         if opts.storage_root:
             sweep.empty_trash(opts.storage_root)  # left by a run killed after its window
-        _window(opts, api, rep, sizes)
+        try:
+            _window(opts, api, rep, sizes)
+        finally:
+            if rep.windowSeconds:
+                view.window_event(opts.namespace, opts.lock_name, rep.window_line())
         if opts.storage_root:
             sweep.empty_trash(opts.storage_root)
     after = blob_sizes(opts)
@@ -242,8 +253,8 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
         lock.acquire()
         _locked(opts, lock, config, rep, sizes)
     finally:
-        lock.release()
         rep.windowSeconds = time.monotonic() - w0
+        lock.release(window_seconds=rep.windowSeconds)  # the gates export it as a metric
         if not opts.registry_config:
             os.unlink(config)
     log.info(
