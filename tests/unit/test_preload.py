@@ -237,10 +237,11 @@ class FakeCore:
 
 def test_recorded_component_lists_the_images_owned_by_the_release_configmap() -> None:
     body = PL.recorded_component("r-early-loading", "ops", ["myacr.azurecr.io/a:1", "myacr.azurecr.io/a:1"], "cm-uid")
-    assert body["spec"] == {"images": ["myacr.azurecr.io/a:1"]}
+    assert body["spec"] == {"images": ["myacr.azurecr.io/a:1"], "pullSecrets": []}
     assert body["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "ConfigMap", "name": "r-early-loading", "uid": "cm-uid"}]
     assert body["metadata"]["labels"]["clusterregistry.io/loaded-by"] == "preload"
-    assert PL.recorded_component("x", "ops", [], "u")["spec"] == {"images": []}, "an emptied list is recorded, so GC may collect"
+    assert PL.recorded_component("x", "ops", [], "u")["spec"]["images"] == [], "an emptied list is recorded, so GC may collect"
+    assert PL.recorded_component("x", "ops", [], "u", ["b", "a", "b"])["spec"]["pullSecrets"] == ["a", "b"]
 
 
 def test_record_component_creates_then_replaces_the_list() -> None:
@@ -249,7 +250,7 @@ def test_record_component_creates_then_replaces_the_list() -> None:
     assert first["spec"]["images"] == ["myacr.azurecr.io/a:1", "myacr.azurecr.io/b:1"]
     PL.record_component(FakeCore("cm-2"), fake, "rec", "ops", ["myacr.azurecr.io/b:1"])
     (patch,) = fake.patches
-    assert patch["spec"] == {"images": ["myacr.azurecr.io/b:1"]}, "a merge patch replaces the whole list: a removed image goes"
+    assert patch["spec"]["images"] == ["myacr.azurecr.io/b:1"], "a merge patch replaces the whole list: a removed image goes"
     assert patch["metadata"]["ownerReferences"][0]["uid"] == "cm-2", "a re-created ConfigMap becomes the owner"
 
 

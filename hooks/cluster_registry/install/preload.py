@@ -80,7 +80,9 @@ def component_images(custom: Any, namespace: str, name: str) -> tuple[list[str],
     return listed, obj
 
 
-def recorded_component(name: str, namespace: str, sources: Iterable[str], owner_uid: str) -> dict[str, Any]:
+def recorded_component(
+    name: str, namespace: str, sources: Iterable[str], owner_uid: str, pull_secrets: Iterable[str] = ()
+) -> dict[str, Any]:
     """The Component that records early-loaded images, owned by the release's ConfigMap of the same name."""
     return {
         "apiVersion": api.API_VERSION,
@@ -91,11 +93,13 @@ def recorded_component(name: str, namespace: str, sources: Iterable[str], owner_
             "labels": {api.LABEL_MANAGED_BY: api.MANAGED_BY, api.LABEL_LOADED_BY: "preload"},
             "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": name, "uid": owner_uid}],
         },
-        "spec": {"images": list(dict.fromkeys(sources))},
+        "spec": {"images": list(dict.fromkeys(sources)), "pullSecrets": sorted(set(pull_secrets))},
     }
 
 
-def record_component(core: Any, custom: Any, name: str, namespace: str, sources: Iterable[str]) -> dict[str, Any]:
+def record_component(
+    core: Any, custom: Any, name: str, namespace: str, sources: Iterable[str], pull_secrets: Iterable[str] = ()
+) -> dict[str, Any]:
     """Create the recording Component, or set its images and owner; returns the object."""
     try:
         owner = core.read_namespaced_config_map(name, namespace)
@@ -103,7 +107,7 @@ def record_component(core: Any, custom: Any, name: str, namespace: str, sources:
         if err.status == 404:
             raise ConfigError(f"ConfigMap {namespace}/{name} (the release's record of early loading) does not exist") from None
         raise
-    body = recorded_component(name, namespace, sources, owner.metadata.uid)
+    body = recorded_component(name, namespace, sources, owner.metadata.uid, pull_secrets)
     try:
         created: dict[str, Any] = custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.COMPONENTS, body)
         return created
@@ -233,7 +237,7 @@ def preload(
             click.echo(f"would record {len(recorded)} images in Component {ns}/{record}")
         else:
             try:
-                obj = record_component(client.CoreV1Api(custom.api_client), custom, record, ns, recorded)
+                obj = record_component(client.CoreV1Api(custom.api_client), custom, record, ns, recorded, pull_secrets)
             except (ApiException, ConfigError) as err:
                 why = f"HTTP {err.status} {err.reason}" if isinstance(err, ApiException) else str(err)
                 click.echo(f"preload: cannot record the images in Component {ns}/{record}: {why}", err=True)
