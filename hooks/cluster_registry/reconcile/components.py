@@ -253,6 +253,8 @@ class ComponentReconciler:
         meta = comp["metadata"]
         ns, uid, generation = meta["namespace"], meta["uid"], int(meta.get("generation") or 0)
         spec = comp.get("spec") or {}
+        if spec.get("suspend") is True:  # the operator's pause: nothing rendered, written or released
+            return None
         chart_imgs, render_error, temporary = await self.chart_images(comp)
         want = cs.desired([str(i) for i in spec.get("images") or []], chart_imgs)
         if render_error is None:
