@@ -50,4 +50,4 @@ demo-down: ## stop the demo and the local cluster
 	ci/localcluster down
 
 bench: cluster-up ## run every benchmark (each prints a final JSON line)
-	for b in bench/*.py; do $(VENV)/bin/python -P $$b || exit 1; done  # -P: bench/copy.py must not shadow the stdlib copy module
+	for b in bench/*.py; do $(VENV)/bin/python $$b || exit 1; done

@@ -15,27 +15,23 @@ Usage: .venv/bin/python bench/gc.py [--sizes 100,1000,5000]
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import subprocess
 import sys
-
-# bench/ holds copy.py, which would shadow the standard library's copy module: drop the script's folder.
-sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0]) and not p.endswith("/bench")]
-
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import secrets  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "hooks"))
 
-from tests.support.cluster import Cluster, ensure_up  # noqa: E402
-from tests.support.registry import free_port, run_registry  # noqa: E402
+from tests.support.cluster import Cluster, ensure_up
+from tests.support.registry import free_port, run_registry
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 PER_REPO = 10  # images per repository

@@ -28,35 +28,31 @@ WEBHOOK_BENCH_SEARCH_SECONDS (10), WEBHOOK_BENCH_APISERVER_PODS (200).
 
 from __future__ import annotations
 
+import base64
+import csv
+import datetime as dt
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
-
-# bench/ holds scripts named like stdlib modules (copy.py): keep it off the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import base64  # noqa: E402
-import csv  # noqa: E402
-import datetime as dt  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import secrets  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import ssl  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "hooks"))
 
-from cluster_registry.certs import pki  # noqa: E402
-from tests.support.registry import cpu_seconds  # noqa: E402
+from cluster_registry.certs import pki
+from tests.support.registry import cpu_seconds
 
 LOCAL = "cluster-registry.cluster-registry.svc:5000"
 SECONDS = float(os.environ.get("WEBHOOK_BENCH_SECONDS", "30"))

@@ -24,32 +24,27 @@ during its run (the three share the machine's cores), and for the engine its own
 seconds and the peak RSS of the copy process. Ratios are engine MB/s (wall) over the peer's.
 The last line is one JSON object.
 
-    .venv/bin/python bench/copy.py [--only a,b,c,d] [--skip-peers]
+    .venv/bin/python bench/copy_engine.py [--only a,b,c,d] [--skip-peers]
 """
 
 from __future__ import annotations
 
+import argparse
+import http.client
+import json
 import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
 import sys
-
-# This file is named like the stdlib's ``copy``: keep its folder off the import path.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import http.client  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
