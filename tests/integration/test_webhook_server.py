@@ -1,4 +1,5 @@
-"""The real webhook server over TLS on loopback: the CLI process, rotation, 400s, metrics, readiness."""
+"""The real webhook server over TLS on loopback: the CLI process, rotation, 400s, metrics, readiness,
+and the attacks of #16 (a forged review, memory-hungry bodies, slow clients)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry
 
 from cluster_registry.certs import pki
-from cluster_registry.webhook.mutate import Mutator, NothingReady, Settings
-from cluster_registry.webhook.recorder import Recorder
-from cluster_registry.webhook.server import TlsFiles, Webhook, start
+from cluster_registry.webhook.mutate import Mutator, Settings
+from cluster_registry.webhook.pods import Owner, PodWatch
+from cluster_registry.webhook.recorder import Recorder, Recording
+from cluster_registry.webhook.server import Limits, TlsFiles, Webhook, start
 from cluster_registry.webhook.view import ArtifactView
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,7 +129,7 @@ async def test_mutate_over_tls(server: Proc) -> None:
 @pytest.mark.parametrize(
     "payload",
     [b"", b"not json", b"\xff\xfe", b"[]", b'{"kind": "Pod"}', b'{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1"}',
-     b"[" * 200_000, b'{"kind":"AdmissionReview","apiVersion":{"a":1},"request":{"uid":"u"}}'],
+     b"[" * 50_000, b'{"kind":"AdmissionReview","apiVersion":{"a":1},"request":{"uid":"u"}}'],
 )
 async def test_garbage_gets_400(server: Proc, payload: bytes) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(server.ca[0]))) as s:
@@ -216,17 +218,19 @@ async def test_readyz_waits_for_the_artifact_view(tmp_path: Path) -> None:
     release = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    class SlowSource:
-        def list(self) -> tuple[list[dict[str, Any]], str]:
+    class SlowKube:
+        """What the shared Informer calls: a list that waits for the test, then empty watches."""
+
+        def list(self, plural: str, label_selector: str | None, namespace: str | None) -> tuple[list[dict[str, Any]], str]:
             asyncio.run_coroutine_threadsafe(release.wait(), loop).result(20)
             return [], "1"
 
-        def watch(self, resource_version: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        def watch(self, plural: str, rv: str, selector: str | None, timeout: int, stopper: Any, namespace: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
             time.sleep(0.2)
             return iter(())
 
-    view = ArtifactView(SlowSource())
-    hook = Webhook(Mutator(Settings.build(LOCAL)), view, Recorder(None, view), TlsFiles(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")), CollectorRegistry())
+    view = ArtifactView(SlowKube())  # type: ignore[arg-type]
+    hook = Webhook(Mutator(Settings.build(LOCAL)), view, TlsFiles(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")), CollectorRegistry())
     running = await start(hook, "127.0.0.1", 0)
     try:
         url = f"https://127.0.0.1:{running.port}"
@@ -270,7 +274,7 @@ def test_generated_reviews_through_the_real_server(server: Proc) -> None:
         got = json.loads(data)
         check_response(body, got)
         # the server runs --rewrite-policy Always with no exclusions: it answers as the pure core does
-        assert got == always.review(body, NothingReady()).review
+        assert got == always.review(body, ArtifactView(None)).review
         seen["n"] += 1
 
     try:
@@ -319,3 +323,148 @@ def test_arbitrary_json_never_gets_a_5xx(server: Proc) -> None:
         run()
     finally:
         conn.close()
+
+
+# -- #16: nobody can make the webhook write, or run it out of memory or connections
+
+
+class RecordingApi:
+    """An API server that records every call the recorder makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def get_artifact(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", namespace))
+        return None
+
+    def create_artifact(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("create", namespace))
+        return body
+
+    def patch_artifact(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("patch", namespace))
+        return patch
+
+    def controller_of(self, namespace: str, owner: Owner) -> Owner | None:
+        self.calls.append(("owner", namespace))
+        return None
+
+    def service_account_secrets(self, namespace: str, name: str) -> list[str]:
+        self.calls.append(("sa", namespace))
+        return ["victim-pull"]
+
+
+async def in_process(tmp_path: Path, limits: Limits = Limits()) -> tuple[Any, Webhook, RecordingApi, bytes]:
+    ca = pki.new_ca(dt.datetime.now(dt.timezone.utc))
+    write_pair(tmp_path, ca)
+    mutator = Mutator(Settings.build(LOCAL, "Always"))
+    view = ArtifactView.static([])
+    api = RecordingApi()
+    recording = Recording(Recorder(api, view, batch_interval=0.02), PodWatch(None, mutator))
+    hook = Webhook(mutator, view, TlsFiles(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")), CollectorRegistry(),
+                   recording=recording, limits=limits)  # fmt: skip
+    return await start(hook, "127.0.0.1", 0), hook, api, ca[0]
+
+
+async def test_a_forged_review_for_another_namespace_writes_nothing(tmp_path: Path) -> None:
+    """Item 1 of #16: any TLS client may POST a review claiming any namespace and service account; it
+    gets a patch and nothing else. Only a pod the API server holds (the pod watch's event) is recorded."""
+    running, hook, api, ca = await in_process(tmp_path)
+    try:
+        forged = review("deployment_pod")
+        forged["request"]["namespace"] = forged["request"]["object"]["metadata"]["namespace"] = "victim"
+        forged["request"]["object"]["spec"]["serviceAccountName"] = "default"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(ca))) as s:
+            for _ in range(20):
+                async with s.post(f"https://127.0.0.1:{running.port}/mutate", json=forged) as r:
+                    assert r.status == 200 and "patch" in (await r.json())["response"]
+        await asyncio.sleep(0.3)  # several recorder batch intervals
+        assert api.calls == [] and hook.recording is not None and hook.recording.recorder.pending == 0
+        # the same pod, once it exists, is recorded
+        pod = {**forged["request"]["object"], "metadata": {**forged["request"]["object"]["metadata"], "uid": "u1", "name": "p"}}
+        hook.recording.pods.record_unannotated = True
+        hook.recording.pods.apply("ADDED", pod)
+        await asyncio.sleep(0.05)  # the watch hands intents to the event loop
+        assert await hook.recording.recorder.drained(5)
+        assert ("create", "victim") in api.calls
+    finally:
+        await running.stop(drain=0.5)
+
+
+def peak_rss(pid: int) -> int:
+    """The process's high-water mark of resident memory (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_worst_case_bodies_keep_memory_under_the_limit(server: Proc) -> None:
+    """Item 2 of #16: 16 MiB of `[],[],...` once grew RSS by ~470 MiB. Now bodies over 4 MiB are refused
+    unread, bodies with more arrays/objects than a pod can hold are refused before they are parsed (and
+    before they are held whole), and only 4 are read and parsed at once: 20 concurrent worst cases of each
+    kind keep the process's peak RSS under the chart's 256 Mi limit."""
+    limit = 256 * 1024 * 1024
+    nested = b"[" + b"[]," * ((Limits.max_body - 2) // 3 - 1) + b"[]]"  # just under the body limit
+    parsable = b'{"a":[' + b"[]," * (Limits.max_structures - 10) + b'[]],"pad":"' + b"x" * (Limits.max_body // 2) + b'"}'
+    oversized = b"[" + b"[]," * (6 * 1024 * 1024 // 3) + b"[]]"
+
+    async def attack(body: bytes, chunked: bool) -> list[int]:
+        conn = aiohttp.TCPConnector(ssl=client_ssl(server.ca[0]), limit=0)
+        async with aiohttp.ClientSession(connector=conn) as s:
+            async def post() -> int:
+                async def chunks() -> Any:
+                    for i in range(0, len(body), 65536):
+                        yield body[i : i + 65536]
+
+                data: Any = chunks() if chunked else body  # chunked: no Content-Length to refuse up front
+                async with s.post(server.url + "/mutate", data=data, headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+                    return r.status
+            return list(await asyncio.gather(*(post() for _ in range(20))))
+
+    assert asyncio.run(attack(nested, False)) == [413] * 20  # too many structures: never parsed
+    assert asyncio.run(attack(parsable, False)) == [400] * 20  # parsed, four at a time: not a review
+    assert asyncio.run(attack(oversized, False)) == [413] * 20  # too large: refused by Content-Length
+    assert asyncio.run(attack(oversized, True)) == [413] * 20  # too large: refused while reading
+    assert peak_rss(server.proc.pid) < limit, peak_rss(server.proc.pid)
+    got = post_json(server, review("job_pod"))  # and it still answers
+    assert got["response"]["allowed"] is True and "patch" in got["response"]
+
+
+def post_json(server: Proc, body: dict[str, Any]) -> dict[str, Any]:
+    import http.client
+
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=client_ssl(server.ca[0]), timeout=10)
+    try:
+        conn.request("POST", "/mutate", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200
+        got: dict[str, Any] = json.loads(r.read())
+        return got
+    finally:
+        conn.close()
+
+
+async def test_slow_clients_are_cut_off(tmp_path: Path) -> None:
+    """Item 2 of #16: a client that trickles its headers is disconnected after the header timeout, one
+    that trickles its body gets 408 after the body timeout; neither holds a connection for ever."""
+    running, _hook, _api, ca = await in_process(tmp_path, Limits(header_timeout=1.0, body_timeout=1.0))
+    try:
+        ctx = client_ssl(ca)
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port, ssl=ctx, server_hostname="127.0.0.1")
+        writer.write(b"POST /mutate HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        await writer.drain()
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
+        assert time.monotonic() - t0 < 5
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port, ssl=ctx, server_hostname="127.0.0.1")
+        writer.write(b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readline(), 10)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        writer.close()
+    finally:
+        await running.stop(drain=0.1)

@@ -10,17 +10,16 @@ from typing import Any
 
 import pytest
 
-from cluster_registry.webhook import jsonpatch
 from cluster_registry.webhook.mutate import (
+    ANNOTATION_SOURCES,
     INTERNAL_ERROR_WARNING,
     BadRequest,
-    Intent,
     Mutator,
-    NothingReady,
-    Owner,
     Policy,
     Settings,
+    recorded_sources,
 )
+from tests.support import jsonpatch
 
 FIXTURES = Path(__file__).parent / "fixtures" / "admission"
 LOCAL = "cr.local:5000"
@@ -41,6 +40,11 @@ class Ready:
         return (namespace, source) in self.keys
 
 
+class NothingReady:
+    def is_ready(self, namespace: str, source: str) -> bool:
+        return False
+
+
 class AllReady:
     def is_ready(self, namespace: str, source: str) -> bool:
         return True
@@ -57,16 +61,22 @@ def ops_of(review: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def as_map(ops: list[dict[str, Any]]) -> dict[str, str]:
-    assert all(op["op"] == "replace" for op in ops)
-    return {op["path"]: op["value"] for op in ops}
+    """The image replacements (the annotation op aside)."""
+    images = [op for op in ops if not op["path"].startswith("/metadata/")]
+    assert all(op["op"] == "replace" for op in images)
+    return {op["path"]: op["value"] for op in images}
+
+
+def sources_of(body: dict[str, Any], review: dict[str, Any]) -> dict[str, str] | None:
+    """The sources annotation of the pod once the patch is applied."""
+    patched = jsonpatch.apply(body["request"]["object"], ops_of(review))
+    return recorded_sources(patched["metadata"])
 
 
 def mutator(policy: Policy = Policy.ALWAYS, **kw: Any) -> Mutator:
     return Mutator(Settings.build(LOCAL, policy, **kw))
 
 
-RS = Owner("apps/v1", "ReplicaSet", "upf-7d9c6b5f8d", "0c8f7a52-1b8e-4c43-9d8e-2f3b9a6e1d01")
-JOB = Owner("batch/v1", "Job", "migrate-28912345", "7e1d3c5b-5a9f-4e2b-8c1d-0b2a3c4d5e6f")
 
 DEPLOYMENT_PATCH = {
     "/spec/initContainers/0/image": f"{LOCAL}/docker.io/library/busybox:1.36",
@@ -136,46 +146,46 @@ def test_always_policy_on_fixtures(name: str, want: dict[str, str], skips: dict[
     assert ops_of(mutator().review(again, AllReady()).review) == []
 
 
-def test_intents_for_a_deployment_pod() -> None:
-    out = mutator().review(fixture("deployment_pod"), NothingReady())
-    sources = {
-        "docker.io/library/busybox:1.36",
-        "myacr.azurecr.io/nginx:1.0.0",
-        "docker.io/library/nginx:latest",
-        "docker.io/bitnami/redis:7",
+def test_the_patch_records_every_candidates_source_in_an_annotation() -> None:
+    body = fixture("deployment_pod")
+    assert sources_of(body, mutator(Policy.WHEN_READY).review(body, NothingReady()).review) == {
+        "init-config": "docker.io/library/busybox:1.36",
+        "upf": "myacr.azurecr.io/nginx:1.0.0",
+        "sidecar": "docker.io/library/nginx:latest",
+        "metrics": "docker.io/bitnami/redis:7",
     }
-    assert out.intents == {Intent("cnf", s, ("acr-pull",), "upf", RS) for s in sources}
 
 
-def test_intents_carry_job_and_bare_pod_owners() -> None:
-    (job,) = mutator().review(fixture("job_pod"), NothingReady()).intents
-    assert job == Intent("cnf", f"ghcr.io/acme/migrate@{D1}", (), "default", JOB)
-    bare = mutator().review(fixture("bare_pod"), NothingReady()).intents
-    assert {i.owner for i in bare} == {Owner("v1", "Pod", "debug-shell", "")}
-    assert {i.namespace for i in bare} == {"default"}
+def test_the_annotation_keeps_other_annotations_and_earlier_sources() -> None:
+    body = fixture("deployment_pod")
+    pod = body["request"]["object"]
+    pod["metadata"]["annotations"] = {"team": "core", ANNOTATION_SOURCES: json.dumps({"gone": "r.io/x:1"})}
+    out = mutator().review(body, NothingReady())
+    patched = jsonpatch.apply(pod, ops_of(out.review))
+    assert patched["metadata"]["annotations"]["team"] == "core"
+    assert recorded_sources(patched["metadata"]) == {"gone": "r.io/x:1", **(sources_of(fixture("deployment_pod"), mutator().review(fixture("deployment_pod"), NothingReady()).review) or {})}
 
 
-def test_dry_run_rewrites_but_records_nothing() -> None:
-    out = mutator().review(fixture("dry_run"), NothingReady())
-    assert out.rewrites == 4
-    assert out.intents == frozenset()
-
-
-def test_ephemeral_update_asks_only_for_the_new_container() -> None:
-    out = mutator().review(fixture("ephemeral_update"), NothingReady())
-    assert {i.source for i in out.intents} == {"docker.io/nicolaka/netshoot:v0.13"}
-
-
-def test_a_bare_pods_update_records_the_same_owner_as_its_create() -> None:
-    """CREATE has no uid yet; an UPDATE that carried one would patch a second owner entry for the same pod."""
-    body = fixture("ephemeral_update")
-    body["request"]["object"]["metadata"]["uid"] = "0f0e0d0c-0000-4000-8000-000000000001"
-    assert {i.owner for i in mutator().review(body, NothingReady()).intents} == {Owner("v1", "Pod", "upf-0", "")}
+def test_ephemeral_update_patches_only_the_new_container() -> None:
+    """The pods/ephemeralcontainers subresource refuses changes to anything else (annotations too)."""
+    ops = ops_of(mutator().review(fixture("ephemeral_update"), NothingReady()).review)
+    assert [op["path"] for op in ops] == ["/spec/ephemeralContainers/1/image"]
 
 
 @pytest.mark.parametrize("name", ["already_rewritten", "mirror_pod", "opt_out", "pod_update"])
-def test_nothing_recorded_for_skipped_pods(name: str) -> None:
-    assert mutator().review(fixture(name), NothingReady()).intents == frozenset()
+def test_nothing_annotated_for_skipped_pods(name: str) -> None:
+    assert ops_of(mutator().review(fixture(name), NothingReady()).review) == []
+
+
+@pytest.mark.parametrize("namespace", ["kube-system", "cluster-registry", "infra"])
+def test_excluded_namespaces_are_refused_in_the_process(namespace: str) -> None:
+    """Item 3 of #16: whatever the webhook configuration lets through, these are never patched."""
+    body = fixture("deployment_pod")
+    body["request"]["namespace"] = namespace
+    out = mutator(exclude_namespaces=["cluster-registry", "infra"]).review(body, AllReady())
+    assert ops_of(out.review) == [] and out.skips == {"excluded-namespace": 1}
+    body["request"]["namespace"] = "cnf"
+    assert as_map(ops_of(mutator(exclude_namespaces=["cluster-registry", "infra"]).review(body, AllReady()).review))
 
 
 def test_when_ready_rewrites_only_ready_artifacts_of_the_pods_namespace() -> None:
@@ -184,9 +194,9 @@ def test_when_ready_rewrites_only_ready_artifacts_of_the_pods_namespace() -> Non
     out = m.review(body, Ready(("cnf", "myacr.azurecr.io/nginx:1.0.0"), ("other", "docker.io/library/nginx:latest")))
     assert as_map(ops_of(out.review)) == {"/spec/containers/0/image": f"{LOCAL}/myacr.azurecr.io/nginx:1.0.0"}
     assert out.skips["not-ready"] == 3
-    assert len(out.intents) == 4  # every Artifact is still asked for
+    assert len(sources_of(body, out.review) or {}) == 4  # every source is recorded, rewritten or not
     none = m.review(body, Ready(*((ns, s) for ns in ("default", "kube-system") for s in DEPLOYMENT_PATCH.values())))
-    assert ops_of(none.review) == [] and none.skips["not-ready"] == 4
+    assert as_map(ops_of(none.review)) == {} and none.skips["not-ready"] == 4
 
 
 def test_when_ready_with_everything_ready_equals_always() -> None:
@@ -209,7 +219,8 @@ def test_when_ready_with_everything_ready_equals_always() -> None:
 def test_exclusion_and_allow_lists(kw: dict[str, list[str]], rewritten: set[str]) -> None:
     out = mutator(**kw).review(fixture("deployment_pod"), NothingReady())
     assert set(as_map(ops_of(out.review))) == rewritten
-    assert {i.source for i in out.intents} == {DEPLOYMENT_PATCH[p].removeprefix(LOCAL + "/") for p in rewritten}
+    recorded = set((sources_of(fixture("deployment_pod"), out.review) or {}).values())
+    assert recorded == {DEPLOYMENT_PATCH[p].removeprefix(LOCAL + "/") for p in rewritten}
     assert sum(out.skips.values()) == 4 - len(rewritten)
 
 
@@ -248,7 +259,7 @@ def test_internal_error_admits_unchanged_with_a_warning() -> None:
         "allowed": True,
         "warnings": [INTERNAL_ERROR_WARNING],
     }
-    assert out.error is not None and out.intents == frozenset()
+    assert out.error is not None
 
 
 def test_view_errors_also_admit_unchanged() -> None:

@@ -1,5 +1,5 @@
-"""The Artifact recorder (deduplication, batching, owner and service-account resolution) and the
-watch-fed view, against in-memory fakes of the API server."""
+"""The Artifact recorder (deduplication, batching, owner and service-account resolution), fed by the
+pod watch, and the watch-fed view, against in-memory fakes of the API server."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ from collections.abc import Iterator
 from typing import Any
 
 from cluster_registry import reference
-from cluster_registry.webhook.mutate import Intent, Mutator, NothingReady, Owner, Settings
-from cluster_registry.webhook.recorder import Conflict, Recorder, artifact_body
-from cluster_registry.webhook.view import ArtifactView, Gone
+from cluster_registry.api import OwnerRef, artifact_body
+from cluster_registry.webhook.mutate import Mutator, Settings
+from cluster_registry.webhook.pods import Gone, Intent, Owner, PodWatch
+from cluster_registry.webhook.recorder import Conflict, Recorder
+from cluster_registry.webhook.view import ArtifactView
 
 RS = Owner("apps/v1", "ReplicaSet", "web-5c9d", "rs-uid")
 DEPLOY = Owner("apps/v1", "Deployment", "web", "deploy-uid")
 JOB = Owner("batch/v1", "Job", "backup-1", "job-uid")
 CRON = Owner("batch/v1", "CronJob", "backup", "cron-uid")
+DEPLOY_REF = OwnerRef(apiVersion="apps/v1", kind="Deployment", name="web", uid="deploy-uid")
 
 
 class FakeApi:
@@ -70,29 +73,18 @@ class FakeApi:
         return sum(c in ("create", "patch") for c in self.calls)
 
 
-def pod_review(uid: str, images: list[str], owner: dict[str, Any] | None, dry_run: bool = False) -> dict[str, Any]:
-    meta: dict[str, Any] = {"generateName": "web-5c9d-", "namespace": "cnf"}
+def pod(uid: str, images: list[str], owner: dict[str, Any] | None, phase: str = "Pending") -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": f"web-5c9d-{uid}", "namespace": "cnf", "uid": uid, "resourceVersion": "1"}
     if owner:
         meta["ownerReferences"] = [owner]
     return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": "cnf",
-            "operation": "CREATE",
-            "dryRun": dry_run,
-            "object": {
-                "metadata": meta,
-                "spec": {
-                    "serviceAccountName": "upf",
-                    "imagePullSecrets": [{"name": "pod-pull"}],
-                    "containers": [{"name": f"c{i}", "image": im} for i, im in enumerate(images)],
-                },
-            },
+        "metadata": meta,
+        "spec": {
+            "serviceAccountName": "upf",
+            "imagePullSecrets": [{"name": "pod-pull"}],
+            "containers": [{"name": f"c{i}", "image": im} for i, im in enumerate(images)],
         },
+        "status": {"phase": phase},
     }
 
 
@@ -100,14 +92,19 @@ RS_REF = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": RS.name, "uid":
 IMAGES = ["myacr.azurecr.io/upf:1.0", "nginx", "ghcr.io/x/y:2", "busybox"]
 
 
-async def rollout(api: FakeApi, view: ArtifactView, pods: int, dry_run: bool = False) -> Recorder:
+async def rollout(api: FakeApi, view: ArtifactView, pods: int) -> Recorder:
+    """A Deployment's rollout as the pod watch sees it: each pod ADDED, then MODIFIED twice (scheduled,
+    running), then half of them DELETED again (a rollout's old ReplicaSet scaled down)."""
     rec = Recorder(api, view, batch_interval=0.05)
+    watch = PodWatch(None, Mutator(Settings.build("cr.local:5000")), rec.submit, record_unannotated=True)
     task = asyncio.create_task(rec.run())
-    m = Mutator(Settings.build("cr.local:5000"))
     for i in range(pods):
-        rec.submit(m.review(pod_review(f"u{i}", IMAGES, RS_REF, dry_run), NothingReady()).intents)
+        for kind, phase in (("ADDED", "Pending"), ("MODIFIED", "Pending"), ("MODIFIED", "Running")):
+            watch.apply(kind, pod(f"u{i}", IMAGES, RS_REF, phase))
+        if i % 2:
+            watch.apply("DELETED", pod(f"u{i - 1}", IMAGES, RS_REF))
         if i % 50 == 0:
-            await asyncio.sleep(0)  # admissions arrive over time, interleaved with flushes
+            await asyncio.sleep(0)  # events arrive over time, interleaved with flushes
     assert await rec.drained(10)
     task.cancel()
     return rec
@@ -137,16 +134,10 @@ async def test_a_rollout_of_1000_pods_writes_once_per_image() -> None:
     }
 
 
-async def test_dry_run_pods_cause_no_api_calls() -> None:
-    api = FakeApi()
-    await rollout(api, ArtifactView.static([]), 50, dry_run=True)
-    assert api.calls == []
-
-
 def test_existing_artifact_with_everything_costs_no_write() -> None:
     api = FakeApi()
     source = "docker.io/library/nginx:latest"
-    body = artifact_body("cnf", source, [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "deploy-uid"}], ["pod-pull", "sa-pull"])
+    body = artifact_body(source, "cnf", owners=[DEPLOY_REF], pull_secrets=["pod-pull", "sa-pull"])
     body["metadata"]["resourceVersion"] = "5"
     rec = Recorder(api, ArtifactView.static([body]))
     failed, done = rec.flush({Intent("cnf", source, ("pod-pull",), "upf", RS)})
@@ -157,7 +148,7 @@ def test_existing_artifact_with_everything_costs_no_write() -> None:
 def test_new_owner_is_merged_and_conflicts_are_retried() -> None:
     api = FakeApi()
     source = "docker.io/library/nginx:latest"
-    stale = artifact_body("cnf", source, [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "deploy-uid"}], [])
+    stale = artifact_body(source, "cnf", owners=[DEPLOY_REF])
     stale["metadata"]["resourceVersion"] = "1"
     api.artifacts[("cnf", stale["metadata"]["name"])] = {**copy.deepcopy(stale), "metadata": {**stale["metadata"], "resourceVersion": "7"}}
     rec = Recorder(api, ArtifactView.static([stale]))  # the view lags behind: resourceVersion 1
@@ -171,7 +162,7 @@ def test_new_owner_is_merged_and_conflicts_are_retried() -> None:
 def test_create_conflict_falls_back_to_merging() -> None:
     api = FakeApi()
     source = "ghcr.io/x/y:2"
-    other = artifact_body("cnf", source, [{"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": ""}], [])
+    other = artifact_body(source, "cnf", owners=[OwnerRef(apiVersion="v1", kind="Pod", name="p", uid="")])
     api.create_artifact("cnf", other)  # another replica won the race; our view has not seen it
     api.calls.clear()
     rec = Recorder(api, ArtifactView.static([]))
@@ -209,10 +200,12 @@ def test_recent_intents_are_resubmitted_once_the_artifact_is_gone() -> None:
     assert rec.pending == 1  # long ago, and the view does not hold it (deleted by GC?)
 
 
-# -- the view
+# -- the pod watch's list/watch loop, and the view
 
 
 class FakeSource:
+    """Pods: the first list has a pod using nginx, the second (after Gone) one using redis."""
+
     def __init__(self) -> None:
         self.lists = 0
         self.events: list[list[tuple[str, dict[str, Any]]] | Exception] = []
@@ -220,8 +213,7 @@ class FakeSource:
 
     def list(self) -> tuple[list[dict[str, Any]], str]:
         self.lists += 1
-        items = [art("cnf", "docker.io/library/nginx:latest", "Ready" if self.lists > 1 else "Pending", "a")]
-        return items, str(self.lists)
+        return [pod(f"l{self.lists}", ["nginx" if self.lists == 1 else "redis"], RS_REF)], str(self.lists)
 
     def watch(self, resource_version: str) -> Iterator[tuple[str, dict[str, Any]]]:
         if not self.events:
@@ -234,47 +226,31 @@ class FakeSource:
         yield from batch
 
 
-def art(ns: str, source: str, phase: str, name: str) -> dict[str, Any]:
-    return {
-        "metadata": {"namespace": ns, "name": name, "resourceVersion": "1"},
-        "spec": {"sourceArtifact": source},
-        "status": {"phase": phase},
-    }
+def sources(got: list[frozenset[Intent]]) -> list[set[str]]:
+    return [{i.source for i in g} for g in got]
 
 
-def test_view_lists_watches_and_relists_on_gone() -> None:
+def test_pod_watch_lists_watches_and_relists_on_gone() -> None:
     src = FakeSource()
     src.events = [
-        [("ADDED", art("cnf", "ghcr.io/x/y:2", "Ready", "b")), ("BOOKMARK", {"metadata": {"resourceVersion": "9"}})],
-        [("MODIFIED", art("cnf", "ghcr.io/x/y:2", "Copying", "b")), ("DELETED", art("cnf", "nope:1", "Ready", "z"))],
+        [("ADDED", pod("a", ["ghcr.io/x/y:2"], RS_REF)), ("BOOKMARK", {"metadata": {"resourceVersion": "9"}})],
+        [("MODIFIED", pod("a", ["ghcr.io/x/y:2"], RS_REF, "Running")), ("DELETED", pod("a", [], RS_REF))],
         Gone(),
     ]
-    view = ArtifactView(src, backoff=0.01)
-    assert not view.synced
-    view.start()
+    got: list[frozenset[Intent]] = []
+    watch = PodWatch(src, Mutator(Settings.build("cr.local:5000")), lambda i: got.append(frozenset(i)),
+                     record_unannotated=True, backoff=0.01)  # fmt: skip
+    watch.start()
     try:
-        assert view.wait_synced(5)
         assert src.idle.wait(5)
-        assert src.lists == 2  # relisted after Gone
-        assert view.is_ready("cnf", "docker.io/library/nginx:latest")  # from the second list
-        assert not view.is_ready("other", "docker.io/library/nginx:latest")
-        assert view.get("cnf", "ghcr.io/x/y:2") is None  # the relist replaced everything
     finally:
-        view.stop()
+        watch.stop()
+    assert src.lists == 2  # relisted after Gone
+    assert sources(got) == [{"docker.io/library/nginx:latest"}, {"ghcr.io/x/y:2"}, {"docker.io/library/redis:latest"}]
+    assert len(watch) == 1  # the relist replaced everything
 
 
-def test_view_events() -> None:
-    view = ArtifactView.static([art("cnf", "a.io/x:1", "Pending", "a")])
-    assert not view.is_ready("cnf", "a.io/x:1")
-    view.apply("MODIFIED", art("cnf", "a.io/x:1", "Ready", "a"))
-    assert view.is_ready("cnf", "a.io/x:1")
-    view.apply("DELETED", art("cnf", "a.io/x:1", "Ready", "a"))
-    assert view.get("cnf", "a.io/x:1") is None and len(view) == 0
-    view.apply("ADDED", {"metadata": {"name": "broken"}})  # malformed: ignored
-    assert len(view) == 0
-
-
-def test_view_survives_api_errors() -> None:
+def test_pod_watch_survives_api_errors() -> None:
     src = FakeSource()
     calls = {"n": 0}
     real_list = src.list
@@ -286,9 +262,32 @@ def test_view_survives_api_errors() -> None:
         return real_list()
 
     src.list = flaky  # type: ignore[method-assign]
-    view = ArtifactView(src, backoff=0.01)
-    view.start()
+    watch = PodWatch(src, Mutator(Settings.build("cr.local:5000")), record_unannotated=True, backoff=0.01)
+    watch.start()
     try:
-        assert view.wait_synced(5) and calls["n"] == 3
+        assert src.idle.wait(5) and calls["n"] == 3 and len(watch) == 1
     finally:
-        view.stop()
+        watch.stop()
+
+
+def art(ns: str, source: str, phase: str, name: str) -> dict[str, Any]:
+    return {
+        "metadata": {"namespace": ns, "name": name, "resourceVersion": "1"},
+        "spec": {"sourceArtifact": source},
+        "status": {"phase": phase},
+    }
+
+
+def test_view_events() -> None:
+    deleted: list[tuple[str, str]] = []
+    view = ArtifactView.static([art("cnf", "a.io/x:1", "Pending", "a")])
+    view.on_deleted = lambda ns, source: deleted.append((ns, source))
+    assert not view.is_ready("cnf", "a.io/x:1")
+    view.apply("MODIFIED", art("cnf", "a.io/x:1", "Ready", "a"))
+    assert view.is_ready("cnf", "a.io/x:1")
+    view.apply("DELETED", art("cnf", "a.io/x:1", "Ready", "other-name"))  # not the one we hold
+    assert view.is_ready("cnf", "a.io/x:1") and deleted == []
+    view.apply("DELETED", art("cnf", "a.io/x:1", "Ready", "a"))
+    assert view.get("cnf", "a.io/x:1") is None and len(view) == 0 and deleted == [("cnf", "a.io/x:1")]
+    view.apply("ADDED", {"metadata": {"name": "broken"}})  # malformed: ignored
+    assert len(view) == 0

@@ -1,1 +1,2 @@
-"""The pod mutating admission webhook: pure core (``mutate``), Artifact view, recorder, server."""
+"""The pod mutating admission webhook: pure core (``mutate``), Artifact view, server (no writes), and
+the pod watch (``pods``) feeding the Artifact recorder."""

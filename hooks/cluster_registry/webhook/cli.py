@@ -11,9 +11,10 @@ from prometheus_client import CollectorRegistry
 
 from cluster_registry.errors import ConfigError
 from cluster_registry.webhook.mutate import Mutator, Policy, Settings
-from cluster_registry.webhook.recorder import KubeArtifactApi, Recorder
-from cluster_registry.webhook.server import TlsFiles, Webhook, serve_forever
-from cluster_registry.webhook.view import ArtifactView, KubeArtifactSource
+from cluster_registry.webhook.pods import KubePods, PodWatch
+from cluster_registry.webhook.recorder import KubeArtifactApi, Recorder, Recording
+from cluster_registry.webhook.server import Limits, TlsFiles, Webhook, serve_forever
+from cluster_registry.webhook.view import ArtifactView
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,24 @@ def split_host_port(text: str, default_port: int = 8443) -> tuple[str, int]:
     default="",
     help="The release namespace.",
 )
+@click.option(
+    "--exclude-namespace",
+    multiple=True,
+    envvar="CLUSTER_REGISTRY_WEBHOOK_EXCLUDE_NAMESPACES",
+    help="Namespace never rewritten nor recorded (repeatable; kube-system and --namespace always are).",
+)
+@click.option(
+    "--record-unannotated/--no-record-unannotated",
+    default=False,
+    show_default=True,
+    help="Record Artifacts for pods the webhook did not annotate too (pods older than the webhook): only "
+    "right when the webhook's scope is the namespace exclusion alone.",
+)
+@click.option("--leader-election/--no-leader-election", default=True, show_default=True,
+              help="Record Artifacts only in the replica holding the Lease (in --namespace).")
+@click.option("--lease-name", default="cluster-registry-webhook", show_default=True)
+@click.option("--max-body-bytes", default=Limits.max_body, show_default=True, help="Larger request bodies get 413.")
+@click.option("--max-concurrent", default=Limits.concurrent, show_default=True, help="Requests read and parsed at once.")
 @click.option("--tls-reload-interval", default=5.0, show_default=True, help="Seconds between TLS file checks.")
 @click.option("--batch-interval", default=0.2, show_default=True, help="Seconds to batch Artifact writes.")
 @click.option(
@@ -73,6 +92,12 @@ def webhook(
     allow_registry: tuple[str, ...],
     kubeconfig: str | None,
     namespace: str,
+    exclude_namespace: tuple[str, ...],
+    record_unannotated: bool,
+    leader_election: bool,
+    lease_name: str,
+    max_body_bytes: int,
+    max_concurrent: int,
     tls_reload_interval: float,
     batch_interval: float,
     offline: bool,
@@ -81,23 +106,25 @@ def webhook(
     host, port = split_host_port(listen)
     if not (tls_cert and tls_key):
         raise click.UsageError("--tls-cert and --tls-key are required (the API server only calls HTTPS)")
-    settings = Settings.build(registry_host, rewrite_policy, exclude_registry, allow_registry)
+    excluded = (*exclude_namespace, namespace) if namespace else exclude_namespace
+    mutator = Mutator(Settings.build(registry_host, rewrite_policy, exclude_registry, allow_registry, excluded))
+    limits = Limits(max_body=max_body_bytes, concurrent=max_concurrent)
+    tls = TlsFiles(str(tls_cert), str(tls_key))
     if offline:
-        view = ArtifactView(None)
-        recorder = Recorder(None, view)
+        hook = Webhook(mutator, ArtifactView(None), tls, CollectorRegistry(), limits=limits)
     else:
         from cluster_registry.kube import api_client
+        from cluster_registry.kubeio import Kube
+        from cluster_registry.leader import LeaderElector, LeaseLock
 
         client = api_client(kubeconfig)
-        view = ArtifactView(KubeArtifactSource(client))
-        recorder = Recorder(KubeArtifactApi(client), view, batch_interval=batch_interval)
-    hook = Webhook(
-        mutator=Mutator(settings),
-        view=view,
-        recorder=recorder,
-        tls=TlsFiles(str(tls_cert), str(tls_key)),
-        registry=CollectorRegistry(),
-    )
+        kube = Kube(client)
+        view = ArtifactView(kube)
+        pods = PodWatch(KubePods(client), mutator, record_unannotated=record_unannotated)
+        recording = Recording(Recorder(KubeArtifactApi(kube), view, batch_interval=batch_interval), pods)
+        # without a namespace for its Lease (a trial outside the cluster) every process records
+        elector = LeaderElector(LeaseLock(client, namespace, lease_name)) if leader_election and namespace else None
+        hook = Webhook(mutator, view, tls, CollectorRegistry(), recording=recording, elector=elector, limits=limits)
     # uvloop: its transports and TLS are compiled, a good part of each request's cost on asyncio's.
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve_forever(hook, host, port, tls_reload_interval))

@@ -1,19 +1,21 @@
-"""The webhook's pure core: an AdmissionReview in, the response and the Artifacts to ensure out.
+"""The webhook's pure core: an AdmissionReview in, the response out. No writes, no I/O, no clock.
 
-No I/O and no clock: the caller passes the request body (already decoded from JSON), a view of
-which Artifacts are Ready, and gets back an :class:`Outcome`. Everything that touches the API server
-(creating Artifacts, resolving owners, reading service accounts) happens elsewhere, off the request
-path, from the :class:`Intent` values this module returns.
+The caller passes the request body (already decoded from JSON) and a view of which Artifacts are
+Ready, and gets back an :class:`Outcome`. Answering is all the webhook does: Artifacts are recorded
+from pods that exist (``webhook.pods``), never from a request, which anyone who can reach the port
+could forge. The patch also annotates the pod with its images' sources (``ANNOTATION_SOURCES``), so
+a rewritten pod is still traced to where its images came from.
 
 What is rewritten: every image in ``initContainers``, ``containers`` and ``ephemeralContainers`` of
 a pod on CREATE, and the *new* ephemeral containers on an UPDATE of the ``pods/ephemeralcontainers``
 subresource (the API server refuses changes to ephemeral containers that already exist). The target
 is ``str(reference.rewrite(parse(image), registry_host))``.
 
-What is never rewritten: references already in the cluster registry, excluded registries, sources
-outside a non-empty allow-list, mirror pods, and pods labelled ``clusterregistry.io/skip: "true"``.
-Under ``WhenReady`` an image is rewritten only when the Artifact for its source in the pod's
-namespace is Ready; either way the Artifact is asked for (unless the request is a dry run).
+What is never rewritten: pods in an excluded namespace (kube-system, the release namespace: refused
+here as well as by the webhook configuration's selector), references already in the cluster
+registry, excluded registries, sources outside a non-empty allow-list, mirror pods, and pods
+labelled ``clusterregistry.io/skip: "true"``. Under ``WhenReady`` an image is rewritten only when the
+Artifact for its source in the pod's namespace is Ready.
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ import json
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from cluster_registry import reference
 from cluster_registry.api import LABEL_OPT_OUT
 from cluster_registry.errors import InvalidReferenceError
 
 MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
+# JSON object, container name -> normalised source, of every image the webhook may rewrite (set on
+# CREATE whether rewritten yet or not): traces rewritten images to their source, and marks the pod as
+# one the webhook's scope (its matchConditions) covers.
+ANNOTATION_SOURCES = "clusterregistry.io/sources"
+_SOURCES_PATH = "/metadata/annotations/" + ANNOTATION_SOURCES.replace("~", "~0").replace("/", "~1")
 CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")
 REVIEW_VERSIONS = frozenset({"admission.k8s.io/v1", "admission.k8s.io/v1beta1"})
 INTERNAL_ERROR_WARNING = "cluster-registry webhook: internal error, pod admitted unchanged"
@@ -51,6 +58,7 @@ class Skip(str, Enum):
     MIRROR = "mirror-pod"
     OPT_OUT = "opt-out"
     OPERATION = "operation"  # not a pod CREATE / pods/ephemeralcontainers UPDATE
+    NAMESPACE = "excluded-namespace"  # kube-system, the release namespace, webhook.excludeNamespaces
     ERROR = "internal-error"
 
 
@@ -63,19 +71,13 @@ class ReadinessView(Protocol):
         """Whether the Artifact for normalised ``source`` in ``namespace`` is Ready."""
 
 
-class NothingReady:
-    """A view in which no Artifact is Ready (for tests and for the ``Always`` policy)."""
-
-    def is_ready(self, namespace: str, source: str) -> bool:
-        return False
-
-
 @dataclass(frozen=True)
 class Settings:
     registry_host: str
     policy: Policy = Policy.WHEN_READY
     exclude: frozenset[str] = frozenset()  # registry hosts; "*.example.com" matches subdomains
     allow: frozenset[str] = frozenset()  # empty: every source registry
+    exclude_namespaces: frozenset[str] = frozenset({"kube-system"})
 
     @staticmethod
     def build(
@@ -83,12 +85,14 @@ class Settings:
         policy: Policy | str = Policy.WHEN_READY,
         exclude: tuple[str, ...] | list[str] = (),
         allow: tuple[str, ...] | list[str] = (),
+        exclude_namespaces: tuple[str, ...] | list[str] = (),
     ) -> Settings:
         return Settings(
             registry_host=registry_host.strip().lower(),
             policy=Policy(policy),
             exclude=frozenset(_norm_host(h) for h in exclude if h.strip()),
             allow=frozenset(_norm_host(h) for h in allow if h.strip()),
+            exclude_namespaces=frozenset({"kube-system", *(n.strip() for n in exclude_namespaces if n.strip())}),
         )
 
 
@@ -106,25 +110,6 @@ def _host_matches(host: str, patterns: frozenset[str]) -> bool:
     return any(p.startswith("*.") and bare.endswith(p[1:]) for p in patterns)
 
 
-# Owner and Intent are NamedTuples rather than frozen dataclasses: several are built and hashed on
-# every admission, and a NamedTuple costs a third as much.
-class Owner(NamedTuple):
-    api_version: str
-    kind: str
-    name: str
-    uid: str
-
-
-class Intent(NamedTuple):
-    """Make sure the Artifact for ``source`` exists in ``namespace`` and records this pod's use."""
-
-    namespace: str
-    source: str  # normalised
-    pull_secrets: tuple[str, ...] = ()  # the pod's own imagePullSecrets
-    service_account: str = "default"  # whose imagePullSecrets are added off the request path
-    owner: Owner | None = None  # the pod's controller (resolved to the top owner later), or the pod
-
-
 @dataclass(frozen=True)
 class Plan:
     """One image string classified: either a skip reason, or its source and rewrite target."""
@@ -138,7 +123,6 @@ class Plan:
 @dataclass
 class Outcome:
     review: dict[str, Any]  # the AdmissionReview to answer with
-    intents: frozenset[Intent] = frozenset()
     rewrites: int = 0
     skips: dict[str, int] = field(default_factory=dict)
     error: BaseException | None = None  # an internal error (already turned into "allowed")
@@ -198,19 +182,18 @@ class Mutator:
             skips[Skip.OPERATION.value] = 1
             return out
         meta = pod.get("metadata") or {}
-        labels = meta.get("labels") or {}
-        if labels.get(LABEL_OPT_OUT) == "true":
-            skips[Skip.OPT_OUT.value] = 1
+        namespace = request.get("namespace") or meta.get("namespace") or "default"
+        if namespace in self.settings.exclude_namespaces:
+            skips[Skip.NAMESPACE.value] = 1
             return out
-        if MIRROR_ANNOTATION in (meta.get("annotations") or {}):
-            skips[Skip.MIRROR.value] = 1
+        if skipped := pod_skip(meta):
+            skips[skipped.value] = 1
             return out
         spec = pod.get("spec") or {}
-        namespace = request.get("namespace") or meta.get("namespace") or "default"
         always = self.settings.policy is Policy.ALWAYS
         classify = self.classify
         ops: list[str] = []
-        sources: set[str] = set()
+        sources: dict[str, str] = {}
         for name in fields:
             containers = spec.get(name)
             if not containers:
@@ -226,23 +209,52 @@ class Mutator:
                 if plan.skip is not None:
                     skips[plan.skip.value] = skips.get(plan.skip.value, 0) + 1
                     continue
-                sources.add(plan.source)
+                sources[str(container.get("name", ""))] = plan.source
                 if always or view.is_ready(namespace, plan.source):
                     ops.append(f'{{"op":"replace","path":"/spec/{name}/{i}/image","value":{plan.target_json}}}')
                 else:
                     skips[Skip.NOT_READY.value] = skips.get(Skip.NOT_READY.value, 0) + 1
+        out.rewrites = len(ops)
+        if sources and request.get("operation") == "CREATE":  # an ephemeralcontainers update may change only those
+            ops.extend(_annotate(meta, sources))
         if ops:
             response["patchType"] = "JSONPatch"
             response["patch"] = base64.b64encode(("[" + ",".join(ops) + "]").encode()).decode()
-            out.rewrites = len(ops)
-        if sources and not request.get("dryRun"):
-            secrets = tuple(
-                sorted({s["name"] for s in spec.get("imagePullSecrets") or () if isinstance(s, dict) and s.get("name")})
-            )
-            sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
-            owner = _controller(meta)
-            out.intents = frozenset([Intent(namespace, src, secrets, sa, owner) for src in sources])
         return out
+
+
+def pod_skip(meta: dict[str, Any]) -> Skip | None:
+    """Why a whole pod is left alone by its metadata (opt-out label, mirror pod), or None."""
+    if (meta.get("labels") or {}).get(LABEL_OPT_OUT) == "true":
+        return Skip.OPT_OUT
+    if MIRROR_ANNOTATION in (meta.get("annotations") or {}):
+        return Skip.MIRROR
+    return None
+
+
+def recorded_sources(meta: dict[str, Any]) -> dict[str, str] | None:
+    """The pod's ``ANNOTATION_SOURCES`` (container name -> source); None when absent or malformed."""
+    raw = (meta.get("annotations") or {}).get(ANNOTATION_SOURCES)
+    if not isinstance(raw, str):
+        return None
+    try:
+        got = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(got, dict):
+        return None
+    return {str(k): v for k, v in got.items() if isinstance(v, str)}
+
+
+def _annotate(meta: dict[str, Any], sources: dict[str, str]) -> list[str]:
+    """The op recording ``sources`` in the pod's annotation, merged with what an earlier pass recorded."""
+    merged = {**(recorded_sources(meta) or {}), **sources}
+    if merged == recorded_sources(meta):
+        return []  # reinvoked with nothing new
+    value = json.dumps(merged, sort_keys=True, separators=(",", ":"))
+    if isinstance(meta.get("annotations"), dict):
+        return [f'{{"op":"add","path":"{_SOURCES_PATH}","value":{json.dumps(value)}}}']
+    return [f'{{"op":"add","path":"/metadata/annotations","value":{json.dumps({ANNOTATION_SOURCES: value})}}}']
 
 
 def _envelope(api_version: str, response: dict[str, Any]) -> dict[str, Any]:
@@ -263,13 +275,3 @@ def _scope(request: dict[str, Any]) -> tuple[tuple[str, ...] | None, frozenset[s
         existing = (old.get("spec") or {}).get("ephemeralContainers") or ()
         return ("ephemeralContainers",), frozenset(str(c.get("name")) for c in existing if isinstance(c, dict))
     return None, frozenset()
-
-
-def _controller(meta: dict[str, Any]) -> Owner | None:
-    for ref in meta.get("ownerReferences") or ():
-        if isinstance(ref, dict) and ref.get("controller") is True:
-            return Owner(str(ref.get("apiVersion", "")), str(ref.get("kind", "")), str(ref.get("name", "")), str(ref.get("uid", "")))
-    name = meta.get("name")
-    if name:  # a bare pod owns itself, by name: its uid is unset on CREATE, so UPDATEs must not add it either
-        return Owner("v1", "Pod", str(name), "")
-    return None

@@ -1,12 +1,12 @@
-"""Makes sure an Artifact exists for every image the webhook admits, off the request path.
+"""Makes sure an Artifact exists for every image the pods that exist use (fed by ``webhook.pods``).
 
-The request path only calls :meth:`Recorder.submit`, which deduplicates the pod's intents against
-what is pending and what was recently written (dict lookups, no I/O). A background task takes the
-pending intents in batches and, in a worker thread (the Kubernetes client blocks), resolves each
-pod's top controlling owner (Pod -> ReplicaSet -> Deployment, Job -> CronJob; cached by uid) and its
-service account's imagePullSecrets (cached for a while), then creates the Artifact, or merges the
-missing owners and pull secrets into it. An Artifact that the watch-fed view already shows with
-everything in it costs no write, so a rollout of 1,000 pods of one Deployment writes once per image.
+:meth:`Recorder.submit` deduplicates intents against what is pending and what was recently written
+(dict lookups, no I/O). A background task takes the pending intents in batches and, in a worker
+thread (the Kubernetes client blocks), resolves each pod's top controlling owner (Pod -> ReplicaSet
+-> Deployment, Job -> CronJob; cached by uid) and its service account's imagePullSecrets (cached for
+a while), then creates the Artifact, or merges the missing owners and pull secrets into it. An
+Artifact that the watch-fed view already shows with everything in it costs no write, so a rollout of
+1,000 pods of one Deployment writes once per image.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cluster_registry import api, reference
-from cluster_registry.webhook.mutate import Intent, Owner
+from cluster_registry.kubeio import Kube
+from cluster_registry.webhook.pods import Intent, Owner, PodWatch
 from cluster_registry.webhook.view import ArtifactState, ArtifactView, state_of
 
 log = logging.getLogger(__name__)
@@ -57,38 +58,18 @@ class Stats:
     api_reads: int = 0
 
 
-def owner_dict(owner: Owner) -> dict[str, str]:
-    return {"apiVersion": owner.api_version, "kind": owner.kind, "name": owner.name, "uid": owner.uid}
+def owner_dict(owner: Owner) -> api.OwnerRef:
+    return api.OwnerRef(apiVersion=owner.api_version, kind=owner.kind, name=owner.name, uid=owner.uid)
 
 
-def _owner_id(o: dict[str, Any]) -> tuple[str, ...]:
+def _owner_id(o: Mapping[str, object]) -> tuple[str, ...]:
     return (str(o.get("uid")),) if o.get("uid") else (str(o.get("kind")), str(o.get("name")))
 
 
-def artifact_body(namespace: str, source: str, owners: list[dict[str, str]], secrets: list[str]) -> dict[str, Any]:
-    spec: dict[str, Any] = {"sourceArtifact": source}
-    if secrets:
-        spec["pullSecrets"] = sorted(secrets)
-    if owners:
-        spec["owners"] = owners
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": "Artifact",
-        "metadata": {
-            "name": reference.artifact_name(source),
-            "namespace": namespace,
-            "labels": {api.LABEL_MANAGED_BY: api.MANAGED_BY},
-        },
-        "spec": spec,
-    }
-
-
-def merge(
-    state: ArtifactState, owners: list[dict[str, str]], secrets: set[str]
-) -> dict[str, Any] | None:
+def merge(state: ArtifactState, owners: list[api.OwnerRef], secrets: set[str]) -> dict[str, Any] | None:
     """The merge patch adding what ``state`` lacks (guarded by its resourceVersion), or None."""
     have = {_owner_id(o) for o in state.owners}
-    new_owners = [o for o in owners if _owner_id(o) not in have]
+    new_owners = [dict(o) for o in owners if _owner_id(o) not in have]
     new_secrets = secrets - state.pull_secrets
     if not new_owners and not new_secrets:
         return None
@@ -149,6 +130,11 @@ class Recorder:
         if added and self._wake is not None:
             self._wake.set()
 
+    def forget(self, namespace: str, source: str) -> None:
+        """The Artifact for ``source`` in ``namespace`` was deleted: its intents are no longer done."""
+        for intent in [i for i in self._recent if i.namespace == namespace and i.source == source]:
+            del self._recent[intent]
+
     @property
     def pending(self) -> int:
         return len(self._pending)
@@ -176,7 +162,7 @@ class Recorder:
             finally:
                 self._inflight = set()
             if failed:
-                self._pending |= failed
+                pass
                 await asyncio.sleep(min(5.0, self.batch_interval * 10))
                 self._wake.set()
             if not self._pending:
@@ -210,7 +196,7 @@ class Recorder:
         done: list[Intent] = []
         for (namespace, source), intents in sorted(groups.items()):
             try:
-                owners: dict[tuple[str, ...], dict[str, str]] = {}
+                owners: dict[tuple[str, ...], api.OwnerRef] = {}
                 secrets: set[str] = set()
                 for intent in intents:
                     secrets.update(intent.pull_secrets)
@@ -218,7 +204,7 @@ class Recorder:
                     if intent.owner is not None:
                         top = owner_dict(self._top_owner(namespace, intent.owner))
                         owners.setdefault(_owner_id(top), top)
-                self._ensure(namespace, source, sorted(owners.values(), key=_owner_id), secrets)
+                self._ensure(namespace, source, [owners[k] for k in sorted(owners)], secrets)
             except Exception as err:  # noqa: BLE001 - retried with the next batch
                 self.stats.errors += 1
                 log.warning("recording Artifact for %s in %s failed: %s", source, namespace, err)
@@ -227,14 +213,14 @@ class Recorder:
             done.extend(intents)
         return failed, done
 
-    def _ensure(self, namespace: str, source: str, owners: list[dict[str, str]], secrets: set[str]) -> None:
+    def _ensure(self, namespace: str, source: str, owners: list[api.OwnerRef], secrets: set[str]) -> None:
         assert self.kube is not None
         name = reference.artifact_name(source)
         state = self.view.get(namespace, source)
         for _attempt in range(4):
             if state is None:
                 try:
-                    self.kube.create_artifact(namespace, artifact_body(namespace, source, owners, sorted(secrets)))
+                    self.kube.create_artifact(namespace, api.artifact_body(source, namespace, pull_secrets=secrets, owners=owners))
                     self.stats.creates += 1
                     log.info("created Artifact %s/%s for %s", namespace, name, source)
                     return
@@ -292,10 +278,33 @@ class Recorder:
         return secrets
 
 
-def _as_dict(obj: object) -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        raise TypeError(f"expected a JSON object from the API server, got {type(obj).__name__}")
-    return obj
+class Recording:
+    """The pod watch feeding the recorder; an Artifact deleted while pods use it is recorded again."""
+
+    def __init__(self, recorder: Recorder, pods: PodWatch) -> None:
+        self.recorder = recorder
+        self.pods = pods
+
+    def _deleted(self, namespace: str, source: str) -> None:
+        self.recorder.forget(namespace, source)
+        self.pods.resubmit(namespace, source)
+
+    async def run(self) -> None:
+        """Watch pods and write Artifacts until cancelled (while this replica leads)."""
+        loop = asyncio.get_running_loop()
+        view = self.recorder.view
+
+        def sink(intents: Iterable[Intent]) -> None:
+            loop.call_soon_threadsafe(self.recorder.submit, intents)
+
+        self.pods.sink = sink
+        view.on_deleted = self._deleted
+        self.pods.start()
+        try:
+            await self.recorder.run()
+        finally:
+            self.pods.stop()
+            view.on_deleted = None
 
 
 class KubeArtifactApi:
@@ -311,58 +320,29 @@ class KubeArtifactApi:
         ("batch/v1", "CronJob"): ("BatchV1Api", "read_namespaced_cron_job"),
     }
 
-    def __init__(self, api_client: Any) -> None:
+    def __init__(self, kube: Kube) -> None:
         from kubernetes import client
 
+        self.kube = kube
         self.client = client
-        self.api_client = api_client
-        self.custom = client.CustomObjectsApi(api_client)
-        self.core = client.CoreV1Api(api_client)
-
-    def _status(self, err: Exception) -> int:
-        return int(getattr(err, "status", 0) or 0)
+        self.api_client = kube.api
+        self.core = kube.core
 
     def get_artifact(self, namespace: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            got = self.custom.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.ARTIFACTS, name, _request_timeout=10
-            )
-            return _as_dict(got)
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise
+        return self.kube.get(api.ARTIFACTS, namespace, name)
 
     def create_artifact(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            got = self.custom.create_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.ARTIFACTS, body, _request_timeout=10
-            )
-            return _as_dict(got)
-        except ApiException as err:
-            if err.status == 409:
-                raise Conflict(str(err.reason)) from err
-            raise
+        return self._conflict(lambda: self.kube.create(api.ARTIFACTS, namespace, body))
 
     def patch_artifact(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self._conflict(lambda: self.kube.patch(api.ARTIFACTS, namespace, name, patch))
+
+    @staticmethod
+    def _conflict(call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            got = self.custom.patch_namespaced_custom_object(
-                api.GROUP,
-                api.VERSION,
-                namespace,
-                api.ARTIFACTS,
-                name,
-                patch,
-                _content_type="application/merge-patch+json",
-                _request_timeout=10,
-            )
-            return _as_dict(got)
+            return call()
         except ApiException as err:
             if err.status == 409:
                 raise Conflict(str(err.reason)) from err

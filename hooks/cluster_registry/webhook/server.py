@@ -1,5 +1,13 @@
 """The webhook's HTTPS server (aiohttp): ``/mutate``, ``/healthz``, ``/readyz``, ``/metrics``.
 
+``/mutate`` only answers: it writes nothing, whoever calls it. What one caller can cost is bounded
+(:class:`Limits`): a body larger than the API server can send for a pod is refused unread, a body
+with more JSON arrays and objects than a pod can hold is refused before it is parsed (parsing
+``[],[],...`` costs ~60 bytes of memory per 3 bytes of input), at most ``concurrent`` requests are
+read and parsed at once, and a client gets ``header_timeout`` seconds for its request line and
+headers (aiohttp's keep-alive timer, which also runs before the first request) and ``body_timeout``
+for its body.
+
 TLS 1.2 or newer; the certificate and key files are polled and, when their contents change and the
 new pair loads, swapped into the live SSL context so new connections get the new certificate with no
 restart (a Secret volume's atomic symlink swap, cert-manager, or ``certs`` renewing the Secret).
@@ -22,8 +30,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from cluster_registry.leader import LeaderElector
 from cluster_registry.webhook.mutate import BadRequest, Mutator, Skip
-from cluster_registry.webhook.recorder import Recorder
+from cluster_registry.webhook.recorder import Recording
 from cluster_registry.webhook.view import ArtifactView
 
 log = logging.getLogger(__name__)
@@ -75,8 +84,25 @@ class TlsFiles:
                 log.warning("TLS files not reloaded (keeping the current certificate): %s", err)
 
 
+class TooLarge(Exception):
+    """A request body over one of the :class:`Limits`."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    # An AdmissionReview carries the pod twice at most (object, oldObject) and etcd stores objects of
+    # up to 1.5 MiB: 4 MiB covers every review the API server can send.
+    max_body: int = 4 * 1024 * 1024
+    # JSON arrays and objects per body. A pod at etcd's limit made of env entries and volume mounts
+    # holds ~25,000; parsing 100,000 costs ~6 MiB.
+    max_structures: int = 100_000
+    concurrent: int = 4
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry, recorder: Recorder, view: ArtifactView) -> None:
+    def __init__(self, registry: CollectorRegistry, recording: Recording | None, view: ArtifactView) -> None:
         p = "cluster_registry_webhook"
         self.requests = Counter(f"{p}_requests", "AdmissionReview requests by result", ["result"], registry=registry)
         self.latency = Histogram(
@@ -84,10 +110,18 @@ class Metrics:
         )
         self.rewrites = Counter(f"{p}_rewrites", "Image references rewritten", registry=registry)
         self.skips = Counter(f"{p}_skips", "Images or requests left unchanged, by reason", ["reason"], registry=registry)
-        self.by_result = {r: self.requests.labels(r) for r in ("patched", "unchanged", "bad_request", "error")}
+        self.by_result = {
+            r: self.requests.labels(r) for r in ("patched", "unchanged", "bad_request", "too_large", "timeout", "error")
+        }
         self.by_reason = {s.value: self.skips.labels(s.value) for s in Skip}
         Gauge(f"{p}_artifacts_known", "Artifacts in the watch-fed view", registry=registry).set_function(
             lambda: len(view)
+        )
+        if recording is None:
+            return
+        recorder = recording.recorder
+        Gauge(f"{p}_pods_watched", "Pods in the watch that records Artifacts", registry=registry).set_function(
+            lambda: len(recording.pods)
         )
         Gauge(f"{p}_artifact_intents_pending", "Artifact intents waiting to be written", registry=registry).set_function(
             lambda: recorder.pending
@@ -104,22 +138,38 @@ class Metrics:
 class Webhook:
     mutator: Mutator
     view: ArtifactView
-    recorder: Recorder
     tls: TlsFiles | None
     registry: CollectorRegistry
+    recording: Recording | None = None  # the pod watch recording Artifacts (None: offline)
+    elector: LeaderElector | None = None  # records only while it leads (None: always)
+    limits: Limits = Limits()
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(self.registry, self.recorder, self.view)
+        self.metrics = Metrics(self.registry, self.recording, self.view)
+        self._slots = asyncio.Semaphore(self.limits.concurrent)
 
     async def mutate(self, request: web.Request) -> web.Response:
         start = time.perf_counter()
         m = self.metrics
-        try:
-            body = await request.read()
-            outcome = self.mutator.review(orjson.loads(body), self.view)
-        except (BadRequest, ValueError) as err:  # orjson's errors (bad JSON, UTF-8, nesting) are ValueErrors
-            m.by_result["bad_request"].inc()
-            return web.json_response({"error": f"not an AdmissionReview: {err}"}, status=400)
+        limits = self.limits
+        if request.content_length is not None and request.content_length > limits.max_body:
+            m.by_result["too_large"].inc()
+            return web.json_response({"error": f"body larger than {limits.max_body} bytes"}, status=413)
+        async with self._slots:
+            try:
+                body = await asyncio.wait_for(self._read(request), limits.body_timeout)
+            except asyncio.TimeoutError:
+                m.by_result["timeout"].inc()
+                return web.json_response({"error": f"body not received within {limits.body_timeout:.0f}s"}, status=408)
+            except TooLarge as err:
+                m.by_result["too_large"].inc()
+                return web.json_response({"error": str(err)}, status=413)
+            try:
+                outcome = self.mutator.review(orjson.loads(body), self.view)
+            except (BadRequest, ValueError) as err:  # orjson's errors (bad JSON, UTF-8, nesting) are ValueErrors
+                m.by_result["bad_request"].inc()
+                return web.json_response({"error": f"not an AdmissionReview: {err}"}, status=400)
+            del body
         if outcome.error is not None:
             log.error(
                 "internal error, admitting unchanged",
@@ -133,14 +183,24 @@ class Webhook:
             m.rewrites.inc(outcome.rewrites)
         for reason, n in outcome.skips.items():
             m.by_reason[reason].inc(n)
-        if outcome.intents:
-            try:
-                self.recorder.submit(outcome.intents)
-            except Exception:  # noqa: BLE001 - recording must never fail an admission
-                log.exception("could not queue Artifact intents")
         response = web.Response(body=orjson.dumps(outcome.review), content_type="application/json")
         m.latency.observe(time.perf_counter() - start)
         return response
+
+    async def _read(self, request: web.Request) -> bytes:
+        """The body, refused as soon as it passes either limit (so a refused body is never held whole)."""
+        limits = self.limits
+        chunks: list[bytes] = []
+        size = structures = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limits.max_body:
+                raise TooLarge(f"body larger than {limits.max_body} bytes")
+            structures += chunk.count(b"[") + chunk.count(b"{")
+            if structures > limits.max_structures:
+                raise TooLarge(f"more than {limits.max_structures} JSON arrays and objects")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -159,7 +219,7 @@ class Webhook:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app = web.Application(client_max_size=self.limits.max_body)
         app.router.add_post("/mutate", self.mutate)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -175,10 +235,13 @@ class Running:
         self.port = port
         self.tasks = tasks
         self.webhook = webhook
+        self.stopping = asyncio.Event()
 
     async def stop(self, drain: float = 5.0) -> None:
         await self.runner.cleanup()
-        await self.webhook.recorder.drained(drain)
+        if self.webhook.recording is not None:
+            await self.webhook.recording.recorder.drained(drain)
+        self.stopping.set()  # the elector releases its Lease
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -194,15 +257,21 @@ async def start(webhook: Webhook, host: str, port: int, reload_interval: float =
         ssl_context = webhook.tls.context
         tasks.append(asyncio.create_task(webhook.tls.watch(reload_interval)))
     webhook.view.start()
-    tasks.append(asyncio.create_task(webhook.recorder.run()))
-    runner = web.AppRunner(webhook.app(), access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        webhook.app(), access_log=None, handle_signals=False, keepalive_timeout=webhook.limits.header_timeout
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024, reuse_address=True)
     await site.start()
     server: Any = site._server
     sockets = server.sockets if server is not None else ()
     actual = sockets[0].getsockname()[1] if sockets else port
-    return Running(runner, int(actual), tasks, webhook)
+    running = Running(runner, int(actual), tasks, webhook)
+    if webhook.recording is not None:
+        work = webhook.recording.run
+        led = webhook.elector.run(work, running.stopping) if webhook.elector is not None else work()
+        tasks.append(asyncio.create_task(led))
+    return running
 
 
 async def serve_forever(webhook: Webhook, host: str, port: int, reload_interval: float = 5.0) -> None:

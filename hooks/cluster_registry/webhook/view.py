@@ -1,27 +1,18 @@
-"""An in-memory, watch-fed view of the cluster's Artifacts, read by the request path without I/O.
+"""An in-memory view of the cluster's Artifacts, read by the request path without I/O.
 
-A daemon thread lists every Artifact, then watches from the list's resourceVersion; a watch that
-expires (410 Gone) or fails makes it list again (after a back-off on errors). Readers look entries
-up in a dict that the thread replaces or updates one key at a time, so no lock is needed to read.
+Fed by the shared :class:`~cluster_registry.kubeio.Informer` (list, then watch; relist on 410 Gone
+and on errors), whose events arrive on the event loop that also serves requests: no lock needed.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from cluster_registry import api
-
-log = logging.getLogger(__name__)
-
-
-class Gone(Exception):
-    """The watch's resourceVersion is too old: list again."""
-
+from cluster_registry.kubeio import Informer, Kube
 
 @dataclass(frozen=True)
 class ArtifactState:
@@ -55,64 +46,18 @@ def state_of(obj: dict[str, Any]) -> tuple[tuple[str, str], ArtifactState] | Non
     )
 
 
-class ArtifactSource(Protocol):
-    def list(self) -> tuple[list[dict[str, Any]], str]:
-        """Every Artifact and the list's resourceVersion."""
-
-    def watch(self, resource_version: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(event type, object) pairs from ``resource_version`` on; raises Gone on 410."""
-
-
-class KubeArtifactSource:
-    """Artifacts in every namespace through the Kubernetes client (blocking: used from a thread)."""
-
-    def __init__(self, api_client: Any, watch_timeout: int = 240) -> None:
-        from kubernetes import client
-
-        self.api = client.CustomObjectsApi(api_client)
-        self.watch_timeout = watch_timeout
-
-    def list(self) -> tuple[list[dict[str, Any]], str]:
-        got: Any = self.api.list_cluster_custom_object(api.GROUP, api.VERSION, api.ARTIFACTS, _request_timeout=60)
-        return list(got.get("items") or []), str(got["metadata"].get("resourceVersion", ""))
-
-    def watch(self, resource_version: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        from kubernetes import watch
-        from kubernetes.client.exceptions import ApiException
-
-        w: Any = watch.Watch()  # type: ignore[no-untyped-call]
-        try:
-            for event in w.stream(
-                self.api.list_cluster_custom_object,
-                api.GROUP,
-                api.VERSION,
-                api.ARTIFACTS,
-                resource_version=resource_version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=self.watch_timeout,
-                _request_timeout=self.watch_timeout + 30,
-            ):
-                yield str(event["type"]), event["raw_object"]
-        except ApiException as err:
-            if err.status == 410:
-                raise Gone() from err
-            raise
-
-
 class ArtifactView:
-    """Readiness of Artifacts per (namespace, normalised source); ``synced`` after the first list."""
+    """Readiness of Artifacts per (namespace, normalised source); ``synced`` after the first list.
 
-    def __init__(self, source: ArtifactSource | None, backoff: float = 1.0, max_backoff: float = 30.0) -> None:
-        self._source = source
+    ``on_deleted(namespace, source)``, when set, is called for every Artifact deleted, so that pods
+    still using its image record it again.
+    """
+
+    def __init__(self, kube: Kube | None) -> None:
+        self._kube = kube
         self._items: dict[tuple[str, str], ArtifactState] = {}
-        self._synced = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.relists = 0
-        if source is None:  # offline: nothing is Ready, and that is the whole truth
-            self._synced.set()
+        self._informer: Informer | None = None
+        self.on_deleted: Callable[[str, str], None] | None = None
 
     # -- the request path: dict lookups only
     def is_ready(self, namespace: str, source: str) -> bool:
@@ -122,30 +67,27 @@ class ArtifactView:
     def get(self, namespace: str, source: str) -> ArtifactState | None:
         return self._items.get((namespace, source))
 
-    @property
-    def synced(self) -> bool:
-        return self._synced.is_set()
-
-    def wait_synced(self, timeout: float) -> bool:
-        return self._synced.wait(timeout)
-
     def __len__(self) -> int:
         return len(self._items)
 
-    # -- the feeding thread
+    @property
+    def synced(self) -> bool:
+        """Offline (no API server), nothing is Ready, and that is the whole truth."""
+        return self._kube is None or (self._informer is not None and self._informer.synced.is_set())
+
     def start(self) -> None:
-        if self._source is None or self._thread is not None:
+        """Start the informer (on the running event loop, where its events are applied)."""
+        if self._kube is None or self._informer is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="artifact-view", daemon=True)
-        self._thread.start()
+        self._informer = Informer(self._kube, api.ARTIFACTS, asyncio.get_running_loop(), self.apply)
+        self._informer.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        if self._informer is not None:
+            self._informer.stop()
 
     def apply(self, kind: str, obj: dict[str, Any]) -> None:
-        """Apply one watch event (ADDED, MODIFIED, DELETED; BOOKMARK is ignored)."""
-        if kind == "BOOKMARK":
-            return
+        """One event: ADDED, MODIFIED or DELETED (a relist reports vanished objects as DELETED)."""
         keyed = state_of(obj)
         if keyed is None:
             return
@@ -153,58 +95,16 @@ class ArtifactView:
         if kind == "DELETED":
             current = self._items.get(key)
             if current is not None and current.name == state.name:
-                self._items.pop(key, None)
+                del self._items[key]
+                if self.on_deleted is not None:
+                    self.on_deleted(*key)
         else:
             self._items[key] = state
-
-    def replace_all(self, items: list[dict[str, Any]]) -> None:
-        fresh: dict[tuple[str, str], ArtifactState] = {}
-        for obj in items:
-            keyed = state_of(obj)
-            if keyed is not None:
-                fresh[keyed[0]] = keyed[1]
-        self._items = fresh
-
-    def _run(self) -> None:
-        assert self._source is not None
-        delay = self.backoff
-        while not self._stop.is_set():
-            try:
-                items, rv = self._source.list()
-                self.replace_all(items)
-                self.relists += 1
-                self._synced.set()
-                delay = self.backoff
-                while not self._stop.is_set():
-                    for kind, obj in self._source.watch(rv):
-                        if self._stop.is_set():
-                            return
-                        if kind == "BOOKMARK":
-                            rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
-                            continue
-                        self.apply(kind, obj)
-                        rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
-            except Gone:
-                log.info("artifact watch expired; listing again")
-            except Exception as err:  # noqa: BLE001 - keep the view alive whatever the API does
-                log.warning("artifact view: %s; retrying in %.0fs", err, delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, self.max_backoff)
-        log.debug("artifact view stopped")
 
     # for tests: a view fed by hand
     @classmethod
     def static(cls, items: list[dict[str, Any]]) -> ArtifactView:
         view = cls(None)
-        view.replace_all(items)
+        for obj in items:
+            view.apply("ADDED", obj)
         return view
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes (a helper for tests and startup)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())

@@ -1,5 +1,4 @@
-"""A small, strict RFC 6902 applier (add, remove, replace, test) for checking the webhook's patches.
-
+"""A small, strict RFC 6902 applier (add, remove, replace, test) for checking the webhook's patches in tests.
 Strict means an operation on a path that does not exist raises ``ValueError``, as the API server's
 applier would; the input document is not modified.
 """
