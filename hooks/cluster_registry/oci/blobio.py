@@ -26,6 +26,7 @@ from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from cluster_registry.errors import ClusterRegistryError
+from cluster_registry.oci import redirects
 from cluster_registry.oci.errors import (
     CorruptBlobError,
     RegistryProtocolError,
@@ -35,6 +36,7 @@ from cluster_registry.oci.errors import (
 )
 
 _REDIRECTS = (301, 302, 303, 307, 308)
+_REDIRECT_BODY = 64 << 10  # bytes of a redirect's body read before the connection is dropped instead
 _T = TypeVar("_T")
 
 
@@ -256,9 +258,14 @@ def transfer(
         except (OSError, http.client.HTTPException) as err:
             raise _transport_error(err, src.what, "download") from None
         if sresp.status in _REDIRECTS and sresp.getheader("Location"):
-            sresp.read()
-            pool.put(parts.scheme, parts.netloc, sconn)
-            url = urljoin(url, sresp.getheader("Location", ""))
+            # a redirect's body is never needed: read a little of it to keep the connection, else drop it
+            if len(sresp.read(_REDIRECT_BODY + 1)) <= _REDIRECT_BODY and sresp.isclosed():
+                pool.put(parts.scheme, parts.netloc, sconn)
+            else:
+                sconn.close()
+            target = urljoin(url, sresp.getheader("Location", ""))
+            redirects.check(url, target)
+            url = target
             if urlsplit(url)[:2] != origin:
                 headers.pop("Authorization", None)
             continue

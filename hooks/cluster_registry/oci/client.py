@@ -163,7 +163,10 @@ class RegistrySession:
         lease = transport.Lease(self.pool)
         if data is None or isinstance(data, bytes):
             first = self.options.chunk_size if stream else 0
-            return await self.run(lease, functools.partial(transport.exchange, lease, method, url, hdrs, data, limit, first))
+            follow = functools.partial(
+                transport.exchange, lease, method, url, hdrs, data, limit, first, allowed=self.options.insecure_hosts
+            )  # redirects to the hosts the operator listed (cluster-internal registries) are allowed
+            return await self.run(lease, follow)
         try:
             chunks = aiter(data)
             conn: http.client.HTTPConnection | None = None

@@ -59,6 +59,7 @@ class CopyOptions:
     attached_suffixes: tuple[str, ...] = ("sig", "att", "sbom")
     thread_threshold: int = LARGE_BLOB  # blobs larger than this move in one worker-thread call; -1: never
     mount: bool = True
+    max_image_size: int = 0  # bytes of blobs an image may declare (0: no limit); refused before fetching
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,16 @@ class _Copier:
             task = asyncio.ensure_future(self._copy_blob(digest, desc["size"]))
             self.blobs[digest] = task
         return task
+
+    def _within_limit(self, blobs: list[media.Descriptor]) -> None:
+        """Refuse, before any of them is fetched, blobs that take the image over ``max_image_size``
+        (their sizes are the source registry's word, checked again while they stream)."""
+        limit = self.options.max_image_size
+        declared = self.stats.bytes_total + sum(d["size"] for d in blobs if d["digest"] not in self.blobs)
+        if limit and declared > limit:
+            raise PermanentError(
+                f"image too large: its blobs declare {declared} bytes, over the maximum image size of {limit} bytes"
+            )
 
     def _mount_source(self, digest: str) -> str | None:
         if not self.options.mount or not self.session.self_mount.get(self.dst.host, True):
@@ -260,7 +271,9 @@ class _Copier:
         if info.is_index:
             await _gather(*(self.child(d) for d in info.children))
         else:
-            await _gather(*(self.blob(d) for d in media.copyable_blobs(info)))
+            blobs = media.copyable_blobs(info)
+            self._within_limit(blobs)
+            await _gather(*(self.blob(d) for d in blobs))
         if push_ref is not None:
             await self.dst.put_manifest(push_ref, manifest.body, manifest.media_type)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import time
 
 from cluster_registry.errors import ClusterRegistryError, PermanentError, TemporaryError, WriteLockedError
@@ -31,16 +32,28 @@ __all__ = [
 ]
 
 
+_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+
 def error_detail(text: str) -> str:
-    """The codes and messages of a distribution error body, else a short excerpt of it."""
+    """The codes and messages of a distribution error body (at most 3, each message cut at 200
+    characters), else nothing: any other body (an HTML page, an internal service's answer behind a
+    redirect) is never copied into a message, which ends up in Artifact status and Events."""
     try:
         doc = json.loads(text)
-        errors = doc.get("errors") if isinstance(doc, dict) else None
-        if isinstance(errors, list) and errors:
-            return "; ".join(f"{e.get('code', '')} {e.get('message', '')}".strip() for e in errors if isinstance(e, dict))
     except ValueError:
-        pass
-    return " ".join(text.split())[:200]
+        return ""
+    errors = doc.get("errors") if isinstance(doc, dict) else None
+    if not isinstance(errors, list):
+        return ""
+    parts = []
+    for e in errors[:3]:
+        code = e.get("code") if isinstance(e, dict) else None
+        if not isinstance(code, str) or not _CODE.fullmatch(code):
+            continue
+        message = " ".join(str(e.get("message") or "").split())[:200]
+        parts.append(f"{code} {message if message.isprintable() else ''}".strip())
+    return "; ".join(parts)
 
 
 def describe(err: BaseException) -> str:

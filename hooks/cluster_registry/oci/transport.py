@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
-from cluster_registry.oci import blobio
+from cluster_registry.oci import blobio, redirects
 from cluster_registry.oci.errors import RegistryProtocolError
 
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -211,8 +211,10 @@ def exchange(
     body: bytes | None,
     limit: int,
     stream: int = 0,
+    allowed: frozenset[str] = frozenset(),
 ) -> Response:
-    """One request, following redirects (the Authorization header only to the original origin).
+    """One request, following redirects (the Authorization header only to the original origin; only
+    where ``oci.redirects`` allows, ``allowed`` being hosts the operator listed).
 
     ``stream``: a 200 response's body is left open as ``Response.stream``, its first ``stream``
     bytes read. Blocking: call it through ``lease.run`` on a worker thread.
@@ -230,6 +232,7 @@ def exchange(
         location = resp.getheader("Location")
         if resp.status in _REDIRECTS and location:
             _finish(lease, resp, url, 64 << 10)
+            redirects.check(url, urljoin(url, location), allowed)
             url = urljoin(url, location)
             if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
                 method = "GET" if method != "HEAD" else "HEAD"

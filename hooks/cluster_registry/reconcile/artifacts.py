@@ -61,6 +61,7 @@ class Config:
     identity: str = "artifact-reconciler"
     copy_concurrency: int = 8
     watch_namespace: str | None = None  # None: Artifacts of every namespace
+    max_image_size: int = 0  # bytes an image's blobs may declare (0: no limit)
 
     def registry_options(self) -> RegistryOptions:
         insecure = set(self.insecure_registries)
@@ -117,7 +118,7 @@ class ArtifactReconciler:
         assert self.session is not None
         return await copy_image(
             src, dst, session=self.session, src_auth=creds, dst_auth=self.config.registry_credentials,
-            options=CopyOptions(concurrency=self.config.copy_concurrency),
+            options=CopyOptions(concurrency=self.config.copy_concurrency, max_image_size=self.config.max_image_size),
         )
 
     async def verify(self, dst: reference.Reference) -> str | None:
