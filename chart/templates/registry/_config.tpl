@@ -1,0 +1,139 @@
+{{/* The registry: distribution's config, storage, resources, and how pods and nodes reach it. */}}
+
+{{/* Usage: include "cluster-registry.distributionConfig" $ -> distribution's config.yml. http.secret and driver keys come from
+the environment (REGISTRY_HTTP_SECRET, REGISTRY_STORAGE_*), never from the ConfigMap. */}}
+{{- define "cluster-registry.distributionConfig" -}}
+{{- $r := .Values.global.networkfunctionextension.clusterRegistry -}}
+version: 0.1
+log:
+  level: info
+  formatter: json
+  fields:
+    service: registry
+storage:
+  {{- if eq $r.storage.driver "s3" }}
+  s3:
+    bucket: {{ $r.storage.s3.bucket | quote }}
+    region: {{ $r.storage.s3.region | quote }}
+    {{- with $r.storage.s3.regionEndpoint }}
+    regionendpoint: {{ . | quote }}
+    {{- end }}
+    rootdirectory: {{ $r.storage.s3.rootDirectory | quote }}
+    forcepathstyle: {{ $r.storage.s3.forcePathStyle }}
+  redirect:
+    disable: true
+  {{- else if eq $r.storage.driver "azure" }}
+  azure:
+    accountname: {{ $r.storage.azure.accountName | quote }}
+    container: {{ $r.storage.azure.container | quote }}
+    realm: {{ $r.storage.azure.realm | quote }}
+    rootdirectory: {{ $r.storage.azure.rootDirectory | quote }}
+    credentials:
+      type: {{ ternary "shared_key" "default_credentials" (ne $r.storage.azure.secretName "") }}
+  redirect:
+    disable: true
+  {{- else }}
+  filesystem:
+    rootdirectory: /var/lib/registry
+  {{- end }}
+  delete:
+    enabled: true
+  # No blobdescriptor cache: after GC's sweep a cached descriptor would let a manifest that names a
+  # swept blob be accepted.
+  maintenance:
+    uploadpurging:
+      enabled: true
+      age: 168h
+      interval: 24h
+      dryrun: false
+    readonly:
+      enabled: false
+http:
+  addr: 127.0.0.1:5001
+  relativeurls: true
+  headers:
+    X-Content-Type-Options:
+      - nosniff
+  debug:
+    addr: 0.0.0.0:5002
+    prometheus:
+      enabled: true
+      path: /metrics
+health:
+  storagedriver:
+    enabled: true
+    interval: 10s
+    threshold: 3
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.storageEnv" $ -> env entries with the object-storage driver's keys from their Secret (or nothing). */}}
+{{- define "cluster-registry.storageEnv" -}}
+{{- $s := .Values.global.networkfunctionextension.clusterRegistry.storage -}}
+{{- if and (eq $s.driver "s3") $s.s3.secretName }}
+- name: REGISTRY_STORAGE_S3_ACCESSKEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s.s3.secretName }}
+      key: accesskey
+- name: REGISTRY_STORAGE_S3_SECRETKEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s.s3.secretName }}
+      key: secretkey
+{{- else if and (eq $s.driver "azure") $s.azure.secretName }}
+- name: REGISTRY_STORAGE_AZURE_ACCOUNTKEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s.azure.secretName }}
+      key: accountkey
+{{- end }}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.registryResources" $ -> requests/limits of the distribution container from registryService.scale. */}}
+{{- define "cluster-registry.registryResources" -}}
+{{- $sizes := dict
+  "small" (dict "requests" (dict "cpu" "100m" "memory" "250Mi") "limits" (dict "cpu" "100m" "memory" "2Gi"))
+  "medium" (dict "requests" (dict "cpu" "250m" "memory" "500Mi") "limits" (dict "cpu" "500m" "memory" "2Gi"))
+  "large" (dict "requests" (dict "cpu" "500m" "memory" "1Gi") "limits" (dict "cpu" "1" "memory" "4Gi")) -}}
+{{- toYaml (get $sizes .Values.global.networkfunctionextension.clusterRegistry.registryService.scale) -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.accessMode" $ -> the registry PVC access mode (explicit, or RWX with HA, RWO without). */}}
+{{- define "cluster-registry.accessMode" -}}
+{{- $r := .Values.global.networkfunctionextension.clusterRegistry -}}
+{{- if $r.storageAccessMode -}}
+{{- $r.storageAccessMode -}}
+{{- else if $r.highAvailability.enabled -}}
+ReadWriteMany
+{{- else -}}
+ReadWriteOnce
+{{- end -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.claimName" $ -> the registry PVC name (existingClaim or the chart's). */}}
+{{- define "cluster-registry.claimName" -}}
+{{- default (include "cluster-registry.componentName" (dict "ctx" . "component" "registry")) .Values.global.networkfunctionextension.clusterRegistry.existingClaim -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.registrySecret" $ -> name of the Secret with http-secret and credentials.yaml. */}}
+{{- define "cluster-registry.registrySecret" -}}
+{{- default (include "cluster-registry.componentName" (dict "ctx" . "component" "registry")) .Values.global.networkfunctionextension.clusterRegistry.existingSecret -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.registryServiceHost" $ -> "<svc>.<ns>.svc:<port>", how pods in the cluster reach the registry. */}}
+{{- define "cluster-registry.registryServiceHost" -}}
+{{- printf "%s.%s.svc:%d" (include "cluster-registry.componentName" (dict "ctx" . "component" "registry")) .Release.Namespace (int .Values.global.networkfunctionextension.clusterRegistry.registryService.port) -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.registryHost" $ -> the rewrite target as nodes pull it (webhook.registryHost, localhost:<nodePort>, or the Service DNS name). */}}
+{{- define "cluster-registry.registryHost" -}}
+{{- $v := .Values.global.networkfunctionextension -}}
+{{- $svc := $v.clusterRegistry.registryService -}}
+{{- if $v.webhook.registryHost -}}
+{{- $v.webhook.registryHost -}}
+{{- else if and (eq $svc.type "NodePort") (gt (int $svc.nodePort) 0) -}}
+{{- printf "localhost:%d" (int $svc.nodePort) -}}
+{{- else -}}
+{{- printf "%s.%s.svc.cluster.local:%d" (include "cluster-registry.componentName" (dict "ctx" . "component" "registry")) .Release.Namespace (int $svc.port) -}}
+{{- end -}}
+{{- end -}}
