@@ -3,6 +3,11 @@
 Credentials reach helm only through a private registry-config file (a docker config JSON built from
 the Component's pull secrets) in a temporary directory removed afterwards: never on the command
 line, in the environment or in a message.
+
+Tenants' charts are untrusted, so helm runs as a child with nothing of ours: an environment of PATH and
+its own temporary homes only (no KUBERNETES_SERVICE_* address, ``KUBECONFIG=/dev/null``: it cannot
+find the API server, let alone the service account's token), a time limit, and its output read only
+up to ``max_output`` bytes (a chart rendering gigabytes is killed, not buffered).
 """
 
 from __future__ import annotations
@@ -23,6 +28,33 @@ _TEMPORARY = re.compile(
     r"|(?:status|code|response)\D{0,8}(?:5\d\d|429)\b",
     re.I,
 )
+
+
+MAX_OUTPUT = 32 * 1024 * 1024  # bytes of rendered YAML: thousands of manifests
+
+
+class OutputTooLarge(Exception):
+    pass
+
+
+async def _bounded(stream: asyncio.StreamReader, limit: int) -> bytes:
+    """All of ``stream``, or OutputTooLarge as soon as it passes ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await stream.read(65536):
+        size += len(chunk)
+        if size > limit:
+            raise OutputTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _tail(stream: asyncio.StreamReader, keep: int) -> bytes:
+    """The last ``keep`` bytes of ``stream`` (helm's message is at the end), read to its end."""
+    tail = b""
+    while chunk := await stream.read(65536):
+        tail = (tail + chunk)[-keep:]
+    return tail
 
 
 def merge_docker_configs(configs: Iterable[bytes]) -> dict[str, Any]:
@@ -71,6 +103,7 @@ async def template(
     ca_file: str | None = None,
     kube_version: str | None = None,
     timeout: float = 120.0,
+    max_output: int = MAX_OUTPUT,
 ) -> str:
     """``helm template`` output (YAML). Raises TemporaryError (registry away) or PermanentError."""
     if not ref.startswith("oci://"):
@@ -96,22 +129,31 @@ async def template(
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": tmp,
+            "KUBECONFIG": os.devnull,
             "HELM_CACHE_HOME": os.path.join(tmp, "cache"),
             "HELM_CONFIG_HOME": os.path.join(tmp, "config"),
             "HELM_DATA_HOME": os.path.join(tmp, "data"),
         }
         try:
             proc = await asyncio.create_subprocess_exec(
-                *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env=env, start_new_session=True,
             )
         except OSError as err:
             raise ConfigError(f"cannot run helm ({helm}): {err.strerror}") from None
         try:
-            out, err_out = await asyncio.wait_for(proc.communicate(), timeout)
+            assert proc.stdout is not None and proc.stderr is not None
+            out, err_out, _ = await asyncio.wait_for(
+                asyncio.gather(_bounded(proc.stdout, max_output), _tail(proc.stderr, 64 << 10), proc.wait()), timeout
+            )
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
             raise TemporaryError(f"helm template {ref} timed out after {timeout:.0f}s") from None
+        except OutputTooLarge:
+            proc.kill()
+            await proc.wait()
+            raise PermanentError(f"helm template {ref}: the chart renders more than {max_output} bytes") from None
         if proc.returncode != 0:
             message = f"helm template {ref}{':' + version if version else ''}: {_scrub(err_out.decode(errors='replace'))}"
             raise (TemporaryError if _TEMPORARY.search(message) else PermanentError)(message)
