@@ -89,6 +89,7 @@ class ComponentSpec(TypedDict, total=False):
     images: list[str]
     chart: ComponentChart
     pullSecrets: list[str]
+    suspend: bool  # since chart 0.2.0: the component reconciler leaves the Component alone
 
 
 class ComponentStatus(TypedDict, total=False):
