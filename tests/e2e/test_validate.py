@@ -63,7 +63,29 @@ def test_good_configuration_passes(cluster: Cluster, namespace: str, tmp_path: P
     assert "[ha-nodes]" not in proc.stdout  # 3 Ready system nodes
 
 
+def release_webhook(cluster: Cluster, release: str) -> str:
+    """A release's MutatingWebhookConfiguration (as an upgrade finds it), scoped to nothing: validate
+    dry-runs an update of it (#16: the hooks may update it by name, and create none)."""
+    name = f"{release}-cluster-registry-webhook"
+    cluster.apply({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+                   "metadata": {"name": name}, "webhooks": [{
+                       "name": "pods.clusterregistry.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                       "failurePolicy": "Ignore", "clientConfig": {"url": "https://validate.clusterregistry.invalid/mutate"},
+                       "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+                       "matchConditions": [{"name": "none", "expression": "false"}]}]})  # fmt: skip
+    return name
+
+
 def test_every_problem_reported_at_once(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    release = f"r{secrets.token_hex(3)}"
+    webhook = release_webhook(cluster, release)
+    try:
+        _every_problem(cluster, namespace, tmp_path, release, webhook)
+    finally:
+        cluster.kubectl("delete", "mutatingwebhookconfiguration", webhook, "--ignore-not-found")
+
+
+def _every_problem(cluster: Cluster, namespace: str, tmp_path: Path, release: str, webhook: str) -> None:
     proc = run_validate(
         cluster,
         tmp_path,
@@ -75,6 +97,7 @@ def test_every_problem_reported_at_once(cluster: Cluster, namespace: str, tmp_pa
             "webhook.pod.mutation.matchConditionExpression": "request.namespace ==",
             "systemPool.nodeLabel": "kubernetes.azure.com/mode=user",  # 2 user nodes stand in for a small pool
         },
+        release=release,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     out = proc.stdout
@@ -89,8 +112,9 @@ def test_every_problem_reported_at_once(cluster: Cluster, namespace: str, tmp_pa
     assert line.startswith("ERROR") and "2 of the 2 nodes with that label are." in line and "allowHighAvailabilityOnFewerNodes" in line
     assert out.strip().splitlines()[-1] == "validate: 4 problem(s), 0 warning(s): refusing this configuration"
     assert (tmp_path / "termination-log").read_text().strip().endswith("refusing this configuration")
-    # The dry run created nothing.
-    assert "r-validate-dry-run" not in cluster.kubectl("get", "mutatingwebhookconfigurations", "-o", "name")
+    # The dry run changed nothing.
+    got = cluster.kubectl_json("get", "mutatingwebhookconfiguration", webhook)
+    assert got["webhooks"][0]["matchConditions"] == [{"name": "none", "expression": "false"}]
 
 
 def test_ha_override_turns_the_node_count_into_a_warning(cluster: Cluster, namespace: str, tmp_path: Path) -> None:

@@ -65,10 +65,12 @@ def test_api_error_message_prefers_field_causes() -> None:
     assert VA.api_error_message(err) == "HTTP 422: Unprocessable Entity"
 
 
-def test_dry_run_webhook_carries_the_expression() -> None:
-    body = VA.dry_run_webhook("true", "r-validate")
-    assert body["webhooks"][0]["matchConditions"] == [{"name": "values", "expression": "true"}]
-    assert body["metadata"]["name"] == "r-validate"
+def test_the_dry_run_update_carries_the_expression_on_the_releases_configuration() -> None:
+    current = {"metadata": {"name": "r-cluster-registry-webhook", "resourceVersion": "7"},
+               "webhooks": [{"name": "pods.clusterregistry.io", "matchConditions": [{"name": "x", "expression": "false"}]}]}  # fmt: skip
+    body = VA.with_expression(current, "true")
+    assert body["webhooks"] == [{"name": "pods.clusterregistry.io", "matchConditions": [{"name": "values", "expression": "true"}]}]
+    assert body["metadata"] == current["metadata"] and current["webhooks"][0]["matchConditions"][0]["name"] == "x"
 
 
 def test_dry_run_lists_checks_without_a_cluster(tmp_path: Path) -> None:

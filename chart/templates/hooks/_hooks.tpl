@@ -1,11 +1,13 @@
 {{/* Helm hook annotations and which install hooks render. */}}
 
 {{/* Usage: include "cluster-registry.hookAnnotations" (dict "events" "pre-install,pre-upgrade" "weight" -10) -> helm hook annotations
-(delete before re-creation and after success, so re-runs work and nothing lingers). */}}
+(delete before re-creation and after success, so re-runs work and nothing lingers). What exists for
+every hook event (the hooks' ServiceAccount, its grants, its ConfigMap) is deleted when a hook fails
+too, so a failed install leaves no grant behind; a failed Job is kept for its logs. */}}
 {{- define "cluster-registry.hookAnnotations" -}}
 helm.sh/hook: {{ .events }}
 helm.sh/hook-weight: {{ .weight | quote }}
-helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
+helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded{{ if eq .events "pre-install,pre-upgrade,post-install,post-upgrade" }},hook-failed{{ end }}
 {{- end -}}
 
 {{/* Usage: include "cluster-registry.hookEvents" $ -> every event the hook ServiceAccount and RBAC must exist for. */}}

@@ -51,6 +51,8 @@ storage:
 http:
   addr: 127.0.0.1:5001
   relativeurls: true
+  # On SIGTERM, finish in-flight pulls and pushes for up to a minute (the pod's grace period allows it).
+  draintimeout: 60s
   headers:
     X-Content-Type-Options:
       - nosniff

@@ -102,26 +102,11 @@ def api_error_message(err: ApiException) -> str:
     return "; ".join(texts) or str(status.get("message") or f"HTTP {err.status}")
 
 
-def dry_run_webhook(expression: str, name: str) -> dict[str, Any]:
-    """A throwaway MutatingWebhookConfiguration carrying ``expression``, for a server-side dry run."""
-    return {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": name},
-        "webhooks": [
-            {
-                "name": "validate.clusterregistry.io",
-                "admissionReviewVersions": ["v1"],
-                "sideEffects": "None",
-                "failurePolicy": "Ignore",
-                "clientConfig": {"url": "https://validate.clusterregistry.invalid/mutate"},
-                "rules": [
-                    {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}
-                ],
-                "matchConditions": [{"name": "values", "expression": expression}],
-            }
-        ],
-    }
+def with_expression(configuration: dict[str, Any], expression: str) -> dict[str, Any]:
+    """The release's MutatingWebhookConfiguration with ``expression`` as every webhook's matchCondition,
+    for a server-side dry-run update (the hooks may update that one object by name, and create none)."""
+    webhooks = [{**w, "matchConditions": [{"name": "values", "expression": expression}]} for w in configuration.get("webhooks") or []]
+    return {**configuration, "webhooks": webhooks}
 
 
 def _raw(call: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -145,6 +130,7 @@ def gather(
     store_hosts: Iterable[str],
     insecure: set[str],
     credentials: tuple[str, str] | None,
+    webhook_configuration: str = "",
 ) -> C.Facts:
     """Read every fact the checks need; a fact that cannot be read is recorded, not fatal.
 
@@ -189,13 +175,17 @@ def gather(
             unavailable.append(
                 f"cannot read the registry volume ({api_error_message(err)}): storage changes not checked"
             )
-        if values.match_condition_expression:
-            body = dry_run_webhook(values.match_condition_expression, f"{release or 'cluster-registry'}-validate-dry-run")
+        if values.match_condition_expression and webhook_configuration:
+            admission = client.AdmissionregistrationV1Api(api)
             try:
-                client.AdmissionregistrationV1Api(api).create_mutating_webhook_configuration(body, dry_run="All")  # type: ignore[arg-type]
+                current = _raw(admission.read_mutating_webhook_configuration, webhook_configuration)
+                body = with_expression(current, values.match_condition_expression)
+                admission.replace_mutating_webhook_configuration(webhook_configuration, body, dry_run="All")  # type: ignore[arg-type]
             except ApiException as err:
                 if err.status in (400, 422):
                     match_error = api_error_message(err)
+                elif err.status == 404:  # a first install: the API server checks it when helm creates it
+                    unavailable.append("no webhook configuration yet (first install): expression checked when it is created")
                 else:
                     unavailable.append(
                         f"cannot dry-run the match condition ({api_error_message(err)}): expression not checked"
@@ -333,6 +323,7 @@ def plan(values: V.Values) -> str:
 @click.option("--namespace", default="", envvar="POD_NAMESPACE", help="the release namespace")
 @click.option("--kubeconfig", default=None, type=click.Path(dir_okay=False))
 @click.option("--pvc-name", default=None, help="the registry's PVC (default: found by the release's labels)")
+@click.option("--webhook-configuration", default="", help="the release's MutatingWebhookConfiguration: a dry-run update of it checks matchConditionExpression")
 @click.option("--system-pool-label", default=None, help=f"KEY=VALUE of system-pool nodes (default: the value {V.K_SYSTEM_POOL_LABEL}, else {V.DEFAULT_SYSTEM_POOL_LABEL})")
 @click.option("--artifact-store", "stores", multiple=True, help="artifact store HOST[:PORT] to probe (repeatable; earlyLoading hosts are added)")
 @click.option("--insecure-registry", "insecure", multiple=True, help="HOST[:PORT] to probe over plain HTTP")
@@ -346,6 +337,7 @@ def validate(
     namespace: str,
     kubeconfig: str | None,
     pvc_name: str | None,
+    webhook_configuration: str,
     system_pool_label: str | None,
     stores: tuple[str, ...],
     insecure: tuple[str, ...],
@@ -380,6 +372,7 @@ def validate(
             namespace=namespace,
             release=release,
             pvc_name=pvc_name,
+            webhook_configuration=webhook_configuration,
             store_hosts=store_hosts_of(values, stores) if values.enable_cluster_registry else stores,
             insecure=set(insecure),
             credentials=credentials,
