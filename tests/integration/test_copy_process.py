@@ -37,23 +37,28 @@ def test_killed_midway_then_resumed(tmp_path: Path) -> None:
         img = push_image(sp, "big/app", "1", layers=[48 << 20] * 4, seed=31)
         proc = subprocess.Popen(copy_cmd(f"{src.host}/big/app:1", f"{dst.host}/big/app:1") + ["--concurrency", "2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-        # kill once the destination holds some data but before the copy could finish
-        uploads = dst.storage / "docker/registry/v2/repositories/big/app/_uploads"
+        # kill once the destination holds a whole layer but before the copy could finish
+        layers = dst.storage / "docker/registry/v2/repositories/big/app/_layers/sha256"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
-            sizes = [p.stat().st_size for p in uploads.glob("*/data")] if uploads.exists() else []
-            if sum(sizes) > 8 << 20:
+            if layers.exists() and any(layers.iterdir()):
                 break
-            time.sleep(0.01)
+            time.sleep(0.005)
         assert proc.poll() is None, "copy finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        there = {f"sha256:{d.name}" for d in layers.iterdir()}
+        sizes = dict(img.all_blobs())
+        assert there and there <= sizes.keys()
         assert dp.get_manifest("big/app", "1") is None, "a killed copy left a tag"
         code, out, _ = run_copy(copy_cmd(f"{src.host}/big/app:1", f"{dst.host}/big/app:1"))
         assert code == 0, out
         summary = json.loads(out.strip().splitlines()[-1])
         assert summary["digest"] == img.digest
         assert summary["blobs_copied"] + summary["blobs_skipped"] == 5
+        # Resumed, not redone: what the killed run finished is skipped, its bytes not sent again.
+        assert summary["blobs_skipped"] >= len(there), summary
+        assert summary["bytes_copied"] <= sum(sizes.values()) - sum(sizes[d] for d in there), summary
         assert_copied(sp, dp, img, "big/app")  # downloads and hashes every blob
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import http.client
 import threading
 import time
 from collections.abc import Iterator
@@ -192,28 +191,3 @@ def test_drain_waits_for_an_in_flight_upload(registry: Registry, gate: tuple[Gat
     st, _, _ = writer.request("PUT", f"/{loc}&digest={digest}", "drain/app", body=b"")
     assert st == 201
     assert Pusher(registry.host).blob_sha256("drain/app", digest) == (digest, size)
-
-
-def _pull_seconds(host: str, repo: str, digest: str) -> float:
-    h, _, port = host.rpartition(":")
-    conn = http.client.HTTPConnection(h, int(port), timeout=120)
-    t0 = time.perf_counter()
-    conn.request("GET", f"/v2/{repo}/blobs/{digest}")
-    resp = conn.getresponse()
-    assert resp.status == 200
-    while resp.read(1 << 20):
-        pass
-    conn.close()
-    return time.perf_counter() - t0
-
-
-def test_pull_throughput_is_close_to_direct(registry: Registry, gate: tuple[GateServer, GateState]) -> None:
-    server, _ = gate
-    size = 256 << 20
-    digest = Pusher(registry.host).push_blob_stream("speed/app", layer_chunks(7, size), size)
-    direct = min(_pull_seconds(registry.host, "speed/app", digest) for _ in range(2))
-    via = min(_pull_seconds(server.host, "speed/app", digest) for _ in range(2))
-    mbps = size / via / 1e6
-    print(f"pull 256 MiB: direct {size / direct / 1e6:.0f} MB/s, via gate {mbps:.0f} MB/s")
-    # Loose on purpose (2 shared cores): the gate must not be the bottleneck of a node's pull.
-    assert mbps > 50 and via < direct * 4
