@@ -1,0 +1,111 @@
+"""`helm test`: proves an install works from inside the cluster, with the standard library and PyYAML (both in the image).
+
+1. The registry endpoint (the gate in front of distribution) takes a push with the chart's push
+   credentials and serves the image back anonymously, byte for byte, as nodes pull it; the probe image
+   is deleted afterwards (GC sweeps its blobs).
+2. The webhook (when it runs in the cluster) answers an AdmissionReview over the chart's TLS chain.
+
+Arguments: REGISTRY_HOST:PORT CREDENTIALS_FILE REPOSITORY [WEBHOOK_URL CA_FILE]. Prints one JSON line.
+"""
+
+import hashlib
+import json
+import ssl
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from base64 import b64encode
+
+import yaml
+
+
+def request(method, url, body=None, headers=None, context=None):
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30, context=context) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def expect(what, status, want, body):
+    if status not in want:
+        sys.exit(f"helm-test: {what}: HTTP {status}, want {want}: {body[:300]!r}")
+
+
+def credentials(path):
+    """The gate's push credentials (credentials.yaml: username, password) as a Basic header."""
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    return "Basic " + b64encode(f"{doc['username']}:{doc['password']}".encode()).decode()
+
+
+def push_and_pull(registry, auth, repo):
+    base = f"http://{registry}/v2/{repo}"
+    layer = f"cluster-registry helm test {uuid.uuid4()}\n".encode()
+    config = b"{}"
+    for blob in (layer, config):
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        status, headers, body = request("POST", f"{base}/blobs/uploads/", b"", {"Authorization": auth})
+        expect("start upload", status, (202,), body)
+        location = headers["Location"]
+        location = location if location.startswith("http") else f"http://{registry}{location}"
+        sep = "&" if "?" in location else "?"
+        status, _, body = request("PUT", f"{location}{sep}digest={digest}", blob,
+                                  {"Authorization": auth, "Content-Type": "application/octet-stream"})
+        expect("upload blob", status, (201,), body)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "size": len(config),
+                   "digest": "sha256:" + hashlib.sha256(config).hexdigest()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": len(layer),
+                    "digest": "sha256:" + hashlib.sha256(layer).hexdigest()}],
+    }, separators=(",", ":")).encode()
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    status, _, body = request("PUT", f"{base}/manifests/probe", manifest,
+                              {"Authorization": auth, "Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+    expect("push manifest", status, (201,), body)
+    # Pull anonymously, as a node does.
+    status, _, body = request("GET", f"{base}/manifests/{digest}", None,
+                              {"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    expect("pull manifest", status, (200,), body)
+    if body != manifest:
+        sys.exit("helm-test: the registry served a different manifest than was pushed")
+    status, _, body = request("GET", f"{base}/blobs/sha256:{hashlib.sha256(layer).hexdigest()}")
+    expect("pull layer", status, (200,), body)
+    if body != layer:
+        sys.exit("helm-test: the registry served a different layer than was pushed")
+    status, _, body = request("DELETE", f"{base}/manifests/{digest}", None, {"Authorization": auth})
+    expect("delete probe manifest", status, (202,), body)
+    return digest
+
+
+def admission(url, ca_file):
+    uid = str(uuid.uuid4())
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "namespace": "cluster-registry-helm-test", "operation": "CREATE", "userInfo": {"username": "helm-test"},
+        "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe", "namespace": "cluster-registry-helm-test"},
+                   "spec": {"containers": [{"name": "probe", "image": "docker.io/library/busybox:1.36"}]}},
+    }}
+    context = ssl.create_default_context(cafile=ca_file)
+    status, _, body = request("POST", url, json.dumps(review).encode(), {"Content-Type": "application/json"}, context)
+    expect("AdmissionReview", status, (200,), body)
+    answer = json.loads(body)["response"]
+    if answer.get("uid") != uid or answer.get("allowed") is not True:
+        sys.exit(f"helm-test: the webhook's answer does not admit the probe pod: {answer}")
+    return True
+
+
+def main(argv):
+    registry, creds, repo = argv[:3]
+    report = {"pushedAndPulled": push_and_pull(registry, credentials(creds), repo)}
+    if len(argv) == 5:
+        report["webhookAdmitted"] = admission(argv[3], argv[4])
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
