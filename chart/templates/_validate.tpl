@@ -20,9 +20,6 @@ Every value combination the schema cannot express is rejected here, in one place
 {{- if and $v.enableEarlyLoading (not $v.earlyLoading.images) -}}
 {{- fail (printf "%s.enableEarlyLoading=true needs at least one image in %s.earlyLoading.images" $p $p) -}}
 {{- end -}}
-{{- if and $v.enableLocalRegistry (eq $v.localRegistry.source "persistentVolumeClaim") (not $v.localRegistry.claimName) -}}
-{{- fail (printf "%s.localRegistry.source=persistentVolumeClaim needs %s.localRegistry.claimName" $p $p) -}}
-{{- end -}}
 {{- if and $r.highAvailability.enabled (eq $r.storage.driver "filesystem") (eq $r.storageAccessMode "ReadWriteOnce") -}}
 {{- fail (printf "%s.clusterRegistry.highAvailability.enabled=true needs ReadWriteMany storage: %s.clusterRegistry.storageAccessMode=ReadWriteOnce cannot be mounted by 3 replicas on different nodes (use ReadWriteMany, object storage, or turn HA off)" $p $p) -}}
 {{- end -}}

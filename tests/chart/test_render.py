@@ -667,7 +667,6 @@ def test_schema_rejects_bad_values(sets: tuple[str, ...], message: str) -> None:
     (("clusterRegistry.storage.driver=azure",), "needs storage.azure.accountName"),
     (("clusterRegistry.registryService.nodePort=30500",), "not NodePort"),
     (("webhook.caBundle=Zm9v",), "only used in URL mode"),
-    (("enableLocalRegistry=true", "localRegistry.source=persistentVolumeClaim"), "claimName"),
 ])
 def test_invalid_combinations_fail_with_a_clear_message(sets: tuple[str, ...], message: str) -> None:
     error = render_error(*sets)

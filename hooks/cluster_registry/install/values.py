@@ -173,7 +173,7 @@ def load(document: Any) -> tuple[Values, list[ValueProblem]]:
         system_pool_label=string(K_SYSTEM_POOL_LABEL, DEFAULT_SYSTEM_POOL_LABEL),
         storage_driver=string(K_STORAGE_DRIVER, defaults.storage_driver, STORAGE_DRIVERS),
         existing_claim=string(K_EXISTING_CLAIM, ""),
-        local_source=string(K_LOCAL_SOURCE, "hostPath", ("hostPath", "persistentVolumeClaim")),
+        local_source=string(K_LOCAL_SOURCE, "persistentVolumeClaim", ("hostPath", "persistentVolumeClaim")),
         local_claim=string(K_LOCAL_CLAIM, ""),
     )
     return values, problems
