@@ -78,6 +78,8 @@ def _observe(gauges: object | None, rep: Report) -> None:
 @click.option("--registry-config", type=click.Path(dir_okay=False), help="Config for `registry garbage-collect` (default: generated over --storage-root).")
 @click.option("--registry-binary", help="The distribution `registry` binary (default: PATH, then .cache/bin).")
 @click.option("--drain-timeout", default="60s", show_default=True, help="How long to wait for the gates' in-flight writes.")
+@click.option("--max-window", default="5m", show_default=True,
+              help="The read-only window's bound: a sweep still running then is aborted and writes resume.")
 @click.option("--lease-duration", default=15, show_default=True, type=click.IntRange(5, 45), help="The lock's TTL in seconds (a dead GC frees writes within it).")
 @click.option("--no-sweep", is_flag=True, help="Soft delete only; skip the read-only window.")
 @click.option("--sweep-mode", type=click.Choice(["distribution", "trash"]), default="distribution", show_default=True,
@@ -103,6 +105,7 @@ def gc(
     registry_config: str | None,
     registry_binary: str | None,
     drain_timeout: str,
+    max_window: str,
     lease_duration: int,
     no_sweep: bool,
     sweep_mode: str,
@@ -123,6 +126,7 @@ def gc(
         credentials=registry.load_credentials(registry_credentials_file),
         local_hosts=frozenset(registry_hosts),
         drain_timeout=float(parse_duration(drain_timeout)),
+        max_window=float(parse_duration(max_window)),
         lease_seconds=lease_duration,
         dry_run=dry_run,
         sweep=not no_sweep,

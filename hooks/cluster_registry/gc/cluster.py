@@ -192,10 +192,10 @@ class ClusterView:
                 return False
             raise TemporaryError(f"cannot delete Artifact {a}: {err.reason}") from err
 
-    def window_event(self, namespace: str, lease: str, note: str) -> None:
-        """A ReadOnlyWindow Event on the GC lock Lease: how long the run held writes off."""
+    def window_event(self, namespace: str, lease: str, note: str, type_: str = "Normal", reason: str = "ReadOnlyWindow") -> None:
+        """An Event on the GC lock Lease: how long the run held writes off (or why its sweep was aborted)."""
         regarding = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": lease, "namespace": namespace}}
-        self.kube.event(regarding, "Normal", "ReadOnlyWindow", note, action="Sweep", controller=EVENT_SOURCE, instance=EVENT_SOURCE)
+        self.kube.event(regarding, type_, reason, note, action="Sweep", controller=EVENT_SOURCE, instance=EVENT_SOURCE)
 
     def event(self, a: Artifact, reason: str, message: str, type_: str = "Normal") -> None:
         regarding = {

@@ -35,6 +35,7 @@ class Options:
     credentials: registry.BasicAuth | None = None
     local_hosts: frozenset[str] = frozenset()
     drain_timeout: float = 60.0
+    max_window: float = 300.0  # the read-only window's bound: past it the sweep is aborted, writes resume
     lease_seconds: int = 15
     dry_run: bool = False
     artifact_namespaces: frozenset[str] = frozenset()  # only these namespaces' Artifacts may be deleted
@@ -174,6 +175,9 @@ def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
             sweep.empty_trash(opts.storage_root)  # left by a run killed after its window
         try:
             _window(opts, api, rep, sizes)
+        except WindowExceeded as err:
+            view.window_event(opts.namespace, opts.lock_name, err.message, type_="Warning", reason="SweepAborted")
+            raise
         finally:
             if rep.windowSeconds:
                 view.window_event(opts.namespace, opts.lock_name, rep.window_line())
@@ -263,17 +267,35 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
     )
 
 
+class WindowExceeded(TemporaryError):
+    """The sweep outlasted ``--max-window``: it was killed and the lock released (the next run retries)."""
+
+
 def _locked(opts: Options, lock: GCLock, config: str, rep: Report, sizes: dict[str, int]) -> None:
-    """Inside the window: wait for the gates to drain, then sweep."""
-    drained = lock.wait_drained(opts.drain_timeout)
+    """Inside the window: wait for the gates to drain, then sweep, all within ``opts.max_window``
+    (a hung sweep must not hold every write off until the Job's deadline)."""
+    deadline = time.monotonic() + opts.max_window
+    drained = lock.wait_drained(min(opts.drain_timeout, opts.max_window))
     rep.gatesAcked, rep.drainSeconds = len(drained.acked), drained.seconds
     # With the filesystem at hand the sweep runs quiet and the deleted blobs are counted after
     # the window (what was there at the start and is gone now); otherwise from its output.
     quiet = bool(opts.storage_root)
-    if opts.sweep_mode == "trash" and opts.storage_root:
-        res = sweep.run_trash(config, opts.storage_root, binary=opts.registry_binary, keep_going=lock.safe)
-    else:
-        res = sweep.run(config, binary=opts.registry_binary, keep_going=lock.safe, quiet=quiet)
+
+    def keep_going() -> bool:
+        return lock.safe() and time.monotonic() < deadline
+
+    try:
+        if opts.sweep_mode == "trash" and opts.storage_root:
+            res = sweep.run_trash(config, opts.storage_root, binary=opts.registry_binary, keep_going=keep_going)
+        else:
+            res = sweep.run(config, binary=opts.registry_binary, keep_going=keep_going, quiet=quiet)
+    except TemporaryError:
+        if time.monotonic() >= deadline:
+            raise WindowExceeded(
+                f"the sweep outlasted the maximum read-only window of {opts.max_window:.0f}s: it was aborted, "
+                "the write lock released and writes resumed; nothing it had not finished was deleted"
+            ) from None
+        raise
     if not lock.safe():
         raise TemporaryError("the write lock lapsed during the sweep")
     rep.sweepSeconds, rep.sweepCpuSeconds = res.seconds, res.cpu_seconds
