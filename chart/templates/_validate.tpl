@@ -17,9 +17,6 @@ Every value combination the schema cannot express is rejected here, in one place
 {{- if and $v.enableLocalRegistry (not $v.enableClusterRegistry) -}}
 {{- fail (printf "%s.enableLocalRegistry=true needs %s.enableClusterRegistry=true: side-loaded images are imported into the cluster registry" $p $p) -}}
 {{- end -}}
-{{- if and $v.enableEarlyLoading (not $v.earlyLoading.images) -}}
-{{- fail (printf "%s.enableEarlyLoading=true needs at least one image in %s.earlyLoading.images" $p $p) -}}
-{{- end -}}
 {{- if and $r.highAvailability.enabled (eq $r.storage.driver "filesystem") (eq $r.storageAccessMode "ReadWriteOnce") -}}
 {{- fail (printf "%s.clusterRegistry.highAvailability.enabled=true needs ReadWriteMany storage: %s.clusterRegistry.storageAccessMode=ReadWriteOnce cannot be mounted by 3 replicas on different nodes (use ReadWriteMany, object storage, or turn HA off)" $p $p) -}}
 {{- end -}}
@@ -47,4 +44,28 @@ Every value combination the schema cannot express is rejected here, in one place
 {{- if and (not $v.enableClusterRegistry) $v.webhook.url -}}
 {{- fail (printf "%s.webhook.url is set but %s.enableClusterRegistry=false deploys no webhook configuration" $p $p) -}}
 {{- end -}}
+{{- /* The registry volume is fixed after install. `lookup` sees the live PVC on install/upgrade only (under
+`helm template` it returns nothing, so GitOps renders stay stable and the validate hook is the guard there);
+failing here puts the reason in helm's own output instead of a failed hook Job's. */ -}}
+{{- if and $v.enableClusterRegistry (eq $r.storage.driver "filesystem") (not $r.existingClaim) -}}
+{{- $pvc := lookup "v1" "PersistentVolumeClaim" .Release.Namespace (include "cluster-registry.claimName" .) -}}
+{{- $live := dig "spec" "resources" "requests" "storage" "" $pvc -}}
+{{- if and $live (ne (include "cluster-registry.quantityBytes" $live) (include "cluster-registry.quantityBytes" $r.storageSize)) -}}
+{{- fail (printf "%s.clusterRegistry.storageSize cannot be modified after the initial deployment: the registry volume %s is %s and the new value is %s; set it back to %s" $p $pvc.metadata.name $live $r.storageSize $live) -}}
+{{- end -}}
+{{- $liveClass := dig "spec" "storageClassName" "" $pvc -}}
+{{- if and $pvc $r.storageClassName (ne $liveClass $r.storageClassName) -}}
+{{- fail (printf "%s.clusterRegistry.storageClassName cannot be modified after the initial deployment: the registry volume %s uses %q and the new value is %q; set it back to %q" $p $pvc.metadata.name $liveClass $r.storageClassName $liveClass) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.quantityBytes" "100Gi" -> "107374182400" (binary and decimal suffixes, or none), to
+compare a PVC's size as the API server writes it ("1Ti") with the value as given ("1024Gi"). */}}
+{{- define "cluster-registry.quantityBytes" -}}
+{{- $q := toString . -}}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 -}}
+{{- $n := regexFind "^[0-9]+" $q -}}
+{{- $unit := trimPrefix $n $q -}}
+{{- mul (int64 $n) (int64 (get $units $unit | default 1)) -}}
 {{- end -}}

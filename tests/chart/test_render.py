@@ -42,7 +42,7 @@ def deployment(docs: list[Doc], component: str) -> Doc:
 def test_ha_with_autoscaling_is_3_to_5_at_80_percent(component: str) -> None:
     docs = render()
     dep = deployment(docs, component)
-    assert "replicas" not in dep["spec"], "the HPA owns the replica count; a fixed one would be reset on upgrade"
+    assert dep["spec"]["replicas"] == 3, "never below the HPA's minimum: a fresh install starts 3 pods (issue 19)"
     assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 1}}
     hpa = find(docs, "HorizontalPodAutoscaler", f"-{component}")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": dep["metadata"]["name"]}
@@ -147,8 +147,8 @@ def test_system_pool_label_and_extra_tolerations_are_configurable() -> None:
     docs = render("systemPool.nodeLabel=agentpool=sys", "extraTolerations[0].key=kwok.x-k8s.io/node",
                   "extraTolerations[0].operator=Exists")
     spec = pod_spec(deployment(docs, "webhook"))
-    pref = spec["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["preference"]
-    assert pref == {"matchExpressions": [{"key": "agentpool", "operator": "In", "values": ["sys"]}]}
+    (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term == {"matchExpressions": [{"key": "agentpool", "operator": "In", "values": ["sys"]}]}
     assert {"key": "kwok.x-k8s.io/node", "operator": "Exists"} in spec["tolerations"]
 
 
@@ -660,7 +660,6 @@ def test_schema_rejects_bad_values(sets: tuple[str, ...], message: str) -> None:
 
 @pytest.mark.parametrize(("sets", "message"), [
     (("enableClusterRegistry=false", "enableEarlyLoading=true"), "enableEarlyLoading=true needs"),
-    (("enableEarlyLoading=true",), "at least one image"),
     (("enableClusterRegistry=false", "enableLocalRegistry=true"), "enableLocalRegistry=true needs"),
     (("clusterRegistry.storageAccessMode=ReadWriteOnce",), "needs ReadWriteMany"),
     (("clusterRegistry.storage.driver=s3",), "needs storage.s3.bucket"),
@@ -694,8 +693,12 @@ def test_kubernetes_older_than_1_30_is_refused() -> None:
 
 
 def test_templates_use_no_cluster_lookups_or_random_data() -> None:
-    """GitOps safety: nothing depends on `lookup` or churns per render (random, generated certs, time)."""
+    """GitOps safety: nothing churns per render (random, generated certs, time), and `lookup` only where
+    its empty answer under `helm template` renders the defaults: the live volume's size (a refusal) and
+    the live replica count (kept when an HPA scaled above the minimum)."""
     from tests.chart.chartlib import CHART
+
+    lookups = {"_validate.tpl", "_scaling.tpl"}
 
     forbidden = ("lookup", "randAlpha", "randAlphaNum", "randNumeric", "randAscii", "randBytes", "uuidv4",
                  "genCA", "genSelfSignedCert", "genSignedCert", "genPrivateKey", "now", "date ")
@@ -703,7 +706,8 @@ def test_templates_use_no_cluster_lookups_or_random_data() -> None:
         if path.is_file():
             actions = " ".join(part.split("}}")[0] for part in path.read_text().split("{{")[1:])
             words = set(actions.replace("(", " ").replace(")", " ").replace("|", " ").split())
-            assert not words & {f.strip() for f in forbidden}, f"{path.name}: {words & set(forbidden)}"
+            allowed = {"lookup"} if path.name in lookups else set()
+            assert not words & {f.strip() for f in forbidden} - allowed, f"{path.name}: {words & set(forbidden)}"
 
 
 def test_webhook_pods_never_see_the_ca_key() -> None:
