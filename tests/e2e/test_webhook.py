@@ -434,9 +434,13 @@ def test_webhook_rollout_of_1000_pods_writes_a_handful(cluster: Cluster, namespa
         wait_for(lambda: pending(hook) == 0, timeout=60, what="no Artifact intent pending")
         time.sleep(2)  # status updates of the pods keep arriving: they must cost nothing
         wait_for(lambda: pending(hook) == 0, timeout=60, what="no Artifact intent pending")
-        spent = writes(hook.metrics()) - before
-        print(f"1000-pod rollout: {spent:.0f} Artifact API writes")  # noqa: T201 - the figure #16 asks for
-        assert set(artifacts(cluster, namespace)) == {reference.normalize(i) for i in images}
+        ours = writes(hook.metrics()) - before
+        arts = artifacts(cluster, namespace)
+        assert set(arts) == {reference.normalize(i) for i in images}
+        # Every writer counts (another release's pod watch in this shared cluster records annotated
+        # pods too): each create is generation 1, each spec change adds one; status writes add none.
+        spent = sum(int(a["metadata"]["generation"]) for a in arts.values())
+        print(f"1000-pod rollout: {spent} Artifact writes in all ({ours:.0f} by this webhook)")  # noqa: T201 - #16's figure
         assert spent <= 4, spent  # one create per image, at most a merge each
     finally:
         cluster.kubectl("delete", "deployment", "big", "-n", namespace, "--wait=false", check=False)
