@@ -82,6 +82,9 @@ def run(
         labels = {"app.kubernetes.io/managed-by": "cluster-registry", "app.kubernetes.io/component": "webhook"}
         meta = client.V1ObjectMeta(name=secret_name, namespace=namespace, labels=labels)
         body = client.V1Secret(metadata=meta, type="kubernetes.io/tls", data=_encode(decision.data))
+        if decision.action is pki.Action.REGENERATE:
+            # both CAs are trusted before the Secret (and so the served certificate) changes
+            publish_bundle(admission, webhook_configuration, service, namespace, pki.bundle(decision.data), dry_run)
         try:
             if current is None:
                 core.create_namespaced_secret(namespace, body)
@@ -99,24 +102,30 @@ def run(
     else:
         raise TemporaryError(f"Secret {namespace}/{secret_name} kept changing; try again")
     report["notAfter"] = pki.not_after(decision.data[pki.TLS_CERT]).isoformat()
-    bundle = base64.b64encode(decision.data[pki.CA_CERT]).decode()
-    report["caBundlePatched"] = 0
+    report.update(publish_bundle(admission, webhook_configuration, service, namespace, pki.bundle(decision.data), dry_run))
+    return report
+
+
+def publish_bundle(
+    admission: Any, webhook_configuration: str, service: str, namespace: str, bundle: bytes, dry_run: bool
+) -> dict[str, Any]:
+    """Set ``bundle`` as the caBundle of the configuration's webhooks that call ``service``."""
+    from kubernetes.client.exceptions import ApiException
+
     try:
         mwc = admission.read_mutating_webhook_configuration(webhook_configuration)
     except ApiException as err:
         if err.status != 404:
             raise
         log.warning("MutatingWebhookConfiguration %s not found; caBundle not patched", webhook_configuration)
-        report["webhookConfiguration"] = "absent"
-        return report
+        return {"caBundlePatched": 0, "webhookConfiguration": "absent"}
     raw = admission.api_client.sanitize_for_serialization(mwc)
-    ops = ca_bundle_patch(raw, service, namespace, bundle)
-    report["caBundlePatched"] = len(ops) // 2
+    ops = ca_bundle_patch(raw, service, namespace, base64.b64encode(bundle).decode())
     if ops and not dry_run:
         admission.patch_mutating_webhook_configuration(
             webhook_configuration, ops, _content_type="application/json-patch+json"
         )
-    return report
+    return {"caBundlePatched": len(ops) // 2}
 
 
 @click.command()

@@ -5,6 +5,11 @@ A long-lived CA (ten years) signs a serving certificate for the webhook Service
 with the *same* CA when it is about to expire, so the caBundle in the MutatingWebhookConfiguration
 stays valid across renewals; only a missing, broken or expiring CA makes a new CA (and a new bundle).
 Keys are ECDSA P-256.
+
+A new CA overlaps the old one: the Secret keeps the old CA certificate (``ca-previous.crt``) for
+``OVERLAP`` after the change, and the caBundle holds both (:func:`bundle`), published *before* the
+Secret changes. Webhook replicas serving the old certificate and those already serving the new one
+are trusted alike; once the overlap is over, a later run drops the old CA (``TRIM``).
 """
 
 from __future__ import annotations
@@ -27,13 +32,16 @@ CA_VALIDITY = dt.timedelta(days=3650)
 SERVING_VALIDITY = dt.timedelta(days=365)
 BACKDATE = dt.timedelta(minutes=5)  # tolerate clock skew between nodes
 CA_CERT, TLS_CERT, TLS_KEY, CA_KEY = "ca.crt", "tls.crt", "tls.key", "ca.key"
+CA_PREVIOUS, ROTATED_AT = "ca-previous.crt", "ca-rotated-at"  # the replaced CA, and when (ISO 8601)
+OVERLAP = dt.timedelta(hours=1)  # every webhook replica reloads its files within minutes
 
 
 class Action(str, Enum):
     KEEP = "unchanged"
     CREATE = "created"  # no Secret yet
     RENEW = "renewed"  # new serving certificate, same CA
-    REGENERATE = "regenerated"  # new CA and serving certificate
+    REGENERATE = "regenerated"  # new CA and serving certificate (the old CA stays in the bundle a while)
+    TRIM = "trimmed"  # the previous CA's overlap is over: it leaves the Secret and the bundle
 
 
 @dataclass(frozen=True)
@@ -205,13 +213,39 @@ def plan(
     if existing is None or (reason := ca_problem(data, now, renew_before)) is not None:
         ca_cert, ca_key = new_ca(now)
         cert, key = new_serving(ca_cert, ca_key, dns_names, now, serving_validity)
-        action = Action.CREATE if existing is None else Action.REGENERATE
-        why = "no Secret" if existing is None else str(reason)
-        return Decision(action, why, {CA_CERT: ca_cert, CA_KEY: ca_key, TLS_CERT: cert, TLS_KEY: key})
+        fresh = {CA_CERT: ca_cert, CA_KEY: ca_key, TLS_CERT: cert, TLS_KEY: key}
+        if existing is None:
+            return Decision(Action.CREATE, "no Secret", fresh)
+        if _usable(data.get(CA_CERT), now):  # the webhook may still serve a certificate it signed
+            fresh |= {CA_PREVIOUS: data[CA_CERT], ROTATED_AT: now.isoformat().encode()}
+        return Decision(Action.REGENERATE, str(reason), fresh)
     if (reason := serving_problem(data, dns_names, now, renew_before)) is not None:
         cert, key = new_serving(data[CA_CERT], data[CA_KEY], dns_names, now, serving_validity)
         return Decision(Action.RENEW, reason, {**data, TLS_CERT: cert, TLS_KEY: key})
+    if CA_PREVIOUS in data and _overlap_over(data, now):
+        trimmed = {k: v for k, v in data.items() if k not in (CA_PREVIOUS, ROTATED_AT)}
+        return Decision(Action.TRIM, "the previous CA's overlap is over", trimmed)
     return Decision(Action.KEEP, "valid", data)
+
+
+def bundle(data: dict[str, bytes]) -> bytes:
+    """The caBundle for the Secret's ``data``: its CA, and the previous one during the overlap."""
+    return data[CA_CERT] + data.get(CA_PREVIOUS, b"")
+
+
+def _usable(ca_pem: bytes | None, now: dt.datetime) -> bool:
+    try:
+        return ca_pem is not None and x509.load_pem_x509_certificate(ca_pem).not_valid_after_utc > now
+    except ValueError:
+        return False
+
+
+def _overlap_over(data: dict[str, bytes], now: dt.datetime) -> bool:
+    try:
+        rotated = dt.datetime.fromisoformat(data.get(ROTATED_AT, b"").decode())
+    except ValueError:
+        return True  # no readable time: the overlap cannot be vouched for any more
+    return now - rotated >= OVERLAP or not _usable(data.get(CA_PREVIOUS), now)
 
 
 def not_after(cert_pem: bytes) -> dt.datetime:
