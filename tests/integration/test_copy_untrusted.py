@@ -86,8 +86,8 @@ async def test_an_image_declaring_more_than_the_maximum_size_is_refused_before_a
     import json
 
     from cluster_registry import reference
-    from cluster_registry.errors import PermanentError
     from cluster_registry.oci import CopyOptions, copy_image
+    from cluster_registry.oci.copy import ImageTooLargeError
 
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -108,8 +108,9 @@ async def test_an_image_declaring_more_than_the_maximum_size_is_refused_before_a
     with Scripted(src).running() as source, Scripted(dst).running() as dest:
         opts = RegistryOptions(insecure_hosts=frozenset({source.host, dest.host}))
         async with RegistrySession(opts) as s:
-            with pytest.raises(PermanentError, match="image too large: its blobs declare 10737418340 bytes, over the maximum image size of 1048576 bytes"):
+            with pytest.raises(ImageTooLargeError, match="image too large: its blobs declare 10737418340 bytes, over the maximum image size of 1048576 bytes"):
                 await copy_image(reference.parse(f"{source.host}/r:1"), reference.parse(f"{dest.host}/r:1"), session=s,
                                  options=CopyOptions(max_image_size=1 << 20, attached=False))  # fmt: skip
     assert not [x for x in source.seen if "/blobs/" in x.path]
     assert not [x for x in dest.seen if x.method in ("POST", "PUT", "PATCH")]
+    assert ImageTooLargeError("x").reason == "ImageTooLarge" and not ImageTooLargeError("x").temporary  # the Artifact's condition

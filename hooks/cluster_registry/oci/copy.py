@@ -62,6 +62,10 @@ class CopyOptions:
     max_image_size: int = 0  # bytes of blobs an image may declare (0: no limit); refused before fetching
 
 
+class ImageTooLargeError(PermanentError):
+    """An image whose blobs declare more than ``CopyOptions.max_image_size``: refused before any is fetched."""
+
+
 @dataclass(frozen=True)
 class Progress:
     blobs_done: int
@@ -154,7 +158,7 @@ class _Copier:
         limit = self.options.max_image_size
         declared = self.stats.bytes_total + sum(d["size"] for d in blobs if d["digest"] not in self.blobs)
         if limit and declared > limit:
-            raise PermanentError(
+            raise ImageTooLargeError(
                 f"image too large: its blobs declare {declared} bytes, over the maximum image size of {limit} bytes"
             )
 
