@@ -7,7 +7,7 @@ export PATH := $(ROOT)/.cache/bin:$(VENV)/bin:$(PATH)
 PYTEST ?= $(VENV)/bin/pytest
 PYTEST_ARGS ?=
 
-.PHONY: help toolchain cluster-up cluster-down test test-unit test-chart test-integration test-e2e typecheck generate demo demo-down bench
+.PHONY: help toolchain images cluster-up cluster-down test test-unit test-chart test-integration test-e2e typecheck generate demo demo-down bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -18,10 +18,13 @@ toolchain: ## install pinned tools into .cache/bin and the virtualenv into .venv
 cluster-up: toolchain ## start the local control plane and the two registries
 	ci/localcluster up
 
+images: cluster-up ## build the project's images (OCI layouts in .cache/images) and push them to the local cluster
+	ci/images push
+
 cluster-down: ## stop everything `cluster-up` started
 	ci/localcluster down
 
-test: cluster-up typecheck ## every layer: unit, chart, integration, e2e
+test: images typecheck ## every layer: unit, chart, integration, e2e
 	$(PYTEST) $(PYTEST_ARGS) tests
 
 test-unit: toolchain ## the pure core only
@@ -33,7 +36,7 @@ test-chart: toolchain ## helm lint, ct lint, kubeconform and render tests
 test-integration: toolchain ## against real registries on loopback
 	$(PYTEST) $(PYTEST_ARGS) -m integration tests
 
-test-e2e: cluster-up ## against the local control plane
+test-e2e: images ## against the local control plane
 	$(PYTEST) $(PYTEST_ARGS) -m e2e tests
 
 typecheck: toolchain ## mypy --strict over the package
@@ -42,7 +45,7 @@ typecheck: toolchain ## mypy --strict over the package
 generate: toolchain ## regenerate committed generated files (schema copy, values reference)
 	ci/generate
 
-demo: cluster-up ## boot the local cluster, install the chart and a sample CNF
+demo: images ## boot the local cluster, install the chart and a sample CNF
 	$(VENV)/bin/python -m tests.support.demo up
 
 demo-down: ## stop the demo and the local cluster

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "ci"))
+import localnodes  # noqa: E402 (ci/ is not a package)
 BIN = ROOT / ".cache" / "bin"
 STATE = ROOT / ".cache" / "localcluster"
 PKI = STATE / "pki"
@@ -80,6 +82,10 @@ AGENT_ANNOTATION = "localcluster.clusterregistry.io/agent"
 NODEAGENT = ROOT / "tests" / "support" / "nodeagent.py"
 FORWARD_ANNOTATION = "localcluster.clusterregistry.io/forward-to"
 HARNESS_NAMESPACE = "localcluster"
+# "real": the system-pool nodes are real (ci/localnodes.py: kubelet, containerd, kube-proxy per node);
+# "agent": they are the process-backed node agent's.
+NODES = os.environ.get("LOCALCLUSTER_NODES", "agent")
+REAL_LABEL = "localcluster.clusterregistry.io/real"
 
 
 def log(msg: str) -> None:
@@ -171,7 +177,28 @@ def _client_cert(
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
+def ensure_node_pki(nodes: list[localnodes.Node]) -> None:
+    """Client certificates and kubeconfigs of each real node's kubelet and kube-proxy."""
+    now = dt.datetime.now(dt.timezone.utc)
+    for node in nodes:
+        d = STATE / "nodes" / node.name
+        for who, cn, orgs in (("kubelet", f"system:node:{node.name}", ["system:nodes"]),
+                              ("kube-proxy", "system:kube-proxy", [])):
+            if not (d / f"{who}.kubeconfig").exists():
+                crt, key = _client_cert((PKI / "ca.crt").read_bytes(), (PKI / "ca.key").read_bytes(), cn, orgs, now,
+                                        dt.timedelta(days=3650))
+                _write(d / f"{who}.crt", crt)
+                _write(d / f"{who}.key", key, 0o600)
+                write_kubeconfig(d / f"{who}.kubeconfig", d / f"{who}.crt", d / f"{who}.key", cn)
+
+
 def ensure_kubeconfig() -> None:
+    write_kubeconfig(KUBECONFIG, PKI / "admin.crt", PKI / "admin.key", "localcluster-admin")
+
+
+def write_kubeconfig(path: Path, crt: Path, key: Path, user: str) -> None:
+    """A kubeconfig for USER's certificate; the address is 127.0.0.1 on the host and on every real
+    node (ci/nodenet.py forwards the node's own 127.0.0.1:APISERVER_PORT to the host's)."""
     import base64
 
     def b64(p: Path) -> str:
@@ -191,21 +218,18 @@ def ensure_kubeconfig() -> None:
         ],
         "users": [
             {
-                "name": "localcluster-admin",
-                "user": {
-                    "client-certificate-data": b64(PKI / "admin.crt"),
-                    "client-key-data": b64(PKI / "admin.key"),
-                },
+                "name": user,
+                "user": {"client-certificate-data": b64(crt), "client-key-data": b64(key)},
             }
         ],
         "contexts": [
-            {"name": "localcluster", "context": {"cluster": "localcluster", "user": "localcluster-admin"}}
+            {"name": "localcluster", "context": {"cluster": "localcluster", "user": user}}
         ],
         "current-context": "localcluster",
     }
     data = json.dumps(cfg, indent=1).encode()
-    if not KUBECONFIG.exists() or KUBECONFIG.read_bytes() != data:
-        _write(KUBECONFIG, data, 0o600)
+    if not path.exists() or path.read_bytes() != data:
+        _write(path, data, 0o600)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -472,8 +496,16 @@ def node_manifest(name: str, pool: str, zone: str, manager: str) -> dict[str, An
 
 def bootstrap_objects() -> None:
     items: list[dict[str, Any]] = []
-    for i in range(SYSTEM_NODES):
-        items.append(node_manifest(f"system-{i}", "system", f"local-{i + 1}", "agent"))
+    if NODES != "real":  # real nodes register themselves
+        for i in range(SYSTEM_NODES):
+            items.append(node_manifest(f"system-{i}", "system", f"local-{i + 1}", "agent"))
+    # Kubelets authenticate as system:node:<name> in group system:nodes (no Node authorizer here).
+    items.append({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "localcluster:nodes"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes"}],
+    })
     for i in range(USER_NODES):
         items.append(node_manifest(f"user-{i}", "user", f"local-{i % 3 + 1}", "kwok"))
     for i, sc in enumerate(STORAGE_CLASSES):
@@ -587,6 +619,8 @@ def components() -> list[Component]:
                 "--allow-privileged=true",
                 "--enable-aggregator-routing=true",
                 "--kubelet-preferred-address-types=InternalIP",
+                # logs, exec, port-forward: the real nodes' kubelets accept clients of the cluster CA
+                f"--kubelet-client-certificate={PKI / 'admin.crt'}", f"--kubelet-client-key={PKI / 'admin.key'}",
                 "--enable-admission-plugins=DefaultStorageClass,MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
@@ -641,13 +675,6 @@ def components() -> list[Component]:
             marker=str(ROOT / "ci" / "localcluster.py"),
         ),
         Component(
-            "nodeagent",
-            [py, str(NODEAGENT), f"--kubeconfig={kc}", f"--state={STATE / 'nodeagent'}",
-             f"--apiserver={HOST}:{APISERVER_PORT}"],
-            lambda: True,
-            marker=str(NODEAGENT),
-        ),
-        Component(
             "cluster-registry",
             [str(BIN / "registry"), "serve", str(registry_config("cluster", CLUSTER_REGISTRY_PORT, None))],
             registry_healthy(CLUSTER_REGISTRY_PORT, 200),
@@ -658,7 +685,90 @@ def components() -> list[Component]:
             registry_healthy(ARTIFACT_STORE_PORT, 401),
         ),
     ]
+    if NODES == "real":
+        comps += node_components(real_nodes())
+    else:
+        comps.append(Component(
+            "nodeagent",
+            [py, str(NODEAGENT), f"--kubeconfig={kc}", f"--state={STATE / 'nodeagent'}",
+             f"--apiserver={HOST}:{APISERVER_PORT}"],
+            lambda: True,
+            marker=str(NODEAGENT),
+        ))
     return comps
+
+
+def system_labels(i: int) -> dict[str, str]:
+    return {"kubernetes.azure.com/mode": "system", "kubernetes.azure.com/agentpool": "systempool",
+            "topology.kubernetes.io/zone": f"local-{i % 3 + 1}", "topology.kubernetes.io/region": "local",
+            "type": "real", REAL_LABEL: "true"}
+
+
+def real_nodes() -> list[localnodes.Node]:
+    if NODES != "real":
+        return []
+    return [localnodes.Node(f"system-{i}", i, system_labels(i)) for i in range(SYSTEM_NODES)]
+
+
+def containerd_healthy(node: localnodes.Node) -> Callable[[], bool]:
+    def check() -> bool:
+        import socket
+
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(node.sock))
+                return True
+            except OSError:
+                return False
+
+    return check
+
+
+def node_components(nodes: list[localnodes.Node]) -> list[Component]:
+    """nodenet, then per real node its containerd, kubelet and kube-proxy (in the node's namespace)."""
+    if not nodes:
+        return []
+    nodenet = ROOT / "ci" / "nodenet.py"
+    comps = [Component(
+        "nodenet",
+        [sys.executable, str(nodenet), *(f"--netns={n.netns}" for n in nodes), f"--kubeconfig={KUBECONFIG}",
+         f"--apiserver={HOST}:{APISERVER_PORT}", *(f"--pod-logs={STATE / 'nodes' / n.name / 'pod-logs'}" for n in nodes),
+         f"--kept-logs={STATE / 'pod-logs'}"],
+        lambda: True, marker=str(nodenet),
+    )]
+    for n in nodes:
+        d = STATE / "nodes" / n.name
+        cfg = localnodes.containerd_config(n, STATE, mirror=f"{HOST}:{CLUSTER_REGISTRY_PORT}")
+        comps.append(Component(f"containerd-{n.name}", localnodes.in_node(n, "containerd", f"--config={cfg}"),
+                               containerd_healthy(n), marker=f"--config={cfg}"))
+        kubelet_cfg = localnodes.kubelet_config(n, STATE, PKI / "ca.crt")
+        comps.append(Component(
+            f"kubelet-{n.name}",
+            localnodes.in_node(n, str(BIN / "kubelet"), f"--config={kubelet_cfg}",
+                               f"--kubeconfig={d / 'kubelet.kubeconfig'}", f"--hostname-override={n.name}",
+                               f"--node-ip={n.addr}", f"--root-dir={d / 'kubelet'}", f"--cert-dir={d / 'kubelet-pki'}",
+                               "--node-labels=" + ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))),
+            lambda: True, marker=f"--hostname-override={n.name}",
+        ))
+        proxy_cfg = localnodes.kube_proxy_config(n, STATE, d / "kube-proxy.kubeconfig")
+        comps.append(Component(f"kube-proxy-{n.name}", localnodes.in_node(n, str(BIN / "kube-proxy"), f"--config={proxy_cfg}"),
+                               lambda: True, marker=f"--config={proxy_cfg}"))
+    return comps
+
+
+def start_real_nodes(comps: dict[str, Component]) -> None:
+    """nodenet and the containerds first (the pause image pushed meanwhile), then kubelets and kube-proxies."""
+    import images
+
+    nodes = real_nodes()
+    start(comps["nodenet"])
+    for n in nodes:
+        start(comps[f"containerd-{n.name}"])
+    images.push_pause(f"{HOST}:{CLUSTER_REGISTRY_PORT}")
+    for n in nodes:
+        wait(f"containerd of {n.name}", comps[f"containerd-{n.name}"].healthy, 30, f"containerd-{n.name}")
+        start(comps[f"kubelet-{n.name}"])
+        start(comps[f"kube-proxy-{n.name}"])
 
 
 def write_env() -> None:
@@ -734,6 +844,11 @@ def cmd_up() -> int:
         ensure_pki()
         ensure_kubeconfig()
         ensure_blackhole()
+        nodes = real_nodes()
+        ensure_node_pki(nodes)
+        for node in nodes:
+            localnodes.ensure_node_net(node)
+            localnodes.ensure_cgroups(node)
         comps = {c.name: c for c in components()}
         if all(recorded(n) for n in comps) and all(c.healthy() for c in comps.values()) and nodes_ready():
             write_env()
@@ -746,8 +861,12 @@ def cmd_up() -> int:
         start(comps["kube-apiserver"])
         wait("kube-apiserver /readyz", comps["kube-apiserver"].healthy, 120, "kube-apiserver")
         bootstrap_objects()
-        for name in ("kube-controller-manager", "kube-scheduler", "kwok", "provisioner", "nodeagent"):
+        for name in ("kube-controller-manager", "kube-scheduler", "kwok", "provisioner"):
             start(comps[name])
+        if NODES == "real":
+            start_real_nodes(comps)
+        else:
+            start(comps["nodeagent"])
         for name, c in comps.items():
             wait(name, c.healthy, 60, name)
         wait("nodes Ready", nodes_ready, 60)
@@ -766,6 +885,7 @@ ORDER_DOWN = [
 
 def cmd_down() -> int:
     with Lock():
+        stop_real_nodes()
         names = ORDER_DOWN + sorted(p.stem for p in PIDS.glob("*.pid") if p.stem not in ORDER_DOWN)
         for name in names:
             stop(name, grace=30 if name == "nodeagent" else 10)  # the agent first stops its pods
@@ -773,6 +893,24 @@ def cmd_down() -> int:
         remove_blackhole()
         ENV_FILE.unlink(missing_ok=True)
     return 0
+
+
+def stop_real_nodes() -> None:
+    """Kubelets and kube-proxies, then every container (through each node's containerd), then the
+    containerds and nodenet; then what they leave: mounts, cgroups, the nodes' namespaces."""
+    names = localnodes.node_names(STATE)
+    for n in names:
+        stop(f"kubelet-{n}")
+        stop(f"kube-proxy-{n}")
+    for n in names:
+        if recorded(f"containerd-{n}"):
+            localnodes.stop_workloads(n, STATE)
+        stop(f"containerd-{n}")
+    stop("nodenet")
+    localnodes.unmount_under(STATE / "nodes")
+    for n in names:
+        localnodes.remove_cgroups(n)
+    localnodes.remove_net([localnodes.Node(n, 0, {}) for n in names])
 
 
 def sweep_node_agent_leftovers() -> None:

@@ -118,22 +118,20 @@ class Cluster:
         return self.run("helm", *args, timeout=timeout, check=check).stdout
 
     def pod_logs(self, namespace: str, pod: str, container: str) -> str:
-        """Output of a container the node agent runs for real ("" when it has none yet)."""
-        base = STATE / "nodeagent" / "logs"
-        for d in base.glob(f"{namespace}_{pod}_*"):
-            path = d / f"{container}.log"
-            if path.exists():
-                return path.read_text(errors="replace")
+        """Output of a container, every restart of it, gone pods included ("" when it has none yet)."""
+        for d in _log_dirs(f"{namespace}_{pod}_*"):
+            text = _container_log(d, container)
+            if text:
+                return text
         return ""
 
     def namespace_logs(self, namespace: str) -> dict[str, str]:
-        """Output of every container the node agent ran in NAMESPACE, gone pods included:
-        {"<pod>/<container>": text}."""
+        """Output of every container that ran in NAMESPACE, gone pods included: {"<pod>/<container>": text}."""
         out: dict[str, str] = {}
-        for d in sorted((STATE / "nodeagent" / "logs").glob(f"{namespace}_*")):
+        for d in _log_dirs(f"{namespace}_*"):
             pod = d.name[len(namespace) + 1:].rsplit("_", 1)[0]
-            for f in sorted(d.glob("*.log")):
-                out[f"{pod}/{f.stem}"] = f.read_text(errors="replace")
+            for c in sorted({f.name.split(".", 1)[0] for f in d.glob("*.log")}):
+                out[f"{pod}/{c}"] = _container_log(d, c)
         return out
 
     # -- API clients ------------------------------------------------------------------------------
@@ -163,6 +161,36 @@ class Cluster:
             return False
         return (_http_status(f"http://{self.cluster_registry}/v2/") == 200
                 and _http_status(f"http://{self.artifact_store}/v2/") == 401)
+
+
+# Container logs: the real nodes' kubelets write CRI log files, which ci/nodenet.py keeps (hard links)
+# under pod-logs/<ns>_<pod>_<uid>/<container>.<restart>.log after the kubelet removes a gone pod's;
+# the node agent wrote plain text to nodeagent/logs/<ns>_<pod>_<uid>/<container>.log.
+LOG_ROOTS = (STATE / "pod-logs", STATE / "nodeagent" / "logs")
+
+
+def _log_dirs(pattern: str) -> list[Path]:
+    return sorted(d for root in LOG_ROOTS for d in root.glob(pattern))
+
+
+def _container_log(d: Path, container: str) -> str:
+    plain = d / f"{container}.log"
+    if plain.exists():
+        return plain.read_text(errors="replace")
+    parts = sorted(d.glob(f"{container}.*.log"), key=lambda f: int(f.name.rsplit(".", 2)[1]))
+    return "".join(cri_log_text(f.read_text(errors="replace")) for f in parts)
+
+
+def cri_log_text(raw: str) -> str:
+    """The program's output from a CRI log file (`<time> <stream> <P|F> <text>` lines; P: partial)."""
+    out = []
+    for line in raw.splitlines():
+        fields = line.split(" ", 3)
+        if len(fields) < 3:
+            continue
+        text = fields[3] if len(fields) == 4 else ""
+        out.append(text if fields[2] == "P" else text + "\n")
+    return "".join(out)
 
 
 def _http_status(url: str) -> int:
@@ -201,15 +229,20 @@ def exclusive_chart(timeout: float = 1800) -> Iterator[None]:
 
 
 def ensure_up() -> Cluster:
-    """Return the running cluster, starting it with `ci/localcluster up` when it is missing or unhealthy."""
-    if ENV_FILE.exists():
+    """Return the running cluster, starting it with `ci/localcluster up` when it is missing or unhealthy,
+    with the project's images of the current code in its registries (`ci/images push`: seconds when
+    nothing changed; the real nodes run the chart's pods from these images)."""
+    cluster = Cluster.load() if ENV_FILE.exists() else None
+    if cluster is None or not cluster.healthy():
+        proc = subprocess.run([str(LOCALCLUSTER), "up"], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise CommandError([str(LOCALCLUSTER), "up"], proc.returncode, proc.stdout, proc.stderr)
         cluster = Cluster.load()
-        if cluster.healthy():
-            return cluster
-    proc = subprocess.run([str(LOCALCLUSTER), "up"], capture_output=True, text=True, timeout=600)
+    images = ROOT / "ci" / "images"
+    proc = subprocess.run([str(images), "push"], capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
-        raise CommandError([str(LOCALCLUSTER), "up"], proc.returncode, proc.stdout, proc.stderr)
-    return Cluster.load()
+        raise CommandError([str(images), "push"], proc.returncode, proc.stdout, proc.stderr)
+    return cluster
 
 
 def wait_for(predicate: Callable[[], T | None], timeout: float = 60, interval: float = 0.5,

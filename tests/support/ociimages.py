@@ -362,3 +362,99 @@ def assert_copied(src: Pusher, dst: Pusher, image: Image, dst_repo: str, *, hash
             assert dst.blob_sha256(dst_repo, digest) == (digest, size), f"blob {digest} differs"
         else:
             assert dst.blob_exists(dst_repo, digest), f"blob {digest} missing"
+
+
+# -- runnable images: real tar layers with Debian's static busybox ------------------------------------
+
+BUSYBOX = "/bin/busybox"  # Debian's busybox-static (ci/toolchain installs it)
+
+
+def tar_gz(files: dict[str, bytes | str], mode: int = 0o755) -> tuple[bytes, str]:
+    """A deterministic tar+gzip layer of FILES (path -> content, or "->target" for a symlink); parents
+    are added as directories. Returns (gzip bytes, diff_id)."""
+    import gzip
+    import io
+    import tarfile
+
+    entries: dict[str, bytes | str | None] = {}
+    for path in files:
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts)):
+            entries.setdefault("/".join(parts[:i]), None)
+    entries.update({p.strip("/"): v for p, v in files.items()})
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(entries):
+            info = tarfile.TarInfo(name)
+            info.mtime, info.uid, info.gid = 1700000000, 0, 0
+            value = entries[name]
+            if value is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            elif isinstance(value, str):
+                info.type, info.linkname, info.mode = tarfile.SYMTYPE, value.removeprefix("->"), 0o777
+                tar.addfile(info)
+            else:
+                info.size, info.mode = len(value), mode
+                tar.addfile(info, io.BytesIO(value))
+    data = raw.getvalue()
+    gz = io.BytesIO()
+    with gzip.GzipFile(fileobj=gz, mode="wb", mtime=0, filename="") as f:
+        f.write(data)
+    return gz.getvalue(), sha256(data)
+
+
+def busybox_layer() -> tuple[bytes, str]:
+    """/bin/busybox and /bin/sh: the shared base layer of the sample CNF's images."""
+    from pathlib import Path
+
+    return tar_gz({"/bin/busybox": Path(BUSYBOX).read_bytes(), "/bin/sh": "->busybox"})
+
+
+def push_runnable(
+    p: Pusher, repo: str, tag: str | None, *, files: dict[str, bytes | str], entrypoint: list[str],
+    platform: dict[str, str] | None = None, push_tag: bool = True, base: tuple[bytes, str] | None = None,
+) -> Image:
+    """An image a container runtime can run: busybox, then a layer of FILES; ENTRYPOINT as given."""
+    platform = platform or PLATFORMS[0]
+    layers = [base or busybox_layer(), tar_gz(files)]
+    descs, blobs = [], []
+    for gz, _ in layers:
+        digest = p.push_blob(repo, gz)
+        descs.append({"mediaType": OCI_LAYER, "digest": digest, "size": len(gz)})
+        blobs.append((digest, len(gz)))
+    config = canonical({
+        "architecture": platform["architecture"], "os": platform["os"],
+        **({"variant": platform["variant"]} if "variant" in platform else {}),
+        "config": {"Entrypoint": entrypoint, "Env": ["PATH=/bin"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [diff for _, diff in layers]},
+    })
+    cdigest = p.push_blob(repo, config)
+    blobs.insert(0, (cdigest, len(config)))
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": cdigest, "size": len(config)},
+        "layers": descs,
+    }, indent=3).encode()
+    digest = sha256(manifest)
+    p.put_manifest(repo, tag if (tag and push_tag) else digest, manifest, OCI_MANIFEST)
+    return Image(repo, tag, digest, manifest, OCI_MANIFEST, blobs)
+
+
+def push_runnable_index(
+    p: Pusher, repo: str, tag: str, platforms: list[dict[str, str]], *, files: dict[str, bytes | str],
+    entrypoint: list[str],
+) -> Image:
+    """A multi-platform index of runnable images (each platform's files name their platform; only
+    the amd64 one runs here: every platform carries the same amd64 busybox)."""
+    children = []
+    for plat in platforms:
+        label = "/".join(v for v in (plat["os"], plat["architecture"], plat.get("variant", "")) if v)
+        own = {k: v + f" {label}\n".encode() if isinstance(v, bytes) and k.endswith(".html") else v for k, v in files.items()}
+        children.append(push_runnable(p, repo, None, files=own, entrypoint=entrypoint, platform=plat, push_tag=False))
+    body = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [dict(c.descriptor, platform=plat) for c, plat in zip(children, platforms)],
+    }, indent=2).encode()
+    p.put_manifest(repo, tag, body, OCI_INDEX)
+    return Image(repo, tag, sha256(body), body, OCI_INDEX, [], children)
