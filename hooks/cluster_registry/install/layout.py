@@ -44,6 +44,11 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 CHUNK = 1 << 20
 MAX_DOC = 4 * 1024 * 1024  # manifests, index.json, configs
+MAX_MEMBERS = 100_000  # files in one archive (an image has tens of blobs)
+MAX_EXPANDED = 1 << 40  # bytes an archive may hold once decompressed
+# Image layers are compressed already: a tar of them barely compresses. Past 1 GiB, an archive
+# expanding to 100 times its size on disk is a decompression bomb (gzip's limit is ~1000).
+BOMB_RATIO, BOMB_FLOOR = 100, 1 << 30
 
 
 class InputError(PermanentError):
@@ -70,29 +75,46 @@ class Input:
         return self.path.is_file()
 
     def _index(self) -> dict[str, tarfile.TarInfo]:
+        """The archive's files by path. Headers are read one by one and checked before the next
+        member's data is decompressed: a link, a path out of the archive, too many members or a
+        decompressed size out of proportion (a gzip bomb) fail at once, before anything is pushed."""
         if self._members is None:
+            compressed = self.path.stat().st_size
             try:
                 self._tar = tarfile.open(self.path, "r:*")
-                self._members = {}
-                for m in self._tar.getmembers():
-                    name = os.path.normpath(m.name).lstrip("/")
-                    if m.isfile() or m.islnk() or m.issym():
-                        self._members[name] = m
+                members: dict[str, tarfile.TarInfo] = {}
+                for count, m in enumerate(self._tar, 1):
+                    _check_member(self.where, m, count, compressed)
+                    if m.isfile():
+                        members[os.path.normpath(m.name).lstrip("/")] = m
+                self._members = members
             except (tarfile.TarError, OSError, EOFError) as err:
                 raise InputError(f"{self.where}: not a readable tar archive ({err})") from None
         return self._members
 
+    def _file(self, member: str) -> Path:
+        """A directory input's member, refused when it leaves the directory or goes through a link."""
+        path = self.path / member
+        if ".." in Path(member).parts or Path(member).is_absolute():
+            raise InputError(f"{self.where}: {member!r} leaves the directory: refused")
+        for part in (path, *path.parents):
+            if part == self.path:
+                break
+            if part.is_symlink():
+                raise InputError(f"{self.where}: {part.relative_to(self.path)} is a symbolic link: refused")
+        return path
+
     def exists(self, member: str) -> bool:
         if self.is_tar:
             return os.path.normpath(member) in self._index()
-        return (self.path / member).is_file()
+        return self._file(member).is_file()
 
     def size(self, member: str) -> int | None:
         if self.is_tar:
             info = self._index().get(os.path.normpath(member))
             return info.size if info is not None and info.isfile() else None
         try:
-            return (self.path / member).stat().st_size
+            return self._file(member).stat().st_size
         except OSError:
             return None
 
@@ -106,7 +128,7 @@ class Input:
             with f:
                 yield f
         else:
-            with open(self.path / member, "rb") as fh:
+            with open(self._file(member), "rb") as fh:
                 yield fh
 
     def read(self, member: str, limit: int = MAX_DOC) -> bytes:
@@ -126,6 +148,26 @@ class Input:
             self._tar.close()
             self._tar = None
             self._members = None
+
+
+def _check_member(where: str, m: tarfile.TarInfo, count: int, compressed: int) -> None:
+    """Refuse an archive member that is a link, a device, a path out of the archive, or that takes the
+    archive past the member count or the decompressed size (its header's word, before its data)."""
+    if count > MAX_MEMBERS:
+        raise InputError(f"{where}: more than {MAX_MEMBERS} members: refused")
+    if m.issym() or m.islnk():
+        kind = "symbolic" if m.issym() else "hard"
+        raise InputError(f"{where}: member {m.name!r} is a {kind} link (to {m.linkname!r}): links are refused")
+    if not (m.isfile() or m.isdir()):
+        raise InputError(f"{where}: member {m.name!r} is not a file or directory: refused")
+    if m.name.startswith("/") or ".." in m.name.split("/"):
+        raise InputError(f"{where}: member {m.name!r} leaves the archive: refused")
+    end = m.offset_data + m.size
+    if end > MAX_EXPANDED or (end > BOMB_FLOOR and end > BOMB_RATIO * compressed):
+        raise InputError(
+            f"{where}: expands to more than {end} bytes from {compressed} on disk (member {m.name!r}): "
+            "refused as a decompression bomb"
+        )
 
 
 # --- the model ---------------------------------------------------------------------------------
