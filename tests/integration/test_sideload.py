@@ -155,3 +155,23 @@ def test_docker_archive_with_a_corrupt_layer_pushes_nothing(dst: Registry, tmp_p
     assert out.exit_code == 1
     assert f"damaged.tar: blob {sha(layers[1])} ({sha(layers[1])[7:]}/layer.tar) is corrupt" in out.output
     assert catalog(dst) == []
+
+
+def test_a_gzip_bomb_beside_a_good_archive_fails_fast_and_pushes_nothing(dst: Registry, tmp_path: Path) -> None:
+    """#16 item 14: a member declaring 64 GiB in a file of a few KiB, on the drive next to a good
+    archive: the run fails on the bomb's header, with a clear message, before anything is pushed."""
+    import gzip
+    import time
+
+    drive = tmp_path / "drive"
+    drive.mkdir()
+    docker_save(drive / "app.tar", ["app:1"], [tar_layer(b"base", "a")])
+    huge = tarfile.TarInfo("blobs/sha256/" + "0" * 64)
+    huge.size = 64 << 30
+    (drive / "zbomb.tar.gz").write_bytes(gzip.compress(huge.tobuf(tarfile.PAX_FORMAT) + b"\0" * (1 << 20)))
+    start = time.monotonic()
+    out = run("sideload", str(drive), "--registry-host", dst.host, "--registry-insecure", "--no-artifacts")
+    assert out.exit_code == 1
+    assert "zbomb.tar.gz: expands to more than" in out.output and "refused as a decompression bomb" in out.output
+    assert time.monotonic() - start < 10
+    assert catalog(dst) == []
