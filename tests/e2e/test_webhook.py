@@ -39,6 +39,10 @@ SCOPE = (
 )
 
 
+# Test pods with made-up images stay on the kwok-simulated user nodes: a real node would pull them.
+USER_NODES = {"kubernetes.azure.com/mode": "user"}
+
+
 @dataclass
 class Hook:
     proc: subprocess.Popen[bytes]
@@ -166,7 +170,7 @@ def pod(name: str, images: list[str], labels: dict[str, str] | None = None, **sp
         "kind": "Pod",
         "metadata": {"name": name, "labels": labels or {"app": name}},
         "spec": {"containers": [{"name": f"c{i}", "image": im} for i, im in enumerate(images)],
-                 "terminationGracePeriodSeconds": 0, **spec},
+                 "terminationGracePeriodSeconds": 0, "nodeSelector": USER_NODES, **spec},
     }  # fmt: skip
 
 
@@ -208,7 +212,8 @@ def test_webhook_rewrites_ready_images_and_records_artifacts(cluster: Cluster, n
             "template": {
                 "metadata": {"labels": {"app": "upf"}},
                 "spec": {"containers": [{"name": "upf", "image": src}, {"name": "side", "image": side}],
-                         "imagePullSecrets": [{"name": "pod-pull"}], "terminationGracePeriodSeconds": 0},
+                         "imagePullSecrets": [{"name": "pod-pull"}], "terminationGracePeriodSeconds": 0,
+                         "nodeSelector": USER_NODES},
             },
         },
     }  # fmt: skip
@@ -337,7 +342,7 @@ def test_webhook_job_pods_record_their_cronjob(cluster: Cluster, namespace: str,
     cronjob = {
         "apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "backup"},
         "spec": {"schedule": "0 0 1 1 *", "suspend": True, "jobTemplate": {"spec": {"template": {"spec": {
-            "restartPolicy": "Never", "containers": [{"name": "backup", "image": src}]}}}}},
+            "restartPolicy": "Never", "nodeSelector": USER_NODES, "containers": [{"name": "backup", "image": src}]}}}}},
     }  # fmt: skip
     cluster.apply(cronjob, namespace)
     cluster.kubectl("create", "job", "backup-manual", "--from=cronjob/backup", "-n", namespace)
@@ -420,8 +425,7 @@ def test_webhook_rollout_of_1000_pods_writes_a_handful(cluster: Cluster, namespa
             "metadata": {"labels": {"app": "big"}},
             "spec": {"containers": [{"name": f"c{i}", "image": im, "resources": {"requests": {"cpu": "1m", "memory": "1Mi"}}}
                                     for i, im in enumerate(images)],
-                     "terminationGracePeriodSeconds": 0,
-                     "tolerations": [{"operator": "Exists"}]}}},
+                     "terminationGracePeriodSeconds": 0, "nodeSelector": USER_NODES}}},
     }  # fmt: skip
     try:
         cluster.apply(deployment, namespace)
