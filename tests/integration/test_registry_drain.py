@@ -1,0 +1,106 @@
+"""A pull in progress survives the registry pod's termination (#16 item 10): the pod's two containers,
+distribution (with the chart's `http.draintimeout`) and the gate in front of it, get SIGTERM at once,
+as the kubelet sends it on scale-down, rollout or drain, while a client is still reading a blob.
+Without the drain timeout distribution drops the connection at once: the control case."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.cluster import ROOT
+from tests.support.ociimages import Pusher, layer_chunks
+from tests.support.registry import free_port, registry_binary, start_registry
+
+SIZE = 48 << 20
+
+
+def chart_drain_timeout() -> str:
+    out = subprocess.run([str(ROOT / ".cache" / "bin" / "helm"), "template", "t", str(ROOT / "chart"), "--kube-version", "1.35.0",
+                          "--show-only", "templates/registry/configmap.yaml"], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    config = yaml.safe_load(yaml.safe_load(out)["data"]["config.yml"])
+    return str(config["http"]["draintimeout"])
+
+
+def with_drain(config: Path, drain: str | None) -> None:
+    text = config.read_text()
+    if drain:
+        text = text.replace("http:\n", f"http:\n  draintimeout: {drain}\n", 1)
+    config.write_text(text)
+
+
+def slow_pull(host: str, path: str, terminate: list[subprocess.Popen[bytes]]) -> tuple[int, str]:
+    """Read the blob at ~12 MiB/s; SIGTERM every process in ``terminate`` after the first MiBs."""
+    h, _, port = host.rpartition(":")
+    conn = http.client.HTTPConnection(h, int(port), timeout=60)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    assert resp.status == 200
+    digest, got = hashlib.sha256(), 0
+    try:
+        while chunk := resp.read(1 << 20):
+            digest.update(chunk)
+            got += len(chunk)
+            if got == 4 << 20:
+                for proc in terminate:
+                    proc.send_signal(signal.SIGTERM)
+            time.sleep(0.08)
+    except (http.client.HTTPException, OSError):
+        pass  # cut off: the caller sees it in the byte count
+    return got, "sha256:" + digest.hexdigest()
+
+
+@pytest.mark.parametrize("drain", [True, False], ids=["chart-drain", "no-drain-control"])
+def test_a_pull_in_progress_survives_sigterm(tmp_path: Path, drain: bool) -> None:
+    reg = start_registry(tmp_path / "r")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        digest = Pusher(reg.host).push_blob_stream("drain/app", layer_chunks(3, SIZE), SIZE)
+        reg.stop()  # restart it with the drain setting under test
+        config = tmp_path / "r" / "config.yml"
+        with_drain(config, chart_drain_timeout() if drain else None)
+        proc = subprocess.Popen([str(registry_binary()), "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        port = free_port()
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "hooks")}
+        gate = subprocess.Popen([sys.executable, "-m", "cluster_registry", "gate", "--listen", f"127.0.0.1:{port}",
+                                 "--upstream", f"http://{reg.host}", "--lock-name", ""], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        procs.append(gate)
+        wait_serving(f"127.0.0.1:{port}")
+        got, seen = slow_pull(f"127.0.0.1:{port}", f"/v2/drain/app/blobs/{digest}", [proc, gate])
+        if drain:
+            assert (got, seen) == (SIZE, digest), "the pull was cut off by the pod's termination"
+            assert proc.wait(30) is not None and gate.wait(30) is not None  # and both then exited
+        else:
+            assert got < SIZE, "the control: without a drain timeout distribution drops the pull"
+        proc.wait(30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        reg.stop()
+
+
+def wait_serving(host: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection(*host.split(":"), timeout=2)
+            conn.request("GET", "/v2/")
+            if conn.getresponse().status in (200, 401):
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{host} did not come up")
