@@ -15,12 +15,15 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cluster_registry import reference
+from cluster_registry.oci.retry import RetryPolicy
+from cluster_registry.reconcile import status as st
 from tests.support import ociimages
 from tests.support.cluster import ROOT, Cluster, wait_for
 from tests.support.registry import free_port
@@ -160,6 +163,24 @@ class WriteCounter:
         return self.count
 
 
+UNREACHABLE = "127.0.0.1:1/nothing/listens:1.0"
+
+
+def failure_times(log: str, source: str) -> list[float]:
+    """When the reconciler logged "copy failed" for SOURCE's destination (its JSON lines' ts)."""
+    ref = reference.parse(source)
+    dest = f"/{reference.local_repository(ref)}:{ref.tag}"
+    out = []
+    for line in log.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("msg") == "copy failed" and dest in str(rec.get("destination")):
+            out.append(datetime.fromisoformat(rec["ts"].replace("Z", "+00:00")).timestamp())
+    return out
+
+
 def store_pusher(cluster: Cluster) -> ociimages.Pusher:
     return ociimages.Pusher(cluster.artifact_store, auth=(cluster.artifact_store_user, cluster.artifact_store_password))
 
@@ -179,7 +200,7 @@ def test_artifacts_are_copied_with_pull_secrets_and_bad_sources_back_off(
     cluster.apply([artifact("good", good, ["store"]), artifact("multi", multi, ["store"]),
                    artifact("missing", missing, ["store"]), artifact("twin", good),
                    artifact("nosecret", f"{cluster.artifact_store}/{repo}:locked"),
-                   artifact("unreachable", "127.0.0.1:1/nothing/listens:1.0")], namespace)
+                   artifact("unreachable", UNREACHABLE)], namespace)
     proc = start("artifacts")
 
     obj = wait_for(lambda: phase_is(cluster, namespace, "good", "Ready"), timeout=120, what="good Ready")
@@ -211,18 +232,30 @@ def test_artifacts_are_copied_with_pull_secrets_and_bad_sources_back_off(
     down = wait_for(lambda: phase_is(cluster, namespace, "unreachable", "Failed"), timeout=120, what="unreachable Failed")
     assert ready_condition(down)["reason"] == "RegistryUnavailable"  # temporary: retried with a short backoff
 
-    # No hot loop: in 15 s no failed Artifact's status is rewritten (backoff, unchanged status),
-    # although the temporary failure is retried meanwhile.
+    # No hot loop: while the temporary failure is retried twice more, no failed Artifact's status is
+    # rewritten (backoff, unchanged status).
     counters = [WriteCounter(cluster, namespace, n) for n in ("missing", "nosecret", "unreachable")]
-    time.sleep(15)
+    seen = len(failure_times(proc.text(), UNREACHABLE))
+    wait_for(lambda: len(failure_times(proc.text(), UNREACHABLE)) >= seen + 2, timeout=90, what="two more retries")
     assert [c.stop() for c in counters] == [0, 0, 0]
     events = cluster.kubectl_json("get", "events.events.k8s.io", "-n", namespace)["items"]
     reasons = [(e["regarding"]["name"], e["reason"]) for e in events]
     assert ("good", "Copied") in reasons and reasons.count(("missing", "NotFound")) == 1, reasons
     log = proc.text()
     assert cluster.artifact_store_password not in log
-    retries = log.count('"copy failed"')
-    assert 4 <= retries <= 10, f"{retries} failure lines: failures must back off, not flood the log"
+    # Failures back off on the schedule: between two logged failures of the temporary one lie the
+    # jittered k-th backoff delay and the next attempt's own time (the registry client's retries of a
+    # refused connection, at most the sum of their delays); permanent ones are not retried within the
+    # test (their first backoff is minutes).
+    times = failure_times(log, UNREACHABLE)
+    policy = st.BackoffPolicy(base=2.0)  # --backoff-base 2, as the fixture starts it
+    inner = RetryPolicy()
+    attempt = sum(min(inner.max_delay, inner.base_delay * 2 ** (n - 1)) for n in range(1, inner.attempts)) + 1.0
+    for k, gap in enumerate((b - a for a, b in zip(times, times[1:])), 1):
+        low, high = (st.backoff_delay(k, True, r, policy) for r in (0.0, 1.0))
+        assert low - 0.05 <= gap <= high + attempt, f"retry {k} came {gap:.2f}s after the failure: not in [{low:.1f}, {high:.1f}] + the attempt"
+    assert len(times) >= 3  # two retries checked at least
+    assert [len(failure_times(log, n)) for n in (missing, f"{cluster.artifact_store}/{repo}:locked")] == [1, 1]
 
 
 def test_components_with_images_and_with_a_chart_become_ready(
@@ -233,13 +266,7 @@ def test_components_with_images_and_with_a_chart_become_ready(
     for n, name in enumerate(["app", "init", "db", "agent", "migrate", "backup", "extra"]):
         ociimages.push_image(src, f"{namespace}/{name}", {"db": "2.1", "agent": "0.3"}.get(name, "1.0"),
                              layers=[2_000 + n], seed=60 + n)
-    # The chart, packaged and pushed to the store as an OCI artifact with helm itself.
-    cluster.helm("package", str(CHART), "-d", str(tmp_path))
-    auth = base64.b64encode(f"{cluster.artifact_store_user}:{cluster.artifact_store_password}".encode()).decode()
-    regconf = tmp_path / "registry.json"
-    regconf.write_text(json.dumps({"auths": {cluster.artifact_store: {"auth": auth}}}))
-    cluster.helm("push", str(tmp_path / "reconcile-cnf-0.1.0.tgz"), f"oci://{base}/charts", "--plain-http",
-                 "--registry-config", str(regconf))
+    push_chart(cluster, base, tmp_path)
     pull_secret(cluster, namespace)
     cluster.apply([
         {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Component",
@@ -275,6 +302,68 @@ def test_components_with_images_and_with_a_chart_become_ready(
     assert db["metadata"]["name"] == reference.artifact_name(f"{base}/db:2.1")
     assert db["metadata"]["labels"]["clusterregistry.io/component"] == "charted"
     assert [r["uid"] for r in db["metadata"]["ownerReferences"]] == [charted["metadata"]["uid"]]
+
+
+def push_chart(cluster: Cluster, base: str, tmp_path: Path) -> str:
+    """The test chart, packaged and pushed to the store as an OCI artifact with helm itself; its oci:// ref."""
+    cluster.helm("package", str(CHART), "-d", str(tmp_path))
+    auth = base64.b64encode(f"{cluster.artifact_store_user}:{cluster.artifact_store_password}".encode()).decode()
+    regconf = tmp_path / "registry.json"
+    regconf.write_text(json.dumps({"auths": {cluster.artifact_store: {"auth": auth}}}))
+    cluster.helm("push", str(tmp_path / "reconcile-cnf-0.1.0.tgz"), f"oci://{base}/charts", "--plain-http",
+                 "--registry-config", str(regconf))
+    return f"oci://{base}/charts/reconcile-cnf"
+
+
+def test_components_whose_chart_cannot_render_say_why_and_keep_their_artifacts(
+    cluster: Cluster, crds: None, namespace: str, start: Any, tmp_path: Path
+) -> None:
+    base = f"{cluster.artifact_store}/{namespace}"
+    ref = push_chart(cluster, base, tmp_path)
+    pull_secret(cluster, namespace)
+    wrong = "not-the-password"
+    pull_secret(cluster, namespace, "wrong", password=wrong)
+    chart = {"ref": ref, "version": "0.1.0", "values": {"registry": base}, "pullSecrets": ["store"]}
+    component = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Component"}
+    cluster.apply([
+        {**component, "metadata": {"name": "moved", "annotations": {CLAIM: cluster.cluster_registry}}, "spec": {"chart": chart}},
+        {**component, "metadata": {"name": "wrongcreds", "annotations": {CLAIM: cluster.cluster_registry}},
+         "spec": {"chart": {**chart, "pullSecrets": ["wrong"]}}},
+    ], namespace)  # fmt: skip
+    proc = start("components")
+
+    def conditions(name: str) -> dict[str, tuple[str, str, str]]:
+        return {c["type"]: (c["status"], c["reason"], c["message"])
+                for c in (get(cluster, "components", namespace, name).get("status") or {}).get("conditions") or []}  # fmt: skip
+
+    def owned_by(name: str) -> dict[str, str]:
+        return {a["metadata"]["name"]: a["metadata"]["uid"] for a in cluster.kubectl_json(
+            "get", f"artifacts.{GROUP}", "-n", namespace, "-l", f"clusterregistry.io/component={name}")["items"]}  # fmt: skip
+
+    made = wait_for(lambda: (lambda o: o if len(o) == 6 else None)(owned_by("moved")), timeout=120,
+                    what="the chart's 6 Artifacts")  # fmt: skip
+    # Wrong credentials: refused by the store (401), permanent, and no credential in what is reported.
+    denied = wait_for(lambda: (lambda c: c if c.get("Stalled", ("",))[0] == "True" else None)(conditions("wrongcreds")),
+                      timeout=120, what="wrongcreds Stalled")  # fmt: skip
+    assert denied["Ready"][:2] == ("False", "ChartRenderFailed") and "Reconciling" not in denied
+    assert "401" in denied["Ready"][2] or "unauthorized" in denied["Ready"][2].lower(), denied
+    assert not owned_by("wrongcreds")
+    # The chart moves to a version that does not exist: the status says so, the Artifacts stay.
+    cluster.kubectl("patch", f"components.{GROUP}", "moved", "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"spec": {"chart": {"version": "9.9.9"}}}))  # fmt: skip
+    gone = wait_for(lambda: (lambda c: c if c.get("Ready", ("",))[1:2] == ("ChartRenderFailed",) else None)(
+        conditions("moved")), timeout=120, what="moved ChartRenderFailed")  # fmt: skip
+    assert gone["Stalled"][0] == "True" and "9.9.9" in gone["Ready"][2], gone
+    assert owned_by("moved") == made, "a render failure dropped or replaced Artifacts"
+    log = proc.text()
+    assert wrong not in log and base64.b64encode(f"{cluster.artifact_store_user}:{wrong}".encode()).decode() not in log
+    assert all(wrong not in c[2] for c in denied.values())
+    # Fixed credentials are picked up (a new generation): it renders and makes its Artifacts.
+    cluster.kubectl("patch", f"components.{GROUP}", "wrongcreds", "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"spec": {"chart": {"pullSecrets": ["store"]}}}))  # fmt: skip
+    wait_for(lambda: len(get(cluster, "components", namespace, "wrongcreds")["status"].get("images") or []) == 6,
+             timeout=120, what="wrongcreds rendered once its credentials are fixed")  # fmt: skip
+    assert "Stalled" not in conditions("wrongcreds")
 
 
 def test_leader_election_only_the_leader_copies_and_a_standby_takes_over(
