@@ -20,6 +20,7 @@ seconds). ``push`` copies the layouts with skopeo into the local cluster's regis
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import io
@@ -563,6 +564,9 @@ def main(argv: list[str]) -> int:
         print("ci/images: needs root (mmdebstrap's root mode, chroot)", file=sys.stderr)
         return 2
     t0 = time.monotonic()
+    OUT.mkdir(parents=True, exist_ok=True)
+    lock = open(OUT / "lock", "w")  # e2e sessions run `push` at once: one build at a time
+    fcntl.flock(lock, fcntl.LOCK_EX)
     built = build_all()
     summary: dict[str, Any] = {b.name: {"digest": b.digest, "size": b.size, "seconds": round(b.seconds, 1)}
                                for b in built}

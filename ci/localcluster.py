@@ -908,6 +908,7 @@ def stop_real_nodes() -> None:
         stop(f"containerd-{n}")
     stop("nodenet")
     localnodes.unmount_under(STATE / "nodes")
+    localnodes.unmount_under(localnodes.RUN)
     for n in names:
         localnodes.remove_cgroups(n)
     localnodes.remove_net([localnodes.Node(n, 0, {}) for n in names])

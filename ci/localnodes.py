@@ -34,7 +34,6 @@ ROUTER_ADDR = "198.18.126.2"
 NODE_NET = "198.18.126.0/24"
 POD_NETS = "198.18.112.0/21"
 NODE_LOCAL = "198.18.126.254"
-CLUSTER_CIDR = POD_NETS
 RUN = Path("/run/localcluster")
 CNI_BIN = "/usr/lib/cni"
 SANDBOX_IMAGE = "127.0.0.1:25000/localcluster/pause:3.10"
@@ -264,7 +263,7 @@ def kube_proxy_config(node: Node, state: Path, kubeconfig: Path) -> Path:
         "healthzBindAddress": "127.0.0.1:10256",
         "metricsBindAddress": "127.0.0.1:10249",
         "mode": "iptables",
-        "clusterCIDR": CLUSTER_CIDR,
+        "clusterCIDR": POD_NETS,
         # conntrack limits are host-wide: leave them as they are
         "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
         "iptables": {"localhostNodePorts": False, "syncPeriod": "10s", "minSyncPeriod": "1s"},
@@ -275,12 +274,6 @@ def kube_proxy_config(node: Node, state: Path, kubeconfig: Path) -> Path:
 
 def in_node(node: Node, *argv: str) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{node.netns}", "--", *argv]
-
-
-def clean_node_state(node: Node, state: Path) -> None:
-    """What a stopped node leaves that the next start must not find: its runtime state."""
-    shutil.rmtree(RUN / node.name, ignore_errors=True)
-    (RUN / node.name).mkdir(parents=True, exist_ok=True)
 
 
 def ctr(node_name: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -336,13 +329,13 @@ def ensure_cgroups(node: Node) -> None:
 
 
 def remove_cgroups(node_name: str) -> None:
-    """The node's cgroup tree in every v1 hierarchy (empty once its containers are gone)."""
+    """The node's cgroup tree in every v1 hierarchy (empty once its containers are gone), deepest first."""
     for hierarchy in Path("/sys/fs/cgroup").iterdir():
         top = hierarchy / f"localcluster-{node_name}"
-        if top.is_dir():
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-                d.rmdir() if not any(True for _ in d.glob("*/")) else None
+        if not top.is_dir():
+            continue
+        for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True) + [top]:
             try:
-                top.rmdir()
+                d.rmdir()
             except OSError:
                 pass

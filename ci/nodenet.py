@@ -32,7 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-NODE_LOCAL = "198.18.126.254"  # on every node's loopback device
+from localnodes import NODE_LOCAL  # on every node's loopback device (ci/ is this script's directory)
+
 FORWARD_ANNOTATION = "localcluster.clusterregistry.io/forward-to"
 MANAGED_BY = "nodenet.localcluster.clusterregistry.io"
 CLUSTER_DOMAIN = "cluster.local"

@@ -312,3 +312,31 @@ def helm(*args: str) -> str:
 
 def api_client() -> Any:
     return Cluster.load().api_client()
+
+
+# The real nodes' containerd (ci/localnodes.py: one socket per node under /run/localcluster/<node>/).
+
+NODE_SOCKETS = Path("/run/localcluster")
+
+
+def _ctr(sock: Path, *args: str) -> str:
+    return subprocess.run(["ctr", "-a", str(sock), "-n", "k8s.io", *args], capture_output=True, text=True,
+                          check=True, timeout=120).stdout
+
+
+def containerd_images() -> list[str]:
+    """Every image name in every real node's containerd (what `crictl images` lists)."""
+    return sorted(name for sock in NODE_SOCKETS.glob("*/containerd.sock")
+                  for name in _ctr(sock, "images", "ls", "-q").split())
+
+
+def remove_node_images(substring: str) -> list[str]:
+    """`crictl rmi` on every real node for each image whose name contains SUBSTRING (content removed
+    too); returns what was removed."""
+    removed = []
+    for sock in NODE_SOCKETS.glob("*/containerd.sock"):
+        names = [n for n in _ctr(sock, "images", "ls", "-q").split() if substring in n]
+        if names:
+            _ctr(sock, "images", "rm", "--sync", *names)
+            removed += names
+    return removed
