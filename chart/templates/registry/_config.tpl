@@ -27,6 +27,9 @@ storage:
     accountname: {{ $r.storage.azure.accountName | quote }}
     container: {{ $r.storage.azure.container | quote }}
     realm: {{ $r.storage.azure.realm | quote }}
+    {{- with $r.storage.azure.serviceURL }}
+    serviceurl: {{ . | quote }}
+    {{- end }}
     rootdirectory: {{ $r.storage.azure.rootDirectory | quote }}
     credentials:
       type: {{ ternary "shared_key" "default_credentials" (ne $r.storage.azure.secretName "") }}

@@ -13,7 +13,7 @@ import time
 import click
 
 from cluster_registry import kube
-from cluster_registry.gc import registry
+from cluster_registry.gc import objectstore, registry
 from cluster_registry.gc.run import Options, Report, run_once
 from cluster_registry.gc.threshold import parse_duration, parse_quantity
 
@@ -69,6 +69,8 @@ def _observe(gauges: object | None, rep: Report) -> None:
 @click.option("--registry-host", "registry_hosts", multiple=True, help="How pods name the cluster registry (rewritten references); repeatable.")
 @click.option("--storage-root", type=click.Path(file_okay=False),
               help="The filesystem driver's rootdirectory (usage, inventory); without it both go through the API.")  # fmt: skip
+@click.option("--object-storage", is_flag=True,
+              help="Read usage and blobs freed from the s3 bucket or azure container of --registry-config.")  # fmt: skip
 @click.option("--storage-size", default="100Gi", show_default=True, help="The registry volume's size.")
 @click.option("--threshold", default=0, show_default=True, type=click.IntRange(0, 100), help="Run only at or above this usage percent; 0 always runs.")
 @click.option("--grace", default="1h", show_default=True, help="Images copied within this period are kept.")
@@ -96,6 +98,7 @@ def gc(
     registry_credentials_file: str | None,
     registry_hosts: tuple[str, ...],
     storage_root: str | None,
+    object_storage: bool,
     storage_size: str,
     threshold: int,
     grace: str,
@@ -113,6 +116,8 @@ def gc(
     artifact_namespaces: tuple[str, ...],
 ) -> None:
     """Garbage-collect the cluster registry."""
+    if object_storage and not registry_config:
+        raise click.UsageError("--object-storage reads the store from --registry-config")
     opts = Options(
         registry_url=registry_url,
         storage_root=os.path.abspath(storage_root) if storage_root else None,
@@ -132,6 +137,7 @@ def gc(
         sweep=not no_sweep,
         sweep_mode=sweep_mode,
         artifact_namespaces=frozenset(artifact_namespaces),
+        object_store=objectstore.load(registry_config) if object_storage and registry_config else None,
     )
     api = kube.api_client(kubeconfig)
     gauges = _metrics(metrics_listen)

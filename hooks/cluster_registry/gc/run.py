@@ -12,7 +12,7 @@ from typing import Any, Callable
 from kubernetes import client
 
 from cluster_registry.errors import ClusterRegistryError, ConfigError, TemporaryError
-from cluster_registry.gc import apiinventory, registry, storage, sweep
+from cluster_registry.gc import apiinventory, objectstore, registry, storage, sweep
 from cluster_registry.gc.cluster import ClusterView
 from cluster_registry.gc.lock import GCLock
 from cluster_registry.gc.select import Inputs, Manifest, Selection, select
@@ -42,6 +42,7 @@ class Options:
     sweep: bool = True  # run the read-only window (mark-and-sweep) after the soft delete
     sweep_mode: str = "distribution"  # or "trash": distribution's mark, renames inside the window
     say: Callable[[str], None] = print  # where --dry-run's "would delete" lines go
+    object_store: objectstore.ObjectStore | None = None  # usage and blobs freed read from the bucket/container
 
 
 @dataclass
@@ -96,6 +97,8 @@ def blob_sizes(opts: Options) -> dict[str, int]:
     """digest -> size of what the registry stores (filesystem), or of what its tagged images name (API)."""
     if opts.storage_root:
         return storage.blob_sizes(opts.storage_root)
+    if opts.object_store:
+        return objectstore.blob_sizes(opts.object_store)
     return apiinventory.inventory_sizes(opts.registry_url, opts.credentials)[1]
 
 
@@ -185,7 +188,7 @@ def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
             sweep.empty_trash(opts.storage_root)
     after = blob_sizes(opts)
     rep.usageBytesAfter = sum(after.values())
-    if opts.sweep and opts.storage_root:
+    if opts.sweep and (opts.storage_root or opts.object_store):
         gone = sizes.keys() - after.keys()
         rep.blobsDeleted, rep.bytesFreed = len(gone), sum(sizes[d] for d in gone)
 
@@ -250,6 +253,9 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
     if opts.storage_root and not storage.has_repositories(opts.storage_root):
         log.info("the registry has never stored an image: nothing to sweep")
         return
+    if opts.object_store and not objectstore.has_repositories(opts.object_store):
+        log.info("the registry has never stored an image: nothing to sweep")
+        return
     config = opts.registry_config or sweep.default_config(str(opts.storage_root))
     lock = GCLock(api, opts.namespace, opts.lock_name, duration=opts.lease_seconds)
     w0 = time.monotonic()
@@ -277,9 +283,9 @@ def _locked(opts: Options, lock: GCLock, config: str, rep: Report, sizes: dict[s
     deadline = time.monotonic() + opts.max_window
     drained = lock.wait_drained(min(opts.drain_timeout, opts.max_window))
     rep.gatesAcked, rep.drainSeconds = len(drained.acked), drained.seconds
-    # With the filesystem at hand the sweep runs quiet and the deleted blobs are counted after
+    # With the filesystem or the bucket at hand the sweep runs quiet and the deleted blobs are counted after
     # the window (what was there at the start and is gone now); otherwise from its output.
-    quiet = bool(opts.storage_root)
+    quiet = bool(opts.storage_root or opts.object_store)
 
     def keep_going() -> bool:
         return lock.safe() and time.monotonic() < deadline
