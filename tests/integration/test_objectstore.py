@@ -46,8 +46,10 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def store(backend: str) -> objectstores.Store:
-    return objectstores.create(backend)
+def store(backend: str) -> Iterator[objectstores.Store]:
+    s = objectstores.create(backend)
+    yield s
+    objectstores.destroy(s)
 
 
 @pytest.fixture

@@ -74,12 +74,34 @@ def create(backend: str, endpoint_host: str | None = None) -> Store:
     return Store(backend, name, values, env, endpoint)
 
 
+def destroy(store: Store) -> None:
+    """Delete the bucket or container and everything in it (both servers hold their data in memory)."""
+    srv = servers()
+    if store.backend == "s3":
+        import boto3
+
+        s3 = boto3.resource("s3", endpoint_url=srv["S3_ENDPOINT"], region_name=srv["S3_REGION"],
+                            aws_access_key_id=srv["S3_ACCESS_KEY"], aws_secret_access_key=srv["S3_SECRET_KEY"])  # fmt: skip
+        bucket = s3.Bucket(store.name)
+        bucket.objects.all().delete()
+        for upload in bucket.multipart_uploads.all():
+            upload.abort()
+        bucket.delete()
+    elif store.backend == "azure":
+        from azure.storage.blob import BlobServiceClient
+
+        key = {"account_name": srv["AZURE_ACCOUNT_NAME"], "account_key": srv["AZURE_ACCOUNT_KEY"]}
+        with BlobServiceClient(srv["AZURE_SERVICE_URL"], credential=key) as svc:
+            svc.delete_container(store.name)
+
+
 def _host(url: str, host: str | None) -> str:
     return url.replace("127.0.0.1", host, 1) if host else url
 
 
 def chart_config(store: Store, tmp: Path) -> Path:
     """distribution's config.yml as the chart renders it for ``store`` (the registry ConfigMap)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     values = tmp / f"{store.backend}-values.yaml"
     values.write_text(yaml.safe_dump(store.values))
     out = subprocess.run([str(ROOT / ".cache/bin/helm"), "template", "objectstore", str(ROOT / "chart"), "-f", str(values),
