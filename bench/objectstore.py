@@ -12,6 +12,9 @@ memory, the filesystem driver writes to disk). One source registry (filesystem) 
 * pull: every layer of the copied image downloaded from the backend's registry, the layers in
   parallel, bytes hashed and checked (what a node's pull costs the registry).
 
+Beside the copy: the CPU seconds the destination registry and the storage server (moto, Azurite)
+spent during it, to tell the emulator's cost from distribution's.
+
 Each backend runs ``--rounds`` times (default 3), the backends' order rotated by round; the best and
 the median are reported, with the ratio of each backend's median MB/s to the filesystem's. The last
 line is one JSON object.
@@ -41,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support import objectstores  # noqa: E402
 from tests.support.ociimages import Image, Pusher, push_image  # noqa: E402
-from tests.support.registry import run_registry  # noqa: E402
+from tests.support.registry import cpu_seconds, run_registry  # noqa: E402
 
 BACKENDS = ("filesystem", *objectstores.BACKENDS)
 
@@ -80,13 +83,22 @@ def pull(host: str, repo: str, image: Image) -> float:
     return time.monotonic() - t0
 
 
-def one_round(backend: str, source: str, image: Image, tmp: Path) -> tuple[float, float]:
+def server_pid(backend: str) -> int | None:
+    name = {"s3": "s3", "azure": "azurite"}.get(backend)
+    return int((ROOT / f".cache/objectstores/{name}.pid").read_text()) if name else None
+
+
+def one_round(backend: str, source: str, image: Image, tmp: Path) -> tuple[float, float, float, float]:
+    """(copy s, pull s, CPU seconds of the destination registry and of the storage server during the copy)."""
     store = store_for(backend, tmp)
+    server = server_pid(backend)
     try:
         with objectstores.replicas(store, tmp, 1) as rs:
-            dst = rs.members[0].host
-            copy_s = copy(f"{source}/bench/app:v1", f"{dst}/bench/app:v1")
-            return copy_s, pull(dst, "bench/app", image)
+            dst = rs.members[0]
+            cpu0 = cpu_seconds(dst.proc.pid), cpu_seconds(server) if server else 0.0
+            copy_s = copy(f"{source}/bench/app:v1", f"{dst.host}/bench/app:v1")
+            reg_cpu, srv_cpu = cpu_seconds(dst.proc.pid) - cpu0[0], (cpu_seconds(server) - cpu0[1]) if server else 0.0
+            return copy_s, pull(dst.host, "bench/app", image), reg_cpu, srv_cpu
     finally:
         if backend == "filesystem":
             shutil.rmtree(tmp / "disk", ignore_errors=True)
@@ -102,24 +114,28 @@ def main() -> None:
     args = ap.parse_args()
     objectstores.servers()
     base = Path(tempfile.mkdtemp(prefix="bench-objectstore-", dir=os.environ.get("BENCH_TMP")))
-    times: dict[str, dict[str, list[float]]] = {b: {"copy": [], "pull": []} for b in BACKENDS}
+    times: dict[str, dict[str, list[float]]] = {b: {"copy": [], "pull": [], "reg_cpu": [], "srv_cpu": []} for b in BACKENDS}
     with run_registry(base / "source") as src:
         image = push_image(Pusher(src.host), "bench/app", "v1", layers=[args.layer_mib << 20] * args.layers, seed=7)
         mb = sum(size for _, size in image.blobs) / 1e6
         for rnd in range(args.rounds):
             order = BACKENDS[rnd % len(BACKENDS):] + BACKENDS[: rnd % len(BACKENDS)]
             for backend in order:
-                c, p = one_round(backend, src.host, image, base / f"{backend}-{rnd}")
-                times[backend]["copy"].append(c)
-                times[backend]["pull"].append(p)
-                print(f"round {rnd} {backend}: copy {c:.2f}s ({mb / c:.0f} MB/s), pull {p:.2f}s ({mb / p:.0f} MB/s)", flush=True)
+                c, p, rc, sc = one_round(backend, src.host, image, base / f"{backend}-{rnd}")
+                for k, v in (("copy", c), ("pull", p), ("reg_cpu", rc), ("srv_cpu", sc)):
+                    times[backend][k].append(v)
+                print(f"round {rnd} {backend}: copy {c:.2f}s ({mb / c:.0f} MB/s; CPU s: registry {rc:.2f}, "
+                      f"storage server {sc:.2f}), pull {p:.2f}s ({mb / p:.0f} MB/s)", flush=True)  # fmt: skip
     out: dict[str, Any] = {"bench": "objectstore", "mb": round(mb, 1), "rounds": args.rounds,
                            "servers": {"s3": "moto server (in memory)", "azure": "Azurite (in memory)",
                                        "filesystem": "local disk"}}  # fmt: skip
     for backend, t in times.items():
-        for what, ts in t.items():
-            out[f"{backend}_{what}_mbps_best"] = round(mb / min(ts), 1)
-            out[f"{backend}_{what}_mbps_median"] = round(mb / statistics.median(ts), 1)
+        for what in ("copy", "pull"):
+            out[f"{backend}_{what}_mbps_best"] = round(mb / min(t[what]), 1)
+            out[f"{backend}_{what}_mbps_median"] = round(mb / statistics.median(t[what]), 1)
+        out[f"{backend}_copy_registry_cpu_s_median"] = round(statistics.median(t["reg_cpu"]), 2)
+        if backend != "filesystem":
+            out[f"{backend}_copy_server_cpu_s_median"] = round(statistics.median(t["srv_cpu"]), 2)
     for backend in objectstores.BACKENDS:
         for what in ("copy", "pull"):
             out[f"{backend}_{what}_vs_filesystem_median"] = round(
