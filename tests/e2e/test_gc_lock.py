@@ -53,10 +53,17 @@ def blobs(storage: Path) -> set[str]:
     return {p.name for p in (storage / "docker/registry/v2/blobs/sha256").glob("*/*")}
 
 
-def doomed_images(p: Pusher, prefix: str, n: int = 6) -> None:
+def doomed_images(p: Pusher, registry: Registry, prefix: str, n: int = 6) -> None:  # noqa: F811
     """Unreferenced images pushed long ago: GC deletes their manifests, and its sweep their blobs."""
     for i in range(n):
         push_image(p, f"{prefix}/app{i % 2}", f"t{i}", layers=[1024, 512], seed=hash((prefix, i)) % 10**6)
+    age_storage(registry.storage)
+
+
+def sweep_started(marker: Path) -> int:
+    """The PID of the slow sweep, once it runs (the lock is held and the gates drained by then)."""
+    wait_for(lambda: marker.exists() and marker.read_text().strip(), 120, 0.05, what="the sweep to start")
+    return int(marker.read_text())
 
 
 def slow_sweep(tmp_path: Path, seconds: float) -> tuple[Path, Path]:
@@ -136,13 +143,11 @@ def test_lease_taken_over_mid_sweep_stops_the_sweep(
     cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path, tmp_path: Path  # noqa: F811
 ) -> None:
     p = Pusher(gate.host, auth=(USER, PASSWORD))
-    doomed_images(p, "takeover")
-    age_storage(registry.storage)
+    doomed_images(p, registry, "takeover")
     wrapper, marker = slow_sweep(tmp_path, 40)
     gc = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--registry-binary", str(wrapper))
     try:
-        wait_for(lambda: marker.exists() and marker.read_text().strip(), 120, 0.05, what="the sweep to start")
-        sweep_pid = int(marker.read_text())
+        sweep_pid = sweep_started(marker)
         before = blobs(registry.storage)
         ours = lease(cluster, namespace)["spec"]["holderIdentity"]
         assert ours.startswith("gc-")
@@ -172,8 +177,7 @@ def test_renewals_stalled_past_the_ttl_stop_the_sweep_before_writes_resume(
     probe: WriteProbe,
 ) -> None:
     p = Pusher(gate.host, auth=(USER, PASSWORD))
-    doomed_images(p, "stall")
-    age_storage(registry.storage)
+    doomed_images(p, registry, "stall")
     wrapper, marker = slow_sweep(tmp_path, 60)
     host, _, port = cluster.apiserver.removeprefix("https://").rpartition(":")
     with StallProxy(host, int(port)) as proxy:
@@ -186,8 +190,7 @@ def test_renewals_stalled_past_the_ttl_stop_the_sweep_before_writes_resume(
         gc = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds,
                       "--registry-binary", str(wrapper), "--kubeconfig", str(kubeconfig))  # fmt: skip
         try:
-            wait_for(lambda: marker.exists() and marker.read_text().strip(), 120, 0.05, what="the sweep to start")
-            sweep_pid = int(marker.read_text())
+            sweep_pid = sweep_started(marker)
             before = blobs(registry.storage)
             started = time.monotonic()
             wait_for(lambda: probe.refused and probe.refused[-1] > started, 5, 0.05, what="the window to refuse writes")
@@ -231,8 +234,7 @@ def test_an_upload_held_past_the_drain_timeout_makes_gc_give_up_and_free_writes(
     cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path, tmp_path: Path,  # noqa: F811
 ) -> None:
     p = Pusher(gate.host, auth=(USER, PASSWORD))
-    doomed_images(p, "drain")
-    age_storage(registry.storage)
+    doomed_images(p, registry, "drain")
     st, h, _ = p.request("POST", "/v2/drain/slow/blobs/uploads/", "drain/slow")
     assert st == 202
     loc = h["location"].split("://", 1)[-1].split("/", 1)[1]
@@ -277,8 +279,7 @@ def test_dead_gates_are_not_waited_for(
     """A heartbeat stale by the clock (5 minutes) is skipped at once; one that never changes while GC
     watches is skipped after a heartbeat duration. The live gate's ack is still required."""
     p = Pusher(gate.host, auth=(USER, PASSWORD))
-    doomed_images(p, "dead")
-    age_storage(registry.storage)
+    doomed_images(p, registry, "dead")
 
     def heartbeat(name: str, renewed: datetime) -> None:
         cluster.apply({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -303,18 +304,17 @@ def test_a_second_gc_run_refuses_and_the_first_is_unaffected(
     cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path, tmp_path: Path  # noqa: F811
 ) -> None:
     p = Pusher(gate.host, auth=(USER, PASSWORD))
-    doomed_images(p, "twice")
-    age_storage(registry.storage)
+    doomed_images(p, registry, "twice")
     wrapper, marker = slow_sweep(tmp_path, 30)
     first = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--registry-binary", str(wrapper))
     try:
-        wait_for(lambda: marker.exists() and marker.read_text().strip(), 120, 0.05, what="the first sweep to start")
+        first_sweep = sweep_started(marker)
         holder = lease(cluster, namespace)["spec"]["holderIdentity"]
         # The second run waits at most two of its lease durations (2 x 5 + 2 s) for the lock, then refuses.
         second = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--lease-duration", "5")
         code2, report2, err2 = finish(second)
         assert lease(cluster, namespace)["spec"].get("holderIdentity") == holder, "the second run touched the first's lock"
-        assert alive(int(marker.read_text())), "the first run's sweep was disturbed"
+        assert alive(first_sweep), "the first run's sweep was disturbed"
         code1, report1, err1 = finish(first)
     finally:
         for proc in (first,):
@@ -332,8 +332,7 @@ def test_usage_below_a_nonzero_threshold_runs_nothing(
 ) -> None:
     ensure_crds(cluster)
     p = Pusher(registry.host)
-    doomed_images(p, "threshold")
-    age_storage(registry.storage)
+    doomed_images(p, registry, "threshold")
     used = sum(f.stat().st_size for f in (registry.storage / "docker/registry/v2/blobs").rglob("data"))
     size = used * 4  # usage is 25 %
     low = run_gc(cluster, namespace, registry.url, registry.storage, "--threshold", "50", "--storage-size", str(size))
