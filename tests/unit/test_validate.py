@@ -264,7 +264,7 @@ CASES: list[tuple[str, dict[str, Any], C.Facts, list[tuple[str, C.Severity, tupl
     ),
     (
         "sideload-hostpath-needs-no-claim",
-        vals(enableLocalRegistry=True, **HA_RWX),
+        vals(enableLocalRegistry=True, **{"localRegistry.source": "hostPath"}, **HA_RWX),
         C.Facts(kubernetes_version=(1, 31), nodes=nodes(3), storage_classes=(AZFILE,), sideload_claim_exists=False),
         [],
     ),
