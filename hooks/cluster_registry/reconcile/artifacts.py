@@ -62,6 +62,7 @@ class Config:
     copy_concurrency: int = 8
     watch_namespace: str | None = None  # None: Artifacts of every namespace
     max_image_size: int = 0  # bytes an image's blobs may declare (0: no limit)
+    namespace_quota: int = 0  # bytes of Ready images one namespace may hold (0: no quota)
 
     def registry_options(self) -> RegistryOptions:
         insecure = set(self.insecure_registries)
@@ -112,13 +113,16 @@ class ArtifactReconciler:
 
     # -- adapters to the copy engine ----------------------------------------------------------------
 
-    async def copy(self, src: reference.Reference, dst: reference.Reference, creds: Credentials | None) -> CopyResult:
+    async def copy(
+        self, src: reference.Reference, dst: reference.Reference, creds: Credentials | None, max_size: int = 0
+    ) -> CopyResult:
+        """Copy ``src`` to ``dst``; ``max_size``: what the image may declare (0: no limit)."""
         if self._copy is not None:
             return await self._copy(src, dst, creds)
         assert self.session is not None
         return await copy_image(
             src, dst, session=self.session, src_auth=creds, dst_auth=self.config.registry_credentials,
-            options=CopyOptions(concurrency=self.config.copy_concurrency, max_image_size=self.config.max_image_size),
+            options=CopyOptions(concurrency=self.config.copy_concurrency, max_image_size=max_size),
         )
 
     async def verify(self, dst: reference.Reference) -> str | None:
@@ -310,14 +314,24 @@ class ArtifactReconciler:
             # Failed when the source is unreachable, the very case the cluster registry is for.
             return dest in self.lost or not (m.observed and m.phase == Phase.READY)
 
+        usage = st.namespace_usage(self.objects.values(), members[0].source) if cfg.namespace_quota else {}
+        over = {m.key for m in members if affected(m) and usage.get(m.namespace, 0) >= cfg.namespace_quota > 0}
         for m in members:
-            if affected(m):
+            if m.key in over:
+                await self._write(m, st.quota_exceeded(m.namespace, usage[m.namespace], cfg.namespace_quota))
+            elif affected(m):
                 await self._write(m, st.Started(str(src), dest))
+        if over and all(m.key in over or not affected(m) for m in members):
+            return self.clock() + st.backoff_delay(self.attempts.get(dest, 0) + 1, False, self.rand(), cfg.policy)
+        # the image may take the namespaces it is copied for up to their quota, and no image past the maximum
+        left = [cfg.namespace_quota - usage.get(m.namespace, 0) for m in members if affected(m) and m.key not in over]
+        max_size = min([n for n in (cfg.max_image_size, *left) if n > 0], default=0)
+        quota_limited = bool(left) and max_size in left and max_size != cfg.max_image_size
         creds, missing, secrets_fp = await self._credentials(members, src.host)
         started = time.monotonic()
         outcome: st.Outcome
         try:
-            result = await self.copy(src, dst, creds)
+            result = await self.copy(src, dst, creds, max_size)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001 - classified below; unknown ones count as temporary
@@ -341,8 +355,10 @@ class ArtifactReconciler:
         self.metrics.copies.labels(result_label).inc()
         self.metrics.copy_seconds.labels(result_label).observe(elapsed)
         for m in self.members(dest):  # fresh: members may have changed during the copy
+            if m.key in over:
+                continue
             if isinstance(outcome, st.Copied) or affected(m):
-                await self._write(m, outcome)
+                await self._write(m, st.within_quota(outcome, m, usage, cfg.namespace_quota, quota_limited))
         now = self.clock()
         self.secrets_at_failure.pop(dest, None)
         if isinstance(outcome, st.Copied):

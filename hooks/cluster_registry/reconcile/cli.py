@@ -90,12 +90,15 @@ def _registry_credentials(path: str | None) -> Credentials | None:
 @click.option("--deferred-retry", type=float, default=10.0, show_default=True, help="retry interval while GC holds the write lock (s)")
 @click.option("--max-image-size", type=click.IntRange(0), default=0, show_default=True,
               help="bytes of blobs one image may declare; larger images fail before any blob is fetched (0: no limit)")
+@click.option("--namespace-quota", type=click.IntRange(0), default=0, show_default=True,
+              help="bytes of Ready images one namespace may hold; past it its Artifacts fail with QuotaExceeded (0: none)")
 def artifacts(
     kubeconfig: str | None, namespace: str, leader_election: bool, lease_name: str, lease_duration: float,
     renew_deadline: float, retry_period: float, http_listen: str, insecure_registry: tuple[str, ...],
     ca_bundle: str | None, watch_namespace: str | None, registry_host: str, registry_insecure: bool, registry_credentials_file: str | None,
     workers: int, verify_interval: float, backoff_base: float, backoff_max: float,
     permanent_backoff_base: float, permanent_backoff_max: float, deferred_retry: float, max_image_size: int,
+    namespace_quota: int,
 ) -> None:
     """Copy every Artifact's image into the cluster registry and report its status."""
     identity = default_identity()
@@ -111,6 +114,7 @@ def artifacts(
         identity=identity,
         watch_namespace=watch_namespace,
         max_image_size=max_image_size,
+        namespace_quota=namespace_quota,
     )
     metrics = artifact_metrics()
     api = kubeconf.api_client(kubeconfig)

@@ -10,6 +10,7 @@ import calendar
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from collections.abc import Iterable
 from typing import Any, Literal, Mapping, cast
 
 from cluster_registry import reference
@@ -172,6 +173,37 @@ class Queued:
 
 
 Outcome = Queued | Started | Copied | CopyFailed | Locked
+
+
+def namespace_usage(objects: Iterable[Mapping[str, Any]], skip_source: str) -> dict[str, int]:
+    """Bytes of the Ready images of each namespace (``status.size``), those of ``skip_source`` aside."""
+    usage: dict[str, int] = {}
+    for obj in objects:
+        status, spec = obj.get("status") or {}, obj.get("spec") or {}
+        if status.get("phase") == Phase.READY.value and spec.get("sourceArtifact") != skip_source:
+            ns = str((obj.get("metadata") or {}).get("namespace") or "")
+            usage[ns] = usage.get(ns, 0) + int(status.get("size") or 0)
+    return usage
+
+
+def quota_exceeded(namespace: str, used: int, quota: int) -> CopyFailed:
+    return CopyFailed(
+        reason="QuotaExceeded",
+        message=f"namespace {namespace}'s images would pass its quota of {quota} bytes (it holds {used} bytes "
+        "of Ready images): delete images it no longer uses, or raise the quota",
+        temporary=False,
+    )
+
+
+def within_quota(outcome: Outcome, m: ArtifactView, usage: Mapping[str, int], quota: int, quota_limited: bool) -> Outcome:
+    """``outcome`` for ``m``, or QuotaExceeded when the copied image takes ``m``'s namespace over
+    ``quota``, or was refused as too large for what the namespaces had left (``quota_limited``)."""
+    used = usage.get(m.namespace, 0)
+    if quota and isinstance(outcome, Copied) and used + outcome.size > quota:
+        return quota_exceeded(m.namespace, used, quota)
+    if quota_limited and isinstance(outcome, CopyFailed) and outcome.reason == "ImageTooLarge":
+        return quota_exceeded(m.namespace, used, quota)
+    return outcome
 
 
 def failure(err: BaseException) -> CopyFailed | Locked:
