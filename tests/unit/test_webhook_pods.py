@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from cluster_registry.webhook.mutate import ANNOTATION_SOURCES, Mutator, Settings
-from cluster_registry.webhook.pods import Intent, Owner, PodWatch, pod_intents
+from cluster_registry.webhook.pods import Intent, Owner, PodWatch, pod_intents, slim
 from cluster_registry.webhook.recorder import Recorder
 from cluster_registry.webhook.view import ArtifactView
 
@@ -107,3 +107,17 @@ def test_a_deleted_artifact_is_forgotten_by_the_recorder() -> None:
     rec.forget("cnf", "docker.io/library/nginx:1")
     rec.submit([intent])
     assert rec.pending == 1
+
+
+def test_a_slimmed_pod_needs_the_same_artifacts() -> None:
+    """The pod watch's list keeps only what pod_intents reads (memory: a big cluster's pods in full)."""
+    full = pod({"upf": f"{LOCAL}/myacr.azurecr.io/upf:1.0", "side": "nginx"}, sources={"upf": "myacr.azurecr.io/upf:1.0"},
+               labels={"app": "upf"})  # fmt: skip
+    full["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] = "x" * 10_000
+    full["spec"]["containers"][0]["env"] = [{"name": f"E{i}", "value": "v" * 100} for i in range(100)]
+    slimmed = slim(full)
+    assert pod_intents(slimmed, MUTATOR, record_unannotated=False) == pod_intents(full, MUTATOR, record_unannotated=False)
+    assert len(repr(slimmed)) < 1000 < len(repr(full))
+    for meta in ({"labels": {"clusterregistry.io/skip": "true"}}, {"annotations": {"kubernetes.io/config.mirror": "m"}}):
+        skipped = pod({"a": "nginx"}, **meta)
+        assert pod_intents(slim(skipped), MUTATOR, record_unannotated=True) == frozenset()

@@ -20,7 +20,14 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, Protocol
 
-from cluster_registry.webhook.mutate import CONTAINER_FIELDS, Mutator, pod_skip, recorded_sources
+from cluster_registry.webhook.mutate import (
+    ANNOTATION_SOURCES,
+    CONTAINER_FIELDS,
+    MIRROR_ANNOTATION,
+    Mutator,
+    pod_skip,
+    recorded_sources,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,21 @@ def pod_intents(pod: dict[str, Any], mutator: Mutator, record_unannotated: bool)
     return frozenset(Intent(namespace, src, secrets, str(sa), owner) for src in sources)
 
 
+def slim(pod: dict[str, Any]) -> dict[str, Any]:
+    """``pod`` reduced to what :func:`pod_intents` reads."""
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k in (ANNOTATION_SOURCES, MIRROR_ANNOTATION)}
+    keep = ("name", "namespace", "uid", "labels", "ownerReferences")
+    return {
+        "metadata": {**{k: meta[k] for k in keep if k in meta}, "annotations": annotations},
+        "spec": {
+            **{k: spec[k] for k in ("imagePullSecrets", "serviceAccountName", "serviceAccount") if k in spec},
+            **{f: [{"name": c.get("name"), "image": c.get("image")} for c in spec.get(f) or () if isinstance(c, dict)]
+               for f in CONTAINER_FIELDS},
+        },
+    }
+
+
 def _controller(meta: dict[str, Any]) -> Owner | None:
     for ref in meta.get("ownerReferences") or ():
         if isinstance(ref, dict) and ref.get("controller") is True:
@@ -105,10 +127,19 @@ class KubePods:
         self.core: Any = client.CoreV1Api(api_client)
         self.watch_timeout = watch_timeout
 
-    def list(self) -> tuple[list[dict[str, Any]], str]:
-        resp = self.core.list_pod_for_all_namespaces(_request_timeout=60, _preload_content=False)
-        got = json.loads(resp.data)
-        return list(got.get("items") or []), str(got["metadata"].get("resourceVersion", ""))
+    def list(self, page: int = 500) -> tuple[list[dict[str, Any]], str]:
+        """Every pod, read ``page`` at a time and kept only in what ``pod_intents`` reads (a big
+        cluster's pods in full would not fit the webhook's memory limit)."""
+        items: list[dict[str, Any]] = []
+        token = None
+        while True:
+            kwargs: dict[str, Any] = {"_continue": token} if token else {}
+            resp = self.core.list_pod_for_all_namespaces(limit=page, _request_timeout=60, _preload_content=False, **kwargs)
+            got = json.loads(resp.data)
+            items.extend(slim(p) for p in got.get("items") or ())
+            token = got["metadata"].get("continue")
+            if not token:
+                return items, str(got["metadata"].get("resourceVersion", ""))
 
     def watch(self, resource_version: str) -> Iterator[tuple[str, dict[str, Any]]]:
         from kubernetes import watch
