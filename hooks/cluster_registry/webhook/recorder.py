@@ -162,7 +162,7 @@ class Recorder:
             finally:
                 self._inflight = set()
             if failed:
-                pass
+                self._pending |= failed
                 await asyncio.sleep(min(5.0, self.batch_interval * 10))
                 self._wake.set()
             if not self._pending:
