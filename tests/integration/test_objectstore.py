@@ -4,7 +4,7 @@ environment as the chart passes them:
 
 - replicas share one store: an upload started on one replica and continued chunk by chunk on the
   others commits, every replica serves every byte, and GC's bucket listing sees exactly what was pushed;
-- GC on the store: usage read from the bucket/container, the threshold decided on it, a soft delete
+- GC on the store: usage and push times read from the bucket/container, the threshold decided on it, a soft delete
   frees nothing, distribution's mark-and-sweep (the chart's config) frees exactly the deleted images'
   blobs from the store, and what is kept still pulls from every replica;
 - a replica SIGKILLed in the middle of a push loses nothing: what it committed stays in the store, the
@@ -78,6 +78,17 @@ def _pulls_everywhere(rs: objectstores.Replicas, repo: str, image: Image) -> Non
             assert p.blob_sha256(repo, digest) == (digest, size), f"{r.host}: {repo} blob {digest}"
 
 
+def test_the_storage_health_check_passes_on_the_chart_config(store: objectstores.Store, tmp_path: Path) -> None:
+    """distribution answers 503 to everything once its storage health check fails 3 times in a row (the
+    chart: every 10 s); here every 0.5 s, so 4 s are well past three checks."""
+    env = {"REGISTRY_HEALTH_STORAGEDRIVER_INTERVAL": "500ms"}
+    with objectstores.replicas(store, tmp_path, 1, env) as rs:
+        time.sleep(4)
+        st, _, body = Pusher(rs.members[0].host).request("GET", "/v2/", "")
+        assert st == 200, body
+    assert "storage driver health check" not in rs.members[0].log.read_text()
+
+
 def test_replicas_share_the_store_and_gc_lists_what_was_pushed(rs: objectstores.Replicas) -> None:
     r = rs.members
     # One upload, five replicas: 3 MiB chunks (under S3's 5 MiB part minimum, which distribution's
@@ -129,6 +140,9 @@ def test_gc_on_the_store_frees_exactly_the_deleted_images(rs: objectstores.Repli
     assert decide(used, used * 2, 50).run
 
     manifests, _ = gcreg.inventory_sizes(r[4].url)
+    manifests = objectstore.with_push_times(store, manifests)  # as GC's gather does on object storage
+    now = datetime.now(timezone.utc)
+    assert all(m.pushed_at and timedelta(0) <= now - m.pushed_at < timedelta(minutes=2) for m in manifests), manifests
     inputs = Inputs(tuple(manifests), (), (Workload("Pod", "ns", "p", "u", ("h.example.com/keep:v1",)),), (),
                     frozenset({"u"}), datetime.now(timezone.utc), timedelta(0))  # fmt: skip
     sel = select(inputs)

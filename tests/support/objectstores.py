@@ -168,9 +168,9 @@ class Replicas:
 
 
 @contextlib.contextmanager
-def replicas(store: Store, tmp: Path, n: int) -> Iterator[Replicas]:
+def replicas(store: Store, tmp: Path, n: int, env: dict[str, str] | None = None) -> Iterator[Replicas]:
     config = chart_config(store, tmp)
-    rs = Replicas(config, {**store.env, "REGISTRY_HTTP_SECRET": secrets.token_hex(16)}, tmp)
+    rs = Replicas(config, {**store.env, "REGISTRY_HTTP_SECRET": secrets.token_hex(16), **(env or {})}, tmp)
     try:
         for _ in range(n):
             rs.start()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cluster_registry.errors import ConfigError
-from cluster_registry.gc.objectstore import ObjectStore, blob_digest, from_config
+from cluster_registry.gc.objectstore import ObjectStore, blob_digest, from_config, revision_key
 
 HEX = "ab" + "0" * 62
 
@@ -60,3 +60,18 @@ def test_azure_and_filesystem() -> None:
     assert store.driver == "azure" and store.params["accountkey"] == "k=="
     with pytest.raises(ConfigError, match="no object storage driver"):
         from_config({"storage": {"filesystem": {"rootdirectory": "/var/lib/registry"}}}, {})
+
+
+@pytest.mark.parametrize(
+    ("key", "revision"),
+    [
+        (f"r/team/app/_manifests/revisions/sha256/{HEX}/link", ("team/app", f"sha256:{HEX}")),
+        (f"r/a/_manifests/revisions/sha256/{HEX}/link", ("a", f"sha256:{HEX}")),
+        (f"r/a/_manifests/tags/v1/current/link", None),
+        (f"r/a/_layers/sha256/{HEX}/link", None),
+        (f"r/_manifests/revisions/sha256/{HEX}/link", None),  # no repository name
+        (f"x/a/_manifests/revisions/sha256/{HEX}/link", None),
+    ],
+)
+def test_revision_links_name_a_manifest(key: str, revision: tuple[str, str] | None) -> None:
+    assert revision_key(key, "r/") == revision

@@ -30,7 +30,9 @@ storage:
     {{- with $r.storage.azure.serviceURL }}
     serviceurl: {{ . | quote }}
     {{- end }}
-    rootdirectory: {{ $r.storage.azure.rootDirectory | quote }}
+    {{- /* Without slashes: the driver's health check stats the root, and "/" names the empty blob, which
+    Azure refuses (400); after 3 failures distribution answers every request with 503. */}}
+    rootdirectory: {{ trimAll "/" $r.storage.azure.rootDirectory | quote }}
     credentials:
       type: {{ ternary "shared_key" "default_credentials" (ne $r.storage.azure.secretName "") }}
   redirect:

@@ -2,20 +2,23 @@
 
 The store is the one distribution's own config names (the chart's ConfigMap), with the keys the chart
 passes in distribution's environment (``REGISTRY_STORAGE_<DRIVER>_<KEY>``), so GC lists exactly what
-the registry writes: one ``<root>/docker/registry/v2/blobs/<algo>/<2 hex>/<hex>/data`` object per blob.
+the registry writes: one ``<root>/docker/registry/v2/blobs/<algo>/<2 hex>/<hex>/data`` object per blob,
+and one ``repositories/<name>/_manifests/revisions/<algo>/<hex>/link`` per manifest (its push time).
 Read-only, like ``storage``: deletes go through the registry API, the sweep through distribution.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 import yaml
 
 from cluster_registry.errors import ConfigError, TemporaryError
+from cluster_registry.gc.select import Manifest
 
 DRIVERS = ("s3", "azure")
 
@@ -67,11 +70,33 @@ def blob_sizes(store: ObjectStore) -> dict[str, int]:
     """digest -> size of every blob (manifests included) in the bucket or container."""
     prefix = store.prefix("blobs")
     out: dict[str, int] = {}
-    for key, size in _objects(store, prefix):
+    for key, size, _ in _objects(store, prefix):
         digest = blob_digest(key, prefix)
         if digest:
             out[digest] = size
     return out
+
+
+def revision_key(key: str, prefix: str) -> tuple[str, str] | None:
+    """``<prefix><repo>/_manifests/revisions/sha256/<hex>/link`` -> (repo, ``sha256:<hex>``); else None (pure)."""
+    repo, sep, rest = key[len(prefix):].partition("/_manifests/revisions/") if key.startswith(prefix) else ("", "", "")
+    parts = rest.split("/")
+    if not sep or not repo or len(parts) != 3 or parts[2] != "link":
+        return None
+    return repo, f"{parts[0]}:{parts[1]}"
+
+
+def with_push_times(store: ObjectStore, manifests: Iterable[Manifest]) -> list[Manifest]:
+    """``manifests`` (the registry API's inventory, which has no push times) with ``pushed_at`` from the
+    store: when the registry last wrote the manifest's revision link, as the filesystem inventory reads
+    its mtime. The grace period then protects fresh pushes on object storage too."""
+    prefix = store.prefix("repositories")
+    times: dict[tuple[str, str], datetime] = {}
+    for key, _, modified in _objects(store, prefix):
+        rev = revision_key(key, prefix)
+        if rev:
+            times[rev] = modified
+    return [replace(m, pushed_at=times.get(m.key, m.pushed_at)) for m in manifests]
 
 
 def has_repositories(store: ObjectStore) -> bool:
@@ -79,7 +104,8 @@ def has_repositories(store: ObjectStore) -> bool:
     return next(iter(_objects(store, store.prefix("repositories"))), None) is not None
 
 
-def _objects(store: ObjectStore, prefix: str) -> Iterator[tuple[str, int]]:
+def _objects(store: ObjectStore, prefix: str) -> Iterator[tuple[str, int, datetime]]:
+    """(key, size, last modified) of every object under ``prefix``."""
     try:
         yield from (_s3_objects if store.driver == "s3" else _azure_objects)(store.params, prefix)
     except ConfigError:
@@ -88,7 +114,7 @@ def _objects(store: ObjectStore, prefix: str) -> Iterator[tuple[str, int]]:
         raise TemporaryError(f"cannot list the registry's {store.driver} storage: {err}") from err
 
 
-def _s3_objects(p: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, int]]:
+def _s3_objects(p: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, int, datetime]]:
     import boto3
     from botocore.config import Config
 
@@ -104,10 +130,10 @@ def _s3_objects(p: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, int]]:
     )
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=p["bucket"], Prefix=prefix):
         for obj in page.get("Contents", ()):
-            yield obj["Key"], int(obj["Size"])
+            yield obj["Key"], int(obj["Size"]), obj["LastModified"]
 
 
-def _azure_objects(p: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, int]]:
+def _azure_objects(p: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, int, datetime]]:
     from azure.storage.blob import ContainerClient
 
     if p.get("connectionstring"):
@@ -120,4 +146,4 @@ def _azure_objects(p: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, int
         raise ConfigError("GC reads an Azure container's usage with the shared key (storage.azure.secretName)")
     with container:
         for blob in container.list_blobs(name_starts_with=prefix):
-            yield blob.name, int(blob.size)
+            yield blob.name, int(blob.size), blob.last_modified

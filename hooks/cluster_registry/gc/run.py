@@ -111,6 +111,8 @@ def gather(view: ClusterView, opts: Options, now: datetime) -> tuple[Inputs, lis
         manifests = storage.inventory(opts.storage_root)
     else:
         manifests = apiinventory.inventory_sizes(opts.registry_url, opts.credentials)[0]
+        if opts.object_store:  # the API gives no push times: the store's revision links do
+            manifests = objectstore.with_push_times(opts.object_store, manifests)
     workloads = view.workloads()
     artifacts = view.artifacts()
     components = view.components()
