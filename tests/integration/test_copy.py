@@ -26,9 +26,6 @@ from cluster_registry.oci import (
     RetryPolicy,
     TLSError,
     copy_image,
-    delete_manifest,
-    get_manifest,
-    list_tags,
 )
 from tests.support.ociimages import PLATFORMS, Pusher, assert_copied, push_image, push_index, push_referrer, push_signature
 from tests.support.proxy import Fault, FaultProxy
@@ -249,6 +246,27 @@ async def test_write_lock_defers_and_leaves_no_tag(src: Registry, dst: Registry,
     assert img.digest
 
 
+async def get_manifest(ref: reference.Reference, *, session: RegistrySession) -> tuple[bytes, str, str]:
+    m = await session.repository(ref.host, ref.repository).get_manifest(ref.pull_ref)
+    return m.body, m.media_type, m.digest
+
+
+async def list_tags(ref: reference.Reference, *, session: RegistrySession) -> list[str]:
+    return await session.repository(ref.host, ref.repository).list_tags()
+
+
+async def delete_manifest(ref: reference.Reference, *, session: RegistrySession) -> bool:
+    """Delete ``ref``'s manifest, resolving a tag to its digest first; False if absent."""
+    repo = session.repository(ref.host, ref.repository, push=True)
+    digest = ref.digest
+    if digest is None:
+        head = await repo.head_manifest(ref.pull_ref)
+        if head is None or not head[0]:
+            return False
+        digest = head[0]
+    return await repo.delete_manifest(digest)
+
+
 async def test_read_api(src: Registry) -> None:
     sp = Pusher(src.host)
     img = push_image(sp, "r/app", "1", layers=[1000], seed=12)
@@ -257,6 +275,7 @@ async def test_read_api(src: Registry) -> None:
         body, mt, digest = await get_manifest(reference.parse(f"{src.host}/r/app:1"), session=s)
         assert (body, mt, digest) == (img.manifest, img.media_type, img.digest)
         assert sorted(await list_tags(reference.parse(f"{src.host}/r/app"), session=s)) == ["1", "2"]
+        assert "r/app" in await s.catalog(src.host)
         assert await delete_manifest(reference.parse(f"{src.host}/r/app:1"), session=s)
         assert sorted(await list_tags(reference.parse(f"{src.host}/r/app"), session=s)) == ["2"]
         assert not await delete_manifest(reference.parse(f"{src.host}/r/app@{img.digest}"), session=s)

@@ -33,7 +33,7 @@ from cluster_registry.oci import (
     TLSError,
     copy_image,
 )
-from cluster_registry.oci import blobio
+from cluster_registry.oci.pool import ConnectionPool
 from cluster_registry.oci.client import MAX_MANIFEST
 from tests.support.ociimages import Pusher, assert_copied, push_image
 from tests.support.registry import Registry
@@ -306,12 +306,12 @@ async def test_read_timeout_and_manifest_limit() -> None:
 def test_pool_drops_idle_and_closed_connections() -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         netloc = f"127.0.0.1:{server.getsockname()[1]}"
-        pool = blobio.ConnectionPool(max_idle=0.0)
+        pool = ConnectionPool(max_idle=0.0)
         stale = pool.get("http", netloc)
         pool.put("http", netloc, stale)
         fresh = pool.get("http", netloc)  # idle too long: closed, a new one made
         assert fresh is not stale and stale.sock is None
-        kept_pool = blobio.ConnectionPool(max_idle=60.0)
+        kept_pool = ConnectionPool(max_idle=60.0)
         kept = kept_pool.get("http", netloc)
         kept_pool.put("http", netloc, kept)
         assert kept_pool.get("http", netloc) is kept
@@ -329,7 +329,7 @@ def test_pool_drops_idle_and_closed_connections() -> None:
 def test_closed_pool_keeps_nothing_and_unblocks_users() -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         netloc = f"127.0.0.1:{server.getsockname()[1]}"
-        pool = blobio.ConnectionPool(timeout=30.0)
+        pool = ConnectionPool(timeout=30.0)
         busy = pool.get("http", netloc)
         sock = busy.sock
         assert sock is not None

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cluster_registry.cli import cli
-from cluster_registry.install import layout as L
+from cluster_registry.oci import layout as L
 from tests.support.ociimages import Pusher, push_image
 from tests.support.registry import Registry, run_registry
 

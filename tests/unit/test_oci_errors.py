@@ -75,8 +75,9 @@ def test_403_says_whether_a_push_or_a_pull_was_denied() -> None:
 def test_429_keeps_retry_after() -> None:
     e = err(429, headers(Retry_After="7"))
     assert isinstance(e, RateLimitedError) and e.temporary
-    assert e.retry_after == 7  # type: ignore[attr-defined]
-    assert err(429).retry_after is None  # type: ignore[attr-defined]
+    assert e.retry_after == 7
+    plain = err(429)
+    assert isinstance(plain, RateLimitedError) and plain.retry_after is None
 
 
 @pytest.mark.parametrize(("lock", "says"), [("gc", "while garbage collection runs"), ("unknown", "cannot confirm")])

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cluster_registry.install import layout as L
+from cluster_registry.oci import layout as L
 from cluster_registry.install.sideload import artifact_source
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -4,7 +4,7 @@ For sites with no link to the artifact store: export where there is one, carry t
 drive, ``sideload`` it at the site. Every platform of an index is written, with the image's
 referrers (OCI 1.1 referrers API) and cosign-style ``sha256-<hex>.sig|.att|.sbom`` tags. Blobs are
 verified as they stream (size and digest) and land atomically; running again adds to the layout
-and skips blobs already there. Annotations: see :mod:`cluster_registry.install.layout`.
+and skips blobs already there. Annotations: see :mod:`cluster_registry.oci.layout`.
 
 Exit codes: 0 written; 1 a registry or write error; 2 usage. The last stdout line is a JSON summary.
 """
@@ -24,7 +24,7 @@ import click
 
 from cluster_registry import reference
 from cluster_registry.errors import ClusterRegistryError, InvalidReferenceError
-from cluster_registry.install import layout as L
+from cluster_registry.oci import layout as L
 from cluster_registry.oci import Credentials, RegistryOptions, RegistrySession, Repository, media
 from cluster_registry.oci.auth import read_credentials_file
 
@@ -49,7 +49,7 @@ class ExportSummary:
 async def _write_tree(repo: Repository, writer: L.LayoutWriter, ref: str, summary: ExportSummary) -> L.ManifestDoc:
     """Write the manifest at ``ref`` with every child and blob under it; returns the top manifest."""
     m = await repo.get_manifest(ref)
-    info = media.inspect(m.body, m.media_type)
+    info = m.info
     for child in info.children:
         await _write_tree(repo, writer, child["digest"], summary)
     for blob in media.copyable_blobs(info):

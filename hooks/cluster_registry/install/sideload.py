@@ -30,7 +30,7 @@ import click
 from cluster_registry import api, kube, reference
 from cluster_registry.errors import ClusterRegistryError
 from cluster_registry.install import artifacts as A
-from cluster_registry.install import layout as L
+from cluster_registry.oci import layout as L
 from cluster_registry.oci import Credentials, RegistryOptions, RegistrySession
 from cluster_registry.oci.auth import read_credentials_file
 

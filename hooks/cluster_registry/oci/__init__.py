@@ -63,14 +63,13 @@ Read API for ``gc``/``export``/``sideload`` (on a :class:`Repository` from
 ``session.repository(host, name, auth, push=False)``):
 
 * ``await repo.get_manifest(tag_or_digest) -> Manifest(body, media_type, digest)`` (digest verified
-  when pinned); ``head_manifest(ref) -> (digest, media_type, size) | None``;
+  when pinned; ``.info`` parses it once); ``head_manifest(ref) -> (digest, media_type, size) | None``;
   ``put_manifest(ref, body, media_type)``; ``delete_manifest(digest) -> bool``;
-  ``list_tags() -> list[str]``; ``referrers(digest) -> list[Descriptor] | None``.
+  ``list_tags() -> list[str]``; ``referrers(digest) -> list[Descriptor] | None``;
+  ``session.catalog(host) -> list[str]`` (every repository).
 * ``blob_size(digest) -> int | None``; ``async with await repo.open_blob(digest, size) as s: async for chunk in s``
-  (verified stream); ``upload_blob(digest, data)`` (in memory) or
-  ``start_upload(digest) -> str | None`` (the upload URL) then ``finish_upload(url, digest, size, async_chunks)``
+  (verified stream); ``start_upload(digest) -> str | None`` (the upload URL) then ``finish_upload(url, digest, size, async_chunks)``
   (streamed, for sideloading large layers).
-* Module-level shorthands: ``get_manifest(ref)``, ``list_tags(ref)``, ``delete_manifest(ref)``.
 * ``media.inspect(body, media_type) -> ManifestInfo`` (blobs, children, subject) is pure.
 """
 
@@ -93,7 +92,6 @@ from cluster_registry.oci.errors import (
     WriteLockedError,
 )
 from cluster_registry.oci.retry import RetryPolicy
-from cluster_registry.reference import Reference
 
 __all__ = [
     "AccessDeniedError",
@@ -117,33 +115,6 @@ __all__ = [
     "WriteLockedError",
     "copy_image",
     "credentials_from_docker_config",
-    "delete_manifest",
-    "get_manifest",
-    "list_tags",
     "media",
 ]
 
-
-async def get_manifest(
-    ref: Reference, *, session: RegistrySession, auth: Credentials | None = None
-) -> tuple[bytes, str, str]:
-    """(body, media type, digest) of ``ref``'s manifest (by digest when pinned)."""
-    m = await session.repository(ref.host, ref.repository, auth).get_manifest(ref.pull_ref)
-    return m.body, m.media_type, m.digest
-
-
-async def list_tags(ref: Reference, *, session: RegistrySession, auth: Credentials | None = None) -> list[str]:
-    """Every tag of ``ref``'s repository (tag/digest of ``ref`` ignored)."""
-    return await session.repository(ref.host, ref.repository, auth).list_tags()
-
-
-async def delete_manifest(ref: Reference, *, session: RegistrySession, auth: Credentials | None = None) -> bool:
-    """Delete ``ref``'s manifest (resolving a tag to its digest first). False if absent."""
-    repo = session.repository(ref.host, ref.repository, auth, push=True)
-    digest = ref.digest
-    if digest is None:
-        head = await repo.head_manifest(ref.pull_ref)
-        if head is None or not head[0]:
-            return False
-        digest = head[0]
-    return await repo.delete_manifest(digest)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import http.client
 import json
 import logging
@@ -28,7 +27,7 @@ from urllib.parse import urlencode, urljoin
 from cluster_registry import __version__
 from cluster_registry.errors import ClusterRegistryError, ConfigError
 from cluster_registry.gate.protocol import LOCK_HEADER
-from cluster_registry.oci import blobio, media, transport
+from cluster_registry.oci import media, transport
 from cluster_registry.oci.auth import Challenge, Credentials, parse_challenge, scope
 from cluster_registry.oci.errors import (
     AuthenticationError,
@@ -40,7 +39,9 @@ from cluster_registry.oci.errors import (
     describe,
     status_error,
 )
+from cluster_registry.oci.pool import ConnectionPool
 from cluster_registry.oci.retry import RetryPolicy, is_retryable_status, parse_retry_after
+from cluster_registry.oci.verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +74,21 @@ class RegistryOptions:
 
 @dataclass(frozen=True)
 class Manifest:
+    """A manifest's exact bytes, media type and digest; ``info`` parses it once, when first asked."""
+
     body: bytes
     media_type: str
     digest: str
+    doc: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # the parsed JSON, if at hand
 
     @property
     def size(self) -> int:
         return len(self.body)
+
+    @functools.cached_property
+    def info(self) -> media.ManifestInfo:
+        """What it references (raises UnsupportedManifestError for a type the engine does not copy)."""
+        return media.inspect(self.body, self.media_type, self.doc)
 
 
 @dataclass
@@ -93,7 +102,7 @@ class RegistrySession:
 
     def __init__(self, options: RegistryOptions | None = None) -> None:
         self.options = options or RegistryOptions()
-        self._pool: blobio.ConnectionPool | None = None
+        self._pool: ConnectionPool | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._tokens: dict[tuple[str, str, tuple[str, ...]], _Token] = {}
         self._challenges: dict[str, Challenge] = {}
@@ -123,10 +132,10 @@ class RegistrySession:
         return self._executor
 
     @property
-    def pool(self) -> blobio.ConnectionPool:
+    def pool(self) -> ConnectionPool:
         """Blocking keep-alive connections, used only on the worker threads."""
         if self._pool is None:
-            self._pool = blobio.ConnectionPool(
+            self._pool = ConnectionPool(
                 timeout=self.options.read_timeout,
                 connect_timeout=self.options.connect_timeout,
                 make_ssl=self.ssl_context,
@@ -203,13 +212,37 @@ class RegistrySession:
     ) -> Repository:
         return Repository(self, host, name, auth or Credentials(), push=push)
 
+    async def catalog(self, host: str, auth: Credentials | None = None, page_size: int = 1000) -> list[str]:
+        """Every repository on ``host`` (``/v2/_catalog``, following ``Link`` pages)."""
+        registry = self.repository(host, "", auth)
+        url = f"{self.base_url(host)}/v2/_catalog?n={page_size}"
+        return await registry.paged(url, "repositories", f"list the repositories of {host}", ("registry:catalog:*",))
+
     def base_url(self, host: str) -> str:
         api = _DOCKER_HUB_API if host == "docker.io" else host
         return f"{self.options.scheme(host)}://{api}"
 
     # -- tokens -------------------------------------------------------------------------------
 
-    def forget_token(self, host: str, creds: Credentials, scopes: tuple[str, ...]) -> None:
+    async def authorize(self, host: str, creds: Credentials, scopes: tuple[str, ...]) -> str | None:
+        """The Authorization header for a request to ``host`` needing ``scopes``, answering the
+        challenge the host last sent (None before any: the first request goes out anonymous)."""
+        challenge = self._challenges.get(host)
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            # The challenge is remembered per host, but a host may serve some repositories to
+            # anyone: without credentials, ask anyway and let the registry answer.
+            return None if creds.anonymous else creds.basic_header()
+        if challenge.scheme == "bearer":
+            if creds.token and creds.token_is_bearer:
+                return f"Bearer {creds.token}"
+            return "Bearer " + await self.token(host, creds, scopes, challenge)
+        raise AuthenticationError(f"registry {host} asks for unsupported auth scheme {challenge.scheme!r}")
+
+    def challenged(self, host: str, challenge: Challenge, creds: Credentials, scopes: tuple[str, ...]) -> None:
+        """Remember ``host``'s 401 challenge; the token cached for ``creds`` and ``scopes`` did not do."""
+        self._challenges[host] = challenge
         self._tokens.pop((host, creds.username, scopes), None)
 
     async def token(self, host: str, creds: Credentials, scopes: tuple[str, ...], challenge: Challenge) -> str:
@@ -300,24 +333,12 @@ class Repository:
     # -- the request core -------------------------------------------------------------------------
 
     def _scopes(self, extra: tuple[str, ...]) -> tuple[str, ...]:
-        return (scope(self.name, self.push), *extra)
-
-    async def _authorize(self, scopes: tuple[str, ...], challenge: Challenge | None) -> str | None:
-        if challenge is None:
-            return None
-        if challenge.scheme == "basic":
-            # The challenge is remembered per host, but a host may serve some repositories to
-            # anyone: without credentials, ask anyway and let the registry answer.
-            return None if self.auth.anonymous else self.auth.basic_header()
-        if challenge.scheme == "bearer":
-            if self.auth.token and self.auth.token_is_bearer:
-                return f"Bearer {self.auth.token}"
-            return "Bearer " + await self.session.token(self.host, self.auth, scopes, challenge)
-        raise AuthenticationError(f"registry {self.host} asks for unsupported auth scheme {challenge.scheme!r}")
+        own = (scope(self.name, self.push),) if self.name else ()  # no repository: the catalog
+        return (*own, *extra)
 
     async def authorization(self, extra_scopes: tuple[str, ...] = ()) -> dict[str, str]:
         """The Authorization header (if any) this repository's requests currently carry."""
-        authz = await self._authorize(self._scopes(extra_scopes), self.session._challenges.get(self.host))
+        authz = await self.session.authorize(self.host, self.auth, self._scopes(extra_scopes))
         return {"Authorization": authz} if authz else {}
 
     async def request(
@@ -352,7 +373,7 @@ class Repository:
         while True:
             attempt += 1
             hdrs = dict(headers or {})
-            authz = await self._authorize(scopes, self.session._challenges.get(self.host))
+            authz = await self.session.authorize(self.host, self.auth, scopes)
             if authz:
                 hdrs["Authorization"] = authz
             try:
@@ -385,8 +406,7 @@ class Repository:
                         f"{what}: registry {self.host} requires credentials and none were given: "
                         "add a pull secret or credentials"
                     )
-                self.session._challenges[self.host] = challenge
-                self.session.forget_token(self.host, self.auth, scopes)
+                self.session.challenged(self.host, challenge, self.auth, scopes)
                 reauthed = True
                 attempt -= 1
                 continue
@@ -396,13 +416,17 @@ class Repository:
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
                 if retry and policy.should_retry(attempt):
                     if retry_after is not None and retry_after > policy.max_retry_after:
-                        raise RateLimitedError(f"{what}: registry {self.host} asks to wait {retry_after:.0f}s")
+                        raise RateLimitedError(
+                            f"{what}: registry {self.host} asks to wait {retry_after:.0f}s", retry_after=retry_after
+                        )
                     delay = policy.delay(attempt, retry_after)
                     log.debug("retrying %s after HTTP %s in %.2fs", what, resp.status, delay)
                     await asyncio.sleep(delay)
                     continue
-                cls = RateLimitedError if resp.status == 429 else RegistryUnavailableError
-                raise cls(f"{what}: registry {self.host} answered HTTP {resp.status} (after {attempt} tries)")
+                message = f"{what}: registry {self.host} answered HTTP {resp.status} (after {attempt} tries)"
+                if resp.status == 429:
+                    raise RateLimitedError(message, retry_after=retry_after)
+                raise RegistryUnavailableError(message)
             return resp
 
     async def fail(self, resp: transport.Response, what: str) -> ClusterRegistryError:
@@ -428,13 +452,14 @@ class Repository:
         if resp.status != 200:
             raise await self.fail(resp, f"get {what}")
         body = _full_body(resp, f"get {what}", MAX_MANIFEST)
-        mt = media.detect_media_type(body, resp.headers.get("Content-Type"))
+        doc = media.document(body)
+        mt = media.media_type_of(doc, resp.headers.get("Content-Type"))
         if ":" in ref:
             media.verify_manifest(body, ref, what)
             digest = ref
         else:
             digest = media.digest_of(body)
-        return Manifest(body, mt, digest)
+        return Manifest(body, mt, digest, doc)
 
     async def head_manifest(self, ref: str) -> tuple[str, str, int] | None:
         """(digest, media type, size) of the manifest at ``ref``, or None if absent."""
@@ -472,23 +497,25 @@ class Repository:
 
     async def list_tags(self, page_size: int = 1000) -> list[str]:
         """Every tag of the repository (follows ``Link`` pagination). Empty if the repository is absent."""
-        tags: list[str] = []
-        url = f"/tags/list?n={page_size}"
-        what = f"list tags of {self.where}"
+        return await self.paged(f"/tags/list?n={page_size}", "tags", f"list tags of {self.where}")
+
+    async def paged(self, url: str, key: str, what: str, extra_scopes: tuple[str, ...] = ()) -> list[str]:
+        """The strings under ``key`` of every page of a listing (``Link: <...>; rel="next"``); [] on 404."""
+        out: list[str] = []
         while url:
-            resp = await self.request("GET", url, what=what)
+            resp = await self.request("GET", url, what=what, extra_scopes=extra_scopes)
             if resp.status == 404:
-                return tags
+                return out
             if resp.status != 200:
                 raise await self.fail(resp, what)
             doc = _json(resp, what)
-            tags += [t for t in (doc.get("tags") or []) if isinstance(t, str)] if isinstance(doc, dict) else []
+            out += [t for t in (doc.get(key) or []) if isinstance(t, str)] if isinstance(doc, dict) else []
             link = resp.headers.get("Link", "")
             url = ""
             if link and 'rel="next"' in link:
                 target = link.split(";", 1)[0].strip().strip("<>")
                 url = urljoin(self.session.base_url(self.host) + "/", target)
-        return tags
+        return out
 
     async def referrers(self, digest: str) -> list[media.Descriptor] | None:
         """The referrers of ``digest`` via the OCI 1.1 referrers API; None if the registry lacks it."""
@@ -516,28 +543,28 @@ class Repository:
         return -1 if length is None else length
 
     async def open_blob(self, digest: str, size: int | None = None) -> BlobStream:
-        """Stream blob ``digest`` in chunks, verifying size and SHA-256 as it goes.
+        """Stream blob ``digest`` in chunks, verifying size and digest as it goes (``verify.Verifier``).
 
         The last chunk is held back until the whole blob verified, so a consumer that forwards
         chunks never forwards the end of corrupt content. Raises CorruptBlobError on a mismatch and
         RegistryUnavailableError when the connection drops midway.
         """
         what = f"get blob {self.where}@{digest}"
-        algorithm = media.check_digest(digest).split(":", 1)[0]
+        check: Verifier[bytes] = Verifier(digest, size, what)
         resp = await self.request("GET", f"/blobs/{digest}", what=what, stream=True)
         if resp.status != 200 or resp.stream is None:
             raise await self.fail(resp, what)
+        try:
+            check.announced(resp.content_length)
+        except CorruptBlobError:
+            resp.stream.close()
+            raise
         if size is None:
-            size = resp.content_length
-        return BlobStream(resp.stream, self._verified(resp.stream, digest, algorithm, size, what))
+            check.size = resp.content_length
+        return BlobStream(resp.stream, self._verified(resp.stream, check))
 
-    async def _verified(
-        self, stream: transport.Stream, digest: str, algorithm: str, size: int | None, what: str
-    ) -> AsyncGenerator[bytes, None]:
-        hasher = hashlib.new(algorithm)
-        got = 0
+    async def _verified(self, stream: transport.Stream, check: Verifier[bytes]) -> AsyncGenerator[bytes, None]:
         chunk_size = self.session.options.chunk_size
-        held: bytes | None = None
         try:
             # the exchange read the first chunk; the read that ends the body gives the connection back
             while stream.first is not None or not stream.done:
@@ -547,24 +574,14 @@ class Repository:
                         chunk = await self.session.run(stream.lease, functools.partial(stream.read, chunk_size))
                 except transport.TransportError as err:
                     raise RegistryUnavailableError(
-                        f"{what}: connection dropped after {got} bytes ({describe(err.cause)})"
+                        f"{check.what}: connection dropped after {check.got} bytes ({describe(err.cause)})"
                     ) from None
                 if not chunk:
                     break
-                hasher.update(chunk)
-                got += len(chunk)
-                if size is not None and got > size:
-                    raise CorruptBlobError(f"{what}: registry sent more than the {size} bytes the descriptor says")
-                if held is not None:
-                    yield held
-                held = chunk
-            if size is not None and got != size:
-                raise CorruptBlobError(f"{what}: registry sent {got} bytes, descriptor says {size} (truncated)")
-            actual = f"{algorithm}:{hasher.hexdigest()}"
-            if actual != digest:
-                raise CorruptBlobError(f"{what}: content hashes to {actual}: the source served corrupt data")
-            if held is not None:
-                yield held
+                if (ready := check.feed(chunk)) is not None:
+                    yield ready
+            if (last := check.finish()) is not None:
+                yield last
         finally:
             stream.close()
 
@@ -607,15 +624,6 @@ class Repository:
         resp = await self.request("PUT", upload, headers=headers, data=body, retry=isinstance(body, bytes), what=what)
         if resp.status != 201:
             raise await self.fail(resp, what)
-
-    async def upload_blob(self, digest: str, data: bytes, *, mount_from: str | None = None) -> bool:
-        """Upload an in-memory blob (skipping it if present). True if it was uploaded or mounted."""
-        if await self.blob_size(digest) is not None:
-            return False
-        upload = await self.start_upload(digest, mount_from=mount_from)
-        if upload is not None:
-            await self.finish_upload(upload, digest, len(data), data)
-        return True
 
 
 class BlobStream:

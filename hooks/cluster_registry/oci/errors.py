@@ -25,6 +25,7 @@ __all__ = [
     "RegistryUnavailableError",
     "TLSError",
     "UnsupportedManifestError",
+    "UnsupportedOperationError",
     "WriteLockedError",
     "describe",
     "error_detail",
@@ -70,7 +71,11 @@ class RegistryUnavailableError(TemporaryError):
 
 
 class RateLimitedError(TemporaryError):
-    """The registry kept answering 429 Too Many Requests."""
+    """The registry kept answering 429 Too Many Requests; ``retry_after``: the seconds it asked for, if any."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, detail: str = "") -> None:
+        super().__init__(message, detail=detail)
+        self.retry_after = retry_after
 
 
 class AuthenticationError(PermanentError):
@@ -95,6 +100,10 @@ class UnsupportedManifestError(PermanentError):
 
 class RegistryProtocolError(PermanentError):
     """A registry answer that breaks the distribution API (unexpected status, missing header)."""
+
+
+class UnsupportedOperationError(RegistryProtocolError):
+    """405: the registry does not allow this operation (e.g. deletes switched off)."""
 
 
 class TLSError(PermanentError):
@@ -130,9 +139,10 @@ def status_error(
             "garbage-collection lock is free; the write will be retried"
         )
     if status == 429:
-        limited = RateLimitedError(f"{what}: registry {host} answered HTTP 429 Too Many Requests")
-        limited.retry_after = parse_retry_after(headers.get("Retry-After"), time.time())  # type: ignore[attr-defined]
-        return limited
+        return RateLimitedError(
+            f"{what}: registry {host} answered HTTP 429 Too Many Requests",
+            retry_after=parse_retry_after(headers.get("Retry-After"), time.time()),
+        )
     if status >= 500:
         return RegistryUnavailableError(f"{what}: registry {host} answered HTTP {status}{suffix}")
     if status == 401:
@@ -142,6 +152,8 @@ def status_error(
         return AccessDeniedError(f"{what}: not allowed to {'push to' if push else 'pull from'} {where}{suffix}")
     if status == 404:
         return NotFoundError(f"{what}: not found in {where}{suffix}")
+    if status == 405:
+        return UnsupportedOperationError(f"{what}: registry {host} does not allow this (HTTP 405){suffix}")
     if status == 400 and ("DIGEST_INVALID" in detail or "SIZE_INVALID" in detail):
         return CorruptBlobError(f"{what}: {where} rejected the content{suffix}")
     return RegistryProtocolError(f"{what}: registry {host} answered HTTP {status}{suffix}")

@@ -89,14 +89,24 @@ def verify_manifest(body: bytes, digest: str, where: str) -> None:
         raise CorruptBlobError(f"manifest {where} has digest {got}, expected {digest}: the registry served corrupt data")
 
 
-def detect_media_type(body: bytes, content_type: str | None) -> str:
-    """The manifest's media type: its own ``mediaType`` field, else the Content-Type header."""
+def document(body: bytes) -> dict[str, Any]:
+    """The manifest's JSON object."""
     try:
         doc = json.loads(body)
     except ValueError as err:
         raise UnsupportedManifestError(f"manifest is not JSON ({err})") from err
     if not isinstance(doc, dict):
         raise UnsupportedManifestError("manifest is not a JSON object")
+    return doc
+
+
+def detect_media_type(body: bytes, content_type: str | None) -> str:
+    """The manifest's media type: its own ``mediaType`` field, else the Content-Type header."""
+    return media_type_of(document(body), content_type)
+
+
+def media_type_of(doc: dict[str, Any], content_type: str | None) -> str:
+    """The media type of the manifest ``doc``: its ``mediaType`` field, else the Content-Type header, else its shape."""
     declared = doc.get("mediaType")
     ctype = (content_type or "").split(";", 1)[0].strip()
     if isinstance(declared, str) and declared:
@@ -126,15 +136,16 @@ def _descriptor(raw: Any, where: str) -> Descriptor:
     return raw  # type: ignore[return-value]
 
 
-def inspect(body: bytes, media_type: str) -> ManifestInfo:
-    """Parse a manifest of ``media_type`` into the descriptors it references."""
+def inspect(body: bytes, media_type: str, doc: dict[str, Any] | None = None) -> ManifestInfo:
+    """Parse a manifest of ``media_type`` into the descriptors it references (``doc``: its JSON, when
+    already parsed)."""
     if media_type in (DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED):
         raise UnsupportedManifestError(
             "Docker schema 1 manifests are not supported (deprecated since 2017): rebuild or re-push the image"
         )
     if media_type not in MANIFESTS:
         raise UnsupportedManifestError(f"unsupported manifest media type {media_type!r}")
-    doc = json.loads(body)
+    doc = json.loads(body) if doc is None else doc
     subject = _descriptor(doc["subject"], "subject") if "subject" in doc else None
     artifact_type = doc.get("artifactType") if isinstance(doc.get("artifactType"), str) else None
     if media_type in INDEXES:

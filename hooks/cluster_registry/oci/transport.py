@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
-from cluster_registry.oci import blobio, redirects
+from cluster_registry.oci import redirects
 from cluster_registry.oci.errors import RegistryProtocolError
+from cluster_registry.oci.pool import ConnectionPool, begin, send_on, shutdown
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 10
@@ -54,7 +55,7 @@ class Lease:
     """The connection one exchange uses, shared by the worker thread doing the I/O and the event
     loop, which may abandon the exchange at any moment."""
 
-    def __init__(self, pool: blobio.ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self._lock = threading.Lock()
         self._conn: http.client.HTTPConnection | None = None
@@ -121,7 +122,7 @@ class Lease:
             if not busy:
                 self._conn = None
         if conn is not None and busy:
-            blobio.shutdown(conn)  # the thread in ``run`` closes it when its step returns
+            shutdown(conn)  # the thread in ``run`` closes it when its step returns
         elif conn is not None:
             conn.close()
 
@@ -183,7 +184,7 @@ def _send(
 ) -> tuple[http.client.HTTPConnection, _T]:
     """``send(conn, path)`` on the lease's connection to ``url``'s origin; a reused connection the
     server closed meanwhile is replaced once by a new one."""
-    return blobio.send_on(
+    return send_on(
         url, lambda scheme, netloc, fresh: lease.connect(scheme, netloc, fresh=fresh), lambda _: lease.discard(), send
     )
 
@@ -203,6 +204,46 @@ def _finish(lease: Lease, resp: http.client.HTTPResponse, url: str, limit: int) 
     return Response(resp.status, resp.reason, resp.headers, url, body, complete)
 
 
+Send = Callable[[str, str, dict[str, str], bytes | None], http.client.HTTPResponse]
+
+
+def follow(
+    url: str,
+    method: str,
+    headers: dict[str, str],
+    body: bytes | None,
+    send: Send,
+    settle: Callable[[str, http.client.HTTPResponse], None],
+    allowed: frozenset[str] = frozenset(),
+) -> tuple[str, http.client.HTTPResponse]:
+    """Send a request and follow its redirects: the one place the client follows a registry's redirect.
+
+    ``send(url, method, headers, body)`` sends one request and returns its response; ``settle(url,
+    resp)`` disposes of a redirect's response (read it to keep the connection, or drop it). Every
+    target must pass ``redirects.check`` (``allowed``: hosts the operator listed); the Authorization
+    header goes only to the original origin; a 303, and a 301/302 after a POST, become a GET without
+    a body. Returns the final URL and its response, which is no redirect.
+    """
+    origin = urlsplit(url)[:2]
+    headers = dict(headers)
+    for _ in range(_MAX_REDIRECTS + 1):
+        resp = send(url, method, headers, body)
+        location = resp.getheader("Location")
+        if resp.status not in _REDIRECTS or not location:
+            return url, resp
+        settle(url, resp)
+        target = urljoin(url, location)
+        redirects.check(url, target, allowed)
+        if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
+            method = "GET" if method != "HEAD" else "HEAD"
+            body = None
+            headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
+        if urlsplit(target)[:2] != origin:
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        url = target
+    raise RegistryProtocolError(f"{urlsplit(url).netloc} redirected more than {_MAX_REDIRECTS} times")
+
+
 def exchange(
     lease: Lease,
     method: str,
@@ -213,40 +254,28 @@ def exchange(
     stream: int = 0,
     allowed: frozenset[str] = frozenset(),
 ) -> Response:
-    """One request, following redirects (the Authorization header only to the original origin; only
-    where ``oci.redirects`` allows, ``allowed`` being hosts the operator listed).
+    """One request, its redirects followed (see :func:`follow`).
 
     ``stream``: a 200 response's body is left open as ``Response.stream``, its first ``stream``
     bytes read. Blocking: call it through ``lease.run`` on a worker thread.
     """
-    origin = urlsplit(url)[:2]
-    headers = dict(headers)
-    for _ in range(_MAX_REDIRECTS + 1):
-        m = method
 
-        def send(conn: http.client.HTTPConnection, path: str) -> http.client.HTTPResponse:
-            conn.request(m, path, body=body, headers=headers)
+    def send(url: str, method: str, headers: dict[str, str], body: bytes | None) -> http.client.HTTPResponse:
+        def request(conn: http.client.HTTPConnection, path: str) -> http.client.HTTPResponse:
+            conn.request(method, path, body=body, headers=headers)
             return conn.getresponse()
 
-        _, resp = _send(lease, url, send)
-        location = resp.getheader("Location")
-        if resp.status in _REDIRECTS and location:
-            _finish(lease, resp, url, 64 << 10)
-            redirects.check(url, urljoin(url, location), allowed)
-            url = urljoin(url, location)
-            if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
-                method = "GET" if method != "HEAD" else "HEAD"
-                body = None
-                headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
-            if urlsplit(url)[:2] != origin:
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-            continue
-        if stream and resp.status == 200:
-            body_stream = Stream(lease, resp)
-            body_stream.first = body_stream.read(stream)
-            return Response(resp.status, resp.reason, resp.headers, url, stream=body_stream)
-        return _finish(lease, resp, url, limit)
-    raise RegistryProtocolError(f"{urlsplit(url).netloc} redirected more than {_MAX_REDIRECTS} times")
+        return _send(lease, url, request)[1]
+
+    def settle(url: str, resp: http.client.HTTPResponse) -> None:
+        _finish(lease, resp, url, 64 << 10)
+
+    url, resp = follow(url, method, headers, body, send, settle, allowed)
+    if stream and resp.status == 200:
+        body_stream = Stream(lease, resp)
+        body_stream.first = body_stream.read(stream)
+        return Response(resp.status, resp.reason, resp.headers, url, stream=body_stream)
+    return _finish(lease, resp, url, limit)
 
 
 def send_part(
@@ -263,7 +292,7 @@ def send_part(
     ``conn`` is None), then ``chunk``, then, when it is the ``last``, the response (redirects are
     not followed: the body is gone). Blocking: call it through ``lease.run`` on a worker thread."""
     if conn is None:
-        conn, _ = _send(lease, url, lambda c, path: blobio.begin(c, method, path, headers))
+        conn, _ = _send(lease, url, lambda c, path: begin(c, method, path, headers))
     if chunk:
         conn.send(chunk)
     return conn, _finish(lease, conn.getresponse(), url, limit) if last else None
