@@ -22,6 +22,7 @@ COMMANDS = {
     # Beyond the fixed list: the registry's write gate and the webhook's certificate manager.
     "gate": "cluster_registry.gate.cli:gate",
     "certs": "cluster_registry.certs.cli:certs",
+    "registry-secret": "cluster_registry.install.registry_secret:registry_secret",
 }
 
 

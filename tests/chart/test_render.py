@@ -380,7 +380,7 @@ def test_registry_secret_comes_from_a_hook_or_an_existing_secret_never_from_the_
     job = find(docs, "Job", "-registry-secret")
     assert hook(job)[0] == {"pre-install", "pre-upgrade"}
     name = f"{RELEASE}-cluster-registry-registry"
-    assert name in containers(job)[0]["command"]
+    assert containers(job)[0]["args"][:2] == ["registry-secret", name]
     env = {e["name"]: e for e in containers(deployment(docs, "registry"))[0]["env"]}
     assert env["REGISTRY_HTTP_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": "http-secret"}
     docs = render("clusterRegistry.existingSecret=mine")
@@ -604,7 +604,7 @@ def _without_filesystem(cmd: Any) -> Any:
     return strict
 
 
-CHART_COMMANDS = ["webhook", "gate", "reconcile artifacts", "reconcile components", "gc", "certs", "validate", "preload", "sideload"]
+CHART_COMMANDS = ["webhook", "gate", "reconcile artifacts", "reconcile components", "gc", "certs", "validate", "preload", "sideload", "registry-secret"]
 
 
 @pytest.mark.parametrize("command", CHART_COMMANDS)

@@ -98,7 +98,7 @@ def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Clus
         pod = json.loads(wait_for(lambda: cluster.kubectl(
             "run", "nginx", "-n", workload, "--image=docker.io/library/nginx:1.27", "--restart=Never",
             "--dry-run=server", "-o", "json"), timeout=60, interval=2, what="the webhook to answer"))
-        host = f"{release}-cluster-registry-registry.{namespace}.svc.cluster.local:5000"
+        host = "127.0.0.1:5050"  # the default rewrite target: the node proxy (docs/pull-path.md)
         assert pod["spec"]["containers"][0]["image"] == f"{host}/docker.io/library/nginx:1.27"
     finally:
         cluster.kubectl("delete", "namespace", workload, "--wait=false", check=False)
@@ -136,16 +136,16 @@ def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Clus
 
 
 def test_registry_secret_hook_script_creates_once_and_never_rewrites(cluster: Cluster, namespace: str) -> None:
-    """chart/files/ensure-registry-secret.py, run as the pre-install hook runs it (kwok runs no containers)."""
+    """`cluster-registry registry-secret`, run as the pre-install hook runs it (kwok runs no containers)."""
     import subprocess
     import sys
 
-    script = CHART / "files" / "ensure-registry-secret.py"
     env = dict(cluster.env(), POD_NAMESPACE=namespace)
     labels = json.dumps({"app.kubernetes.io/component": "registry"})
 
     def run() -> dict[str, Any]:
-        proc = subprocess.run([sys.executable, str(script), "reg", labels], env=env, capture_output=True, text=True, timeout=60)
+        argv = [sys.executable, "-m", "cluster_registry", "registry-secret", "reg", "--labels", labels]
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -1,11 +1,12 @@
-"""Threshold arithmetic."""
+"""Threshold arithmetic, and the storage sizes and durations GC reads (``units``)."""
 
 from __future__ import annotations
 
 import pytest
 
 from cluster_registry.errors import ConfigError
-from cluster_registry.gc.threshold import decide, parse_duration, parse_quantity
+from cluster_registry.gc.threshold import decide
+from cluster_registry.units import parse_bytes, parse_duration
 
 GI = 2**30
 
@@ -15,14 +16,14 @@ GI = 2**30
     [("100Gi", 100 * GI), ("1Ti", 2**40), ("1.5Gi", 3 * 2**29), ("500M", 500 * 10**6), ("1024", 1024),
      ("2Ki", 2048), ("1G", 10**9)],
 )  # fmt: skip
-def test_parse_quantity(text: str, expected: int) -> None:
-    assert parse_quantity(text) == expected
+def test_parse_bytes(text: str, expected: int) -> None:
+    assert parse_bytes(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "Gi", "100gi", "-1Gi", "0", "1.Gi", "10 Gi", "100ki"])
-def test_parse_quantity_rejects(text: str) -> None:
+def test_parse_bytes_rejects(text: str) -> None:
     with pytest.raises(ConfigError):
-        parse_quantity(text)
+        parse_bytes(text)
 
 
 @pytest.mark.parametrize(

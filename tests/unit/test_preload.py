@@ -11,6 +11,7 @@ from cluster_registry import reference
 from cluster_registry.errors import ConfigError
 from cluster_registry.install import preload as PL
 from cluster_registry.install import progress as P
+from cluster_registry.units import parse_duration
 
 A = P.Wanted("myacr.azurecr.io/a:1", "cnf", "earlyLoading.images")
 B = P.Wanted("docker.io/library/nginx:1.25", "cnf", "--image")
@@ -123,13 +124,13 @@ def test_values_images(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "seconds"), [("30m", 1800), ("1h30m", 5400), ("90s", 90), ("45", 45), ("500ms", 0.5)])
 def test_parse_duration(text: str, seconds: float) -> None:
-    assert P.parse_duration(text) == seconds
+    assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "soon", "10x", "1h 30m"])
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError):
-        P.parse_duration(text)
+        parse_duration(text)
 
 
 def test_human() -> None:

@@ -78,7 +78,7 @@ def test_dry_run_lists_checks_without_a_cluster(tmp_path: Path) -> None:
     values.write_text("enableClusterRegistry: true\n")
     result = CliRunner().invoke(cli, ["validate", "--values", str(values), "--dry-run", "--kubeconfig", "/nonexistent"])
     assert result.exit_code == 0, result.output
-    for check in ("combination", "ha-nodes", "storage-immutable", "match-condition", "kubernetes-version", "gc-cadence"):
+    for check in ("values", "ha-nodes", "storage-immutable", "match-condition", "kubernetes-version"):
         assert f"would check [{check}]" in result.output
 
 

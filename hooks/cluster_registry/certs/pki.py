@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cluster_registry import units
 from cluster_registry.errors import ConfigError
 
 CA_VALIDITY = dt.timedelta(days=3650)
@@ -56,12 +56,8 @@ def service_names(service: str, namespace: str) -> list[str]:
 
 
 def parse_duration(text: str) -> dt.timedelta:
-    """``720h``, ``30d``, ``1h30m``, ``90s`` (Go-style units plus days)."""
-    parts = re.fullmatch(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.strip())
-    if not text.strip() or parts is None:
-        raise ConfigError(f"bad duration {text!r}: use e.g. 720h, 30d, 1h30m")
-    d, h, m, s = (int(p or 0) for p in parts.groups())
-    return dt.timedelta(days=d, hours=h, minutes=m, seconds=s)
+    """``720h``, ``30d``, ``1h30m``, ``90s`` (Go-style units plus days, whole numbers)."""
+    return dt.timedelta(seconds=units.parse_duration(text, days=True, fractions=False))
 
 
 def _key() -> ec.EllipticCurvePrivateKey:

@@ -25,7 +25,13 @@ log = logging.getLogger(__name__)
 
 
 class LockWatcher(threading.Thread):
-    """List + watch the one lock Lease; every read and event goes to ``state``. Never per request."""
+    """List + watch the one lock Lease; every read and event goes to ``state``. Never per request.
+
+    Its own loop rather than ``kubeio.Informer`` (the package's list+watch of custom objects): the gate
+    fences writes on staleness, so it must confirm freshness on every bookmark and on each watch that
+    ends by its timeout (``state.confirm``), and it watches one core Lease by field selector with short
+    timeouts; a cache, relist diffing and exponential backoff would only delay a refusal.
+    """
 
     def __init__(self, api: client.ApiClient, namespace: str, name: str, state: GateState, stop: threading.Event) -> None:
         super().__init__(name="gate-lock-watch", daemon=True)

@@ -13,9 +13,10 @@ import time
 import click
 
 from cluster_registry import kube
-from cluster_registry.gc import objectstore, registry
+from cluster_registry.gc import objectstore
 from cluster_registry.gc.run import Options, Report, run_once
-from cluster_registry.gc.threshold import parse_duration, parse_quantity
+from cluster_registry.oci.auth import read_credentials_file
+from cluster_registry.units import parse_bytes, parse_duration
 
 
 def _metrics(listen: str | None) -> object | None:
@@ -121,14 +122,14 @@ def gc(
     opts = Options(
         registry_url=registry_url,
         storage_root=os.path.abspath(storage_root) if storage_root else None,
-        storage_size=parse_quantity(storage_size),
+        storage_size=parse_bytes(storage_size),
         threshold=threshold,
-        grace=parse_duration(grace),
+        grace=int(parse_duration(grace)),
         lock_name=lock_name,
         namespace=namespace,
         registry_config=registry_config,
         registry_binary=registry_binary,
-        credentials=registry.load_credentials(registry_credentials_file),
+        credentials=read_credentials_file(registry_credentials_file) if registry_credentials_file else None,
         local_hosts=frozenset(registry_hosts),
         drain_timeout=float(parse_duration(drain_timeout)),
         max_window=float(parse_duration(max_window)),

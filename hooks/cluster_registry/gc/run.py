@@ -12,11 +12,12 @@ from typing import Any, Callable
 from kubernetes import client
 
 from cluster_registry.errors import ClusterRegistryError, ConfigError, TemporaryError
-from cluster_registry.gc import apiinventory, objectstore, registry, storage, sweep
+from cluster_registry.gc import objectstore, registry, storage, sweep
 from cluster_registry.gc.cluster import ClusterView
 from cluster_registry.gc.lock import GCLock
 from cluster_registry.gc.select import Inputs, Manifest, Selection, select
 from cluster_registry.gc.threshold import decide
+from cluster_registry.oci.auth import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class Options:
     namespace: str = "default"
     registry_config: str | None = None
     registry_binary: str | None = None
-    credentials: registry.BasicAuth | None = None
+    credentials: Credentials | None = None
     local_hosts: frozenset[str] = frozenset()
     drain_timeout: float = 60.0
     max_window: float = 300.0  # the read-only window's bound: past it the sweep is aborted, writes resume
@@ -99,7 +100,7 @@ def blob_sizes(opts: Options) -> dict[str, int]:
         return storage.blob_sizes(opts.storage_root)
     if opts.object_store:
         return objectstore.blob_sizes(opts.object_store)
-    return apiinventory.inventory_sizes(opts.registry_url, opts.credentials)[1]
+    return registry.inventory_sizes(opts.registry_url, opts.credentials)[1]
 
 
 def usage_bytes(opts: Options) -> int:
@@ -110,7 +111,7 @@ def gather(view: ClusterView, opts: Options, now: datetime) -> tuple[Inputs, lis
     if opts.storage_root:
         manifests = storage.inventory(opts.storage_root)
     else:
-        manifests = apiinventory.inventory_sizes(opts.registry_url, opts.credentials)[0]
+        manifests = registry.inventory_sizes(opts.registry_url, opts.credentials)[0]
         if opts.object_store:  # the API gives no push times: the store's revision links do
             manifests = objectstore.with_push_times(opts.object_store, manifests)
     workloads = view.workloads()

@@ -40,15 +40,14 @@ from typing import Iterable
 
 from cluster_registry import reference
 from cluster_registry.errors import InvalidReferenceError
+from cluster_registry.oci import media
+from cluster_registry.oci.errors import UnsupportedManifestError
 
 # Kinds whose pod template GC reads (their liveness alone keeps nothing: their template does).
 TEMPLATED_KINDS = frozenset(
     {"Pod", "Deployment", "ReplicaSet", "StatefulSet", "DaemonSet", "ReplicationController", "Job",
      "CronJob", "ControllerRevision"}
 )  # fmt: skip
-INDEX_TYPES = frozenset(
-    {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
-)
 _IMAGE_ID_PREFIXES = ("docker-pullable://", "docker://")
 _ATTACHED_TAG = re.compile(r"sha256-([0-9a-f]{64})(?:\.[A-Za-z0-9_.-]+)?")
 
@@ -71,10 +70,36 @@ class Manifest:
 
     @property
     def is_index(self) -> bool:
-        return self.media_type in INDEX_TYPES or bool(self.children)
+        return self.media_type in media.INDEXES or bool(self.children)
 
     def __str__(self) -> str:
         return f"{self.repository}@{self.digest}"
+
+
+def parse_manifest(
+    repository: str,
+    digest: str,
+    body: bytes | None,
+    *,
+    tags: frozenset[str] = frozenset(),
+    pushed_at: datetime | None = None,
+    content_type: str | None = None,
+) -> tuple[Manifest, media.ManifestInfo]:
+    """The Manifest GC sees for ``body`` (None: unreadable), and the blobs and children it names.
+
+    Both inventories (the filesystem's and the registry API's) read manifests through this; a body
+    that does not parse, or of a type the client does not copy (schema 1), names nothing.
+    """
+    info = media.ManifestInfo("")
+    if body is not None:
+        try:
+            info = media.ManifestInfo(media.detect_media_type(body, content_type))
+            info = media.inspect(body, info.media_type)
+        except UnsupportedManifestError:
+            pass
+    subject = info.subject["digest"] if info.subject else None
+    children = tuple(c["digest"] for c in info.children)
+    return Manifest(repository, digest, info.media_type, tags, children, pushed_at, subject), info
 
 
 @dataclass(frozen=True)

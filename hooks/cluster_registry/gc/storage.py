@@ -12,14 +12,13 @@ Read-only: deletes go through the registry API, the sweep through ``registry gar
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-from cluster_registry.gc.select import Manifest
+from cluster_registry.gc.select import Manifest, parse_manifest
 
 V2 = Path("docker/registry/v2")
 
@@ -94,24 +93,18 @@ def _read_link(path: Path) -> tuple[str, float] | None:
         return None
 
 
-def read_manifest(storage_root: str | Path, digest: str) -> dict[str, Any] | None:
+def _read_blob(storage_root: str | Path, digest: str) -> bytes | None:
     try:
-        data = json.loads(blob_path(storage_root, digest).read_bytes())
-    except (FileNotFoundError, ValueError):
+        return blob_path(storage_root, digest).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    return data if isinstance(data, dict) else None
-
-
-def _subject(body: dict[str, Any]) -> str | None:
-    subject = body.get("subject")
-    return str(subject["digest"]) if isinstance(subject, dict) and subject.get("digest") else None
 
 
 def inventory(storage_root: str | Path) -> list[Manifest]:
     """Every manifest of every repository, with its tags, media type, children and push time."""
     out: list[Manifest] = []
     repo_base = v2_root(storage_root) / "repositories"
-    cache: dict[str, dict[str, Any] | None] = {}
+    cache: dict[str, bytes | None] = {}
     for repo in repositories(storage_root):
         mdir = repo_base / repo / "_manifests"
         tags: dict[str, set[str]] = {}
@@ -126,20 +119,7 @@ def inventory(storage_root: str | Path) -> list[Manifest]:
                     continue
                 digest, mtime = link
                 if digest not in cache:
-                    cache[digest] = read_manifest(storage_root, digest)
-                body = cache[digest] or {}
-                children = tuple(
-                    str(c["digest"]) for c in body.get("manifests") or () if isinstance(c, dict) and "digest" in c
-                )
-                out.append(
-                    Manifest(
-                        repository=repo,
-                        digest=digest,
-                        media_type=str(body.get("mediaType") or ""),
-                        tags=frozenset(tags.get(digest, ())),
-                        children=children,
-                        pushed_at=datetime.fromtimestamp(mtime, timezone.utc),
-                        subject=_subject(body),
-                    )
-                )
+                    cache[digest] = _read_blob(storage_root, digest)
+                pushed_at = datetime.fromtimestamp(mtime, timezone.utc)
+                out.append(parse_manifest(repo, digest, cache[digest], tags=frozenset(tags.get(digest, ())), pushed_at=pushed_at)[0])
     return out

@@ -1,6 +1,7 @@
-"""The pure validation core: rendered values + a snapshot of cluster facts -> a list of problems.
+"""The pure validation core: facts about the cluster that the values must fit -> a list of problems.
 
-No I/O. The adapters in ``validate.py`` gather :class:`Facts` (nodes, storage classes, the existing
+Facts only: the chart's ``values.schema.json`` checks types and shapes (``values.load`` the shapes it
+cannot express: cron schedules, image references), ``_validate.tpl`` combinations of values. No I/O. The adapters in ``validate.py`` gather :class:`Facts` (nodes, storage classes, the existing
 registry volume, the API server's verdict on the CEL expression, the artifact-store probes); every
 rule here turns values and facts into :class:`Problem` s, each naming what is wrong and the value to
 change. Rules and their ids are stable: ``validate --dry-run`` lists them, tests pin their text.
@@ -12,11 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-from cluster_registry import reference
-from cluster_registry.errors import InvalidReferenceError
 from cluster_registry.install import values as V
-from cluster_registry.install.cron import cron_error
-from cluster_registry.install.quantity import parse_quantity
+from cluster_registry.units import parse_quantity
 
 MIN_HA_NODES = 3
 MIN_MATCH_CONDITIONS_VERSION = (1, 30)  # admissionregistration matchConditions GA
@@ -150,52 +148,6 @@ def _warn(check: str, message: str, value: str = "") -> Problem:
 # --- rules -----------------------------------------------------------------------------------
 
 
-def check_combinations(v: V.Values, f: Facts) -> list[Problem]:
-    out = []
-    if v.enable_early_loading and not v.enable_cluster_registry:
-        out.append(
-            _err(
-                "combination",
-                "enableEarlyLoading needs the cluster registry to load images into; "
-                "set enableClusterRegistry to true or enableEarlyLoading to false",
-                V.K_EARLY_LOADING,
-            )
-        )
-    if v.enable_local_registry and not v.enable_cluster_registry:
-        out.append(
-            _err(
-                "combination",
-                "enableLocalRegistry side-loads images into the cluster registry; "
-                "set enableClusterRegistry to true or enableLocalRegistry to false",
-                V.K_LOCAL_REGISTRY,
-            )
-        )
-    if v.enable_cluster_registry:
-        for ha, scaling, ha_key, scaling_key in (
-            (v.registry_ha, v.registry_autoscaling, V.K_REGISTRY_HA, V.K_REGISTRY_AUTOSCALING),
-            (v.webhook_ha, v.webhook_autoscaling, V.K_WEBHOOK_HA, V.K_WEBHOOK_AUTOSCALING),
-        ):
-            if scaling and not ha:
-                out.append(
-                    _warn(
-                        "combination",
-                        f"{scaling_key} has no effect while {ha_key} is false (one replica, no autoscaler)",
-                        scaling_key,
-                    )
-                )
-    return out
-
-
-def check_early_loading_images(v: V.Values, f: Facts) -> list[Problem]:
-    out = []
-    for i, image in enumerate(v.early_loading_images):
-        try:
-            reference.parse(image)
-        except InvalidReferenceError as err:
-            out.append(_err("early-loading-images", str(err), f"{V.K_EARLY_IMAGES}[{i}]"))
-    return out  # enableEarlyLoading with no images is valid (AOSM): the chart's NOTES say nothing is preloaded
-
-
 def check_ha_nodes(v: V.Values, f: Facts) -> list[Problem]:
     if not v.any_ha or f.nodes is None:
         return []
@@ -301,20 +253,8 @@ def access_modes(sc: StorageClass) -> frozenset[str] | None:
 
 
 def check_access_mode(v: V.Values, f: Facts) -> list[Problem]:
-    if not (v.uses_volume and v.registry_ha) or v.existing_claim:
-        return []
-    if v.storage_access_mode:
-        if v.storage_access_mode == "ReadWriteMany":
-            return []
-        return [
-            _err(
-                "storage-access-mode",
-                f"{V.K_REGISTRY_HA} needs ReadWriteMany storage (3 replicas share the volume) but "
-                f"{V.K_STORAGE_ACCESS_MODE} declares {v.storage_access_mode}; use a ReadWriteMany class "
-                "or turn registry high availability off",
-                V.K_STORAGE_ACCESS_MODE,
-            )
-        ]
+    if not (v.uses_volume and v.registry_ha) or v.existing_claim or v.storage_access_mode:
+        return []  # a declared mode is the values' word: _validate.tpl refuses ReadWriteOnce with HA
     sc = selected_class(v, f)
     if sc is None:
         return []  # check_storage_class reports it
@@ -340,18 +280,6 @@ def check_access_mode(v: V.Values, f: Facts) -> list[Problem]:
             V.K_STORAGE_CLASS,
         )
     ]
-
-
-def check_storage_size(v: V.Values, f: Facts) -> list[Problem]:
-    if not v.uses_volume or v.existing_claim:
-        return []
-    try:
-        size = parse_quantity(v.storage_size)
-    except ValueError as err:
-        return [_err("storage-size", str(err), V.K_STORAGE_SIZE)]
-    if size <= 0:
-        return [_err("storage-size", f"{v.storage_size!r} must be larger than zero", V.K_STORAGE_SIZE)]
-    return []
 
 
 def check_storage_immutable(v: V.Values, f: Facts) -> list[Problem]:
@@ -397,21 +325,6 @@ def check_sideload_claim(v: V.Values, f: Facts) -> list[Problem]:
             V.K_LOCAL_CLAIM,
         )
     ]
-
-
-def check_gc_cadence(v: V.Values, f: Facts) -> list[Problem]:
-    if not v.enable_cluster_registry or v.gc_cadence == "":
-        return []
-    if err := cron_error(v.gc_cadence):
-        return [
-            _err(
-                "gc-cadence",
-                f"{v.gc_cadence!r} is not a valid cron schedule: {err} "
-                '(e.g. "0 0 * * *"; "" disables GC)',
-                V.K_GC_CADENCE,
-            )
-        ]
-    return []
 
 
 def check_match_condition(v: V.Values, f: Facts) -> list[Problem]:
@@ -460,10 +373,6 @@ def check_facts_available(v: V.Values, f: Facts) -> list[Problem]:
 
 
 CHECKS: tuple[Check, ...] = (
-    Check("combination", "value combinations the chart schema cannot express", check_combinations),
-    Check("early-loading-images", "earlyLoading.images are valid image references", check_early_loading_images),
-    Check("storage-size", "storageSize is a positive Kubernetes quantity", check_storage_size),
-    Check("gc-cadence", "clusterRegistryGCCadence is a valid cron schedule", check_gc_cadence),
     Check(
         "kubernetes-version",
         f"the API server is Kubernetes {'.'.join(map(str, MIN_MATCH_CONDITIONS_VERSION))}+ (GA matchConditions)",

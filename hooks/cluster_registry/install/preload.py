@@ -37,6 +37,7 @@ from cluster_registry.errors import ConfigError, InvalidReferenceError
 from cluster_registry.install import artifacts as A
 from cluster_registry.install import progress as P
 from cluster_registry.install import values as V
+from cluster_registry.units import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def preload(
             from_values, values_timeout = values_images(values_file)
             listed += [(i, ns, "earlyLoading.images") for i in from_values]
             timeout_text = timeout_text or values_timeout
-        timeout_s = P.parse_duration(timeout_text or "30m")
+        timeout_s = parse_duration(timeout_text or "30m")
         for chart in charts:
             found = chart_images(helm, chart, chart_version, chart_values, ns)
             log.info("chart %s: %d images", chart, len(found))

@@ -31,6 +31,7 @@ from kubernetes.client import ApiException
 from cluster_registry import kube, reference
 from cluster_registry.errors import ConfigError, InvalidReferenceError
 from cluster_registry.install import checks as C
+from cluster_registry.install import schema as S
 from cluster_registry.install import values as V
 from cluster_registry.oci.auth import read_credentials_file
 
@@ -273,6 +274,23 @@ def _http_get(url: str, authorization: str | None, timeout: float) -> None:
         response.read(1024)
 
 
+def check_schema(chart_dir: str, document: Any, schema_only: bool) -> None:
+    """Exit 1 with helm's messages when ``document`` over the chart's defaults breaks its schema."""
+    try:
+        chart = S.load_chart(chart_dir)
+    except ConfigError as err:
+        raise click.UsageError(err.message) from None
+    if not isinstance(document, dict):
+        raise click.UsageError("the values file must hold a mapping")
+    lines = S.errors(S.coalesce(chart.defaults, document), chart.schema)
+    if lines:
+        click.echo(S.report(chart.name, lines))
+        sys.exit(EXIT_PROBLEMS)
+    if schema_only:
+        click.echo(f"validate: the values meet the schema of chart {chart.name}")
+        sys.exit(EXIT_OK)
+
+
 def store_hosts_of(values: V.Values, extra: Iterable[str]) -> list[str]:
     hosts = set(extra)
     for image in values.early_loading_images:
@@ -308,7 +326,10 @@ def render_json(problems: list[C.Problem]) -> str:
 
 def plan(values: V.Values) -> str:
     """What ``--dry-run`` prints: every check, and whether it would run or be skipped."""
-    lines = []
+    lines = [
+        "would check [values] types, the GC cadence as a cron schedule, earlyLoading.images as image references "
+        "(values only; value combinations are the chart's _validate.tpl)"
+    ]
     for check in C.CHECKS:
         where = "reads the cluster" if check.needs_cluster else "values only"
         lines.append(f"would check [{check.id}] {check.description} ({where})")
@@ -318,7 +339,7 @@ def plan(values: V.Values) -> str:
 
 
 @click.command("validate")
-@click.option("--values", "values_file", required=True, type=click.Path(dir_okay=False), help="rendered global.networkfunctionextension values (YAML)")
+@click.option("--values", "values_file", required=True, type=click.Path(dir_okay=False), help="values (YAML): the rendered tree the chart mounts, or a values file to check with --chart")
 @click.option("--release", default="", envvar="HELM_RELEASE", help="the Helm release name")
 @click.option("--namespace", default="", envvar="POD_NAMESPACE", help="the release namespace")
 @click.option("--kubeconfig", default=None, type=click.Path(dir_okay=False))
@@ -331,6 +352,9 @@ def plan(values: V.Values) -> str:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--termination-log", default=None, type=click.Path(dir_okay=False), help="also write the report here (a pod's terminationMessagePath)")
 @click.option("--dry-run", is_flag=True, help="print the checks that would run, read nothing from the cluster")
+@click.option("--chart", "chart_dir", default=None, type=click.Path(file_okay=False, exists=True),
+              help="first check --values (over the chart's defaults) against this chart's values.schema.json, as helm would")  # fmt: skip
+@click.option("--schema-only", is_flag=True, help="with --chart: stop after the schema check (no cluster needed: CI, GitOps repositories)")
 def validate(
     values_file: str,
     release: str,
@@ -345,6 +369,8 @@ def validate(
     fmt: str,
     termination_log: str | None,
     dry_run: bool,
+    chart_dir: str | None,
+    schema_only: bool,
 ) -> None:
     """Refuse a bad configuration before install/upgrade. Exit 0 ok, 1 problems found, 2 usage/internal error."""
     try:
@@ -352,6 +378,10 @@ def validate(
     except (OSError, yaml.YAMLError) as err:
         click.echo(f"validate: cannot read values file {values_file}: {err}", err=True)
         sys.exit(EXIT_USAGE)
+    if schema_only and not chart_dir:
+        raise click.UsageError("--schema-only needs --chart")
+    if chart_dir:
+        check_schema(chart_dir, document, schema_only)
     values, value_problems = V.load(document)
     namespace = namespace or kube.pod_namespace()
     if system_pool_label:

@@ -1,7 +1,9 @@
 """The rendered ``global.networkfunctionextension`` values, read into a typed, frozen snapshot.
 
 Pure. ``load`` never raises on a wrong type: it records a problem (with the value's full path) and
-uses the default, so one run reports every bad value at once. The file the chart mounts may hold
+uses the default, so one run reports every bad value at once. Besides types (the chart's schema has
+them too) it checks the shapes the schema cannot express: the GC cadence is a cron schedule, the
+early-loading images are image references. The file the chart mounts may hold
 the ``networkfunctionextension`` mapping itself or a whole values tree (``global:`` at the top).
 """
 
@@ -10,6 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from cluster_registry import reference
+from cluster_registry.errors import InvalidReferenceError
+from cluster_registry.install.cron import cron_error
 
 PREFIX = "global.networkfunctionextension."
 
@@ -141,6 +147,11 @@ def load(document: Any) -> tuple[Values, list[ValueProblem]]:
     if present and images is not None:
         if isinstance(images, list) and all(isinstance(i, str) for i in images):
             early = tuple(images)
+            for i, image in enumerate(early):
+                try:
+                    reference.parse(image)
+                except InvalidReferenceError as err:
+                    problems.append(ValueProblem(f"{K_EARLY_IMAGES}[{i}]", str(err)))
         else:
             problems.append(ValueProblem(K_EARLY_IMAGES, "must be a list of image references (strings)"))
 
@@ -176,4 +187,8 @@ def load(document: Any) -> tuple[Values, list[ValueProblem]]:
         local_source=string(K_LOCAL_SOURCE, "persistentVolumeClaim", ("hostPath", "persistentVolumeClaim")),
         local_claim=string(K_LOCAL_CLAIM, ""),
     )
+    if values.enable_cluster_registry and values.gc_cadence and (why := cron_error(values.gc_cadence)):
+        problems.append(
+            ValueProblem(K_GC_CADENCE, f"{values.gc_cadence!r} is not a valid cron schedule: {why} (e.g. \"0 0 * * *\"; \"\" disables GC)")
+        )
     return values, problems
