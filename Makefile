@@ -7,7 +7,7 @@ export PATH := $(ROOT)/.cache/bin:$(VENV)/bin:$(PATH)
 PYTEST ?= $(VENV)/bin/pytest
 PYTEST_ARGS ?=
 
-.PHONY: help toolchain images cluster-up cluster-down test test-unit test-chart test-integration test-e2e typecheck generate demo demo-down bench
+.PHONY: help toolchain images cluster-up cluster-down test test-unit test-chart test-integration test-e2e test-gitops typecheck generate demo demo-down bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ test-integration: toolchain ## against real registries on loopback
 
 test-e2e: images ## against the local control plane
 	$(PYTEST) $(PYTEST_ARGS) -m e2e tests
+
+test-gitops: images ## Flux, Argo CD health checks, ct install, helm 4, promtool
+	$(PYTEST) $(PYTEST_ARGS) -m gitops tests
 
 typecheck: toolchain ## mypy --strict over the package
 	$(VENV)/bin/mypy

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-_LAYERS = {"unit", "chart", "integration", "e2e"}
+_LAYERS = {"unit", "chart", "integration", "e2e", "gitops"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

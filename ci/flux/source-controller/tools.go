@@ -1,0 +1,7 @@
+//go:build tools
+
+// Package tools pins Flux's source-controller for ci/toolchain, which builds it from this wrapper module
+// (its own go.mod has replace directives, so `go install pkg@version` refuses it).
+package tools
+
+import _ "github.com/fluxcd/source-controller"
