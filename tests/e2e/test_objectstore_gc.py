@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from cluster_registry.gc import objectstore
-from tests.e2e.test_gc import PASSWORD, USER, _shared_layer_image, _writable, env_for, integrity
+from tests.e2e.test_gc import PASSWORD, USER, _shared_layer_image, _writable, creds, env_for, integrity  # noqa: F401 (creds: a fixture)
 from tests.support import objectstores
 from tests.support.cluster import Cluster, wait_for
 from tests.support.ociimages import Pusher, push_image
@@ -40,16 +40,8 @@ GRACE = 20  # seconds
 
 @pytest.fixture(params=objectstores.BACKENDS)
 def store(request: pytest.FixtureRequest) -> Iterator[objectstores.Store]:
-    s = objectstores.create(str(request.param))
-    yield s
-    objectstores.destroy(s)
-
-
-@pytest.fixture
-def creds(tmp_path: Path) -> Path:
-    f = tmp_path / "creds.yaml"
-    f.write_text(f"username: {USER}\npassword: {PASSWORD}\n")
-    return f
+    with objectstores.fresh(str(request.param)) as s:
+        yield s
 
 
 @pytest.fixture

@@ -47,9 +47,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def store(backend: str) -> Iterator[objectstores.Store]:
-    s = objectstores.create(backend)
-    yield s
-    objectstores.destroy(s)
+    with objectstores.fresh(backend) as s:
+        yield s
 
 
 @pytest.fixture

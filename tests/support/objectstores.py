@@ -74,6 +74,16 @@ def create(backend: str, endpoint_host: str | None = None) -> Store:
     return Store(backend, name, values, env, endpoint)
 
 
+@contextlib.contextmanager
+def fresh(backend: str, endpoint_host: str | None = None) -> Iterator[Store]:
+    """``create``, then ``destroy`` afterwards."""
+    store = create(backend, endpoint_host)
+    try:
+        yield store
+    finally:
+        destroy(store)
+
+
 def destroy(store: Store) -> None:
     """Delete the bucket or container and everything in it (both servers hold their data in memory)."""
     srv = servers()
