@@ -6,8 +6,9 @@ A real control plane on 127.0.0.1, every process started here and recorded by PI
   aggregator routing so webhooks and APIServices are reached at their endpoints' pod IPs),
   kube-controller-manager, kube-scheduler;
 * kwok, simulating the user-pool nodes (annotated ``kwok.x-k8s.io/node=fake``) and their pods;
-* the node agent (tests/support/nodeagent.py), the "kubelet" of the three system-pool nodes: it runs
-  the pods of the project's own images as local processes in per-pod network namespaces;
+* three real system-pool nodes (ci/localnodes.py): per node a kubelet, Debian's containerd and runc
+  and a kube-proxy in the node's own network namespace, and ci/nodenet.py, which gives the nodes the
+  API server, cluster DNS and the harness's registries;
 * a storage provisioner (``provisioner`` below) binding every PVC of the two StorageClasses to a
   directory under ``.cache/localcluster/volumes``;
 * two distribution v3 registries: the cluster registry (no auth, delete enabled) and the artifact
@@ -76,15 +77,9 @@ SYSTEM_NODES = 3
 USER_NODES = 2
 STORAGE_CLASSES = ("standard", "nexus-shared")  # the first is the cluster default
 PROVISIONER_NAME = "localcluster.clusterregistry.io/hostpath"
-# The system-pool nodes belong to the process-backed node agent (tests/support/nodeagent.py): it runs
-# the project's own pods for real. kwok manages the nodes annotated kwok.x-k8s.io/node=fake.
-AGENT_ANNOTATION = "localcluster.clusterregistry.io/agent"
-NODEAGENT = ROOT / "tests" / "support" / "nodeagent.py"
+# kwok manages the nodes annotated kwok.x-k8s.io/node=fake (the user pool); the system pool is real.
 FORWARD_ANNOTATION = "localcluster.clusterregistry.io/forward-to"
 HARNESS_NAMESPACE = "localcluster"
-# "real": the system-pool nodes are real (ci/localnodes.py: kubelet, containerd, kube-proxy per node);
-# "agent": they are the process-backed node agent's.
-NODES = os.environ.get("LOCALCLUSTER_NODES", "agent")
 REAL_LABEL = "localcluster.clusterregistry.io/real"
 
 
@@ -451,13 +446,9 @@ def kubectl(*args: str, stdin: str | None = None, check: bool = True) -> subproc
     )
 
 
-def node_manifest(name: str, pool: str, zone: str, manager: str) -> dict[str, Any]:
-    """A Node for kwok (MANAGER "kwok") or for the process-backed node agent (MANAGER "agent")."""
-    annotations = {"node.alpha.kubernetes.io/ttl": "0"}
-    if manager == "kwok":
-        annotations["kwok.x-k8s.io/node"] = "fake"
-    else:
-        annotations[AGENT_ANNOTATION] = "process"
+def node_manifest(name: str, pool: str, zone: str) -> dict[str, Any]:
+    """A Node for kwok to simulate."""
+    annotations = {"node.alpha.kubernetes.io/ttl": "0", "kwok.x-k8s.io/node": "fake"}
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -472,7 +463,7 @@ def node_manifest(name: str, pool: str, zone: str, manager: str) -> dict[str, An
                 "kubernetes.azure.com/agentpool": f"{pool}pool",
                 "topology.kubernetes.io/zone": zone,
                 "topology.kubernetes.io/region": "local",
-                "type": manager,
+                "type": "kwok",
             },
         },
         "status": {
@@ -496,9 +487,6 @@ def node_manifest(name: str, pool: str, zone: str, manager: str) -> dict[str, An
 
 def bootstrap_objects() -> None:
     items: list[dict[str, Any]] = []
-    if NODES != "real":  # real nodes register themselves
-        for i in range(SYSTEM_NODES):
-            items.append(node_manifest(f"system-{i}", "system", f"local-{i + 1}", "agent"))
     # Kubelets authenticate as system:node:<name> in group system:nodes (no Node authorizer here).
     items.append({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
@@ -507,7 +495,7 @@ def bootstrap_objects() -> None:
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes"}],
     })
     for i in range(USER_NODES):
-        items.append(node_manifest(f"user-{i}", "user", f"local-{i % 3 + 1}", "kwok"))
+        items.append(node_manifest(f"user-{i}", "user", f"local-{i % 3 + 1}"))
     for i, sc in enumerate(STORAGE_CLASSES):
         items.append(
             {
@@ -528,8 +516,8 @@ def bootstrap_objects() -> None:
                 "allowVolumeExpansion": False,
             }
         )
-    # The harness's registries as seen from pods the node agent runs (it forwards these ClusterIPs
-    # to the host's loopback): the artifact store stands in for a remote registry such as ACR.
+    # The harness's registries as pods see them (ci/nodenet.py leads these Services to the host's
+    # loopback): the artifact store stands in for a remote registry such as ACR.
     items.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": HARNESS_NAMESPACE}})
     for name, port in (("artifact-store", ARTIFACT_STORE_PORT), ("cluster-registry", CLUSTER_REGISTRY_PORT)):
         items.append({
@@ -685,17 +673,7 @@ def components() -> list[Component]:
             registry_healthy(ARTIFACT_STORE_PORT, 401),
         ),
     ]
-    if NODES == "real":
-        comps += node_components(real_nodes())
-    else:
-        comps.append(Component(
-            "nodeagent",
-            [py, str(NODEAGENT), f"--kubeconfig={kc}", f"--state={STATE / 'nodeagent'}",
-             f"--apiserver={HOST}:{APISERVER_PORT}"],
-            lambda: True,
-            marker=str(NODEAGENT),
-        ))
-    return comps
+    return comps + node_components(real_nodes())
 
 
 def system_labels(i: int) -> dict[str, str]:
@@ -705,8 +683,6 @@ def system_labels(i: int) -> dict[str, str]:
 
 
 def real_nodes() -> list[localnodes.Node]:
-    if NODES != "real":
-        return []
     return [localnodes.Node(f"system-{i}", i, system_labels(i)) for i in range(SYSTEM_NODES)]
 
 
@@ -863,10 +839,7 @@ def cmd_up() -> int:
         bootstrap_objects()
         for name in ("kube-controller-manager", "kube-scheduler", "kwok", "provisioner"):
             start(comps[name])
-        if NODES == "real":
-            start_real_nodes(comps)
-        else:
-            start(comps["nodeagent"])
+        start_real_nodes(comps)
         for name, c in comps.items():
             wait(name, c.healthy, 60, name)
         wait("nodes Ready", nodes_ready, 60)
@@ -878,7 +851,7 @@ def cmd_up() -> int:
 
 
 ORDER_DOWN = [
-    "nodeagent", "provisioner", "kwok", "kube-scheduler", "kube-controller-manager",
+    "provisioner", "kwok", "kube-scheduler", "kube-controller-manager",
     "kube-apiserver", "etcd", "cluster-registry", "artifact-store",
 ]
 
@@ -888,8 +861,7 @@ def cmd_down() -> int:
         stop_real_nodes()
         names = ORDER_DOWN + sorted(p.stem for p in PIDS.glob("*.pid") if p.stem not in ORDER_DOWN)
         for name in names:
-            stop(name, grace=30 if name == "nodeagent" else 10)  # the agent first stops its pods
-        sweep_node_agent_leftovers()
+            stop(name)
         remove_blackhole()
         ENV_FILE.unlink(missing_ok=True)
     return 0
@@ -912,24 +884,6 @@ def stop_real_nodes() -> None:
     for n in names:
         localnodes.remove_cgroups(n)
     localnodes.remove_net([localnodes.Node(n, 0, {}) for n in names])
-
-
-def sweep_node_agent_leftovers() -> None:
-    """What a node agent that died without cleaning up left: its container processes (marked with
-    NODEAGENT_POD_UID in their environment, which only the agent sets) and its network namespaces."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if b"NODEAGENT_POD_UID=" in (proc / "environ").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
-                log(f"killed leftover container process {proc.name}")
-        except (OSError, ValueError):
-            pass
-    netns = Path("/run/netns")
-    for ns in sorted(netns.iterdir()) if netns.is_dir() else []:
-        if ns.name.startswith("crpod-") or ns.name == "crsvc":
-            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
 
 
 def cmd_status() -> int:

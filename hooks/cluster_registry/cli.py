@@ -23,6 +23,7 @@ COMMANDS = {
     "gate": "cluster_registry.gate.cli:gate",
     "certs": "cluster_registry.certs.cli:certs",
     "registry-secret": "cluster_registry.install.registry_secret:registry_secret",
+    "node-proxy": "cluster_registry.nodeproxy.cli:node_proxy",  # the registry on each node's loopback
 }
 
 

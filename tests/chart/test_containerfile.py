@@ -46,6 +46,25 @@ def test_chart_runs_the_image_the_way_it_is_built() -> None:
             if "command" in c:  # only the registry-secret hook replaces the entrypoint, with the image's python
                 assert c["command"][0] == "python", doc["metadata"]["name"]
             else:
-                assert c["args"][0] in {"webhook", "gate", "reconcile", "gc", "certs", "validate", "preload", "sideload"}
+                assert c["args"][0] in {"webhook", "gate", "reconcile", "gc", "certs", "validate", "preload", "sideload",
+                                        "node-proxy", "registry-secret"}
         assert spec["securityContext"]["runAsUser"] == 65532
     assert seen >= 10
+
+
+def test_ci_images_reads_the_documented_config() -> None:
+    """ci/images builds the image without an engine and takes USER, ENV, WORKDIR, ENTRYPOINT, CMD and
+    LABELs from this file's final stage (tests/e2e/test_images.py checks the built image against it)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "ci"))
+    import images
+
+    cfg = images.containerfile_config(CONTAINERFILE)
+    env = dict(e.split("=", 1) for e in cfg["Env"])
+    assert cfg["User"] == "65532:65532" and cfg["WorkingDir"] == "/tmp"
+    assert cfg["Entrypoint"] == ["cluster-registry"] and cfg["Cmd"] == ["--help"]
+    assert env["PATH"] == "/opt/venv/bin:" + images.DEFAULT_PATH, "${PATH} expanded against the base's PATH"
+    assert env["HOME"] == "/tmp" and env["HELM_CACHE_HOME"] == "/tmp/helm/cache"
+    assert cfg["Labels"]["org.opencontainers.image.title"] == "cluster-registry"
+    assert images.containerfile_paths(CONTAINERFILE) == ["/opt/venv", "/usr/local/bin/registry", "/usr/local/bin/helm"]

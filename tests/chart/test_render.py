@@ -268,7 +268,7 @@ def test_webhook_container_flags() -> None:
     args = c["args"]
     assert args[0] == "webhook"
     pairs = list(zip(args[1::2], args[2::2]))
-    assert ("--registry-host", f"{RELEASE}-cluster-registry-registry.{NAMESPACE}.svc.cluster.local:5000") in pairs
+    assert ("--registry-host", "127.0.0.1:5050") in pairs  # the node proxy (docs/pull-path.md)
     assert ("--rewrite-policy", "Always") in pairs
     assert [v for k, v in pairs if k == "--exclude-registry"] == ["mcr.microsoft.com", "*.corp"]
     assert [v for k, v in pairs if k == "--allow-registry"] == ["myacr.azurecr.io"]
@@ -287,8 +287,11 @@ def test_registry_host_follows_node_port_or_the_value() -> None:
     def host(*sets: str) -> str:
         args = containers(deployment(render(*sets), "webhook"))[0]["args"]
         return str(args[args.index("--registry-host") + 1])
-    assert host("clusterRegistry.registryService.type=NodePort", "clusterRegistry.registryService.nodePort=30500") == "localhost:30500"
+    assert host() == "127.0.0.1:5050" and host("nodeProxy.port=5151") == "127.0.0.1:5151"
+    assert host("clusterRegistry.registryService.type=NodePort", "clusterRegistry.registryService.nodePort=30500",
+                "nodeProxy.enabled=false") == "localhost:30500"
     assert host("webhook.registryHost=registry.example:443") == "registry.example:443"
+    assert host("nodeProxy.enabled=false") == f"{RELEASE}-cluster-registry-registry.{NAMESPACE}.svc.cluster.local:5000"
 
 
 def test_url_mode_deploys_no_webhook_and_no_certs_machinery() -> None:
@@ -398,7 +401,7 @@ def test_gc_cronjob_by_cadence() -> None:
     pairs = dict(zip(args[2::2], args[3::2])) if args[:2] == ["gc", "--once"] else {}
     assert pairs["--threshold"] == "80" and pairs["--storage-size"] == "100Gi"
     assert pairs["--lock-name"] == gc["metadata"]["name"]
-    assert pairs["--registry-host"] == f"{RELEASE}-cluster-registry-registry.{NAMESPACE}.svc.cluster.local:5000", "GC must know rewritten references"
+    assert pairs["--registry-host"] == "127.0.0.1:5050", "GC must know rewritten references"
     mounted = {m["name"]: m["mountPath"] for m in containers(gc)[0]["volumeMounts"]}
     assert pairs["--registry-credentials-file"].startswith(mounted["credentials"] + "/")
     gate = [c for c in containers(deployment(docs, "registry")) if c["name"] == "gate"][0]["args"]

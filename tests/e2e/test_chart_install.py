@@ -1,5 +1,5 @@
 """`helm install --wait` of chart/ into the local cluster: the hooks run, every pod is Running and
-Ready on the system nodes (whose node agent runs the project's images for real), the HA Deployments
+Ready on the system nodes (real kubelets run the project's images), the HA Deployments
 spread over the 3 system nodes, the API server calls the webhook through the chart's own TLS chain
 (certs hook Secret, caBundle patched after install), and an upgrade keeps the HPA's replica count.
 

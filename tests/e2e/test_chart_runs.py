@@ -1,7 +1,7 @@
 """Issue 8: `helm install` of chart/ runs the chart's own containers for real on the local cluster.
 
-The node agent (tests/support/nodeagent.py) runs every pod of the project's image and of the
-distribution image on the system nodes as local processes, with the chart's command, args, env,
+The real system nodes (ci/localnodes.py: kubelet, containerd, runc) run every pod of the project's
+image and of the distribution image as containers, with the chart's command, args, env,
 ConfigMaps, Secrets, volumes, probes and ServiceAccount token. So each test here fails on the
 mistakes only a cluster shows: RBAC, Service ports and names, the webhook's caBundle, probes, mounts.
 """

@@ -1,6 +1,6 @@
 """Issue 9: the operator's scenarios end to end on the local control plane, on the chart's own pods.
 
-One install of chart/ (real helm, `--wait --wait-for-jobs`, its pods run by the node agent) and one
+One install of chart/ (real helm, `--wait --wait-for-jobs`, its pods run on the real system nodes) and one
 sample CNF (examples/sample-cnf, published to the artifact store as an OCI chart with `helm push`)
 are shared by the scenarios, which run in this file's order:
 
@@ -51,7 +51,7 @@ class Env:
 
     @property
     def registry_host(self) -> str:
-        return f"{cnf.fullname(self.release)}-registry.{self.namespace}.svc.cluster.local:5000"
+        return "127.0.0.1:5050"  # the chart's default rewrite target: the node proxy (docs/pull-path.md)
 
     def source(self, key: str) -> str:
         return self.images[key].source(self.store_host)

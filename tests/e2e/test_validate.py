@@ -3,7 +3,7 @@
 Most cases render the chart's hook ConfigMap and validate Job with the real `helm template` and run
 the Job's exact command as a local process against the cluster (quick, one process per case). Two
 cases run the real thing: `helm install` / `helm upgrade` of chart/, whose pre-install/pre-upgrade
-hook Job runs `validate` on a system node (the node agent), refuses, and leaves the release
+hook Job runs `validate` on a (real) system node, refuses, and leaves the release
 unchanged. Value combinations `_validate.tpl` rejects are checked through `helm install` as well.
 """
 

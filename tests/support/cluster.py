@@ -61,7 +61,7 @@ class Cluster:
     artifact_store_password: str
     apiserver: str = ""
     ca_file: Path | None = None
-    # The two registries as pods on the node agent's nodes reach them (Service DNS names).
+    # The two registries as pods reach them (Service DNS names).
     artifact_store_in_cluster: str = ""
     cluster_registry_in_cluster: str = ""
 
@@ -164,19 +164,15 @@ class Cluster:
 
 
 # Container logs: the real nodes' kubelets write CRI log files, which ci/nodenet.py keeps (hard links)
-# under pod-logs/<ns>_<pod>_<uid>/<container>.<restart>.log after the kubelet removes a gone pod's;
-# the node agent wrote plain text to nodeagent/logs/<ns>_<pod>_<uid>/<container>.log.
-LOG_ROOTS = (STATE / "pod-logs", STATE / "nodeagent" / "logs")
+# under pod-logs/<ns>_<pod>_<uid>/<container>.<restart>.log after the kubelet removes a gone pod's.
+POD_LOGS = STATE / "pod-logs"
 
 
 def _log_dirs(pattern: str) -> list[Path]:
-    return sorted(d for root in LOG_ROOTS for d in root.glob(pattern))
+    return sorted(POD_LOGS.glob(pattern))
 
 
 def _container_log(d: Path, container: str) -> str:
-    plain = d / f"{container}.log"
-    if plain.exists():
-        return plain.read_text(errors="replace")
     parts = sorted(d.glob(f"{container}.*.log"), key=lambda f: int(f.name.rsplit(".", 2)[1]))
     return "".join(cri_log_text(f.read_text(errors="replace")) for f in parts)
 

@@ -5,7 +5,7 @@
   multi-platform index, and one in the private repository ``private/``.
 * :class:`StoreFront` is the artifact store as the CNF's cluster sees it: a proxy on 127.0.0.1 that we
   start and stop ourselves (the shared artifact store keeps serving the other tests), exposed to the
-  pods by a selectorless Service that the node agent forwards to it. It lets anonymous clients pull every
+  pods by a selectorless Service that ci/nodenet.py leads to it (nodes pull from it on their 127.0.0.1). It lets anonymous clients pull every
   repository but ``private/`` (it adds the store's credentials for them, as a registry with anonymous
   pull does), so only the private image needs the pull secret. ``stop()`` is the disconnected drill.
 * :func:`push_chart` publishes the sample chart as an OCI chart with the real ``helm push --plain-http``
@@ -32,7 +32,7 @@ import yaml
 from tests.support.cluster import ROOT, Cluster, CommandError, adopt_crds, wait_for
 # re-exported: tests/support/demo.py and tests/e2e/test_scenarios.py call them as cnf.*
 from tests.support.cluster import component_pods, pod_ready
-from tests.support.ociimages import PLATFORMS, Image, Pusher, push_image, push_index
+from tests.support.ociimages import PLATFORMS, Image, Pusher, push_runnable, push_runnable_index
 from aiohttp import web
 
 from tests.support.proxy import FaultProxy
@@ -43,8 +43,10 @@ CHART_NAME = "sample-cnf"
 CHART_REPO = "charts"  # oci://<store>/charts/sample-cnf
 VALUES = "global.networkfunctionextension"
 PULL_SECRET = "cnf-pull"
+# `helm install` arguments that schedule the CNF on the real system nodes (its default is the kwok user pool)
+ON_SYSTEM_NODES = ["--set-json", 'nodeSelector={"kubernetes.azure.com/mode":"system"}']
 STORE_SERVICE = "cnf-store"
-FORWARD_ANNOTATION = "localcluster.clusterregistry.io/forward-to"  # tests/support/nodeagent.py
+FORWARD_ANNOTATION = "localcluster.clusterregistry.io/forward-to"  # ci/nodenet.py
 
 
 @dataclass(frozen=True)
@@ -75,14 +77,26 @@ def store_pusher(cluster: Cluster) -> Pusher:
     return Pusher(cluster.artifact_store, auth=(cluster.artifact_store_user, cluster.artifact_store_password))
 
 
+HTTPD = ["/bin/busybox", "httpd", "-f", "-v", "-p", "8080", "-h", "/www"]
+
+
+def page(key: str, tag: str) -> bytes:
+    """What the CNF's image KEY serves on :8080 (or prints): the tests check it."""
+    return f"sample-cnf {key} {tag}\n".encode()
+
+
 def push_images(cluster: Cluster, tag: str = "1.0.0") -> dict[str, CnfImage]:
-    """Build and push the CNF's images (same bytes, same digests every time)."""
+    """Build and push the CNF's images (same bytes, same digests every time): real tar layers with
+    Debian's static busybox, each serving (or printing) its ``page``, runnable on the real nodes."""
     p = store_pusher(cluster)
-    init = push_image(p, "cnf/init", tag, layers=[64 << 10], seed=9101)
-    frontend = push_image(p, "cnf/frontend", tag, layers=[1 << 20, 256 << 10], seed=9102)
-    backend = push_image(p, "cnf/backend", tag, layers=[768 << 10, 64 << 10], seed=9103)
-    agent = push_index(p, "cnf/agent", tag, PLATFORMS[:2], layers=[192 << 10], seed=9104)
-    reporter = push_image(p, "private/reporter", tag, layers=[512 << 10], seed=9105)
+    init = push_runnable(p, "cnf/init", tag, entrypoint=["/bin/init"],
+                         files={"/bin/init": b"#!/bin/sh\necho " + page("init", tag)})
+    frontend = push_runnable(p, "cnf/frontend", tag, entrypoint=HTTPD, files={"/www/index.html": page("frontend", tag)})
+    backend = push_runnable(p, "cnf/backend", tag, entrypoint=HTTPD, files={"/www/index.html": page("backend", tag)})
+    agent = push_runnable_index(p, "cnf/agent", tag, PLATFORMS[:2], entrypoint=HTTPD,
+                                files={"/www/index.html": page("agent", tag)})
+    reporter = push_runnable(p, "private/reporter", tag, entrypoint=["/bin/busybox", "cat", "/etc/cnf/report"],
+                             files={"/etc/cnf/report": page("reporter", tag)})
     return {
         "init": CnfImage("init", "cnf/init", f"cnf/init:{tag}", init, "Deployment", "frontend"),
         "frontend": CnfImage("frontend", "cnf/frontend", f"cnf/frontend:{tag}", frontend, "Deployment", "frontend"),

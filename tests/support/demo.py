@@ -4,7 +4,7 @@
     python -m tests.support.demo down    # uninstall both releases, stop the store front
 
 `up` pushes the sample CNF's images and its chart (an OCI chart, `helm push`) to the artifact store,
-installs chart/ with helm (`--wait`: its pods run on the node agent), installs the CNF from the store,
+installs chart/ with helm (`--wait`: its pods run on the real system nodes), installs the CNF from the store,
 waits for the lazy copies, restarts the CNF so its pods come back rewritten to the cluster registry,
 and prints a summary. Everything is left running.
 
@@ -187,8 +187,9 @@ def up() -> int:
     if released(cluster, CNF_RELEASE, CNF_NAMESPACE):
         say(f"sample CNF already installed: release {CNF_RELEASE} in {CNF_NAMESPACE}")
     else:
-        say(f"helm install {CNF_RELEASE} {chart_ref} -n {CNF_NAMESPACE} (pulled from the artifact store)")
-        cnf.install_cnf(cluster, CNF_RELEASE, CNF_NAMESPACE, chart_ref)
+        say(f"helm install {CNF_RELEASE} {chart_ref} -n {CNF_NAMESPACE} (pulled from the artifact store), "
+            "on the real system nodes")
+        cnf.install_cnf(cluster, CNF_RELEASE, CNF_NAMESPACE, chart_ref, extra=cnf.ON_SYSTEM_NODES)
     job = f"{CNF_RELEASE}-reporter-{int(time.time())}"
     cluster.kubectl("create", "job", job, f"--from=cronjob/{CNF_RELEASE}-reporter", "-n", CNF_NAMESPACE)
     say("the webhook saw the CNF's pods and recorded an Artifact per image; the reconciler copies them:")
@@ -211,14 +212,15 @@ def up() -> int:
     for kind in ("deployment", "statefulset", "daemonset"):
         cluster.kubectl("rollout", "restart", kind, "-n", CNF_NAMESPACE, "-l", "app.kubernetes.io/part-of=sample-cnf")
     cluster.kubectl("create", "job", f"{job}-2", f"--from=cronjob/{CNF_RELEASE}-reporter", "-n", CNF_NAMESPACE)
-    registry_host = f"{cnf.fullname(RELEASE)}-registry.{NAMESPACE}.svc.cluster.local:5000"
+    registry_host = "127.0.0.1:5050"  # the chart's default rewrite target: the node proxy
 
     def rewritten() -> bool:
-        pods = cnf_pods(cluster)
-        return bool(pods) and all(i.startswith(registry_host + "/") for p in pods for _, i in containers(p))
+        pods = [p for p in cnf_pods(cluster) if not p["metadata"].get("deletionTimestamp")]
+        return bool(pods) and all(i.startswith(registry_host + "/") for p in pods for _, i in containers(p)) and all(
+            p["status"].get("phase") == "Succeeded" or cnf.pod_ready(p) for p in pods)
 
-    with Ticker("rolling the CNF"):
-        wait_for(rewritten, timeout=300, interval=2, what="every CNF pod rewritten")
+    with Ticker("rolling the CNF: the nodes pull every image from the cluster registry"):
+        wait_for(rewritten, timeout=300, interval=2, what="every CNF pod rewritten and running")
     summary(cluster, registry_host)
     return 0
 

@@ -138,6 +138,8 @@ ReadWriteOnce
 {{- $svc := $v.clusterRegistry.registryService -}}
 {{- if $v.webhook.registryHost -}}
 {{- $v.webhook.registryHost -}}
+{{- else if $v.nodeProxy.enabled -}}
+{{- printf "127.0.0.1:%d" (int $v.nodeProxy.port) -}}
 {{- else if and (eq $svc.type "NodePort") (gt (int $svc.nodePort) 0) -}}
 {{- printf "localhost:%d" (int $svc.nodePort) -}}
 {{- else -}}

@@ -1,0 +1,162 @@
+"""The pull path on real nodes (docs/pull-path.md): the chart with its default rewrite target (the node
+proxy on every node's 127.0.0.1:5050) and the sample CNF scheduled on the real system nodes. Every
+rewritten image is pulled by the node's containerd and runs; the disconnected drill (artifact store
+down, images removed from the nodes, pods deleted, a node cordoned) brings every pod back from the
+cluster registry; with the cluster registry down as well the same drill ends in ImagePullBackOff.
+
+Values beyond the defaults only scope the shared cluster (the webhook to this module's namespace, the
+system pool required) and name the plain-HTTP artifact store (the source side, not the pull path)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.support import cnf
+from tests.support.cluster import Cluster, containerd_images, exclusive_chart, pod_ready, remove_node_images, wait_for
+
+pytestmark = pytest.mark.e2e
+NODE_PROXY = "127.0.0.1:5050"  # the chart's default rewrite target
+CNF = "cnf"
+
+
+@dataclass
+class Env:
+    release: str
+    namespace: str
+    cnf_ns: str
+    store_host: str
+    images: dict[str, cnf.CnfImage]
+    front: cnf.StoreFront
+
+
+@pytest.fixture(scope="module")
+def env(cluster: Cluster) -> Iterator[Env]:
+    suffix = secrets.token_hex(3)
+    release, namespace, cnf_ns = f"pp{suffix[:4]}", f"crp-{suffix}", f"cnf-pp-{suffix}"
+    for ns in (namespace, cnf_ns):
+        cluster.kubectl("create", "namespace", ns)
+    front = cnf.StoreFront(cluster).start()
+    with exclusive_chart():
+        try:
+            store_host = cnf.expose_store(cluster, cnf_ns, front)
+            cnf.pull_secret(cluster, cnf_ns, store_host)
+            images = cnf.push_images(cluster)
+            chart_ref = cnf.push_chart(cluster, images, store_host)
+            values = cnf.cluster_registry_values([cnf_ns], store_host)
+            cnf.install_cluster_registry(cluster, release, namespace, values)
+            cnf.install_cnf(cluster, CNF, cnf_ns, chart_ref, extra=cnf.ON_SYSTEM_NODES)
+            # the reporter CronJob runs every 30 minutes: a Job now, so its pod (and Artifact) exists
+            cluster.kubectl("create", "job", "report-0", f"--from=cronjob/{CNF}-reporter", "-n", cnf_ns)
+            yield Env(release, namespace, cnf_ns, store_host, images, front)
+        finally:
+            cluster.helm("uninstall", CNF, "-n", cnf_ns, "--wait", "--timeout", "60s", check=False)
+            cluster.helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s", check=False)
+            for ns in (cnf_ns, namespace):
+                cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+            front.stop()
+
+
+def cnf_pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    items = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "app.kubernetes.io/part-of=sample-cnf")["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(pod["spec"].get("initContainers", [])) + list(pod["spec"]["containers"])
+
+
+def all_up(cluster: Cluster, env: Env) -> list[dict[str, Any]] | None:
+    """Every CNF pod rewritten and running (the reporter's Job pod: Succeeded), or None."""
+    pods = cnf_pods(cluster, env.cnf_ns)
+    kinds = {p["metadata"]["labels"].get("app.kubernetes.io/name") for p in pods}
+    if not {"frontend", "backend", "agent", "reporter"} <= kinds:
+        return None
+    for p in pods:
+        if not all(c["image"].startswith(NODE_PROXY + "/") for c in containers(p)):
+            return None
+        done = p["status"].get("phase") == "Succeeded"
+        if not (done or pod_ready(p)):
+            return None
+    return pods
+
+
+def restart_cnf(cluster: Cluster, env: Env) -> None:
+    """Delete every CNF pod (their owners make new ones) and start the reporter's Job."""
+    cluster.kubectl("delete", "pods", "-n", env.cnf_ns, "-l", "app.kubernetes.io/part-of=sample-cnf", "--wait=false")
+    cluster.kubectl("delete", "jobs", "-n", env.cnf_ns, "--all", "--wait=false")
+    cluster.kubectl("create", "job", f"report-{secrets.token_hex(2)}", f"--from=cronjob/{CNF}-reporter", "-n", env.cnf_ns)
+
+
+def pull_errors(cluster: Cluster, env: Env) -> dict[str, str]:
+    out = {}
+    for p in cnf_pods(cluster, env.cnf_ns):
+        for s in p["status"].get("initContainerStatuses", []) + p["status"].get("containerStatuses", []):
+            reason = s.get("state", {}).get("waiting", {}).get("reason", "")
+            if reason:
+                out[f"{p['metadata']['name']}/{s['name']}"] = reason
+    return out
+
+
+def test_every_rewritten_image_is_pulled_by_the_nodes_and_runs(cluster: Cluster, env: Env) -> None:
+    sources = {img.source(env.store_host) for img in env.images.values()}
+    wait_for(lambda: (lambda arts: sources <= arts)({a["spec"]["sourceArtifact"] for a in cluster.kubectl_json(
+        "get", "artifacts.clusterregistry.io", "-n", env.cnf_ns)["items"] if a.get("status", {}).get("phase") == "Ready"}),
+        timeout=300, interval=3, what="every CNF image's Artifact Ready")
+    restart_cnf(cluster, env)
+    pods = wait_for(lambda: all_up(cluster, env), timeout=300, interval=3, what="every CNF pod rewritten and up")
+    nodes = {p["spec"]["nodeName"] for p in pods}
+    assert nodes <= {"system-0", "system-1", "system-2"} and len(nodes) == 3, nodes
+    for p in pods:  # the runtime ran what was pinned: each container's image ID is the pushed digest
+        for c, s in zip(containers(p), p["status"].get("initContainerStatuses", []) + p["status"]["containerStatuses"]):
+            key = p["metadata"]["labels"]["app.kubernetes.io/name"] if c["name"] != "init" else "init"
+            assert env.images[key].digest in c["image"], (c["image"], key)
+            assert s["imageID"].endswith(env.images[key].digest) or key == "agent", s  # agent: its platform's digest
+    front = next(p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/name"] == "frontend")
+    with urllib.request.urlopen(f"http://{front['status']['podIP']}:8080/", timeout=10) as r:  # noqa: S310 (pod IP)
+        assert r.read() == cnf.page("frontend", "1.0.0")
+    reporter = next(p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/name"] == "reporter")
+    assert cluster.kubectl("logs", "-n", env.cnf_ns, reporter["metadata"]["name"]) == cnf.page("reporter", "1.0.0").decode()
+    assert any(NODE_PROXY in i for i in containerd_images()), "the nodes' containerd holds the rewritten references"
+
+
+def test_disconnected_drill_on_real_nodes(cluster: Cluster, env: Env) -> None:
+    wait_for(lambda: all_up(cluster, env), timeout=300, interval=3, what="the CNF up before the drill")
+    env.front.offline = True  # the artifact store is gone
+    node = ""
+    try:
+        removed = remove_node_images(env.store_host)
+        assert removed, "the CNF's images were on the nodes"
+        assert not [i for i in containerd_images() if env.store_host in i]
+        frontend = next(p for p in cnf_pods(cluster, env.cnf_ns) if p["metadata"]["labels"]["app.kubernetes.io/name"] == "frontend")
+        node = frontend["spec"]["nodeName"]
+        cluster.kubectl("cordon", node)
+        restart_cnf(cluster, env)
+        pods = wait_for(lambda: all_up(cluster, env), timeout=300, interval=3, what="every CNF pod back from the cluster registry")
+        moved = [p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/name"] in ("frontend", "backend")]
+        assert moved and all(p["spec"]["nodeName"] != node for p in moved), "pods moved off the cordoned node"
+
+        # The same drill with the cluster registry down too: the pull fails, visibly.
+        registry = f"{cnf.fullname(env.release)}-registry"
+        cluster.kubectl("delete", "hpa", "-n", env.namespace, registry, "--ignore-not-found")
+        cluster.kubectl("scale", "deployment", "-n", env.namespace, registry, "--replicas=0")
+        wait_for(lambda: not cluster.kubectl_json("get", "pods", "-n", env.namespace, "-l",
+                                                  "app.kubernetes.io/component=registry")["items"],
+                 timeout=120, interval=2, what="no registry pod")
+        remove_node_images(env.store_host)
+        restart_cnf(cluster, env)
+        errors = wait_for(lambda: (lambda e: e if len(e) >= 3 else None)(
+            {k: v for k, v in pull_errors(cluster, env).items() if v in ("ErrImagePull", "ImagePullBackOff")}),
+            timeout=180, interval=3, what="ImagePullBackOff with the cluster registry down")
+        assert all(v in ("ErrImagePull", "ImagePullBackOff") for v in errors.values()), errors
+        time.sleep(1)
+    finally:
+        env.front.offline = False
+        if node:
+            cluster.kubectl("uncordon", node, check=False)
