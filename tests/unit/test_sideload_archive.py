@@ -12,12 +12,8 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from cluster_registry.oci import layout
-except ImportError:  # until #17 moves install/layout.py to oci/ (drop this then)
-    from cluster_registry.install import layout  # type: ignore[no-redef]
-
-Input, InputError, read_input = layout.Input, layout.InputError, layout.read_input
+from cluster_registry.oci import layout
+from cluster_registry.oci.layout import Input, InputError, read_input
 
 
 def archive(path: Path, *members: tarfile.TarInfo, data: bytes = b"", compress: bool = False) -> Path:
