@@ -15,17 +15,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
-import yaml
 
 from cluster_registry import kube as kubeconf
 from cluster_registry.errors import ConfigError
 from cluster_registry.health import HealthServer
+from cluster_registry.kubeio import Kube
 from cluster_registry.leader import LeaderElector, LeaseLock, default_identity
-from cluster_registry.oci import Credentials
+from cluster_registry.oci.auth import read_credentials_file
 from cluster_registry.reconcile import artifacts as arts
 from cluster_registry.reconcile import components as comps
 from cluster_registry.reconcile import status as st
-from cluster_registry.kubeio import Kube
 from cluster_registry.reconcile.metrics import artifact_metrics, component_metrics
 
 log = logging.getLogger(__name__)
@@ -63,19 +62,6 @@ def reconcile() -> None:
     """The artifact and component reconcilers."""
 
 
-def _registry_credentials(path: str | None) -> Credentials | None:
-    if not path:
-        return None
-    try:
-        with open(path) as f:
-            doc = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read --registry-credentials-file {path}: {type(err).__name__}") from None
-    if not isinstance(doc, dict) or not doc.get("username"):
-        raise ConfigError(f"--registry-credentials-file {path} must hold {{username, password}}")
-    return Credentials(username=str(doc["username"]), password=str(doc.get("password") or ""))
-
-
 @reconcile.command()
 @_common("CLUSTER_REGISTRY_RECONCILE_ARTIFACTS_", "cluster-registry-artifact-reconciler")
 @click.option("--registry-host", required=True, help="HOST:PORT of the cluster registry (where to push)")
@@ -105,7 +91,7 @@ def artifacts(
     config = arts.Config(
         registry_host=registry_host,
         registry_insecure=registry_insecure,
-        registry_credentials=_registry_credentials(registry_credentials_file),
+        registry_credentials=read_credentials_file(registry_credentials_file) if registry_credentials_file else None,
         workers=workers,
         insecure_registries=frozenset(insecure_registry),
         ca_bundle=ca_bundle,
