@@ -72,7 +72,7 @@ def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Clus
     system = {name for name, labels in nodes.items() if labels.get("kubernetes.azure.com/mode") == "system"}
     assert len(system) == 3
 
-    # The HPAs (min 3) scale the registry and webhook up from the Deployment's initial replica.
+    # 3 Ready replicas of each HA Deployment (rendered at the HPA's minimum), one per system node.
     for component in ("registry", "webhook"):
         spread = three_ready(cluster, namespace, component, timeout=180)
         placed = {p["spec"]["nodeName"] for p in spread}
