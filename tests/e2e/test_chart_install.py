@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.support.cluster import (
-    CRDS, Cluster, CommandError, adopt_crds, component_pods, pod_ready, three_ready, wait_for,
+    CRDS, Cluster, CommandError, adopt_crds, component_pods, exclusive_chart, pod_ready, three_ready, wait_for,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,8 +39,9 @@ def short_namespace(cluster: Cluster) -> Iterator[str]:
 @pytest.fixture
 def release(cluster: Cluster, short_namespace: str) -> Iterator[str]:
     name = f"cr-{secrets.token_hex(3)}"
-    yield name
-    cluster.helm("uninstall", name, "-n", short_namespace, "--wait", "--timeout", "120s", check=False)
+    with exclusive_chart():  # one release at a time: each one's node proxy takes 127.0.0.1:5050 on every node
+        yield name
+        cluster.helm("uninstall", name, "-n", short_namespace, "--wait", "--timeout", "120s", check=False)
 
 
 def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Cluster, short_namespace: str, release: str,

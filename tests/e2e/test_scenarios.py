@@ -30,7 +30,7 @@ import pytest
 
 from cluster_registry import reference
 from tests.support import cnf
-from tests.support.cluster import Cluster, CommandError, component_pods, pod_ready, three_ready, wait_for
+from tests.support.cluster import Cluster, CommandError, component_pods, exclusive_chart, pod_ready, three_ready, wait_for
 
 GROUP = "clusterregistry.io"
 CNF = "cnf"  # the CNF's release name in every CNF namespace
@@ -68,24 +68,25 @@ def env(cluster: Cluster) -> Iterator[Env]:
     for ns in (namespace, cnf_ns, early_ns):
         cluster.kubectl("create", "namespace", ns)
     front = cnf.StoreFront(cluster).start()
-    try:
-        store_host = cnf.expose_store(cluster, cnf_ns, front)
-        for ns in (cnf_ns, early_ns):
-            cnf.pull_secret(cluster, ns, store_host)
-        images = cnf.push_images(cluster)
-        chart_ref = cnf.push_chart(cluster, images, store_host)
-        values = cnf.cluster_registry_values([cnf_ns, early_ns], store_host)
-        cnf.install_cluster_registry(cluster, release, namespace, values)
-        cnf.wait_replicas(cluster, namespace)
-        e = Env(release, namespace, cnf_ns, early_ns, store_host, images, chart_ref, front, values)
-        yield e
-    finally:
-        for ns in (cnf_ns, early_ns):
-            cluster.helm("uninstall", CNF, "-n", ns, "--wait", "--timeout", "60s", check=False)
-        cluster.helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s", check=False)
-        for ns in (cnf_ns, early_ns, namespace):
-            cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-        front.stop()
+    with exclusive_chart():  # one release at a time (the CRDs, every node's 127.0.0.1:5050)
+        try:
+            store_host = cnf.expose_store(cluster, cnf_ns, front)
+            for ns in (cnf_ns, early_ns):
+                cnf.pull_secret(cluster, ns, store_host)
+            images = cnf.push_images(cluster)
+            chart_ref = cnf.push_chart(cluster, images, store_host)
+            values = cnf.cluster_registry_values([cnf_ns, early_ns], store_host)
+            cnf.install_cluster_registry(cluster, release, namespace, values)
+            cnf.wait_replicas(cluster, namespace)
+            e = Env(release, namespace, cnf_ns, early_ns, store_host, images, chart_ref, front, values)
+            yield e
+        finally:
+            for ns in (cnf_ns, early_ns):
+                cluster.helm("uninstall", CNF, "-n", ns, "--wait", "--timeout", "60s", check=False)
+            cluster.helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s", check=False)
+            for ns in (cnf_ns, early_ns, namespace):
+                cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+            front.stop()
 
 
 # -- helpers ---------------------------------------------------------------------------------------

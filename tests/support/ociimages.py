@@ -15,6 +15,7 @@ layer never sits in memory); the same seed and size always give the same digest.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import http.client
 import json
@@ -270,6 +271,12 @@ def push_image(
         "config": {"Env": [f"SEED={seed}"]},
         "rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in layer_descs]},
     })
+    return _push_manifest(p, repo, tag if push_tag else None, config, layer_descs, blobs, docker)
+
+
+def _push_manifest(p: Pusher, repo: str, tag: str | None, config: bytes, layer_descs: list[dict[str, Any]],
+                   blobs: list[tuple[str, int]], docker: bool = False) -> Image:
+    """Push CONFIG and the manifest of it and LAYER_DESCS (by TAG, else by digest)."""
     cdigest = p.push_blob(repo, config)
     blobs.insert(0, (cdigest, len(config)))
     mt = DOCKER_MANIFEST if docker else OCI_MANIFEST
@@ -279,7 +286,7 @@ def push_image(
         "layers": layer_descs,
     }, indent=3).encode()
     digest = sha256(manifest)
-    p.put_manifest(repo, tag if (tag and push_tag) else digest, manifest, mt)
+    p.put_manifest(repo, tag or digest, manifest, mt)
     return Image(repo, tag, digest, manifest, mt, blobs)
 
 
@@ -297,6 +304,11 @@ def push_index(
         child_layers += layers
         img = push_image(p, repo, None, layers=child_layers, seed=seed * 1000 + n + 1, platform=plat, docker=docker)
         children.append(img)
+    return _push_index(p, repo, tag, children, platforms, docker)
+
+
+def _push_index(p: Pusher, repo: str, tag: str | None, children: list[Image], platforms: list[dict[str, str]],
+                docker: bool = False) -> Image:
     mt = DOCKER_LIST if docker else OCI_INDEX
     body = json.dumps({
         "schemaVersion": 2, "mediaType": mt,
@@ -404,6 +416,7 @@ def tar_gz(files: dict[str, bytes | str], mode: int = 0o755) -> tuple[bytes, str
     return gz.getvalue(), sha256(data)
 
 
+@functools.cache
 def busybox_layer() -> tuple[bytes, str]:
     """/bin/busybox and /bin/sh: the shared base layer of the sample CNF's images."""
     from pathlib import Path
@@ -413,11 +426,12 @@ def busybox_layer() -> tuple[bytes, str]:
 
 def push_runnable(
     p: Pusher, repo: str, tag: str | None, *, files: dict[str, bytes | str], entrypoint: list[str],
-    platform: dict[str, str] | None = None, push_tag: bool = True, base: tuple[bytes, str] | None = None,
+    platform: dict[str, str] | None = None,
 ) -> Image:
-    """An image a container runtime can run: busybox, then a layer of FILES; ENTRYPOINT as given."""
+    """An image a container runtime can run: busybox, then a layer of FILES; ENTRYPOINT as given
+    (pushed by TAG, or by digest only when TAG is None)."""
     platform = platform or PLATFORMS[0]
-    layers = [base or busybox_layer(), tar_gz(files)]
+    layers = [busybox_layer(), tar_gz(files)]
     descs, blobs = [], []
     for gz, _ in layers:
         digest = p.push_blob(repo, gz)
@@ -429,16 +443,7 @@ def push_runnable(
         "config": {"Entrypoint": entrypoint, "Env": ["PATH=/bin"], "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": [diff for _, diff in layers]},
     })
-    cdigest = p.push_blob(repo, config)
-    blobs.insert(0, (cdigest, len(config)))
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": cdigest, "size": len(config)},
-        "layers": descs,
-    }, indent=3).encode()
-    digest = sha256(manifest)
-    p.put_manifest(repo, tag if (tag and push_tag) else digest, manifest, OCI_MANIFEST)
-    return Image(repo, tag, digest, manifest, OCI_MANIFEST, blobs)
+    return _push_manifest(p, repo, tag, config, descs, blobs)
 
 
 def push_runnable_index(
@@ -451,10 +456,5 @@ def push_runnable_index(
     for plat in platforms:
         label = "/".join(v for v in (plat["os"], plat["architecture"], plat.get("variant", "")) if v)
         own = {k: v + f" {label}\n".encode() if isinstance(v, bytes) and k.endswith(".html") else v for k, v in files.items()}
-        children.append(push_runnable(p, repo, None, files=own, entrypoint=entrypoint, platform=plat, push_tag=False))
-    body = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_INDEX,
-        "manifests": [dict(c.descriptor, platform=plat) for c, plat in zip(children, platforms)],
-    }, indent=2).encode()
-    p.put_manifest(repo, tag, body, OCI_INDEX)
-    return Image(repo, tag, sha256(body), body, OCI_INDEX, [], children)
+        children.append(push_runnable(p, repo, None, files=own, entrypoint=entrypoint, platform=plat))
+    return _push_index(p, repo, tag, children, platforms)
