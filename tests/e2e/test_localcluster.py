@@ -67,7 +67,8 @@ def test_anti_affinity_spreads_replicas_over_system_nodes(cluster: Cluster, name
                             ]
                         }
                     },
-                    "containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.10"}],
+                    # the sandbox image `up` pushes (the real nodes pull every image; none from a hub)
+                    "containers": [{"name": "pause", "image": "127.0.0.1:25000/localcluster/pause:3.10"}],
                 },
             },
         },
