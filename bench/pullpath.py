@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support import cnf  # noqa: E402
-from tests.support.cluster import Cluster, ensure_up, exclusive_chart, pod_ready, remove_node_images, wait_for  # noqa: E402
+from tests.support.cluster import Cluster, ensure_up, exclusive_chart, pod_ready, wait_for  # noqa: E402
 
 NODE_PROXY = "127.0.0.1:5050"
 
@@ -35,23 +35,6 @@ def cnf_up(cluster: Cluster, ns: str) -> bool:
     kinds = {p["metadata"]["labels"].get("app.kubernetes.io/name") for p in pods}
     return {"frontend", "backend", "agent"} <= kinds and all(
         pod_ready(p) and all(c["image"].startswith(NODE_PROXY + "/") for c in p["spec"]["containers"]) for p in pods)
-
-
-def start_time(cluster: Cluster, ns: str, image: str, node: str) -> float:
-    """Seconds from creating a pod of IMAGE on NODE (image removed from the nodes first) to Ready."""
-    remove_node_images("cnf/frontend")
-    name = f"start-{secrets.token_hex(3)}"
-    pod: dict[str, Any] = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-                           "spec": {"nodeName": node, "terminationGracePeriodSeconds": 0,
-                                    "containers": [{"name": "c", "image": image,
-                                                    "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}
-    t0 = time.monotonic()
-    cluster.apply(pod, ns)
-    wait_for(lambda: pod_ready(cluster.kubectl_json("get", "pod", "-n", ns, name)), timeout=180, interval=0.2,
-             what=f"{name} Ready")
-    spent = time.monotonic() - t0
-    cluster.kubectl("delete", "pod", "-n", ns, name, "--wait=false")
-    return spent
 
 
 def main() -> int:
@@ -91,7 +74,7 @@ def main() -> int:
             times: dict[str, list[float]] = {k: [] for k in via}
             for r in range(args.rounds):
                 for k, image in via.items():
-                    times[k].append(start_time(cluster, bench_ns, image, f"system-{r % 3}"))
+                    times[k].append(cnf.pod_start_seconds(cluster, bench_ns, image, f"system-{r % 3}", "cnf/frontend"))
             for k, ts in times.items():
                 out[f"pod_start_{k}_s"] = {"median": round(statistics.median(ts), 2), "runs": [round(t, 2) for t in ts]}
             out["image_bytes"] = images["frontend"].size

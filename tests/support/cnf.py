@@ -298,3 +298,26 @@ def pull(rewritten: str, endpoint: str) -> str:
 def wait_gone(cluster: Cluster, *args: str, timeout: float = 120) -> None:
     wait_for(lambda: not cluster.kubectl("get", *args, "--ignore-not-found", "-o", "name").strip(),
              timeout=timeout, interval=1, what=f"{' '.join(args)} gone")
+
+
+def pod_start_seconds(cluster: Cluster, namespace: str, image: str, node: str, forget: str) -> float:
+    """Seconds from creating a pod of IMAGE (serving :8080) on NODE to Ready, every image whose name
+    contains FORGET first removed from the real nodes' containerd (content too), so the node pulls it."""
+    import secrets
+    import time
+
+    from tests.support.cluster import remove_node_images
+
+    remove_node_images(forget)
+    name = f"start-{secrets.token_hex(3)}"
+    t0 = time.monotonic()
+    cluster.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                   "spec": {"nodeName": node, "terminationGracePeriodSeconds": 0,
+                            "containers": [{"name": "c", "image": image,
+                                            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}},
+                  namespace)
+    wait_for(lambda: pod_ready(cluster.kubectl_json("get", "pod", "-n", namespace, name)), timeout=180, interval=0.2,
+             what=f"{name} Ready")
+    spent = time.monotonic() - t0
+    cluster.kubectl("delete", "pod", "-n", namespace, name, "--wait=false")
+    return spent
