@@ -53,11 +53,12 @@ def main() -> int:
             store_host = cnf.expose_store(cluster, cnf_ns, front)
             cnf.pull_secret(cluster, cnf_ns, store_host)
             images = cnf.push_images(cluster)
-            chart_ref = cnf.push_chart(cluster, images, store_host)
+            version = f"{cnf.chart_version()}-bench{suffix}"  # the store's charts/sample-cnf is shared with tests
+            chart_ref = cnf.push_chart(cluster, images, store_host, version)
             cnf.install_cluster_registry(cluster, release, ns, cnf.cluster_registry_values([cnf_ns], store_host))
             sources = {img.source(store_host) for img in images.values()}
             t0 = time.monotonic()
-            cnf.install_cnf(cluster, "cnf", cnf_ns, chart_ref, extra=cnf.ON_SYSTEM_NODES)
+            cnf.install_cnf(cluster, "cnf", cnf_ns, chart_ref, version, extra=cnf.ON_SYSTEM_NODES)
             # the reporter CronJob runs every 30 minutes: a Job now, so its pod (and Artifact) exists
             cluster.kubectl("create", "job", "report-0", "--from=cronjob/cnf-reporter", "-n", cnf_ns)
             wait_for(lambda: sources <= {a["spec"]["sourceArtifact"] for a in cluster.kubectl_json(
