@@ -132,7 +132,7 @@ ReadWriteOnce
 {{- printf "%s.%s.svc:%d" (include "cluster-registry.componentName" (dict "ctx" . "component" "registry")) .Release.Namespace (int .Values.global.networkfunctionextension.clusterRegistry.registryService.port) -}}
 {{- end -}}
 
-{{/* Usage: include "cluster-registry.registryHost" $ -> the rewrite target as nodes pull it (webhook.registryHost, localhost:<nodePort>, or the Service DNS name). */}}
+{{/* Usage: include "cluster-registry.registryHost" $ -> the rewrite target as nodes pull it (webhook.registryHost, the node proxy's 127.0.0.1:<port>, localhost:<nodePort>, or the Service DNS name). */}}
 {{- define "cluster-registry.registryHost" -}}
 {{- $v := .Values.global.networkfunctionextension -}}
 {{- $svc := $v.clusterRegistry.registryService -}}
