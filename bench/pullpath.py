@@ -34,7 +34,8 @@ def cnf_up(cluster: Cluster, ns: str) -> bool:
             if not p["metadata"].get("deletionTimestamp")]
     kinds = {p["metadata"]["labels"].get("app.kubernetes.io/name") for p in pods}
     return {"frontend", "backend", "agent"} <= kinds and all(
-        pod_ready(p) and all(c["image"].startswith(NODE_PROXY + "/") for c in p["spec"]["containers"]) for p in pods)
+        (pod_ready(p) or p["status"].get("phase") == "Succeeded")  # the reporter's Job pod completes
+        and all(c["image"].startswith(NODE_PROXY + "/") for c in p["spec"]["containers"]) for p in pods)
 
 
 def main() -> int:
