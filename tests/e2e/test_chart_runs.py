@@ -26,7 +26,7 @@ import yaml
 from tests.support.cluster import (
     Cluster, CommandError, adopt_crds, component_pods, exclusive_chart, pod_ready, three_ready, wait_for,
 )
-from tests.support.ociimages import Pusher, push_image
+from tests.support.ociimages import HTTPError, Pusher, push_image
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "chart"
@@ -113,9 +113,11 @@ def test_three_registry_replicas_share_one_volume(cluster: Cluster, release: Rel
     pods = three_ready(cluster, release.namespace, "registry")
     user, password = registry_credentials(cluster, release)
     first, *others = [p["status"]["podIP"] for p in pods]
-    # Writes need the reconcilers' credentials at the gate.
-    with pytest.raises(Exception):
-        push_image(Pusher(f"{first}:5000"), "e2e/shared", "v1", layers=[4096], seed=11)
+    # Writes need the reconcilers' credentials at the gate: anonymous and wrong ones are refused with 401.
+    for auth in (None, (user, password + "x")):
+        with pytest.raises(HTTPError) as refused:
+            push_image(Pusher(f"{first}:5000", auth=auth), "e2e/shared", "v1", layers=[4096], seed=11)
+        assert refused.value.status == 401, refused.value
     image = push_image(Pusher(f"{first}:5000", auth=(user, password)), "e2e/shared", "v1", layers=[1 << 20, 4096], seed=11)
     accept = {"Accept": image.media_type}
     for ip in others:
@@ -275,9 +277,10 @@ def test_gc_cronjob_runs_for_real(cluster: Cluster, release: Release) -> None:
     assert report["manifestsSeen"] >= 1, report
 
 
-def test_removed_rbac_rule_makes_the_webhook_fail_visibly(cluster: Cluster, release: Release, namespace: str) -> None:
+def test_removed_rbac_rule_makes_the_webhook_fail_visibly_then_recover(cluster: Cluster, release: Release, namespace: str) -> None:
     """The pods talk to the API server as their ServiceAccounts: take `create artifacts` from the
-    webhook's ClusterRole and it can no longer record Artifacts (it says so, and none appear)."""
+    webhook's ClusterRole and it can no longer record Artifacts (it says so, and none appear); give
+    the rule back and the Artifact is recorded by the webhook's own retries."""
     role_name = f"{release.prefix}-webhook"
     role = cluster.kubectl_json("get", "clusterrole", role_name)
     original = json.loads(json.dumps(role["rules"]))
@@ -289,8 +292,13 @@ def test_removed_rbac_rule_makes_the_webhook_fail_visibly(cluster: Cluster, rele
     assert stripped != original
     cluster.kubectl("patch", "clusterrole", role_name, "--type=json",
                     "-p", json.dumps([{"op": "replace", "path": "/rules", "value": stripped}]))
+    image = "myacr.azurecr.io/e2e/forbidden:2.0.0"
+
+    def recorded() -> list[dict[str, object]]:
+        return [a for a in cluster.kubectl_json("get", "artifacts", "-n", namespace)["items"]
+                if a["spec"]["sourceArtifact"] == image]  # fmt: skip
+
     try:
-        image = "myacr.azurecr.io/e2e/forbidden:2.0.0"
         cluster.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "cnf", "namespace": namespace},
                        "spec": {"nodeSelector": {"kubernetes.azure.com/mode": "user"},
                                 "containers": [{"name": "cnf", "image": image}]}})
@@ -302,8 +310,9 @@ def test_removed_rbac_rule_makes_the_webhook_fail_visibly(cluster: Cluster, rele
                        if image in line or "403" in line or "forbidden" in line.lower())
 
         wait_for(forbidden_logged, timeout=60, what="the webhook to log the RBAC denial")
-        assert not [a for a in cluster.kubectl_json("get", "artifacts", "-n", namespace)["items"]
-                    if a["spec"]["sourceArtifact"] == image]
+        assert not recorded()
     finally:
         cluster.kubectl("patch", "clusterrole", role_name, "--type=json",
                         "-p", json.dumps([{"op": "replace", "path": "/rules", "value": original}]))
+    # The rule is back: the webhook's retries go through and the Artifact appears, with no new pod.
+    wait_for(recorded, timeout=90, interval=1, what="the Artifact to be recorded once the rule is restored")
