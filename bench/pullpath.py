@@ -71,7 +71,7 @@ def main() -> int:
             out["install_to_pods_rewritten_up_s"] = round(time.monotonic() - t0, 1)
 
             digest = images["frontend"].digest
-            via = {"cluster_registry": f"{NODE_PROXY}/{store_host}/cnf/frontend@{digest}",
+            via = {"cluster_registry": f"{NODE_PROXY}/{store_host.replace(':', '_')}/cnf/frontend@{digest}",
                    "artifact_store": f"{front.host}/cnf/frontend@{digest}"}  # via the node's loopback
             times: dict[str, list[float]] = {k: [] for k in via}
             for r in range(args.rounds):
