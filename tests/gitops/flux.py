@@ -40,10 +40,16 @@ def crd_files() -> list[Path]:
     return sorted(p for c in CONTROLLERS for p in (go_module(*pinned(c)) / "config" / "crd" / "bases").glob("*.yaml"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """N distinct free loopback ports (all held open while choosing, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class Flux:
@@ -59,18 +65,20 @@ class Flux:
             self.cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
         storage = self.workdir / "storage"
         storage.mkdir(parents=True, exist_ok=True)
-        storage_addr = f"127.0.0.1:{free_port()}"
-        common = ["--enable-leader-election=false", "--watch-all-namespaces=false", "--log-level=debug",
-                  f"--metrics-addr=127.0.0.1:{free_port()}", f"--health-addr=127.0.0.1:{free_port()}"]
+        ports = iter(free_ports(5))
+        storage_addr = f"127.0.0.1:{next(ports)}"
         args = {
             "source-controller": [f"--storage-path={storage}", f"--storage-addr={storage_addr}",
                                   f"--storage-adv-addr={storage_addr}"],
             "kustomize-controller": ["--no-remote-bases=true", "--requeue-dependency=5s"],
         }
+        for name in CONTROLLERS:
+            args[name] += ["--enable-leader-election=false", "--watch-all-namespaces=false", "--log-level=debug",
+                           f"--metrics-addr=127.0.0.1:{next(ports)}", f"--health-addr=127.0.0.1:{next(ports)}"]
         env = dict(self.cluster.env(), RUNTIME_NAMESPACE=self.namespace, TMPDIR=str(self.workdir))
         for name in CONTROLLERS:
             log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-            self.procs.append(subprocess.Popen([str(BIN / name), *common, *args[name]], env=env, stdout=log,
+            self.procs.append(subprocess.Popen([str(BIN / name), *args[name]], env=env, stdout=log,
                                                stderr=subprocess.STDOUT, cwd=self.workdir))
         return self
 
