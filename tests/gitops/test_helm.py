@@ -122,9 +122,11 @@ def test_install_upgrade_refused_upgrade_uninstall(cluster: Cluster, namespace: 
                             "--set", f"{P}clusterRegistry.registryService.scale=large",
                             "--set", f"{P}clusterRegistry.storageClassName=does-not-exist",
                             "--wait", "--wait-for-jobs", "--timeout", "240s", timeout=300)
-            assert "pre-upgrade" in str(refused.value) and "validate" in str(refused.value), refused.value
+            # Refused at render time (the chart looks the volume up) or by the pre-upgrade validate hook.
+            assert 'the new value is "does-not-exist"' in str(refused.value) or \
+                ("pre-upgrade" in str(refused.value) and "validate" in str(refused.value)), refused.value
             history = json.loads(cluster.run(helm, "history", release, "-n", namespace, "-o", "json").stdout)
-            assert [h["status"] for h in history] == ["superseded", "deployed", "failed"], history
+            assert [h["status"] for h in history] in (["superseded", "deployed"], ["superseded", "deployed", "failed"]), history
             registry = cluster.kubectl_json("get", "deployment", "-n", namespace, f"{release}-cluster-registry-registry")
             assert registry["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"] == "250Mi"
 
