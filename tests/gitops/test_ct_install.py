@@ -41,7 +41,6 @@ EXTRA_SETS = " ".join([
 
 # Installs hold the cluster-wide chart lock (tests.support.cluster.exclusive_chart), waited for first.
 pytestmark = pytest.mark.timeout(3000)
-UNVERIFIED = pytest.mark.xfail(strict=False, reason="written against the real tools but not yet run green: the session ended while the shared cluster's chart lock was held by other helpers (#18 report)")
 
 
 def git(repo: Path, *args: str) -> str:
@@ -69,7 +68,6 @@ def test_every_values_file_is_installed_or_lint_only_with_a_reason() -> None:
     assert len(names - set(LINT_ONLY)) >= 4
 
 
-@UNVERIFIED
 def test_ct_install_every_installable_values_file(cluster: Cluster, tmp_path: Path) -> None:
     repo = scratch_repo(tmp_path)
     installable = sorted(p.name for p in (repo / "chart" / "ci").glob("*-values.yaml"))
