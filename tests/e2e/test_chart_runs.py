@@ -85,12 +85,12 @@ def test_default_install_runs_the_chart_containers_for_real(cluster: Cluster, re
         assert {p["spec"]["nodeName"] for p in pods} == system, f"{component}: one replica per system node"
         for p in pods:
             for cs in p["status"]["containerStatuses"]:
-                assert cs["containerID"].startswith("process://"), (component, cs)
+                assert cs["containerID"].startswith("containerd://"), (component, cs)
                 assert cs["ready"] and "running" in cs["state"]
     for component in ("artifact-reconciler", "component-reconciler"):
         pods = wait_for(lambda c=component: [p for p in component_pods(cluster, release.namespace, c) if pod_ready(p)],
                         timeout=120, what=f"{component} Ready")
-        assert pods[0]["status"]["containerStatuses"][0]["containerID"].startswith("process://")
+        assert pods[0]["status"]["containerStatuses"][0]["containerID"].startswith("containerd://")
 
     # The registry container is the distribution binary with the chart's config; the gate in front.
     pod = component_pods(cluster, release.namespace, "registry")[0]
