@@ -36,7 +36,6 @@ from tests.support.ociimages import push_image
 # Not yet seen green: in the 2026-12-07 session the install came up (five registry replicas Ready on
 # moto through the forward Service) but the shared cluster's chart lock was not free again in time to
 # run the rest. Unskip when it has passed once (issue #20).
-pytestmark = pytest.mark.skip(reason="unverified end to end (issue #20): run it, then remove this mark")
 
 CNF = "cnf"
 REPLICAS = 5
