@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.ociimages import Pusher, layer_chunks  # noqa: E402
-from tests.support.registry import free_port, run_registry  # noqa: E402
+from tests.support.registry import free_port, run_registry, wait_serving  # noqa: E402
 
 
 def pull_seconds(host: str, repo: str, digest: str) -> float:
@@ -43,20 +43,6 @@ def pull_seconds(host: str, repo: str, digest: str) -> float:
         pass
     conn.close()
     return time.perf_counter() - t0
-
-
-def wait_serving(host: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection(*host.split(":"), timeout=2)
-            conn.request("GET", "/v2/")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"the gate on {host} did not come up")
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import yaml
 
 from tests.support.cluster import ROOT
 from tests.support.ociimages import Pusher, layer_chunks
-from tests.support.registry import free_port, registry_binary, start_registry
+from tests.support.registry import free_port, registry_binary, start_registry, wait_serving
 
 SIZE = 48 << 20
 
@@ -76,7 +76,7 @@ def test_a_pull_in_progress_survives_sigterm(tmp_path: Path, drain: bool) -> Non
                                  "--upstream", f"http://{reg.host}", "--lock-name", ""], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         procs.append(gate)
-        wait_serving(f"127.0.0.1:{port}")
+        wait_serving(f"127.0.0.1:{port}", ok=(200, 401))
         got, seen = slow_pull(f"127.0.0.1:{port}", f"/v2/drain/app/blobs/{digest}", [proc, gate])
         if drain:
             assert (got, seen) == (SIZE, digest), "the pull was cut off by the pod's termination"
@@ -92,15 +92,3 @@ def test_a_pull_in_progress_survives_sigterm(tmp_path: Path, drain: bool) -> Non
         reg.stop()
 
 
-def wait_serving(host: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection(*host.split(":"), timeout=2)
-            conn.request("GET", "/v2/")
-            if conn.getresponse().status in (200, 401):
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{host} did not come up")

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import datetime
+import http.client
 import http.server
 import json
 import os
@@ -358,3 +359,18 @@ def run_measured(cmd: list[str], *, timeout: float = 1800, cwd: Path | None = No
             lines = [ln for ln in rss_file.read().split("\n") if ln.strip().isdigit()]
             hwm = int(lines[-1]) if lines else 0
     return Measured(proc.returncode, b"".join(out).decode(), b"".join(err).decode(), wall, hwm)
+
+
+def wait_serving(host: str, ok: tuple[int, ...] = (200,), timeout: float = 30) -> None:
+    """Until ``GET /v2/`` on ``host`` answers one of ``ok`` (401 too where the endpoint wants credentials)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection(*host.split(":"), timeout=2)
+            conn.request("GET", "/v2/")
+            if conn.getresponse().status in ok:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{host} did not come up")
