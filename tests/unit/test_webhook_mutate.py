@@ -33,21 +33,33 @@ def fixture(name: str) -> dict[str, Any]:
 
 
 class Ready:
-    def __init__(self, *keys: tuple[str, str]) -> None:
+    """Ready for the (namespace, source) keys given; ``digests`` are what each one verified."""
+
+    def __init__(self, *keys: tuple[str, str], digests: dict[tuple[str, str], str] | None = None) -> None:
         self.keys = set(keys)
+        self.digests = digests or {}
 
     def is_ready(self, namespace: str, source: str) -> bool:
         return (namespace, source) in self.keys
+
+    def digest(self, namespace: str, source: str) -> str:
+        return self.digests.get((namespace, source), "") if self.is_ready(namespace, source) else ""
 
 
 class NothingReady:
     def is_ready(self, namespace: str, source: str) -> bool:
         return False
 
+    def digest(self, namespace: str, source: str) -> str:
+        return ""
+
 
 class AllReady:
     def is_ready(self, namespace: str, source: str) -> bool:
         return True
+
+    def digest(self, namespace: str, source: str) -> str:
+        return ""
 
 
 def ops_of(review: dict[str, Any]) -> list[dict[str, Any]]:
@@ -267,6 +279,9 @@ def test_view_errors_also_admit_unchanged() -> None:
         def is_ready(self, namespace: str, source: str) -> bool:
             raise RuntimeError("boom")
 
+        def digest(self, namespace: str, source: str) -> str:
+            raise RuntimeError("boom")
+
     out = mutator(Policy.WHEN_READY).review(fixture("deployment_pod"), Broken())
     assert out.review["response"]["allowed"] is True and "patch" not in out.review["response"]
     assert out.skips["internal-error"] == 1
@@ -292,3 +307,81 @@ def test_a_name_too_long_after_rewriting_is_skipped() -> None:
     out = mutator().review(body, NothingReady())
     assert "/spec/containers/0/image" not in as_map(ops_of(out.review))
     assert out.skips["invalid-reference"] == 1
+
+
+# --- registryAccess isolated: the namespace's pull Secret, and images pinned to the verified digest -------
+
+SECRET = "cluster-registry-pull"
+NGINX = "myacr.azurecr.io/nginx:1.0.0"
+
+
+def isolated(policy: Policy = Policy.WHEN_READY) -> Mutator:
+    return Mutator(Settings.build(LOCAL, policy, pull_secret=SECRET))
+
+
+def patched_pod(body: dict[str, Any], review: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = jsonpatch.apply(body["request"]["object"], ops_of(review))
+    return pod
+
+
+def test_rewritten_images_are_pinned_to_the_digest_their_namespace_verified() -> None:
+    body = fixture("deployment_pod")
+    ns = body["request"]["namespace"]
+    view = Ready((ns, NGINX), ("other", NGINX), digests={(ns, NGINX): D1, ("other", NGINX): D2})
+    pod = patched_pod(body, isolated().review(body, view).review)
+    images = {c["name"]: c["image"] for c in pod["spec"]["containers"]}
+    assert f"{LOCAL}/myacr.azurecr.io/nginx:1.0.0@{D1}" in images.values()  # this namespace's, not "other"'s
+    assert sum(i.startswith(LOCAL) for i in images.values()) == 1  # the rest are not Ready here
+
+
+def test_a_source_pinned_by_digest_keeps_its_own_digest() -> None:
+    body = fixture("job_pod")
+    ns = body["request"]["namespace"]
+    source = recorded_sources(patched_pod(body, mutator().review(body, NothingReady()).review)["metadata"])
+    assert source is not None
+    view = Ready(*[(ns, s) for s in source.values()], digests={(ns, s): D2 for s in source.values()})
+    pod = patched_pod(body, isolated().review(body, view).review)
+    assert pod["spec"]["containers"][0]["image"] == f"{LOCAL}/ghcr.io/acme/migrate@{D1}"
+
+
+@pytest.mark.parametrize("bad", ["", "sha256:short", "md5:" + "0" * 64, D1 + '"}]'])
+def test_a_digest_that_is_not_sha256_is_not_pinned(bad: str) -> None:
+    body = fixture("deployment_pod")
+    ns = body["request"]["namespace"]
+    pod = patched_pod(body, isolated().review(body, Ready((ns, NGINX), digests={(ns, NGINX): bad})).review)
+    assert f"{LOCAL}/myacr.azurecr.io/nginx:1.0.0" in [c["image"] for c in pod["spec"]["containers"]]
+
+
+def test_isolated_adds_the_pull_secret_once_and_keeps_the_pods_own() -> None:
+    body = fixture("deployment_pod")
+    spec = body["request"]["object"]["spec"]
+    spec["imagePullSecrets"] = [{"name": "acr"}]
+    pod = patched_pod(body, isolated(Policy.ALWAYS).review(body, NothingReady()).review)
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "acr"}, {"name": SECRET}]
+    again = {**body, "request": {**body["request"], "object": pod}}  # reinvocation: already there
+    ops = ops_of(isolated(Policy.ALWAYS).review(again, NothingReady()).review)
+    assert not [op for op in ops if "imagePullSecrets" in op["path"]]
+
+
+def test_isolated_creates_the_list_when_the_pod_has_none() -> None:
+    body = fixture("bare_pod")
+    assert "imagePullSecrets" not in body["request"]["object"]["spec"]
+    pod = patched_pod(body, isolated(Policy.ALWAYS).review(body, NothingReady()).review)
+    assert pod["spec"]["imagePullSecrets"] == [{"name": SECRET}]
+
+
+def test_no_pull_secret_without_a_rewrite_or_in_shared_mode() -> None:
+    body = fixture("deployment_pod")
+    for out in (isolated().review(body, NothingReady()), mutator(Policy.ALWAYS).review(body, NothingReady())):
+        # nothing Ready (so nothing rewritten), and everything rewritten in shared mode
+        assert ops_of(out.review) and not [op for op in ops_of(out.review) if "imagePullSecrets" in op["path"]]
+
+
+def test_new_ephemeral_container_is_rewritten_only_in_a_pod_with_the_pull_secret() -> None:
+    body = fixture("ephemeral_update")
+    out = isolated(Policy.ALWAYS).review(body, NothingReady())
+    assert as_map(ops_of(out.review)) == {} and out.skips == {"no-pull-secret": 1}
+    body["request"]["object"]["spec"]["imagePullSecrets"] = [{"name": SECRET}]
+    out = isolated(Policy.ALWAYS).review(body, NothingReady())
+    assert list(as_map(ops_of(out.review))) == ["/spec/ephemeralContainers/1/image"]
+    assert not [op for op in ops_of(out.review) if "imagePullSecrets" in op["path"]]  # immutable here

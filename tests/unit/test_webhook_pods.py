@@ -121,3 +121,11 @@ def test_a_slimmed_pod_needs_the_same_artifacts() -> None:
     for meta in ({"labels": {"clusterregistry.io/skip": "true"}}, {"annotations": {"kubernetes.io/config.mirror": "m"}}):
         skipped = pod({"a": "nginx"}, **meta)
         assert pod_intents(slim(skipped), MUTATOR, record_unannotated=True) == frozenset()
+
+
+def test_the_webhooks_own_pull_secret_is_not_recorded_as_a_source_credential() -> None:
+    m = Mutator(Settings.build(LOCAL, pull_secret="cluster-registry-pull"))
+    p = pod({"a": f"{LOCAL}/ghcr.io/acme/app:2"}, sources={"a": "ghcr.io/acme/app:2"})
+    p["spec"]["imagePullSecrets"].append({"name": "cluster-registry-pull"})
+    (intent,) = pod_intents(p, m, record_unannotated=False)
+    assert intent.pull_secrets == ("acr-pull",)

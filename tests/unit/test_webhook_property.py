@@ -154,10 +154,16 @@ class RandomReady:
     def is_ready(self, namespace: str, source: str) -> bool:
         return zlib.crc32(f"{self.seed}/{namespace}/{source}".encode()) % 2 == 0
 
+    def digest(self, namespace: str, source: str) -> str:
+        return ""
+
 
 class AllReady:
     def is_ready(self, namespace: str, source: str) -> bool:
         return True
+
+    def digest(self, namespace: str, source: str) -> str:
+        return ""
 
 
 MUTATORS = {p: Mutator(Settings.build(LOCAL, p, exclude=["quay.io"])) for p in Policy}

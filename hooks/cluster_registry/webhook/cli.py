@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 
 import click
 import uvloop
@@ -15,6 +17,7 @@ from cluster_registry.webhook.pods import KubePods, PodWatch
 from cluster_registry.webhook.recorder import KubeArtifactApi, Recorder, Recording
 from cluster_registry.webhook.server import Limits, TlsFiles, Webhook, serve_forever
 from cluster_registry.webhook.view import ArtifactView
+from cluster_registry.webhook.workers import supervise
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,13 @@ def split_host_port(text: str, default_port: int = 8443) -> tuple[str, int]:
     help="Record Artifacts for pods the webhook did not annotate too (pods older than the webhook): only "
     "right when the webhook's scope is the namespace exclusion alone.",
 )
+@click.option(
+    "--pull-secret",
+    envvar="CLUSTER_REGISTRY_WEBHOOK_PULL_SECRET",
+    default="",
+    help="Add this Secret (the namespace's pull credential) to pods with a rewritten image: the registry "
+    "serves only authenticated pulls (registryAccess isolated). Empty: none (shared).",
+)
 @click.option("--leader-election/--no-leader-election", default=True, show_default=True,
               help="Record Artifacts only in the replica holding the Lease (in --namespace).")
 @click.option("--lease-name", default="cluster-registry-webhook", show_default=True)
@@ -76,6 +86,16 @@ def split_host_port(text: str, default_port: int = 8443) -> tuple[str, int]:
 @click.option("--max-concurrent", default=Limits.concurrent, show_default=True, help="Requests read and parsed at once.")
 @click.option("--tls-reload-interval", default=5.0, show_default=True, help="Seconds between TLS file checks.")
 @click.option("--batch-interval", default=0.2, show_default=True, help="Seconds to batch Artifact writes.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    envvar="CLUSTER_REGISTRY_WEBHOOK_WORKERS",
+    help="Serving processes on the one port, one per CPU (0: as many as this process may run on). "
+    "Above 1 a supervisor runs them and the pod watch.",
+)
+@click.option("--serve-only", is_flag=True, hidden=True, help="A worker of a supervisor: no pod watch.")
 @click.option(
     "--offline",
     is_flag=True,
@@ -94,12 +114,15 @@ def webhook(
     namespace: str,
     exclude_namespace: tuple[str, ...],
     record_unannotated: bool,
+    pull_secret: str,
     leader_election: bool,
     lease_name: str,
     max_body_bytes: int,
     max_concurrent: int,
     tls_reload_interval: float,
     batch_interval: float,
+    workers: int,
+    serve_only: bool,
     offline: bool,
 ) -> None:
     """Serve the pod mutating admission webhook (AdmissionReview v1 on /mutate)."""
@@ -107,11 +130,19 @@ def webhook(
     if not (tls_cert and tls_key):
         raise click.UsageError("--tls-cert and --tls-key are required (the API server only calls HTTPS)")
     excluded = (*exclude_namespace, namespace) if namespace else exclude_namespace
-    mutator = Mutator(Settings.build(registry_host, rewrite_policy, exclude_registry, allow_registry, excluded))
+    mutator = Mutator(Settings.build(registry_host, rewrite_policy, exclude_registry, allow_registry, excluded, pull_secret))
     limits = Limits(max_body=max_body_bytes, concurrent=max_concurrent)
     tls = TlsFiles(str(tls_cert), str(tls_key))
-    if offline:
-        hook = Webhook(mutator, ArtifactView(None), tls, CollectorRegistry(), limits=limits)
+    count = workers or len(os.sched_getaffinity(0))
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "") if serve_only else ""
+    if serve_only and not offline:
+        from cluster_registry.kube import api_client
+        from cluster_registry.kubeio import Kube
+
+        view = ArtifactView(Kube(api_client(kubeconfig)))
+        hook = Webhook(mutator, view, tls, CollectorRegistry(), limits=limits, multiprocess_dir=metrics_dir)
+    elif offline:
+        hook = Webhook(mutator, ArtifactView(None), tls, CollectorRegistry(), limits=limits, multiprocess_dir=metrics_dir)
     else:
         from cluster_registry.kube import api_client
         from cluster_registry.kubeio import Kube
@@ -127,4 +158,8 @@ def webhook(
         hook = Webhook(mutator, view, tls, CollectorRegistry(), recording=recording, elector=elector, limits=limits)
     # uvloop: its transports and TLS are compiled, a good part of each request's cost on asyncio's.
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve_forever(hook, host, port, tls_reload_interval))
+        if count > 1 and not serve_only:
+            tls.reload_if_changed()  # a missing or bad pair fails here, once, not in every worker
+            runner.run(supervise(sys.argv[1:], count, hook.recording, hook.elector))
+        else:
+            runner.run(serve_forever(hook, host, port, tls_reload_interval, worker=serve_only))

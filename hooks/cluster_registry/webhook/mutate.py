@@ -16,12 +16,19 @@ here as well as by the webhook configuration's selector), references already in 
 registry, excluded registries, sources outside a non-empty allow-list, mirror pods, and pods
 labelled ``clusterregistry.io/skip: "true"``. Under ``WhenReady`` an image is rewritten only when the
 Artifact for its source in the pod's namespace is Ready.
+
+A rewritten image is pinned to the digest the Artifact in the pod's namespace verified
+(``<local>/<host>/<repo>:<tag>@<digest>``), so the pod runs exactly what was copied for that namespace
+whatever the shared tag holds later. With ``Settings.pull_secret`` (``registryAccess: isolated``) a pod
+with at least one rewritten image also gets the namespace's pull Secret in ``imagePullSecrets``: the
+registry serves nothing to anonymous callers then.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
@@ -59,6 +66,7 @@ class Skip(str, Enum):
     OPT_OUT = "opt-out"
     OPERATION = "operation"  # not a pod CREATE / pods/ephemeralcontainers UPDATE
     NAMESPACE = "excluded-namespace"  # kube-system, the release namespace, webhook.excludeNamespaces
+    NO_PULL_SECRET = "no-pull-secret"  # a new ephemeral container in a pod without the pull Secret
     ERROR = "internal-error"
 
 
@@ -70,6 +78,12 @@ class ReadinessView(Protocol):
     def is_ready(self, namespace: str, source: str) -> bool:
         """Whether the Artifact for normalised ``source`` in ``namespace`` is Ready."""
 
+    def digest(self, namespace: str, source: str) -> str:
+        """The digest that Artifact verified for ``namespace`` ("" when not Ready or unknown)."""
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -78,6 +92,7 @@ class Settings:
     exclude: frozenset[str] = frozenset()  # registry hosts; "*.example.com" matches subdomains
     allow: frozenset[str] = frozenset()  # empty: every source registry
     exclude_namespaces: frozenset[str] = frozenset({"kube-system"})
+    pull_secret: str = ""  # the namespaces' pull Secret added to rewritten pods; "" (shared registry): none
 
     @staticmethod
     def build(
@@ -86,6 +101,7 @@ class Settings:
         exclude: tuple[str, ...] | list[str] = (),
         allow: tuple[str, ...] | list[str] = (),
         exclude_namespaces: tuple[str, ...] | list[str] = (),
+        pull_secret: str = "",
     ) -> Settings:
         return Settings(
             registry_host=registry_host.strip().lower(),
@@ -93,6 +109,7 @@ class Settings:
             exclude=frozenset(_norm_host(h) for h in exclude if h.strip()),
             allow=frozenset(_norm_host(h) for h in allow if h.strip()),
             exclude_namespaces=frozenset({"kube-system", *(n.strip() for n in exclude_namespaces if n.strip())}),
+            pull_secret=pull_secret.strip(),
         )
 
 
@@ -118,6 +135,7 @@ class Plan:
     target: str = ""
     skip: Skip | None = None
     target_json: str = ""  # json.dumps(target), computed once per image string
+    pinned: bool = False  # the source names a digest: the target is pinned already
 
 
 @dataclass
@@ -153,7 +171,7 @@ class Mutator:
             reference.parse(target)  # the rewritten name must stay a valid reference (length)
         except (InvalidReferenceError, ValueError):
             return Plan(skip=Skip.INVALID)
-        return Plan(source=str(ref), target=target, target_json=json.dumps(target))
+        return Plan(source=str(ref), target=target, target_json=json.dumps(target), pinned=ref.digest is not None)
 
     def review(self, body: Any, view: ReadinessView) -> Outcome:
         """Decide on ``body`` (a decoded AdmissionReview). Raises BadRequest for anything else."""
@@ -191,6 +209,10 @@ class Mutator:
             return out
         spec = pod.get("spec") or {}
         always = self.settings.policy is Policy.ALWAYS
+        secret = self.settings.pull_secret
+        # an ephemeral-containers update may change nothing else: without the Secret already there, a
+        # rewritten image could not be pulled, so it is left alone
+        no_secret = bool(secret and request.get("operation") == "UPDATE" and not _has_secret(spec, secret))
         classify = self.classify
         ops: list[str] = []
         sources: dict[str, str] = {}
@@ -210,17 +232,42 @@ class Mutator:
                     skips[plan.skip.value] = skips.get(plan.skip.value, 0) + 1
                     continue
                 sources[str(container.get("name", ""))] = plan.source
-                if always or view.is_ready(namespace, plan.source):
-                    ops.append(f'{{"op":"replace","path":"/spec/{name}/{i}/image","value":{plan.target_json}}}')
+                if no_secret:
+                    skips[Skip.NO_PULL_SECRET.value] = skips.get(Skip.NO_PULL_SECRET.value, 0) + 1
+                elif always or view.is_ready(namespace, plan.source):
+                    ops.append(f'{{"op":"replace","path":"/spec/{name}/{i}/image","value":{_pinned(plan, view, namespace)}}}')
                 else:
                     skips[Skip.NOT_READY.value] = skips.get(Skip.NOT_READY.value, 0) + 1
         out.rewrites = len(ops)
+        if ops and secret and request.get("operation") == "CREATE" and not _has_secret(spec, secret):
+            ops.append(_add_secret(spec, secret))
         if sources and request.get("operation") == "CREATE":  # an ephemeralcontainers update may change only those
             ops.extend(_annotate(meta, sources))
         if ops:
             response["patchType"] = "JSONPatch"
             response["patch"] = base64.b64encode(("[" + ",".join(ops) + "]").encode()).decode()
         return out
+
+
+def _pinned(plan: Plan, view: ReadinessView, namespace: str) -> str:
+    """The JSON target of ``plan``, pinned to the digest the namespace's Artifact verified."""
+    if plan.pinned:
+        return plan.target_json  # the source's own digest; the Artifact is Ready only if it matched
+    digest = view.digest(namespace, plan.source)
+    if not _DIGEST.fullmatch(digest):
+        return plan.target_json  # Always and not Ready yet: nothing verified to pin to
+    return json.dumps(f"{plan.target}@{digest}")
+
+
+def _has_secret(spec: dict[str, Any], name: str) -> bool:
+    return any(isinstance(s, dict) and s.get("name") == name for s in spec.get("imagePullSecrets") or ())
+
+
+def _add_secret(spec: dict[str, Any], name: str) -> str:
+    entry = json.dumps({"name": name})
+    if isinstance(spec.get("imagePullSecrets"), list):
+        return f'{{"op":"add","path":"/spec/imagePullSecrets/-","value":{entry}}}'
+    return f'{{"op":"add","path":"/spec/imagePullSecrets","value":[{entry}]}}'
 
 
 def pod_skip(meta: dict[str, Any]) -> Skip | None:

@@ -72,8 +72,9 @@ def pod_intents(pod: dict[str, Any], mutator: Mutator, record_unannotated: bool)
                 sources.add(plan.source)
     if not sources:
         return frozenset()
+    own = mutator.settings.pull_secret  # the webhook's own addition: for the cluster registry, not the source
     secrets = tuple(
-        sorted({s["name"] for s in spec.get("imagePullSecrets") or () if isinstance(s, dict) and s.get("name")})
+        sorted({s["name"] for s in spec.get("imagePullSecrets") or () if isinstance(s, dict) and s.get("name") not in ("", None, own)})
     )
     sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     owner = _controller(meta)

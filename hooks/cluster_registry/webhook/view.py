@@ -22,6 +22,7 @@ class ArtifactState:
     pull_secrets: frozenset[str]
     owners: tuple[dict[str, str], ...]  # spec.owners as stored
     resource_version: str
+    digest: str = ""  # status.digest: what the copy or the upstream check verified for this namespace
 
     @property
     def ready(self) -> bool:
@@ -43,6 +44,7 @@ def state_of(obj: dict[str, Any]) -> tuple[tuple[str, str], ArtifactState] | Non
         pull_secrets=frozenset(str(s) for s in spec.get("pullSecrets") or ()),
         owners=owners,
         resource_version=str(meta.get("resourceVersion", "")),
+        digest=str((obj.get("status") or {}).get("digest") or ""),
     )
 
 
@@ -63,6 +65,10 @@ class ArtifactView:
     def is_ready(self, namespace: str, source: str) -> bool:
         state = self._items.get((namespace, source))
         return state is not None and state.phase == "Ready"
+
+    def digest(self, namespace: str, source: str) -> str:
+        state = self._items.get((namespace, source))
+        return state.digest if state is not None and state.phase == "Ready" else ""
 
     def get(self, namespace: str, source: str) -> ArtifactState | None:
         return self._items.get((namespace, source))
