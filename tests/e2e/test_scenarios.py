@@ -59,6 +59,11 @@ class Env:
     def rewritten(self, key: str) -> str:
         return str(reference.rewrite(reference.parse(self.source(key)), self.registry_host))
 
+    def pinned(self, key: str) -> str:
+        """What the webhook writes into a pod: the rewritten reference pinned to the digest its copy verified."""
+        ref = reference.rewrite(reference.parse(self.source(key)), self.registry_host)
+        return str(ref) if ref.digest else f"{ref}@{self.images[key].digest}"
+
 
 @pytest.fixture(scope="module")
 def env(cluster: Cluster) -> Iterator[Env]:
@@ -124,7 +129,7 @@ def scale_frontend(cluster: Cluster, namespace: str, replicas: int, what: str) -
 
 def expect_rewritten(env: Env, pod: dict[str, Any]) -> None:
     for container, image in images_of(pod).items():
-        assert image == env.rewritten(container), (pod["metadata"]["name"], container, image)
+        assert image == env.pinned(container), (pod["metadata"]["name"], container, image)
 
 
 def trigger(cluster: Cluster, namespace: str, cronjob: str, job: str) -> None:
@@ -274,7 +279,7 @@ def test_scenario_7_webhook_outage(cluster: Cluster, env: Env) -> None:
     # with server-side dry-run pods until one comes back rewritten.
     wait_for(lambda: json.loads(cluster.kubectl(
         "run", "probe", "-n", ns, f"--image={env.source('frontend')}", "--restart=Never", "--dry-run=server",
-        "-o", "json"))["spec"]["containers"][0]["image"] == env.rewritten("frontend"),
+        "-o", "json"))["spec"]["containers"][0]["image"] == env.pinned("frontend"),
         timeout=60, interval=2, what="the webhook answering the API server again")
     added = scale_frontend(cluster, ns, 5, "a frontend pod created after the webhook is back")
     for pod in added:

@@ -193,7 +193,9 @@ def test_flux_applies_the_cnf_only_after_its_component_is_ready(cluster: Cluster
         spec = pod["spec"]
         for c in spec["initContainers"] + spec["containers"]:
             source = f"{env.store_host}/cnf/{c['name']}:1.0.0"
-            assert c["image"] == str(reference.rewrite(reference.parse(source), target)), c["image"]
+            # pinned to the digest the namespace's Artifact verified (#15)
+            name, _, digest = c["image"].partition("@")
+            assert name == str(reference.rewrite(reference.parse(source), target)) and digest.startswith("sha256:"), c["image"]
 
 
 def test_flux_never_applies_a_cnf_whose_image_is_missing(cluster: Cluster, env: Env, flux: fluxlib.Flux) -> None:
