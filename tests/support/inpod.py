@@ -1,0 +1,131 @@
+"""Reach into the chart's registry pod on a real node: its ports, a front-less distribution beside the
+chart's, and its network namespace.
+
+    with port_forward(cluster, ns, pod, 5000, 5999) as local:         # {pod port: 127.0.0.1 port}
+    with direct_distribution(cluster, ns, pod) as port:                # distribution, no front, same storage
+    pid = container_pid(cluster, pod, "registry")                      # nsenter --net=/proc/PID/ns/net
+
+The direct distribution is the pod's own binary and the chart's own config (its ConfigMap) with the
+front taken away: no auth, no TLS, no debug listener, on 127.0.0.1:PORT of the pod. It shares the
+chart's storage, so both paths serve the same bytes from the same disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.cluster import BIN, NODE_SOCKETS, Cluster, _ctr, wait_for
+
+DIRECT_PORT = 5999
+# Environment overrides (REGISTRY_<SECTION>_...) that would put the front back on the direct instance.
+FRONT_ENV = re.compile(r"^REGISTRY_(AUTH|HTTP_TLS|HTTP_ADDR|HTTP_HOST|HTTP_DEBUG|NOTIFICATIONS)(_|$)")
+
+
+def registry_container(pod: dict[str, Any]) -> dict[str, Any]:
+    """The container that runs distribution (`registry serve CONFIG`)."""
+    for c in pod["spec"]["containers"]:
+        if "serve" in [*c.get("command", []), *c.get("args", [])]:
+            return dict(c)
+    raise LookupError(f"no container of {pod['metadata']['name']} runs `registry serve`")
+
+
+def service_port(pod: dict[str, Any], name: str = "registry") -> int:
+    """The container port NAME of POD (what the registry Service's targetPort names)."""
+    for c in pod["spec"]["containers"]:
+        for p in c.get("ports", []):
+            if p.get("name") == name:
+                return int(p["containerPort"])
+    raise LookupError(f"no container port {name!r} in {pod['metadata']['name']}")
+
+
+def chart_config(cluster: Cluster, pod: dict[str, Any]) -> dict[str, Any]:
+    """Distribution's config as the chart mounts it into POD's registry container."""
+    c = registry_container(pod)
+    path = Path([*c.get("command", []), *c.get("args", [])][-1])
+    mount = next(m for m in c["volumeMounts"] if Path(m["mountPath"]) == path.parent)
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    cm = cluster.kubectl_json("get", "configmap", "-n", pod["metadata"]["namespace"], volume["configMap"]["name"])
+    return dict(yaml.safe_load(cm["data"][path.name]))
+
+
+@contextlib.contextmanager
+def port_forward(cluster: Cluster, namespace: str, pod: str, *ports: int) -> Iterator[dict[int, int]]:
+    """`kubectl port-forward` of PORTS of POD (its loopback included) to free 127.0.0.1 ports."""
+    fwd = subprocess.Popen([str(BIN / "kubectl"), "port-forward", "-n", namespace, f"pod/{pod}", *(f":{p}" for p in ports)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env())
+    try:
+        assert fwd.stdout is not None
+        local: dict[int, int] = {}
+        while len(local) < len(ports):
+            line = fwd.stdout.readline()
+            if not line:
+                raise RuntimeError(f"kubectl port-forward {pod} exited: {fwd.stderr.read() if fwd.stderr else ''}")
+            if m := re.search(r"127\.0\.0\.1:(\d+) -> (\d+)", line):
+                local[int(m[2])] = int(m[1])
+        yield local
+    finally:
+        fwd.terminate()
+        fwd.wait(10)
+
+
+@contextlib.contextmanager
+def direct_distribution(cluster: Cluster, namespace: str, pod: dict[str, Any], port: int = DIRECT_PORT) -> Iterator[int]:
+    """Run a second, front-less distribution in POD's registry container on 127.0.0.1:PORT (see the module
+    docstring); stopped by its PID in the pod when done."""
+    c = registry_container(pod)
+    config = chart_config(cluster, pod)
+    config.pop("auth", None)
+    config.pop("notifications", None)
+    http = config.setdefault("http", {})
+    for key in ("tls", "debug", "host"):
+        http.pop(key, None)
+    http["addr"] = f"127.0.0.1:{port}"
+    unset = [a for e in c.get("env", []) if FRONT_ENV.match(e["name"]) for a in ("-u", e["name"])]
+    name = pod["metadata"]["name"]
+    # sh prints the PID distribution will have (exec keeps it), which stops it afterwards; the config
+    # arrives on stdin, read to EOF before distribution starts listening.
+    proc = subprocess.Popen(
+        [str(BIN / "kubectl"), "exec", "-i", "-n", namespace, name, "-c", c["name"], "--", "/bin/sh", "-c",
+         'echo "pid $$"; exec /usr/bin/env "$@" /bin/registry serve /dev/stdin', "sh", *unset],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env())
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(yaml.safe_dump(config))
+    proc.stdin.close()
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        wait_for(lambda: any(f"127.0.0.1:{port}" in line and "listening" in line for line in output) or proc.poll() is not None,
+                 timeout=60, what=f"distribution listening on 127.0.0.1:{port} in {name}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"the direct distribution in {name} exited: {''.join(output)[-2000:]}")
+        yield port
+    finally:
+        pid = next((m[1] for line in output if (m := re.match(r"pid (\d+)$", line.strip()))), None)
+        if pid:
+            cluster.kubectl("exec", "-n", namespace, name, "-c", c["name"], "--", "/bin/sh", "-c", f"kill {pid}", check=False)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def container_pid(cluster: Cluster, pod: dict[str, Any], container: str) -> int:
+    """The host PID of CONTAINER's process (the real nodes' containers are host processes): its
+    /proc/PID/ns/net is the pod's network namespace."""
+    status = next(s for s in pod["status"]["containerStatuses"] if s["name"] == container)
+    cid = status["containerID"].removeprefix("containerd://")
+    for line in _ctr(NODE_SOCKETS / pod["spec"]["nodeName"] / "containerd.sock", "tasks", "ls").splitlines()[1:]:
+        task, pid, *_ = line.split()
+        if task == cid:
+            return int(pid)
+    raise LookupError(f"no task {cid} on {pod['spec']['nodeName']}")
