@@ -90,9 +90,14 @@ async def test_digest_pinned(src: Registry, dst: Registry) -> None:
     assert r.digest == img.digest
     assert dp.tags("pinned") == []
     assert_copied(sp, dp, img, "pinned")
-    # tag + digest: the digest wins for the fetch, the tag is written
+    # tag + digest: the digest wins for the fetch and the push; the tag is never moved (#15: another
+    # namespace's `other:t` must not be repointed by a copy pinned to an older digest)
+    newer = push_image(sp, "other", "t", layers=[40_000], seed=12)
+    await copy(f"{src.host}/other:t", f"{dst.host}/other:t", src.host, dst.host)
     r = await copy(f"{src.host}/pinned:t@{img.digest}", f"{dst.host}/other:t@{img.digest}", src.host, dst.host)
-    assert dp.tags("other") == ["t"]
+    assert r.digest == img.digest and dp.tags("other") == ["t"]
+    tagged, pinned = dp.get_manifest("other", "t"), dp.get_manifest("other", img.digest)
+    assert tagged is not None and tagged[0] == newer.manifest and pinned is not None and pinned[0] == img.manifest
     # a digest the source lacks
     missing = "sha256:" + "0" * 64
     with pytest.raises(NotFoundError) as err:

@@ -16,7 +16,9 @@ Order of work, so that a failure leaves nothing tagged at the destination:
 4. attached artifacts of the image and, for an index, of each platform manifest: OCI 1.1
    referrers (API, else the ``sha256-<hex>`` tag schema) and cosign-style tags
    (``sha256-<hex>.sig``/``.att``/``.sbom``), looked up at the source while step 2 runs;
-5. the top manifest, by tag (or by digest), last.
+5. the top manifest, by tag (or by digest), last. A destination pinned to a digest is pushed by
+   digest only: a ``repo:tag@digest`` copy never moves the tag, which another copy of the same
+   repository (another namespace's Artifact) may hold.
 """
 
 from __future__ import annotations
@@ -426,8 +428,8 @@ async def copy_image(
 ) -> CopyResult:
     """Copy ``src`` to ``dst`` (see the module docstring). Raises TemporaryError or PermanentError.
 
-    ``dst`` keeps ``src``'s digest: a ``dst`` pinned to another digest is refused. A ``dst`` with a
-    tag is tagged (last); one with only a digest is pushed by digest.
+    ``dst`` keeps ``src``'s digest: a ``dst`` pinned to another digest is refused. A ``dst`` pinned
+    to a digest is pushed by digest (its tag, if any, is left as it is); one with only a tag is tagged (last).
     """
     options = options or CopyOptions()
     own = session is None
@@ -441,7 +443,7 @@ async def copy_image(
         info = top.info  # an unsupported type (schema 1) raises a clear UnsupportedManifestError here
         if dst.digest and dst.digest != top.digest:
             raise PermanentError(f"destination {dst} is pinned to a digest other than the source's {top.digest}")
-        push_ref = dst.tag or top.digest
+        push_ref = top.digest if dst.digest else dst.tag or top.digest
         present = await dst_repo.head_manifest(push_ref)
         # An index's platform manifests can carry their own signatures (`cosign sign --recursive`).
         subjects = [top.digest, *(d["digest"] for d in info.children)] if options.attached else []

@@ -130,7 +130,7 @@ class ArtifactReconciler:
             return await self._verify(dst)
         assert self.session is not None
         repo = self.session.repository(dst.host, dst.repository, self.config.registry_credentials)
-        found = await repo.head_manifest(dst.tag or dst.pull_ref)
+        found = await repo.head_manifest(dst.pull_ref)  # a pinned copy is by digest: its tag is not ours
         return found[0] if found else None
 
     # -- events ---------------------------------------------------------------------------------
