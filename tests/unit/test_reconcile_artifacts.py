@@ -147,7 +147,7 @@ async def test_permanent_failure_backs_off_without_hot_loop_or_event_flood() -> 
     s = kube.status("a/gone")
     cond = st.condition(s["conditions"], "Ready")
     assert s["phase"] == "Failed" and cond is not None
-    assert (cond["reason"], cond["message"]) == ("NotFound", "manifest unknown: ghcr.io/x/gone:1")
+    assert (cond["reason"], cond["message"]) == ("NotFound", "manifest unknown: ghcr.io/x/gone:1 (with namespace a's own access: anonymous)")
     assert len(kube.status_writes) == 2  # Copying, Failed
     due = r.queue.next_due()
     assert due is not None and due - clock.now == pytest.approx(300)  # permanent: long wait
@@ -347,3 +347,84 @@ async def test_a_lost_copy_with_the_source_down_is_not_ready() -> None:
     clock.now = r.queue.next_due() or 0
     await drain(r, kube)
     assert kube.status("a/img")["phase"] == "Failed" and kube.status("b/img")["phase"] == "Failed"
+
+
+def docker_config(host: str, user: str, password: str) -> bytes:
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return json.dumps({"auths": {host: {"auth": auth}}}).encode()
+
+
+class Upstream(Script):
+    """A private source: only ``allowed`` credentials read it (the others get 401), as a registry would."""
+
+    def __init__(self, allowed: Credentials | None, digest: str = DIGEST) -> None:
+        super().__init__(result(digest))
+        self.allowed = allowed
+
+    async def copy(self, src: reference.Reference, dst: reference.Reference, creds: Credentials | None) -> CopyResult:
+        if creds != self.allowed:
+            self.calls.append((str(src), str(dst), creds))
+            raise AuthenticationError(f"{src.host}: 401 unauthorized")
+        return await super().copy(src, dst, creds)
+
+
+async def test_a_namespace_without_access_is_not_ready_from_another_namespaces_copy() -> None:
+    """#15: B's copy (B's secret) must not make A's Artifact Ready; A's attempt is made with A's own access."""
+    kube, clock = FakeKube(), Clock()
+    b_creds = Credentials(username="b-robot", password="b-pass")
+    script = Upstream(b_creds)
+    kube.secrets["b/acr"] = docker_config("myacr.azurecr.io", "b-robot", "b-pass")
+    r = make(script, kube, clock)
+    src = "myacr.azurecr.io/private/reporter:1"
+    r.on_event("ADDED", kube.add("b", "img", src, ["acr"]))
+    r.on_event("ADDED", kube.add("a", "img", src))  # no pull secret of its own
+    await drain(r, kube)
+    assert kube.status("b/img")["phase"] == "Ready"
+    s = kube.status("a/img")
+    cond = st.condition(s["conditions"], "Ready")
+    assert s["phase"] == "Failed" and "digest" not in s and cond is not None and cond["reason"] == "Authentication"
+    assert "namespace a's own access: anonymous" in cond["message"]
+    assert {c[2] for c in script.calls} == {None, b_creds}  # A tried anonymously, never with B's secret
+    # a retry later still uses A's access only; B stays Ready throughout
+    script.calls.clear()
+    clock.now = r.queue.next_due() or 0
+    await drain(r, kube)
+    assert [c[2] for c in script.calls] == [None] and kube.status("a/img")["phase"] == "Failed"
+    assert kube.status("b/img")["phase"] == "Ready"
+
+
+async def test_a_namespace_with_its_own_access_is_verified_and_ready_on_an_existing_copy() -> None:
+    kube, clock = FakeKube(), Clock()
+    creds = Credentials(username="robot", password="pw")
+    script = Upstream(creds)
+    for ns in ("a", "b"):
+        kube.secrets[f"{ns}/acr-{ns}"] = docker_config("myacr.azurecr.io", "robot", "pw")
+    r = make(script, kube, clock)
+    src = "myacr.azurecr.io/private/reporter:1"
+    r.on_event("ADDED", kube.add("b", "img", src, ["acr-b"]))
+    await drain(r, kube)
+    r.on_event("ADDED", kube.add("a", "img", src, ["acr-a"]))  # later: the image is already there
+    await drain(r, kube)
+    assert [c[2] for c in script.calls] == [creds, creds]  # A's own attempt happened (its own secret)
+    assert kube.status("a/img")["phase"] == "Ready" and kube.status("a/img")["digest"] == DIGEST
+
+
+async def test_namespaces_with_different_credentials_each_make_their_own_attempt() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    kube.secrets["a/s"] = docker_config("myacr.azurecr.io", "a-robot", "x")
+    kube.secrets["b/s"] = docker_config("myacr.azurecr.io", "b-robot", "y")
+    r = make(script, kube, clock)
+    for ns in ("a", "b", "c"):
+        r.on_event("ADDED", kube.add(ns, "img", "myacr.azurecr.io/app:1", ["s"] if ns != "c" else None))
+    await drain(r, kube)
+    users = sorted(c[2].username if c[2] else "" for c in script.calls)
+    assert users == ["", "a-robot", "b-robot"]  # c: anonymous (a public image is Ready by that)
+    assert all(kube.status(f"{ns}/img")["phase"] == "Ready" for ns in ("a", "b", "c"))
+
+
+def test_for_namespace_names_whose_access_was_tried() -> None:
+    failed = st.CopyFailed("AccessDenied", "denied", False)
+    got = st.for_namespace(failed, "a", ("acr",), ("a/acr",))
+    assert isinstance(got, st.CopyFailed) and got.message == "denied (with namespace a's own access: pull secrets acr; pull secrets not found: a/acr)"
+    other = st.CopyFailed("Unavailable", "down", True)
+    assert st.for_namespace(other, "a", (), ()) is other

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 CONTROLLER = "clusterregistry.io/artifact-reconciler"
 # Failure reasons a new or fixed pull secret may cure (registries answer 404 to anonymous pulls too).
-ACCESS_REASONS = frozenset({"Authentication", "AccessDenied", "NotFound"})
+ACCESS_REASONS = st.ACCESS_REASONS
 
 # (source, destination, source credentials) -> result; raises ClusterRegistryError
 CopyFn = Callable[[reference.Reference, reference.Reference, Credentials | None], Awaitable[CopyResult]]
@@ -327,7 +327,48 @@ class ArtifactReconciler:
         left = [cfg.namespace_quota - usage.get(m.namespace, 0) for m in members if affected(m) and m.key not in over]
         max_size = min([n for n in (cfg.max_image_size, *left) if n > 0], default=0)
         quota_limited = bool(left) and max_size in left and max_size != cfg.max_image_size
-        creds, missing, secrets_fp = await self._credentials(members, src.host)
+        # Each namespace reaches the source with its own pull secrets (or anonymously), never another's:
+        # an Artifact is Ready only when ITS credentials fetched the manifest (a copy, or a few requests
+        # when the image is already there). Namespaces with the same credentials share one attempt.
+        targets = [m for m in members if m.key not in over and affected(m)] or [m for m in members if m.key not in over]
+        access, secrets_fp = await self._credentials(targets, src.host)
+        attempts: dict[Credentials | None, list[st.ArtifactView]] = {}
+        for m in targets:
+            attempts.setdefault(access[m.key][0], []).append(m)
+        outcomes: dict[str, st.Outcome] = {}
+        for creds, group in attempts.items():
+            outcome = await self._attempt(src, dst, creds, max_size)
+            for m in group:
+                outcomes[m.key] = st.for_namespace(outcome, m.namespace, m.pull_secrets, access[m.key][1])
+            if isinstance(outcome, st.Locked):
+                break  # every other attempt would wait on the same lock
+        late = False
+        for m in self.members(dest):  # fresh: members may have changed during the copy
+            if m.key in outcomes:
+                await self._write(m, st.within_quota(outcomes[m.key], m, usage, cfg.namespace_quota, quota_limited))
+            elif m.key not in over and not (m.observed and m.phase == Phase.READY):
+                late = True  # joined during the copy: its own attempt comes next
+        now = self.clock()
+        self.secrets_at_failure.pop(dest, None)
+        done = list(outcomes.values())
+        if done and all(isinstance(o, st.Copied) for o in done):
+            self.copy_wanted.discard(dest)
+            self.lost.discard(dest)
+            self.attempts.pop(dest, None)
+            return now if late else now + cfg.verify_interval * (0.9 + 0.2 * self.rand())
+        if not done or any(isinstance(o, st.Locked) for o in done):
+            return now + st.deferred_delay(self.rand(), cfg.policy)
+        if any(isinstance(o, st.Copied) for o in done):
+            self.lost.discard(dest)  # the image is there again; what is left is a namespace's access
+        failed = [o for o in done if isinstance(o, st.CopyFailed)]
+        if any(o.reason in ACCESS_REASONS for o in failed):
+            self.secrets_at_failure[dest] = secrets_fp  # as read before the copy: no change is missed
+        attempt = self.attempts[dest] = self.attempts.get(dest, 0) + 1
+        return now + st.backoff_delay(attempt, any(o.temporary for o in failed), self.rand(), cfg.policy)
+
+    async def _attempt(self, src: reference.Reference, dst: reference.Reference, creds: Credentials | None, max_size: int) -> st.Outcome:
+        """One copy of ``src`` with ``creds``, classified, logged and counted."""
+        dest = str(dst)
         started = time.monotonic()
         outcome: st.Outcome
         try:
@@ -342,46 +383,29 @@ class ArtifactReconciler:
                 log.warning(
                     "copy failed", extra={"destination": dest, "reason": outcome.reason, "error": err.message, "detail": err.detail}
                 )
+            if isinstance(outcome, st.CopyFailed):
+                self.metrics.failures.labels(outcome.reason, "temporary" if outcome.temporary else "permanent").inc()
         else:
             outcome = st.Copied(dest, result.digest, result.size, tuple(result.platforms))
             self.metrics.copy_bytes.inc(result.bytes_copied)
             log.info(
                 "copied", extra={"destination": dest, "digest": result.digest, "size": result.size, "seconds": round(result.seconds, 3)}
             )
-        elapsed = time.monotonic() - started
-        if isinstance(outcome, st.CopyFailed) and missing and outcome.reason in ACCESS_REASONS:
-            outcome = st.CopyFailed(outcome.reason, f"{outcome.message} (pull secrets not found: {', '.join(missing)})", outcome.temporary)
         result_label = {st.Copied: "ready", st.CopyFailed: "failed", st.Locked: "deferred"}[type(outcome)]
         self.metrics.copies.labels(result_label).inc()
-        self.metrics.copy_seconds.labels(result_label).observe(elapsed)
-        for m in self.members(dest):  # fresh: members may have changed during the copy
-            if m.key in over:
-                continue
-            if isinstance(outcome, st.Copied) or affected(m):
-                await self._write(m, st.within_quota(outcome, m, usage, cfg.namespace_quota, quota_limited))
-        now = self.clock()
-        self.secrets_at_failure.pop(dest, None)
-        if isinstance(outcome, st.Copied):
-            self.copy_wanted.discard(dest)
-            self.lost.discard(dest)
-            self.attempts.pop(dest, None)
-            return now + cfg.verify_interval * (0.9 + 0.2 * self.rand())
-        if isinstance(outcome, st.Locked):
-            return now + st.deferred_delay(self.rand(), cfg.policy)
-        assert isinstance(outcome, st.CopyFailed)
-        if outcome.reason in ACCESS_REASONS:
-            self.secrets_at_failure[dest] = secrets_fp  # as read before the copy: no change is missed
-        self.metrics.failures.labels(outcome.reason, "temporary" if outcome.temporary else "permanent").inc()
-        attempt = self.attempts[dest] = self.attempts.get(dest, 0) + 1
-        return now + st.backoff_delay(attempt, outcome.temporary, self.rand(), cfg.policy)
+        self.metrics.copy_seconds.labels(result_label).observe(time.monotonic() - started)
+        return outcome
 
-    async def _credentials(self, members: list[st.ArtifactView], host: str) -> tuple[Credentials | None, list[str], str]:
-        """Source credentials from the members' pull secrets (first match wins), the missing Secrets,
-        and a fingerprint of every pull secret read (to notice when one is created or fixed)."""
-        missing: list[str] = []
-        found: Credentials | None = None
+    async def _credentials(
+        self, members: list[st.ArtifactView], host: str
+    ) -> tuple[dict[str, tuple[Credentials | None, list[str]]], str]:
+        """Each member's own source credentials (its first pull secret for ``host``; None: anonymous) and
+        its missing Secrets, and a fingerprint of every pull secret read (to notice one created or fixed)."""
+        access: dict[str, tuple[Credentials | None, list[str]]] = {}
         fingerprint = hashlib.sha256()
         for m in members:
+            found: Credentials | None = None
+            missing: list[str] = []
             for name in m.pull_secrets:
                 try:
                     data = await asyncio.to_thread(self.kube.docker_config, m.namespace, name)
@@ -398,7 +422,8 @@ class ArtifactReconciler:
                     found = credentials_from_docker_config(data, host)
                 except ClusterRegistryError as err:
                     log.warning("pull secret %s/%s: %s", m.namespace, name, err.message)
-        return found, missing, fingerprint.hexdigest()
+            access[m.key] = (found, missing)
+        return access, fingerprint.hexdigest()
 
     async def _write(self, stale: st.ArtifactView, outcome: st.Outcome) -> None:
         """Write the status after ``outcome`` (only what changed) and the Event of the transition.

@@ -206,6 +206,21 @@ def within_quota(outcome: Outcome, m: ArtifactView, usage: Mapping[str, int], qu
     return outcome
 
 
+ACCESS_REASONS = frozenset({"Authentication", "AccessDenied", "NotFound"})  # a namespace's own secrets may cure them
+
+
+def for_namespace(outcome: Outcome, namespace: str, secrets: Iterable[str], missing: Iterable[str]) -> Outcome:
+    """``outcome`` of an attempt made with ``namespace``'s own pull secrets, as that namespace's Artifact
+    reports it: an access failure says whose credentials were tried (another namespace's copy of the
+    same image never makes this one Ready) and which of its Secrets do not exist."""
+    if not (isinstance(outcome, CopyFailed) and outcome.reason in ACCESS_REASONS):
+        return outcome
+    names = ", ".join(secrets)
+    absent = ", ".join(missing)
+    how = (f"pull secrets {names}" if names else "anonymous") + (f"; pull secrets not found: {absent}" if absent else "")
+    return CopyFailed(outcome.reason, f"{outcome.message} (with namespace {namespace}'s own access: {how})", outcome.temporary)
+
+
 def failure(err: BaseException) -> CopyFailed | Locked:
     """Classify an exception raised by a copy as an outcome (an unknown exception is temporary)."""
     from cluster_registry.errors import WriteLockedError
