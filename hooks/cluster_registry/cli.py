@@ -21,6 +21,7 @@ COMMANDS = {
     "copy": "cluster_registry.oci.cli:copy",
     # Beyond the fixed list: the registry's write gate and the webhook's certificate manager.
     "gate": "cluster_registry.gate.cli:gate",
+    "token-service": "cluster_registry.gate.cli:token_service",  # distribution's token realm
     "certs": "cluster_registry.certs.cli:certs",
     "registry-secret": "cluster_registry.install.registry_secret:registry_secret",
     "node-proxy": "cluster_registry.nodeproxy.cli:node_proxy",  # the registry on each node's loopback

@@ -6,7 +6,6 @@ The gate runs in-process (its own event loop in a thread); the lock state is dri
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import threading
 import time
@@ -15,47 +14,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from cluster_registry.gate.protocol import LeaseView
 from cluster_registry.gate.proxy import Credentials, make_app
 from cluster_registry.gate.state import GateState
 from tests.support.ociimages import HTTPError, Pusher, layer_chunks, push_image
-from tests.support.registry import Registry, free_port, run_registry
+from tests.support.registry import AppServer as GateServer
+from tests.support.registry import Registry, run_registry
 
 USER, PASSWORD = "writer", "gate-test-password"
-
-
-class GateServer:
-    """Run an aiohttp app on 127.0.0.1 in a thread with its own loop."""
-
-    def __init__(self, app: web.Application) -> None:
-        self.app, self.port = app, free_port()
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.runner = web.AppRunner(self.app, access_log=None)
-        self.loop.run_until_complete(self.runner.setup())
-        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.runner.cleanup())
-
-    def __enter__(self) -> GateServer:
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ Each registry gets a free port and its own storage directory; it is stopped by i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import ctypes
@@ -190,6 +191,40 @@ class TokenServer:
             self._server.server_close()
 
 
+class AppServer:
+    """Run an aiohttp app on 127.0.0.1 in a thread with its own loop (the gate, the token service)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app, self.port = app, free_port()
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from aiohttp import web
+
+        asyncio.set_event_loop(self.loop)
+        self.runner = web.AppRunner(self.app, access_log=None)
+        self.loop.run_until_complete(self.runner.setup())
+        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.runner.cleanup())
+
+    def __enter__(self) -> AppServer:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
 @dataclass
 class Registry:
     host: str
@@ -218,7 +253,8 @@ class Registry:
                 self.proc.wait()
 
 
-def _config(root: Path, port: int, htpasswd: Path | None, tls: tuple[Path, Path] | None, token: TokenServer | None) -> str:
+def _config(root: Path, port: int, htpasswd: Path | None, tls: tuple[Path, Path] | None, token: TokenServer | None,
+            token_auth: dict[str, str] | None = None, debug_port: int | None = None) -> str:
     lines = [
         "version: 0.1",
         "log:",
@@ -239,7 +275,12 @@ def _config(root: Path, port: int, htpasswd: Path | None, tls: tuple[Path, Path]
     ]
     if tls:
         lines += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
-    if htpasswd:
+    if debug_port:
+        lines += ["  debug:", f"    addr: 127.0.0.1:{debug_port}", "    prometheus:", "      enabled: true",
+                  "      path: /metrics"]
+    if token_auth:  # the chart's token service's realm: options as the chart sets them
+        lines += ["auth:", "  token:", *(f"    {k}: {v}" for k, v in token_auth.items())]
+    elif htpasswd:
         lines += ["auth:", "  htpasswd:", "    realm: test-registry", f"    path: {htpasswd}"]
     elif token:
         bundle = root / "token-signer.pem"
@@ -257,6 +298,8 @@ def start_registry(
     htpasswd: tuple[str, str] | None = None,
     tls: bool = False,
     token: TokenServer | None = None,
+    token_auth: dict[str, str] | None = None,
+    debug_port: int | None = None,
     timeout: float = 20.0,
 ) -> Registry:
     """Start a registry under ``root`` (created); wait until it answers ``/v2/``."""
@@ -271,7 +314,8 @@ def start_registry(
         pw_file.write_text(f"{htpasswd[0]}:{bcrypt_hash(htpasswd[1])}\n")
     tls_files = _write_tls(root) if tls else None
     config = root / "config.yml"
-    config.write_text(_config(root, port, pw_file, (tls_files[1], tls_files[2]) if tls_files else None, token))
+    config.write_text(_config(root, port, pw_file, (tls_files[1], tls_files[2]) if tls_files else None, token,
+                              token_auth, debug_port))
     log = open(root / "registry.log", "ab")
     proc = subprocess.Popen([str(binary), "serve", str(config)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     log.close()

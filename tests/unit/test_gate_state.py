@@ -163,3 +163,19 @@ def test_last_gc_window_is_read_from_the_lock_lease_and_kept_across_reads(st: Ga
     st.observe(v1({ANNOTATION_LAST_WINDOW: "garbage"}))
     st.observe(None)
     assert st.last_window == 2.345, "an unreadable annotation or a deleted Lease keeps the last known window"
+
+
+def test_push_tokens_delay_the_drain_ack_until_they_died(st: GateState, clock: Clock) -> None:
+    st.observe(None)
+    assert st.grant_push(20.0) is Lock.FREE
+    st.observe(lease("gc-1"))
+    assert st.grant_push(20.0) is Lock.HELD, "no push token while GC holds the lock"
+    assert st.ack_wanted() is None, "a push token issued before the lock is still alive"
+    assert st.drain_in() == pytest.approx(20.0)
+    clock.t += 12
+    st.observe(lease("gc-1", renew=WALL + timedelta(seconds=12)))  # GC renewed
+    assert st.ack_wanted() is None and st.drain_in() == pytest.approx(8.0)
+    clock.t += 8
+    assert st.ack_wanted() == "gc-1" and st.drain_in() == 0
+    st.acknowledged("gc-1")
+    assert st.drain_in() is None

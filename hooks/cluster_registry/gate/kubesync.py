@@ -1,17 +1,22 @@
-"""The gate's Kubernetes side, in two threads: a watch of the lock Lease feeding ``GateState``, and
-the replica's heartbeat Lease carrying its drain ack (see ``protocol``)."""
+"""The token service's Kubernetes side, in threads: a watch of the lock Lease feeding ``GateState``,
+the replica's heartbeat Lease carrying its drain ack (see ``protocol``), a poll of its Secrets and the
+Artifacts that say which namespace may pull what."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
 
+import yaml
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from cluster_registry import pullcreds
+from cluster_registry.gate.access import ReadyIndex
 from cluster_registry.gate.protocol import (
     ANNOTATION_DRAINED,
     GATE_LEASE_SECONDS,
@@ -20,6 +25,7 @@ from cluster_registry.gate.protocol import (
     view,
 )
 from cluster_registry.gate.state import GateState
+from cluster_registry.kubeio import Informer
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +164,8 @@ class Heartbeat(threading.Thread):
             except Exception as err:  # noqa: BLE001 - fence by staleness; keep trying
                 log.warning("heartbeat failed; retrying", extra={"error": str(err)[:300]})
                 interval = 1.0
-            self.wake.wait(interval)
+            drain = self.state.drain_in()  # ack as soon as the last push token has died
+            self.wake.wait(interval if drain is None else min(interval, drain + 0.05))
             self.wake.clear()
 
     def remove(self) -> None:
@@ -167,3 +174,68 @@ class Heartbeat(threading.Thread):
             self.coord.delete_namespaced_lease(self.name, self.namespace, _request_timeout=5)
         except Exception:  # noqa: BLE001 - it expires by itself
             pass
+
+
+class SecretPoller(threading.Thread):
+    """Re-read a few Secrets by name every ``interval`` seconds (RBAC: ``get`` on those names only), so
+    a rotated key or password is in use within seconds and nothing is cached for longer."""
+
+    def __init__(self, api: client.ApiClient, namespace: str, names: list[str], stop: threading.Event,
+                 interval: float = 5.0) -> None:
+        super().__init__(name="token-secrets", daemon=True)
+        self.core = client.CoreV1Api(api)
+        self.namespace, self.names, self.stop, self.interval = namespace, names, stop, interval
+        self.data: dict[str, dict[str, bytes]] = {}  # name -> key -> value; absent Secrets are {}
+        self.synced = threading.Event()
+
+    def poll(self) -> None:
+        for name in self.names:
+            try:
+                secret: Any = self.core.read_namespaced_secret(name, self.namespace, _request_timeout=10)
+                self.data[name] = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                self.data[name] = {}
+        self.synced.set()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.poll()
+            except Exception as err:  # noqa: BLE001 - keep the last values; a rotation waits for the next read
+                log.warning("cannot read the token service's Secrets; retrying", extra={"error": str(err)[:300]})
+            self.stop.wait(self.interval)
+
+
+class ClusterSources:
+    """``service.Sources`` from the cluster: the pull-keys Secret, the pushers' Secrets (polled) and an
+    informer on Artifacts feeding ``access.ReadyIndex`` (updated and read on the event loop)."""
+
+    def __init__(self, secrets: SecretPoller, pull_keys_secret: str, pusher_secrets: dict[str, str],
+                 index: ReadyIndex, informer: Informer | None) -> None:
+        self.secrets, self.pull_keys_secret, self.pusher_secrets = secrets, pull_keys_secret, pusher_secrets
+        self.index, self.informer = index, informer
+
+    def pull_keys(self) -> list[bytes]:
+        data = self.secrets.data.get(self.pull_keys_secret, {})
+        return [data[k] for k in pullcreds.KEY_FIELDS if data.get(k)]
+
+    def pusher_password(self, component: str) -> str | None:
+        name = self.pusher_secrets.get(component)
+        raw = self.secrets.data.get(name, {}).get("credentials.yaml") if name else None
+        if not raw:
+            return None
+        try:
+            doc = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return None
+        if not isinstance(doc, dict) or doc.get("username") != component or not doc.get("password"):
+            return None
+        return str(doc["password"])
+
+    def ready(self, namespace: str) -> frozenset[str]:
+        return self.index.ready(namespace)
+
+    def synced(self) -> bool:
+        return self.secrets.synced.is_set() and (self.informer is None or self.informer.synced.is_set())

@@ -1,7 +1,11 @@
-"""The gate's in-memory view of the write lock, its in-flight writes and its drain ack (no I/O).
+"""The token service's in-memory view of the write lock, of the push tokens it issued and its drain
+ack (no I/O).
 
 Fed by the Lease watch (``observe``/``confirm``) and the heartbeat (``heartbeat_ok``); read on
-every write request (``admit``). Thread-safe: the watch and the heartbeat run in threads.
+every push-token request (``grant_push``). Thread-safe: the watch and the heartbeat run in threads.
+A replica is *drained* for a lock generation once it has seen the lock and every push token it
+issued before has expired at distribution (``push_until``, which includes a grace for requests
+authorised just before expiry and for clock skew between nodes).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class GateState:
         self.confirmed_at: float | None = None
         self.heartbeat_at: float | None = None
         self.inflight = 0
+        self.push_until = 0.0  # monotonic: the last push token issued is dead at distribution by then
         self.acked: str | None = None
         self.last_window: float | None = None  # the last GC run's read-only window (the lock Lease's annotation)
         self.on_drained: Callable[[], None] = lambda: None
@@ -110,6 +115,24 @@ class GateState:
                 self.inflight += 1
             return st
 
+    def grant_push(self, lifetime: float) -> Lock:
+        """Record a push token living ``lifetime`` seconds (grace included) if the lock is free;
+        otherwise say why not."""
+        with self._mu:
+            now = self.clock()
+            st = self._status_locked(now)
+            if st is Lock.FREE:
+                self.push_until = max(self.push_until, now + lifetime)
+            return st
+
+    def drain_in(self) -> float | None:
+        """Seconds until this replica may acknowledge the held lock (0: now), None when not held."""
+        with self._mu:
+            now = self.clock()
+            if not self.holder or now >= self.observed_at + self.duration or self.acked == self.holder or self.inflight:
+                return None  # nothing to ack, or the last in-flight write's end wakes the heartbeat
+            return max(0.0, self.push_until - now)
+
     def done(self) -> None:
         with self._mu:
             self.inflight -= 1
@@ -119,12 +142,13 @@ class GateState:
 
     # -- the drain ack ------------------------------------------------------------------------------
     def _drained_locked(self, now: float) -> bool:
-        return bool(self.holder) and self.inflight == 0 and self.acked != self.holder and (
+        return bool(self.holder) and self.inflight == 0 and now >= self.push_until and self.acked != self.holder and (
             now < self.observed_at + self.duration
         )
 
     def ack_wanted(self) -> str | None:
-        """The generation to acknowledge now (held, nothing in flight, not yet acked), if any."""
+        """The generation to acknowledge now (held, nothing in flight, every push token dead, not yet
+        acked), if any."""
         with self._mu:
             if self._drained_locked(self.clock()):
                 return self.holder

@@ -291,6 +291,8 @@ class RegistrySession:
                     await asyncio.sleep(policy.delay(attempt))
                     continue
                 raise RegistryUnavailableError(f"cannot reach the token service of {host}: {describe(err.cause)}") from None
+            if resp.status == 503 and resp.headers.get(LOCK_HEADER):  # no push token while GC locks: defer
+                raise status_error(resp.status, resp.headers, resp.body, f"get a push token for {host}", host=host, where=host)
             if is_retryable_status(resp.status) and policy.should_retry(attempt):
                 await asyncio.sleep(policy.delay(attempt, parse_retry_after(resp.headers.get("Retry-After"), time.time())))
                 continue
@@ -488,7 +490,8 @@ class Repository:
     async def delete_manifest(self, digest: str) -> bool:
         """Delete the manifest ``digest`` (untags every tag pointing at it). False if it was absent."""
         what = f"delete manifest {self.where}@{digest}"
-        resp = await self.request("DELETE", f"/manifests/{media.check_digest(digest)}", what=what)
+        resp = await self.request("DELETE", f"/manifests/{media.check_digest(digest)}", what=what,
+                                  extra_scopes=(f"repository:{self.name}:delete",))  # distribution v3 asks for it
         if resp.status == 404:
             return False
         if resp.status not in (200, 202):
