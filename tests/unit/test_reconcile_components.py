@@ -154,6 +154,50 @@ def test_component_status_counts_and_conditions() -> None:
     assert ready["lastTransitionTime"] == "2027-01-15T08:00:09Z"
 
 
+@pytest.mark.parametrize(
+    ("failures", "stalled_on"),
+    [
+        ({"b": ("NotFound", "manifest unknown")}, "b"),  # the image does not exist: Failed for kstatus
+        ({"b": ("RegistryUnavailable", "connection refused")}, None),  # retried: InProgress
+        ({"a": ("RateLimited", "429"), "b": ("AccessDenied", "denied")}, "b"),  # the permanent one is named
+    ],
+)
+def test_an_image_failed_for_good_stalls_the_component_a_retried_one_keeps_it_reconciling(
+    failures: dict[str, tuple[str, str]], stalled_on: str | None
+) -> None:
+    src = {k: f"docker.io/library/{k}:1" for k in "abc"}
+    arts = {reference.artifact_name(src["c"]): artifact_with(Copied("r/x", "sha256:" + "0" * 64, 1))}
+    for k, (reason, message) in failures.items():
+        arts[reference.artifact_name(src[k])] = artifact_with(CopyFailed(reason, message, reason not in ("RegistryUnavailable", "RateLimited")))
+    s = cs.compute_status({}, 1, cs.desired(src.values()), arts, NOW)
+    conds = {c["type"]: c for c in s["conditions"]}
+    assert conds["Ready"]["status"] == "False" and conds["Ready"]["reason"] == "ArtifactFailed"
+    if stalled_on is None:
+        assert set(conds) == {"Ready", "Reconciling"}
+        return
+    assert set(conds) == {"Ready", "Stalled"}  # kstatus reads Stalled=True as Failed, with this message
+    assert conds["Stalled"]["message"] == conds["Ready"]["message"]
+    assert conds["Ready"]["message"] == f"1/3 ready; {src[stalled_on]}: {failures[stalled_on][1]}"
+
+
+def test_every_permanent_error_reason_stalls_a_component() -> None:
+    import importlib
+    import pkgutil
+
+    import cluster_registry
+    from cluster_registry.errors import PermanentError
+
+    for mod in pkgutil.walk_packages(cluster_registry.__path__, "cluster_registry."):
+        if not mod.name.endswith("__main__"):
+            importlib.import_module(mod.name)
+
+    def subclasses(cls: type[PermanentError]) -> list[type[PermanentError]]:
+        return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+    reasons = {cls("m").reason for cls in subclasses(PermanentError)}
+    assert cs.PERMANENT_FAILURES == reasons | {"QuotaExceeded"}
+
+
 def test_component_status_render_error_and_invalid_images_are_not_ready() -> None:
     want = cs.desired(["nginx", "Bad/Name"])
     s = cs.compute_status({}, 1, want, {}, NOW)

@@ -24,6 +24,16 @@ from cluster_registry.errors import InvalidReferenceError
 from cluster_registry.reconcile.status import READY, condition, set_condition
 
 
+# Reasons of an Artifact's failure that retrying will not fix: those of the PermanentError subclasses
+# (errors.py, oci/) and the quota's (a unit test keeps the list complete). A Component with such an image
+# is Stalled (kstatus: Failed); any other failure (unreachable registry, 429, internal) is retried.
+PERMANENT_FAILURES = frozenset({
+    "AccessDenied", "Authentication", "Config", "CorruptBlob", "ImageTooLarge", "Input", "InvalidReference",
+    "NotFound", "Permanent", "QuotaExceeded", "RegistryProtocol", "TLS", "Unit", "UnsupportedManifest",
+    "UnsupportedOperation",
+})
+
+
 @dataclass(frozen=True)
 class Desired:
     """The Artifacts a Component wants (by normalised source) and the image strings that do not parse."""
@@ -90,6 +100,13 @@ def component_owners(artifact: Mapping[str, Any]) -> list[str]:
     return [str(r["name"]) for r in refs if r.get("kind") == "Component" and str(r.get("apiVersion", "")).startswith("clusterregistry.io/")]
 
 
+def failed_for_good(artifact: Mapping[str, Any] | None) -> bool:
+    """Whether the Artifact's copy failed for a reason retrying will not fix."""
+    status = (artifact or {}).get("status") or {}
+    reason = (condition(status.get("conditions"), READY) or {}).get("reason")
+    return status.get("phase") == Phase.FAILED and reason in PERMANENT_FAILURES
+
+
 def image_state(source: str, artifact: Mapping[str, Any] | None) -> ImageStatus:
     name = reference.artifact_name(source)
     if artifact is None:
@@ -116,10 +133,13 @@ def compute_status(
 
     Besides ``Ready``, the kstatus conditions (abnormal-true, present only while true) let Flux and
     other kstatus readers tell "still working" from "stuck": ``Reconciling`` while images are being
-    copied or retried, ``Stalled`` when only a change to the Component can help (an image that does
-    not parse, a chart that cannot be rendered for a permanent reason).
+    copied or retried, ``Stalled`` when retrying alone will not help (an image that does not parse or
+    whose copy failed for good, e.g. it does not exist; a chart that cannot be rendered for a permanent
+    reason). Both carry the ``Ready`` message, which kstatus reports as the Component's.
     """
-    images = [image_state(s, artifacts.get(reference.artifact_name(s))) for s in want.sources]
+    found = [artifacts.get(reference.artifact_name(s)) for s in want.sources]
+    images = [image_state(s, a) for s, a in zip(want.sources, found)]
+    stuck = [i for i, a in zip(images, found) if failed_for_good(a)]
     for image, why in want.invalid:
         images.append(ImageStatus(sourceArtifact=image, artifact="", phase=Phase.FAILED.value, message=why))
     total = len(images)
@@ -136,7 +156,7 @@ def compute_status(
     elif ready_count == total:
         status_value, reason, message = "True", "AllReady", f"all {total} images are in the cluster registry"
     elif Phase.FAILED in phases:
-        failed = next(i for i in images if i["phase"] == Phase.FAILED)
+        failed = (stuck or [i for i in images if i["phase"] == Phase.FAILED])[0]
         status_value, reason = "False", "ArtifactFailed"
         message = f"{ready_count}/{total} ready; {failed['sourceArtifact']}: {failed.get('message', 'failed')}"
     elif Phase.DEFERRED in phases:
@@ -147,7 +167,11 @@ def compute_status(
     conditions: list[Condition] = set_condition(
         current.get("conditions"), READY, status_value, reason, message, now, generation
     )
-    stalled = reason == "InvalidImage" or (reason == "ChartRenderFailed" and not render_temporary)
+    stalled = (
+        reason == "InvalidImage"
+        or (reason == "ChartRenderFailed" and not render_temporary)
+        or (reason == "ArtifactFailed" and bool(stuck))
+    )
     for type_, on in (("Reconciling", status_value != "True" and not stalled), ("Stalled", stalled)):
         if on:
             conditions = set_condition(conditions, type_, "True", reason, message, now, generation)
