@@ -428,3 +428,15 @@ def test_for_namespace_names_whose_access_was_tried() -> None:
     assert isinstance(got, st.CopyFailed) and got.message == "denied (with namespace a's own access: pull secrets acr; pull secrets not found: a/acr)"
     other = st.CopyFailed("Unavailable", "down", True)
     assert st.for_namespace(other, "a", (), ()) is other
+
+
+async def test_every_artifacts_namespace_is_handed_to_the_pull_secret_controller() -> None:
+    from cluster_registry.reconcile.pullsecrets import PullSecrets
+
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    secrets = PullSecrets(None, "cr", "cr-pull-keys", "cluster-registry-pull", "127.0.0.1:5050")  # type: ignore[arg-type]
+    r = ArtifactReconciler(kube, Config(registry_host=REG), artifact_metrics(), copy=script.copy, verify=script.verify,  # type: ignore[arg-type]
+                           rand=lambda: 0.5, clock=clock, pull_secrets=secrets)
+    for ns in ("a", "b", "a"):
+        r.on_event("ADDED", kube.add(ns, f"img-{len(kube.objects)}", "ghcr.io/x/y:1"))
+    assert secrets.namespaces == {"a", "b"}

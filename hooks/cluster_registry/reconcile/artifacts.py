@@ -33,6 +33,7 @@ from cluster_registry.oci import (
 from cluster_registry.reconcile import status as st
 from cluster_registry.kubeio import Informer, Kube, Obj, key_of
 from cluster_registry.reconcile.metrics import ArtifactMetrics
+from cluster_registry.reconcile.pullsecrets import PullSecrets
 from cluster_registry.reconcile.queue import DelayQueue, Groups
 from cluster_registry.reconcile.worker import next_due, store_newer
 
@@ -87,8 +88,10 @@ class ArtifactReconciler:
         verify: VerifyFn | None = None,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.time,
+        pull_secrets: PullSecrets | None = None,
     ) -> None:
         self.kube = kube
+        self.pull_secrets = pull_secrets  # registryAccess isolated: every Artifact's namespace gets the pull Secret
         self.config = config
         self.metrics = metrics
         self._copy = copy
@@ -150,6 +153,8 @@ class ArtifactReconciler:
             return
         store_newer(self.objects, obj)
         v = st.view(self.objects[key])
+        if self.pull_secrets is not None:
+            self.pull_secrets.add(v.namespace)
         try:
             dest = st.destination(v.source, self.config.registry_host)
         except InvalidReferenceError as err:
@@ -206,6 +211,10 @@ class ArtifactReconciler:
         self.informer.start()
         workers = [asyncio.ensure_future(self.worker(i)) for i in range(max(1, self.config.workers))]
         helpers = [asyncio.ensure_future(self._phase_gauge()), asyncio.ensure_future(self._watch_secrets())]
+        if self.pull_secrets is not None:
+            self.pull_secrets.namespaces.clear()  # a new term: namespaces come from the fresh list
+            self.pull_secrets.written.clear()
+            helpers.append(asyncio.ensure_future(self.pull_secrets.run()))
         try:
             await asyncio.gather(*workers, *helpers)
         finally:

@@ -26,6 +26,7 @@ from cluster_registry.reconcile import artifacts as arts
 from cluster_registry.reconcile import components as comps
 from cluster_registry.reconcile import status as st
 from cluster_registry.reconcile.metrics import artifact_metrics, component_metrics
+from cluster_registry.reconcile.pullsecrets import KubeSecrets, PullSecrets, rotate_keys
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,17 @@ def reconcile() -> None:
               help="bytes of blobs one image may declare; larger images fail before any blob is fetched (0: no limit)")
 @click.option("--namespace-quota", type=click.IntRange(0), default=0, show_default=True,
               help="bytes of Ready images one namespace may hold; past it its Artifacts fail with QuotaExceeded (0: none)")
+@click.option("--pull-secret", default="", help="registryAccess isolated: keep this pull Secret in every namespace with an "
+              "Artifact (empty: none, the registry is shared)")
+@click.option("--pull-secret-host", default="", help="the registry host the pull Secrets are for: where the webhook rewrites to")
+@click.option("--pull-keys", default="", help="the release's key Secret in --namespace (created when missing)")
 def artifacts(
     kubeconfig: str | None, namespace: str, leader_election: bool, lease_name: str, lease_duration: float,
     renew_deadline: float, retry_period: float, http_listen: str, insecure_registry: tuple[str, ...],
     ca_bundle: str | None, watch_namespace: str | None, registry_host: str, registry_insecure: bool, registry_credentials_file: str | None,
     workers: int, verify_interval: float, backoff_base: float, backoff_max: float,
     permanent_backoff_base: float, permanent_backoff_max: float, deferred_retry: float, max_image_size: int,
-    namespace_quota: int,
+    namespace_quota: int, pull_secret: str, pull_secret_host: str, pull_keys: str,
 ) -> None:
     """Copy every Artifact's image into the cluster registry and report its status."""
     identity = default_identity()
@@ -104,7 +109,13 @@ def artifacts(
     )
     metrics = artifact_metrics()
     api = kubeconf.api_client(kubeconfig)
-    reconciler = arts.ArtifactReconciler(Kube(api), config, metrics)
+    kube = Kube(api)
+    secrets = None
+    if pull_secret:
+        if not (pull_secret_host and pull_keys):
+            raise click.UsageError("--pull-secret needs --pull-secret-host and --pull-keys")
+        secrets = PullSecrets(KubeSecrets(kube.core), namespace, pull_keys, pull_secret, pull_secret_host)
+    reconciler = arts.ArtifactReconciler(kube, config, metrics, pull_secrets=secrets)
 
     def synced() -> bool:
         return reconciler.informer is not None and reconciler.informer.synced.is_set()
@@ -204,3 +215,17 @@ def _serve(
 
 
 __all__ = ["reconcile"]
+
+
+@reconcile.command("rotate-pull-keys")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None, help="default: in-cluster, then $KUBECONFIG")
+@click.option("--namespace", envvar="POD_NAMESPACE", required=True, help="the release namespace")
+@click.option("--pull-keys", required=True, help="the release's key Secret")
+def rotate_pull_keys(kubeconfig: str | None, namespace: str, pull_keys: str) -> None:
+    """Rotate the pull-credential keys: previous <- current, current <- new (the artifact reconciler then
+    rewrites every namespace's pull Secret; both keys authenticate meanwhile)."""
+    try:
+        rotate_keys(KubeSecrets(Kube(kubeconf.api_client(kubeconfig)).core), namespace, pull_keys)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    click.echo(f"rotated {namespace}/{pull_keys}")
