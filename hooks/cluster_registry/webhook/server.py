@@ -11,6 +11,10 @@ for its body.
 TLS 1.2 or newer; the certificate and key files are polled and, when their contents change and the
 new pair loads, swapped into the live SSL context so new connections get the new certificate with no
 restart (a Secret volume's atomic symlink swap, cert-manager, or ``certs`` renewing the Secret).
+
+One process serves on one core; :mod:`cluster_registry.webhook.workers` runs several of these
+servers as workers on one port (``SO_REUSEPORT``), their metrics summed through prometheus_client's
+multiprocess files (``multiprocess_dir``), each worker joining the port only once its view synced.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import gc
 import hashlib
 import logging
+import os
 import signal
 import ssl
 import time
@@ -27,7 +32,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from cluster_registry.leader import LeaderElector
@@ -101,9 +106,15 @@ class Limits:
     body_timeout: float = 10.0
 
 
+PREFIX = "cluster_registry_webhook"
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry, recording: Recording | None, view: ArtifactView) -> None:
-        p = "cluster_registry_webhook"
+    """The request path's metrics. Gauges are set by :meth:`refresh` (not ``set_function``, which
+    multiprocess mode cannot share): before each scrape, and every second in a worker."""
+
+    def __init__(self, registry: CollectorRegistry, view: ArtifactView) -> None:
+        p = PREFIX
         self.requests = Counter(f"{p}_requests", "AdmissionReview requests by result", ["result"], registry=registry)
         self.latency = Histogram(
             f"{p}_request_duration_seconds", "Time to answer /mutate", buckets=BUCKETS, registry=registry
@@ -114,24 +125,59 @@ class Metrics:
             r: self.requests.labels(r) for r in ("patched", "unchanged", "bad_request", "too_large", "timeout", "error")
         }
         self.by_reason = {s.value: self.skips.labels(s.value) for s in Skip}
-        Gauge(f"{p}_artifacts_known", "Artifacts in the watch-fed view", registry=registry).set_function(
-            lambda: len(view)
-        )
-        if recording is None:
-            return
-        recorder = recording.recorder
-        Gauge(f"{p}_pods_watched", "Pods in the watch that records Artifacts", registry=registry).set_function(
-            lambda: len(recording.pods)
-        )
-        Gauge(f"{p}_artifact_intents_pending", "Artifact intents waiting to be written", registry=registry).set_function(
-            lambda: recorder.pending
-        )
-        writes = Gauge(f"{p}_artifact_api_writes", "Artifact writes since start", ["op"], registry=registry)
-        writes.labels("create").set_function(lambda: recorder.stats.creates)
-        writes.labels("patch").set_function(lambda: recorder.stats.patches)
-        Gauge(f"{p}_artifact_errors", "Failed Artifact batches since start", registry=registry).set_function(
-            lambda: recorder.stats.errors
-        )
+        # one series per live worker (label pid) in multiprocess mode: each worker's view shows
+        known = Gauge(f"{p}_artifacts_known", "Artifacts in the watch-fed view", registry=registry, multiprocess_mode="liveall")
+        self._view = view
+        self._known = known
+
+    def refresh(self) -> None:
+        self._known.set(len(self._view))
+
+
+class RecordingMetrics:
+    """The pod watch's metrics, in the one process per pod that records Artifacts."""
+
+    def __init__(self, registry: CollectorRegistry, recording: Recording) -> None:
+        p = PREFIX  # one process records: "livesum" is its values, while it lives
+        self.recording = recording
+        self.pods = Gauge(f"{p}_pods_watched", "Pods in the watch that records Artifacts", registry=registry,
+                          multiprocess_mode="livesum")
+        self.pending = Gauge(f"{p}_artifact_intents_pending", "Artifact intents waiting to be written",
+                             registry=registry, multiprocess_mode="livesum")
+        self.writes = Gauge(f"{p}_artifact_api_writes", "Artifact writes since start", ["op"], registry=registry,
+                            multiprocess_mode="livesum")
+        self.errors = Gauge(f"{p}_artifact_errors", "Failed Artifact batches since start", registry=registry,
+                            multiprocess_mode="livesum")
+
+    def refresh(self) -> None:
+        recorder = self.recording.recorder
+        self.pods.set(len(self.recording.pods))
+        self.pending.set(recorder.pending)
+        self.writes.labels("create").set(recorder.stats.creates)
+        self.writes.labels("patch").set(recorder.stats.patches)
+        self.errors.set(recorder.stats.errors)
+
+
+def exposition(registry: CollectorRegistry, multiprocess_dir: str) -> bytes:
+    """The text format: ``registry``, or every process's files in ``multiprocess_dir`` summed."""
+    if not multiprocess_dir:
+        return bytes(generate_latest(registry))
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+    return bytes(generate_latest(merged))
+
+
+async def refresh_every(interval: float, *refreshers: Metrics | RecordingMetrics) -> None:
+    while True:
+        for r in refreshers:
+            r.refresh()
+        await asyncio.sleep(interval)
+
+
+def record(recording: Recording, elector: LeaderElector | None, stopping: asyncio.Event) -> asyncio.Task[None]:
+    """The pod watch recording Artifacts, while this replica leads (``elector``; None: always)."""
+    work = recording.run
+    return asyncio.create_task(elector.run(work, stopping) if elector is not None else work())
 
 
 @dataclass
@@ -143,12 +189,22 @@ class Webhook:
     recording: Recording | None = None  # the pod watch recording Artifacts (None: offline)
     elector: LeaderElector | None = None  # records only while it leads (None: always)
     limits: Limits = Limits()
+    multiprocess_dir: str = ""  # a worker's: metrics are summed over every process writing there
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(self.registry, self.recording, self.view)
+        self.metrics = Metrics(self.registry, self.view)
+        self.recording_metrics = RecordingMetrics(self.registry, self.recording) if self.recording else None
         self._slots = asyncio.Semaphore(self.limits.concurrent)
+        self.in_flight = 0  # requests begun and not answered, for the drain on shutdown
 
     async def mutate(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        try:
+            return await self._mutate(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _mutate(self, request: web.Request) -> web.Response:
         start = time.perf_counter()
         m = self.metrics
         limits = self.limits
@@ -215,8 +271,15 @@ class Webhook:
             return web.Response(status=503, text="; ".join(problems))
         return web.Response(text="ok")
 
+    def refresh_metrics(self) -> None:
+        self.metrics.refresh()
+        if self.recording_metrics is not None:
+            self.recording_metrics.refresh()
+
     async def metrics_handler(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        self.refresh_metrics()
+        body = exposition(self.registry, self.multiprocess_dir)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.limits.max_body)
@@ -238,6 +301,13 @@ class Running:
         self.stopping = asyncio.Event()
 
     async def stop(self, drain: float = 5.0) -> None:
+        # Stop listening, then let requests begun finish before closing connections: aiohttp's
+        # cleanup drops the rest of a body still arriving (and the request would time out).
+        for site in list(self.runner.sites):
+            await site.stop()
+        deadline = time.monotonic() + self.webhook.limits.body_timeout
+        while self.webhook.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         await self.runner.cleanup()
         if self.webhook.recording is not None:
             await self.webhook.recording.recorder.drained(drain)
@@ -248,8 +318,14 @@ class Running:
         self.webhook.view.stop()
 
 
-async def start(webhook: Webhook, host: str, port: int, reload_interval: float = 5.0) -> Running:
-    """Start serving ``webhook`` on host:port (port 0: any free port); returns once listening."""
+async def start(
+    webhook: Webhook, host: str, port: int, reload_interval: float = 5.0, worker: bool = False
+) -> Running:
+    """Start serving ``webhook`` on host:port (port 0: any free port); returns once listening.
+
+    A ``worker`` shares the port with its siblings (``SO_REUSEPORT``) and joins only once its view
+    synced: the pod is already Ready through them, so it must never answer from an empty view.
+    """
     tasks: list[asyncio.Task[Any]] = []
     ssl_context = None
     if webhook.tls is not None:
@@ -257,25 +333,37 @@ async def start(webhook: Webhook, host: str, port: int, reload_interval: float =
         ssl_context = webhook.tls.context
         tasks.append(asyncio.create_task(webhook.tls.watch(reload_interval)))
     webhook.view.start()
+    if webhook.multiprocess_dir:
+        tasks.append(asyncio.create_task(refresh_every(1.0, webhook.metrics)))
+    while worker and not webhook.view.synced:
+        await asyncio.sleep(0.05)
     runner = web.AppRunner(
         webhook.app(), access_log=None, handle_signals=False, keepalive_timeout=webhook.limits.header_timeout
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024, reuse_address=True)
+    site = web.TCPSite(
+        runner, host, port, ssl_context=ssl_context, backlog=1024, reuse_address=True, reuse_port=worker or None
+    )
     await site.start()
     server: Any = site._server
     sockets = server.sockets if server is not None else ()
     actual = sockets[0].getsockname()[1] if sockets else port
     running = Running(runner, int(actual), tasks, webhook)
     if webhook.recording is not None:
-        work = webhook.recording.run
-        led = webhook.elector.run(work, running.stopping) if webhook.elector is not None else work()
-        tasks.append(asyncio.create_task(led))
+        tasks.append(record(webhook.recording, webhook.elector, running.stopping))
     return running
 
 
-async def serve_forever(webhook: Webhook, host: str, port: int, reload_interval: float = 5.0) -> None:
-    running = await start(webhook, host, port, reload_interval)
+async def orphaned(parent: int) -> None:
+    """Return once ``parent`` is no longer this process's parent (a worker outliving its supervisor)."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+
+
+async def serve_forever(
+    webhook: Webhook, host: str, port: int, reload_interval: float = 5.0, worker: bool = False
+) -> None:
+    running = await start(webhook, host, port, reload_interval, worker)
     # Everything allocated so far (modules, clients, the view) lives as long as the process: keep it
     # out of the collector's full passes, which otherwise stall requests for milliseconds.
     gc.freeze()
@@ -287,6 +375,10 @@ async def serve_forever(webhook: Webhook, host: str, port: int, reload_interval:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if worker:
+        parent = os.getppid()
+        running.tasks.append(asyncio.create_task(orphaned(parent)))
+        running.tasks[-1].add_done_callback(lambda _: stop.set())
     await stop.wait()
     log.info("shutting down")
     await running.stop()
