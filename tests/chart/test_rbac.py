@@ -105,6 +105,22 @@ def test_rbac_rules_are_exactly_the_expected_table() -> None:
     assert rules(render(*EVERYTHING)) == EXPECTED
 
 
+# registryAccess isolated (#15): the artifact reconciler keeps a pull Secret in each namespace with an
+# Artifact (create anywhere, update only Secrets of that name); the rotation CronJob updates the key Secret.
+ISOLATED = {
+    **EXPECTED,
+    ("ClusterRole", "artifact-reconciler"): EXPECTED[("ClusterRole", "artifact-reconciler")] | {
+        (('',), ('secrets',), ('create',), ()),
+        (('',), ('secrets',), ('update',), ('cluster-registry-pull',)),
+    },
+    ("Role", "pull-keys"): {(('',), ('secrets',), ('get', 'update'), ('pull-keys',))},
+}
+
+
+def test_isolated_access_adds_only_the_pull_secret_grants() -> None:
+    assert rules(render(*EVERYTHING, "registryAccess.mode=isolated")) == ISOLATED
+
+
 @pytest.mark.parametrize(
     ("component", "forbidden"),
     [
