@@ -12,7 +12,6 @@ version or front shows up in the numbers.
 
 from __future__ import annotations
 
-import base64
 import collections
 import os
 import secrets
@@ -25,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.support import cnf
 from tests.support.cluster import BIN, Cluster, component_pods, exclusive_chart, pod_ready, wait_for
-from tests.support.inpod import direct_distribution, port_forward, service_port
+from tests.support.inpod import direct_distribution, port_forward, push_credential, service_port, single_replica_values
 
 SUITE = BIN / "oci-conformance"
 WORKFLOWS = {  # pull, push, content discovery (tags, referrers), content management (deletes)
@@ -38,22 +36,6 @@ WORKFLOWS = {  # pull, push, content discovery (tags, referrers), content manage
 }
 
 pytestmark = pytest.mark.skipif(not SUITE.exists(), reason="run ci/toolchain: it builds .cache/bin/oci-conformance")
-
-
-def small_values() -> dict[str, Any]:
-    """One registry and one webhook replica (the suite talks to one pod); the webhook rewrites nothing here."""
-    values = cnf.cluster_registry_values(["no-such-namespace"], "127.0.0.1:1")
-    ext = values["global"]["networkfunctionextension"]
-    for component in ("clusterRegistry", "webhook"):
-        ext.setdefault(component, {}).update({"highAvailability": {"enabled": False}, "autoScaling": {"enabled": False}})
-    return values
-
-
-def push_credential(cluster: Cluster, namespace: str, release: str) -> tuple[str, str]:
-    """The reconcilers' push credential, from the release's registry Secret."""
-    secret = cluster.kubectl_json("get", "secret", "-n", namespace, f"{cnf.fullname(release)}-registry")
-    creds = yaml.safe_load(base64.b64decode(secret["data"]["credentials.yaml"]))
-    return str(creds["username"]), str(creds["password"])
 
 
 def speaks_tls(port: int) -> bool:
@@ -94,7 +76,7 @@ def registry_pod(cluster: Cluster) -> Iterator[tuple[str, str, dict[str, Any]]]:
     with exclusive_chart():
         cluster.kubectl("create", "namespace", ns)
         try:
-            cnf.install_cluster_registry(cluster, release, ns, small_values())
+            cnf.install_cluster_registry(cluster, release, ns, single_replica_values())
             pod = wait_for(lambda: next((p for p in component_pods(cluster, ns, "registry") if pod_ready(p)), None),
                            timeout=120, what="a Ready registry pod")
             yield release, ns, pod

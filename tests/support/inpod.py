@@ -12,7 +12,9 @@ chart's storage, so both paths serve the same bytes from the same disk.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import os
 import re
 import subprocess
 import threading
@@ -22,11 +24,28 @@ from typing import Any
 
 import yaml
 
+from tests.support import cnf
 from tests.support.cluster import BIN, NODE_SOCKETS, Cluster, _ctr, wait_for
 
 DIRECT_PORT = 5999
 # Environment overrides (REGISTRY_<SECTION>_...) that would put the front back on the direct instance.
 FRONT_ENV = re.compile(r"^REGISTRY_(AUTH|HTTP_TLS|HTTP_ADDR|HTTP_HOST|HTTP_DEBUG|NOTIFICATIONS)(_|$)")
+
+
+def single_replica_values(storage_size: str = "1Gi") -> dict[str, Any]:
+    """The chart with one registry and one webhook replica (a client talks to one pod); the webhook rewrites nothing."""
+    values = cnf.cluster_registry_values(["no-such-namespace"], "127.0.0.1:1", storage_size=storage_size)
+    ext = values["global"]["networkfunctionextension"]
+    for component in ("clusterRegistry", "webhook"):
+        ext.setdefault(component, {}).update({"highAvailability": {"enabled": False}, "autoScaling": {"enabled": False}})
+    return values
+
+
+def push_credential(cluster: Cluster, namespace: str, release: str) -> tuple[str, str]:
+    """The reconcilers' push credential, from the release's registry Secret."""
+    secret = cluster.kubectl_json("get", "secret", "-n", namespace, f"{cnf.fullname(release)}-registry")
+    creds = yaml.safe_load(base64.b64decode(secret["data"]["credentials.yaml"]))
+    return str(creds["username"]), str(creds["password"])
 
 
 def registry_container(pod: dict[str, Any]) -> dict[str, Any]:
@@ -129,3 +148,17 @@ def container_pid(cluster: Cluster, pod: dict[str, Any], container: str) -> int:
         if task == cid:
             return int(pid)
     raise LookupError(f"no task {cid} on {pod['spec']['nodeName']}")
+
+
+def direct_pid(cluster: Cluster, pod: dict[str, Any]) -> int:
+    """The host PID of the direct distribution (direct_distribution) running in POD's registry container."""
+    main = container_pid(cluster, pod, registry_container(pod)["name"])
+    pidns = os.readlink(f"/proc/{main}/ns/pid")
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.readlink(proc / "ns/pid") == pidns and \
+                    (proc / "cmdline").read_bytes().split(b"\0")[:3] == [b"/bin/registry", b"serve", b"/dev/stdin"]:
+                return int(proc.name)
+        except OSError:  # gone meanwhile
+            continue
+    raise LookupError(f"no direct distribution in {pod['metadata']['name']}")
