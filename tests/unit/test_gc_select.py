@@ -182,3 +182,21 @@ def test_attached_artifacts_follow_their_subject() -> None:
     referrer_gone = Manifest(REPO, d(6), MANIFEST, frozenset(), (), OLD, subject=d(2))
     deleted, _ = run([image, gone, sig, att, referrer, referrer_gone], workloads=[wl("Pod", "p", SRC)])
     assert deleted == {d(2), d(4), d(6)}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [SRC, f"{SRC}@{d(1)}"],
+    ids=["tag-only source, status digest older than the tag", "tag@digest source (copied by digest, untagged)"],
+)
+def test_every_digest_an_artifact_status_pins_is_kept(source: str) -> None:
+    """#15: namespace A's pods run ``…/app:1.0@<A's verified digest>`` while the shared tag moved on for B;
+    the untagged digest A pins stays as long as A's owner or pods reference it."""
+    manifests = [img(REPO, 1), img(REPO, 2, "1.0")]  # d(1) no longer tagged
+    a = art(source, Owner("example.com/v1", "Rollout", "r", "cr-a"), ns="a", name="a", digest=d(1))
+    b = art(SRC, Owner("example.com/v1", "Rollout", "r", "cr-b"), ns="b", name="b", digest=d(2))
+    deleted, arts = run(manifests, [a, b], live={"cr-a", "cr-b"})
+    assert deleted == set() and arts == set()
+    pinned = wl("Deployment", "dep-a", f"{LOCAL}/myacr.azurecr.io/app:1.0@{d(1)}")  # the webhook's pinned rewrite
+    deleted, _ = run(manifests, [art(source, ns="a", name="a", digest=d(1))], [pinned])
+    assert d(1) not in deleted
