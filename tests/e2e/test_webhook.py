@@ -41,6 +41,8 @@ SCOPE = (
 
 # Test pods with made-up images stay on the kwok-simulated user nodes: a real node would pull them.
 USER_NODES = {"kubernetes.azure.com/mode": "user"}
+PULL_SECRET = "cluster-registry-pull"  # registryAccess isolated: the webhook adds it to the pods it rewrites
+DIGEST = "sha256:" + "cd" * 32  # what the test's Ready Artifact "verified"
 
 
 @dataclass
@@ -99,7 +101,8 @@ def start_webhook(cluster: Cluster, tmp: Path, policy: str) -> Hook:
     argv = [sys.executable, "-m", "cluster_registry", "--log-format", "json", "webhook",
             "--listen", f"127.0.0.1:{port}", "--tls-cert", str(tmp / "tls.crt"), "--tls-key", str(tmp / "tls.key"),
             "--registry-host", cluster.cluster_registry, "--rewrite-policy", policy,
-            "--kubeconfig", str(cluster.kubeconfig), "--batch-interval", "0.1", "--no-leader-election"]  # fmt: skip
+            "--kubeconfig", str(cluster.kubeconfig), "--batch-interval", "0.1", "--no-leader-election",
+            "--pull-secret", PULL_SECRET]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)})
     hook = Hook(proc, port, ca, log, cluster.cluster_registry)
     ctx = ssl.create_default_context(cadata=ca[0].decode())
@@ -190,9 +193,10 @@ def artifacts(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]]:
     return {a["spec"]["sourceArtifact"]: a for a in got["items"]}
 
 
-def set_phase(cluster: Cluster, namespace: str, name: str, phase: str) -> None:
+def set_phase(cluster: Cluster, namespace: str, name: str, phase: str, digest: str | None = None) -> None:
+    status = {"phase": phase, **({"digest": digest} if digest else {})}
     cluster.kubectl("patch", "artifacts.clusterregistry.io", name, "-n", namespace, "--subresource=status",
-                    "--type=merge", "-p", json.dumps({"status": {"phase": phase}}))  # fmt: skip
+                    "--type=merge", "-p", json.dumps({"status": status}))  # fmt: skip
 
 
 def test_webhook_rewrites_ready_images_and_records_artifacts(cluster: Cluster, namespace: str, hook: Hook) -> None:
@@ -236,17 +240,22 @@ def test_webhook_rewrites_ready_images_and_records_artifacts(cluster: Cluster, n
     for p in pods:
         assert [c["image"] for c in p["spec"]["containers"]] == [src, side]
 
-    # once an Artifact is Ready, new pods are rewritten to the cluster registry
-    set_phase(cluster, namespace, arts[src]["metadata"]["name"], "Ready")
-    local = str(reference.rewrite(reference.parse(src), hook.registry_host))
+    # once an Artifact is Ready, new pods are rewritten to the cluster registry, pinned to the digest the
+    # namespace's Artifact verified, with the namespace's pull Secret added (#15)
+    set_phase(cluster, namespace, arts[src]["metadata"]["name"], "Ready", DIGEST)
+    local = str(reference.rewrite(reference.parse(src), hook.registry_host)) + "@" + DIGEST
     probe = pod("probe", [src, side])
     wait_for(lambda: dry_run_images(cluster, namespace, probe) == [local, side], timeout=30,
              what="the webhook's view to see the Artifact Ready")  # fmt: skip
     cluster.apply(pod("bare", [src, side], serviceAccountName="default"), namespace)
     assert images_of(cluster, namespace, "bare") == [local, side]
+    bare = cluster.kubectl_json("get", "pod", "bare", "-n", namespace)["spec"]["imagePullSecrets"]
+    assert bare == [{"name": "sa-pull"}, {"name": PULL_SECRET}]  # the service account's, then ours
     # the opt-out label (objectSelector and the webhook's own check) keeps images as they are
     cluster.apply(pod("optout", [src], labels={"clusterregistry.io/skip": "true"}), namespace)
     assert images_of(cluster, namespace, "optout") == [src]
+    optout = cluster.kubectl_json("get", "pod", "optout", "-n", namespace)["spec"]["imagePullSecrets"]
+    assert PULL_SECRET not in {s["name"] for s in optout}  # nothing rewritten, no Secret
 
     # the bare pod is recorded as an owner of both Artifacts, next to the Deployment
     def bare_recorded() -> bool:
