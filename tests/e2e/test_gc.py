@@ -352,7 +352,7 @@ def _shared_layer_image(p: Pusher, repo: str, tag: str, shared: list[bytes], own
     raise AssertionError(f"could not push {repo}:{tag}")
 
 
-@pytest.mark.parametrize("mode", ["distribution", "trash"])
+@pytest.mark.parametrize("mode", ["distribution", "trash", "online"])
 def test_pushes_during_gc_never_corrupt_and_the_gate_acks_its_drain(
     cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path, mode: str
 ) -> None:
@@ -466,7 +466,7 @@ def test_sigkilled_gc_frees_writes_within_the_ttl(
         wrapper = tmp_path / "registry-wrapper"
         wrapper.write_text(f"#!/bin/sh\necho $$ > {marker}\nsleep 2\nexec {registry_binary()} \"$@\"\n")
         wrapper.chmod(0o755)
-        extra = ["--registry-binary", str(wrapper)]
+        extra = ["--sweep-mode", "distribution", "--registry-binary", str(wrapper)]  # the wrapper is the window's sweep
     gc = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--drain-timeout", "120s", *extra)
     try:
         if phase == "soft-delete":

@@ -10,6 +10,9 @@
 
 The sweep is distribution's ``registry`` behind a wrapper that records its PID and sleeps first, so
 "the sweep is running" is a window of known length and a sweep that was not stopped deletes blobs.
+These runs use ``--sweep-mode distribution``, where that process is the window's sweep (in the
+default online mode it is the mark, before the lock); the online mode's own lock losses are in
+tests/integration/test_gc_online.py.
 """
 
 from __future__ import annotations
@@ -145,7 +148,8 @@ def test_lease_taken_over_mid_sweep_stops_the_sweep(
     p = Pusher(gate.host, auth=(USER, PASSWORD))
     doomed_images(p, registry, "takeover")
     wrapper, marker = slow_sweep(tmp_path, 40)
-    gc = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--registry-binary", str(wrapper))
+    gc = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--sweep-mode", "distribution",
+                  "--registry-binary", str(wrapper))  # fmt: skip
     try:
         sweep_pid = sweep_started(marker)
         before = blobs(registry.storage)
@@ -188,7 +192,7 @@ def test_renewals_stalled_past_the_ttl_stop_the_sweep_before_writes_resume(
         kubeconfig = tmp_path / "gc-kubeconfig"
         kubeconfig.write_text(yaml.safe_dump(kc))
         gc = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds,
-                      "--registry-binary", str(wrapper), "--kubeconfig", str(kubeconfig))  # fmt: skip
+                      "--sweep-mode", "distribution", "--registry-binary", str(wrapper), "--kubeconfig", str(kubeconfig))  # fmt: skip
         try:
             sweep_pid = sweep_started(marker)
             before = blobs(registry.storage)
@@ -256,7 +260,7 @@ def test_an_upload_held_past_the_drain_timeout_makes_gc_give_up_and_free_writes(
         wrapper, marker = slow_sweep(tmp_path, 0)
         before = blobs(registry.storage)
         gc = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--drain-timeout", "5s",
-                      "--registry-binary", str(wrapper))  # fmt: skip
+                      "--sweep-mode", "distribution", "--registry-binary", str(wrapper))  # fmt: skip
         code, report, err = finish(gc)
         ended = time.monotonic()
         assert code == 1 and "drain" in report["error"], (report, err[-2000:])
@@ -306,7 +310,8 @@ def test_a_second_gc_run_refuses_and_the_first_is_unaffected(
     p = Pusher(gate.host, auth=(USER, PASSWORD))
     doomed_images(p, registry, "twice")
     wrapper, marker = slow_sweep(tmp_path, 30)
-    first = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--registry-binary", str(wrapper))
+    first = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--sweep-mode", "distribution",
+                     "--registry-binary", str(wrapper))  # fmt: skip
     try:
         first_sweep = sweep_started(marker)
         holder = lease(cluster, namespace)["spec"]["holderIdentity"]

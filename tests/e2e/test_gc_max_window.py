@@ -29,7 +29,8 @@ def test_gc_sweep_aborted_event_on_the_lock_lease(cluster: Cluster, namespace: s
         argv = [sys.executable, "-m", "cluster_registry", "--log-format", "json", "gc", "--once", "--registry-url",
                 reg.url, "--storage-root", str(reg.storage), "--storage-size", "1Gi", "--lock-name", "gc-lock",
                 "--namespace", namespace, "--artifact-namespace", namespace,
-                "--registry-binary", hanging_registry(tmp_path / "bin"), "--max-window", "2s"]  # fmt: skip
+                "--sweep-mode", "distribution", "--registry-binary", hanging_registry(tmp_path / "bin"),
+                "--max-window", "2s"]  # fmt: skip
         start = time.monotonic()
         proc = subprocess.run(argv, env=env_for(cluster), capture_output=True, text=True, timeout=120)
         took = time.monotonic() - start

@@ -1,4 +1,5 @@
-"""One GC run: threshold -> references -> soft delete -> read-only window (lock, drain, sweep) -> report."""
+"""One GC run: threshold -> references -> soft delete -> online mark -> read-only window (lock, drain,
+reconcile what was written since the mark, sweep) -> report. The design is in ``sweep``'s docstring."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class Options:
     dry_run: bool = False
     artifact_namespaces: frozenset[str] = frozenset()  # only these namespaces' Artifacts may be deleted
     sweep: bool = True  # run the read-only window (mark-and-sweep) after the soft delete
-    sweep_mode: str = "distribution"  # or "trash": distribution's mark, renames inside the window
+    sweep_mode: str = "online"  # or "trash" (mark and renames inside the window) or "distribution" (its own sweep)
     say: Callable[[str], None] = print  # where --dry-run's "would delete" lines go
     object_store: objectstore.ObjectStore | None = None  # usage and blobs freed read from the bucket/container
 
@@ -69,6 +70,9 @@ class Report:
     usageBytesAfter: int = 0
     gatesAcked: int = 0
     drainSeconds: float = 0.0
+    markSeconds: float = 0.0  # the online mark, before the window (writes go on)
+    markCpuSeconds: float = 0.0
+    sparedSinceMark: int = 0  # blobs and layer links the mark judged unreferenced, written or named since: kept
     sweepSeconds: float = 0.0
     sweepCpuSeconds: float = 0.0  # user + system time of the sweep process (wall time suffers on a busy node)
     windowSeconds: float = 0.0
@@ -85,7 +89,7 @@ class Report:
 
     def as_dict(self, with_lists: bool = False) -> dict[str, Any]:
         out = dict(vars(self))
-        for k in ("drainSeconds", "sweepSeconds", "sweepCpuSeconds", "windowSeconds", "runSeconds", "usagePercent"):
+        for k in ("drainSeconds", "markSeconds", "markCpuSeconds", "sweepSeconds", "sweepCpuSeconds", "windowSeconds", "runSeconds", "usagePercent"):
             out[k] = round(out[k], 3)
         if not with_lists:
             out.pop("deleted")
@@ -263,8 +267,10 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
     lock = GCLock(api, opts.namespace, opts.lock_name, duration=opts.lease_seconds)
     w0 = time.monotonic()
     try:
+        marked = _mark_online(opts, config, rep)
+        w0 = time.monotonic()
         lock.acquire()
-        _locked(opts, lock, config, rep, sizes)
+        _locked(opts, lock, config, rep, sizes, marked)
     finally:
         rep.windowSeconds = time.monotonic() - w0
         lock.release(window_seconds=rep.windowSeconds)  # the gates export it as a metric
@@ -276,13 +282,31 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
     )
 
 
+def _mark_online(opts: Options, config: str, rep: Report) -> sweep.Mark | None:
+    """The online mark (filesystem driver; without the lock). distribution's mark fails when a manifest
+    it listed is deleted before it reads it (another client's delete): the mark is then taken inside
+    the window as in the ``trash`` mode. Object storage always marks inside the window (``sweep.run``)."""
+    if opts.sweep_mode != "online" or not opts.storage_root:
+        return None
+    try:
+        marked = sweep.mark(config, opts.storage_root, binary=opts.registry_binary)
+    except TemporaryError as err:
+        log.warning("the online mark failed; marking inside the window", extra={"error": str(err), "detail": err.detail})
+        return None
+    rep.markSeconds, rep.markCpuSeconds = marked.result.seconds, marked.result.cpu_seconds
+    return marked
+
+
 class WindowExceeded(TemporaryError):
     """The sweep outlasted ``--max-window``: it was killed and the lock released (the next run retries)."""
 
 
-def _locked(opts: Options, lock: GCLock, config: str, rep: Report, sizes: dict[str, int]) -> None:
+def _locked(
+    opts: Options, lock: GCLock, config: str, rep: Report, sizes: dict[str, int], marked: sweep.Mark | None = None
+) -> None:
     """Inside the window: wait for the gates to drain, then sweep, all within ``opts.max_window``
-    (a hung sweep must not hold every write off until the Job's deadline)."""
+    (a hung sweep must not hold every write off until the Job's deadline). A sweep that renames aside
+    puts everything back when it loses the lock before it is done."""
     deadline = time.monotonic() + opts.max_window
     drained = lock.wait_drained(min(opts.drain_timeout, opts.max_window))
     rep.gatesAcked, rep.drainSeconds = len(drained.acked), drained.seconds
@@ -293,12 +317,18 @@ def _locked(opts: Options, lock: GCLock, config: str, rep: Report, sizes: dict[s
     def keep_going() -> bool:
         return lock.safe() and time.monotonic() < deadline
 
+    trash = sweep.Trash()
     try:
-        if opts.sweep_mode == "trash" and opts.storage_root:
-            res = sweep.run_trash(config, opts.storage_root, binary=opts.registry_binary, keep_going=keep_going)
+        if marked is not None and opts.storage_root:
+            res = sweep.sweep_marked(opts.storage_root, marked, online=True, keep_going=keep_going, trash=trash)
+            rep.sparedSinceMark = marked.spared
+        elif opts.sweep_mode != "distribution" and opts.storage_root:
+            res = sweep.run_trash(config, opts.storage_root, binary=opts.registry_binary, keep_going=keep_going,
+                                  trash=trash)  # fmt: skip
         else:
             res = sweep.run(config, binary=opts.registry_binary, keep_going=keep_going, quiet=quiet)
     except TemporaryError:
+        trash.restore()
         if time.monotonic() >= deadline:
             raise WindowExceeded(
                 f"the sweep outlasted the maximum read-only window of {opts.max_window:.0f}s: it was aborted, "
@@ -306,6 +336,7 @@ def _locked(opts: Options, lock: GCLock, config: str, rep: Report, sizes: dict[s
             ) from None
         raise
     if not lock.safe():
+        trash.restore()
         raise TemporaryError("the write lock lapsed during the sweep")
     rep.sweepSeconds, rep.sweepCpuSeconds = res.seconds, res.cpu_seconds
     if not quiet:

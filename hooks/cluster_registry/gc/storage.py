@@ -7,7 +7,8 @@ Layout (distribution's ``registry/storage/paths.go``)::
     repositories/<name>/_manifests/tags/<tag>/current/link      what a tag points to
     repositories/<name>/_layers/sha256/<hex>/link               a blob linked into the repository
 
-Read-only: deletes go through the registry API, the sweep through ``registry garbage-collect``.
+Read-only: deletes go through the registry API, the sweep through ``registry garbage-collect`` (or
+``sweep``'s renames of what it judged unreferenced).
 """
 
 from __future__ import annotations
@@ -73,14 +74,16 @@ def has_repositories(storage_root: str | Path) -> bool:
 
 
 def repositories(storage_root: str | Path) -> Iterator[str]:
-    """Every repository name (a directory holding ``_manifests``)."""
+    """Every repository name (a directory holding ``_manifests``, or only ``_layers``: blobs uploaded,
+    no manifest yet)."""
     base = v2_root(storage_root) / "repositories"
 
     def walk(path: Path, prefix: str) -> Iterator[str]:
-        for entry in _scandirs(path):
-            if entry.name == "_manifests":
-                yield prefix
-            elif not entry.name.startswith("_"):
+        entries = list(_scandirs(path))
+        if any(e.name in ("_manifests", "_layers") for e in entries):
+            yield prefix
+        for entry in entries:
+            if not entry.name.startswith("_"):
                 yield from walk(Path(entry.path), f"{prefix}/{entry.name}" if prefix else entry.name)
 
     yield from sorted(walk(base, ""))
@@ -122,4 +125,58 @@ def inventory(storage_root: str | Path) -> list[Manifest]:
                     cache[digest] = _read_blob(storage_root, digest)
                 pushed_at = datetime.fromtimestamp(mtime, timezone.utc)
                 out.append(parse_manifest(repo, digest, cache[digest], tags=frozenset(tags.get(digest, ())), pushed_at=pushed_at)[0])
+    return out
+
+
+def _mtime(path: str | Path) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _new_entries(directory: Path, since: float, *, prune: bool) -> Iterator[str]:
+    """``<algo>:<hex>`` of each ``<algo>/<hex>/link`` under ``directory`` written at or after ``since``.
+    With ``prune``, an ``<algo>`` directory older than ``since`` is skipped with one stat (an entry
+    added or removed under it moves its mtime). Revisions cannot be pruned so: distribution's delete
+    removes only the ``link`` file, and pushing that manifest again writes it into the old entry."""
+    for algo in _scandirs(directory):
+        if prune and (_mtime(algo.path) or 0) < since:
+            continue
+        for entry in _scandirs(Path(algo.path)):
+            # the link's own mtime: a delete (the soft delete just before the mark) moves the entry's
+            if (_mtime(os.path.join(entry.path, "link")) or 0) >= since:
+                yield f"{algo.name}:{entry.name}"
+
+
+def referenced_since(storage_root: str | Path, since: float) -> set[str]:
+    """Every digest that something written into the repositories at or after ``since`` (wall clock,
+    as file mtimes) names: a manifest revision linked since then, with everything it references
+    (platform manifests followed), and each blob linked into a repository since then (an upload or
+    mount whose manifest may still be on its way). Costs a stat per repository and per manifest revision
+    (about 0.4 s for 50,000 on this project's CI machine), and a read per new manifest. A blob linked
+    again into an entry distribution emptied earlier is not seen: as with distribution's own locked
+    sweep, an upload whose manifest is not pushed before the window may lose that blob.
+    """
+    base = v2_root(storage_root) / "repositories"
+    out: set[str] = set()
+    pending: list[str] = []
+    for repo in repositories(storage_root):
+        out.update(_new_entries(base / repo / "_layers", since, prune=True))
+        pending += _new_entries(base / repo / "_manifests" / "revisions", since, prune=False)
+    read: set[str] = set()
+    while pending:  # manifests, and the platform manifests their indexes name
+        digest = pending.pop()
+        if digest in read:
+            continue
+        read.add(digest)
+        out.add(digest)
+        body = _read_blob(storage_root, digest)
+        if body is None:
+            continue
+        _, info = parse_manifest("", digest, body)
+        out.update(d["digest"] for d in info.blobs)
+        if info.subject:
+            out.add(info.subject["digest"])
+        pending += [c["digest"] for c in info.children]
     return out
