@@ -89,7 +89,8 @@ class Report:
 
     def as_dict(self, with_lists: bool = False) -> dict[str, Any]:
         out = dict(vars(self))
-        for k in ("drainSeconds", "markSeconds", "markCpuSeconds", "sweepSeconds", "sweepCpuSeconds", "windowSeconds", "runSeconds", "usagePercent"):
+        for k in ("drainSeconds", "markSeconds", "markCpuSeconds", "sweepSeconds", "sweepCpuSeconds", "windowSeconds",
+                  "runSeconds", "usagePercent"):  # fmt: skip
             out[k] = round(out[k], 3)
         if not with_lists:
             out.pop("deleted")

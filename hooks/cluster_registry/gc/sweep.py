@@ -219,8 +219,8 @@ def sweep_marked(
     directory and layer link into a trash directory the registry never reads (the paths
     distribution's sweep would delete): metadata only and quick; ``empty_trash`` unlinks them after
     the window. With ``online`` (the mark ran before the lock), first spare every digest that
-    something written since the mark began names (``storage.referenced_since``: one stat per
-    repository plus what is new), so the window's length follows what changed, not the registry's size.
+    something written since the mark began names (``storage.referenced_since``: a stat per
+    repository and per manifest revision, a read per new manifest).
     """
     start, cpu0 = time.monotonic(), time.process_time()
     res = marked.result
@@ -231,9 +231,10 @@ def sweep_marked(
         links = [(r, d) for r, d in links if d not in keep]
         marked.spared += len(res.deleted_digests) - len(blobs) + len(res.layer_links) - len(links)
     v2 = Path(storage_root) / "docker" / "registry" / "v2"
-    to = trash_root(storage_root) / f"{int(time.time())}-{os.getpid()}"
-    (to / "blobs").mkdir(parents=True, exist_ok=True)
-    (to / "links").mkdir(parents=True, exist_ok=True)
+    trash_root(storage_root).mkdir(parents=True, exist_ok=True)
+    to = Path(tempfile.mkdtemp(prefix=f"{int(time.time())}-", dir=trash_root(storage_root)))
+    (to / "blobs").mkdir()
+    (to / "links").mkdir()
     trash = trash if trash is not None else Trash()
     pairs = [(storage.blob_path(storage_root, d).parent, to / "blobs" / d.replace(":", "-")) for d in blobs]
     pairs += [(_layer_link(v2, r, d), to / "links" / str(i)) for i, (r, d) in enumerate(links)]
