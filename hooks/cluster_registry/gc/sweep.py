@@ -141,7 +141,7 @@ def run(
 
 
 TRASH = ".gc-trash"  # under docker/registry/v2, beside blobs/ and repositories/: never read by the registry
-MTIME_SLACK = 2.0  # seconds taken off the mark's start: file systems with coarse timestamps, NFS servers' clocks
+MTIME_SLACK = 2.0  # seconds taken off the mark's start: file systems with coarse (1-2 s) timestamps
 
 
 def trash_root(storage_root: str) -> Path:
@@ -162,8 +162,9 @@ def mark(config: str, storage_root: str, *, binary: str | None = None) -> Mark:
     """The mark, taken online (writes go on meanwhile). distribution lists blobs after it has read
     every manifest, so a blob or link written while it ran may be listed although a manifest pushed
     meanwhile names it: those, written since the mark began, are dropped here (the locked phase
-    catches the rest, see ``sweep_marked``)."""
-    started = time.time()
+    catches the rest, see ``sweep_marked``). The start is read from the storage's own clock (a file
+    written there now), as every mtime compared with it is: an NFS server's clock may not be ours."""
+    started = _storage_now(storage_root)
     res = run(config, binary=binary, dry_run=True)
     since = started - MTIME_SLACK
     v2 = Path(storage_root) / "docker" / "registry" / "v2"
@@ -172,6 +173,14 @@ def mark(config: str, storage_root: str, *, binary: str | None = None) -> Mark:
     spared = len(res.deleted_digests) - len(blobs) + len(res.layer_links) - len(links)
     res.deleted_digests, res.layer_links = blobs, links
     return Mark(started, res, spared)
+
+
+def _storage_now(storage_root: str) -> float:
+    clock = trash_root(storage_root) / "clock"
+    clock.parent.mkdir(parents=True, exist_ok=True)
+    clock.touch()
+    os.utime(clock)  # "now" as the file system sets it (NFS: the server's time)
+    return clock.stat().st_mtime
 
 
 def _newer(path: Path, since: float) -> bool:
