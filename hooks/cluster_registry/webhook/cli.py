@@ -135,14 +135,10 @@ def webhook(
     tls = TlsFiles(str(tls_cert), str(tls_key))
     count = workers or len(os.sched_getaffinity(0))
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "") if serve_only else ""
-    if serve_only and not offline:
-        from cluster_registry.kube import api_client
-        from cluster_registry.kubeio import Kube
-
-        view = ArtifactView(Kube(api_client(kubeconfig)))
-        hook = Webhook(mutator, view, tls, CollectorRegistry(), limits=limits, multiprocess_dir=metrics_dir)
-    elif offline:
-        hook = Webhook(mutator, ArtifactView(None), tls, CollectorRegistry(), limits=limits, multiprocess_dir=metrics_dir)
+    recording: Recording | None = None
+    elector = None
+    if offline:
+        view = ArtifactView(None)
     else:
         from cluster_registry.kube import api_client
         from cluster_registry.kubeio import Kube
@@ -151,15 +147,17 @@ def webhook(
         client = api_client(kubeconfig)
         kube = Kube(client)
         view = ArtifactView(kube)
-        pods = PodWatch(KubePods(client), mutator, record_unannotated=record_unannotated)
-        recording = Recording(Recorder(KubeArtifactApi(kube), view, batch_interval=batch_interval), pods)
-        # without a namespace for its Lease (a trial outside the cluster) every process records
-        elector = LeaderElector(LeaseLock(client, namespace, lease_name)) if leader_election and namespace else None
-        hook = Webhook(mutator, view, tls, CollectorRegistry(), recording=recording, elector=elector, limits=limits)
+        if not serve_only:  # a worker leaves the pod watch to its supervisor: once per pod
+            pods = PodWatch(KubePods(client), mutator, record_unannotated=record_unannotated)
+            recording = Recording(Recorder(KubeArtifactApi(kube), view, batch_interval=batch_interval), pods)
+            # without a namespace for its Lease (a trial outside the cluster) every process records
+            elector = LeaderElector(LeaseLock(client, namespace, lease_name)) if leader_election and namespace else None
     # uvloop: its transports and TLS are compiled, a good part of each request's cost on asyncio's.
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if count > 1 and not serve_only:
             tls.reload_if_changed()  # a missing or bad pair fails here, once, not in every worker
-            runner.run(supervise(sys.argv[1:], count, hook.recording, hook.elector))
+            runner.run(supervise(sys.argv[1:], count, recording, elector))
         else:
+            hook = Webhook(mutator, view, tls, CollectorRegistry(), recording=recording, elector=elector, limits=limits,
+                           multiprocess_dir=metrics_dir)
             runner.run(serve_forever(hook, host, port, tls_reload_interval, worker=serve_only))

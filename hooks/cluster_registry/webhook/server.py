@@ -126,9 +126,10 @@ class Metrics:
         }
         self.by_reason = {s.value: self.skips.labels(s.value) for s in Skip}
         # one series per live worker (label pid) in multiprocess mode: each worker's view shows
-        known = Gauge(f"{p}_artifacts_known", "Artifacts in the watch-fed view", registry=registry, multiprocess_mode="liveall")
+        self._known = Gauge(
+            f"{p}_artifacts_known", "Artifacts in the watch-fed view", registry=registry, multiprocess_mode="liveall"
+        )
         self._view = view
-        self._known = known
 
     def refresh(self) -> None:
         self._known.set(len(self._view))
