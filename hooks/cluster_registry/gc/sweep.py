@@ -151,11 +151,28 @@ def trash_root(storage_root: str) -> Path:
 @dataclass
 class Mark:
     """distribution's verdict (``garbage-collect --dry-run``): the blobs and layer links no manifest
-    referenced when the mark ``started`` (wall clock, compared with file mtimes)."""
+    referenced when the mark ``started`` (the storage's clock, compared with file mtimes), as the
+    renames that carry it out: (digest, path, name in the trash), blob directories first. Paths are
+    plain strings made before the window, so the window spends its time on the renames alone."""
 
     started: float
     result: SweepResult
-    spared: int = 0  # candidates written since the mark began, kept
+    moves: list[tuple[str, str, str]] = field(default_factory=list)
+    blobs: int = 0  # how many of ``moves`` are blob directories (the rest are layer links)
+    spared: int = 0  # candidates written or named since the mark began, kept
+
+
+def verdict(storage_root: str, started: float, res: SweepResult) -> Mark:
+    """``res`` as a Mark: the renames of each blob directory and layer link distribution's sweep would delete."""
+    v2 = os.path.join(storage_root, "docker", "registry", "v2")
+    moves = []
+    for d in res.deleted_digests:
+        algo, _, hexd = d.partition(":")
+        moves.append((d, f"{v2}/blobs/{algo}/{hexd[:2]}/{hexd}", f"blobs/{algo}-{hexd}"))
+    for i, (repo, d) in enumerate(res.layer_links):
+        algo, _, hexd = d.partition(":")
+        moves.append((d, f"{v2}/repositories/{repo}/_layers/{algo}/{hexd}/link", f"links/{i}"))
+    return Mark(started, res, moves, len(res.deleted_digests))
 
 
 def mark(config: str, storage_root: str, *, binary: str | None = None) -> Mark:
@@ -165,14 +182,14 @@ def mark(config: str, storage_root: str, *, binary: str | None = None) -> Mark:
     catches the rest, see ``sweep_marked``). The start is read from the storage's own clock (a file
     written there now), as every mtime compared with it is: an NFS server's clock may not be ours."""
     started = _storage_now(storage_root)
-    res = run(config, binary=binary, dry_run=True)
+    marked = verdict(storage_root, started, run(config, binary=binary, dry_run=True))
     since = started - MTIME_SLACK
-    v2 = Path(storage_root) / "docker" / "registry" / "v2"
-    blobs = [d for d in res.deleted_digests if not _newer(storage.blob_path(storage_root, d).parent, since)]
-    links = [(r, d) for r, d in res.layer_links if not _newer(_layer_link(v2, r, d), since)]
-    spared = len(res.deleted_digests) - len(blobs) + len(res.layer_links) - len(links)
-    res.deleted_digests, res.layer_links = blobs, links
-    return Mark(started, res, spared)
+    fresh = [i for i, (_, path, _) in enumerate(marked.moves) if _newer(path, since)]
+    for i in reversed(fresh):
+        del marked.moves[i]
+    marked.blobs -= sum(1 for i in fresh if i < marked.blobs)
+    marked.spared = len(fresh)
+    return marked
 
 
 def _storage_now(storage_root: str) -> float:
@@ -183,23 +200,18 @@ def _storage_now(storage_root: str) -> float:
     return clock.stat().st_mtime
 
 
-def _newer(path: Path, since: float) -> bool:
+def _newer(path: str, since: float) -> bool:
     try:
-        return path.stat().st_mtime >= since
+        return os.stat(path).st_mtime >= since
     except (FileNotFoundError, NotADirectoryError):
         return False
-
-
-def _layer_link(v2: Path, repo: str, digest: str) -> Path:
-    algo, _, hexd = digest.partition(":")
-    return v2 / "repositories" / repo / "_layers" / algo / hexd / "link"
 
 
 @dataclass
 class Trash:
     """What a sweep renamed aside, as (from, to), so a sweep that lost its lock can put it back."""
 
-    moved: list[tuple[Path, Path]] = field(default_factory=list)
+    moved: list[tuple[str, str]] = field(default_factory=list)
 
     def restore(self) -> int:
         """Rename everything back (safe without the lock: it only re-adds content-addressed data).
@@ -226,42 +238,37 @@ def sweep_marked(
 ) -> SweepResult:
     """Inside the window: carry out ``marked``'s verdict by *renaming* each unreferenced blob
     directory and layer link into a trash directory the registry never reads (the paths
-    distribution's sweep would delete): metadata only and quick; ``empty_trash`` unlinks them after
-    the window. With ``online`` (the mark ran before the lock), first spare every digest that
-    something written since the mark began names (``storage.referenced_since``: a stat per
-    repository and per manifest revision, a read per new manifest).
+    distribution's sweep would delete): metadata only; ``empty_trash`` unlinks them after the
+    window. With ``online`` (the mark ran before the lock), first spare every digest that something
+    written since the mark began names (``storage.referenced_since``: a stat per repository and per
+    manifest revision, a read per new manifest).
     """
     start, cpu0 = time.monotonic(), time.process_time()
-    res = marked.result
-    blobs, links = res.deleted_digests, res.layer_links
-    if online:
-        keep = storage.referenced_since(storage_root, marked.started - MTIME_SLACK)
-        blobs = [d for d in blobs if d not in keep]
-        links = [(r, d) for r, d in links if d not in keep]
-        marked.spared += len(res.deleted_digests) - len(blobs) + len(res.layer_links) - len(links)
-    v2 = Path(storage_root) / "docker" / "registry" / "v2"
+    keep = storage.referenced_since(storage_root, marked.started - MTIME_SLACK) if online else set()
     trash_root(storage_root).mkdir(parents=True, exist_ok=True)
-    to = Path(tempfile.mkdtemp(prefix=f"{int(time.time())}-", dir=trash_root(storage_root)))
-    (to / "blobs").mkdir()
-    (to / "links").mkdir()
+    to = tempfile.mkdtemp(prefix=f"{int(time.time())}-", dir=trash_root(storage_root))
+    os.mkdir(f"{to}/blobs")
+    os.mkdir(f"{to}/links")
     trash = trash if trash is not None else Trash()
-    pairs = [(storage.blob_path(storage_root, d).parent, to / "blobs" / d.replace(":", "-")) for d in blobs]
-    pairs += [(_layer_link(v2, r, d), to / "links" / str(i)) for i, (r, d) in enumerate(links)]
-    moved = 0
-    for i, (src, dst) in enumerate(pairs):
+    deleted: list[str] = []
+    for i, (digest, src, name) in enumerate(marked.moves):
         if i % 256 == 0 and not keep_going():
             raise TemporaryError("sweep stopped: the write lock could not be renewed")
+        if digest in keep:
+            marked.spared += 1
+            continue
         try:
-            os.rename(src, dst)
+            os.rename(src, f"{to}/{name}")
         except FileNotFoundError:
             continue
-        trash.moved.append((src, dst))
-        moved += i < len(blobs)
+        trash.moved.append((src, f"{to}/{name}"))
+        if i < marked.blobs:
+            deleted.append(digest)
     # with ``online`` the mark's time was spent before the window: only this part counts
     seconds, cpu = time.monotonic() - start, time.process_time() - cpu0
     if not online:
-        seconds, cpu = seconds + res.seconds, cpu + res.cpu_seconds
-    return SweepResult(res.blobs_marked, moved, 0, blobs, links, seconds, cpu)
+        seconds, cpu = seconds + marked.result.seconds, cpu + marked.result.cpu_seconds
+    return SweepResult(marked.result.blobs_marked, len(deleted), 0, deleted, [], seconds, cpu)
 
 
 def run_trash(
@@ -276,7 +283,7 @@ def run_trash(
     (``garbage-collect --dry-run``) decides, ``sweep_marked`` renames. Deleting tens of thousands of
     files is what makes the plain sweep slow on real disks; ``empty_trash`` does that after the window."""
     res = run(config, binary=binary, keep_going=keep_going, dry_run=True)
-    return sweep_marked(storage_root, Mark(time.time(), res), online=False, keep_going=keep_going, trash=trash)
+    return sweep_marked(storage_root, verdict(storage_root, 0.0, res), online=False, keep_going=keep_going, trash=trash)
 
 
 def empty_trash(storage_root: str) -> None:
