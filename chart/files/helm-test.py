@@ -1,11 +1,11 @@
 """`helm test`: proves an install works from inside the cluster, with the standard library and PyYAML (both in the image).
 
-1. The registry endpoint (the gate in front of distribution) takes a push with the chart's push
-   credentials and serves the image back anonymously, byte for byte, as nodes pull it; the probe image
-   is deleted afterwards (GC sweeps its blobs).
+1. The token service gives the artifact reconciler's credential a push token; distribution (auth: token)
+   takes the push and serves the image back with it, byte for byte; without a token it refuses. No
+   Artifact names the probe image, so GC deletes it.
 2. The webhook (when it runs in the cluster) answers an AdmissionReview over the chart's TLS chain.
 
-Arguments: REGISTRY_HOST:PORT CREDENTIALS_FILE REPOSITORY [WEBHOOK_URL CA_FILE]. Prints one JSON line.
+Arguments: REGISTRY_HOST:PORT CREDENTIALS_FILE REPOSITORY TOKEN_URL [WEBHOOK_URL CA_FILE]. Prints one JSON line.
 """
 
 import hashlib
@@ -35,14 +35,27 @@ def expect(what, status, want, body):
 
 
 def credentials(path):
-    """The gate's push credentials (credentials.yaml: username, password) as a Basic header."""
+    """A push credential (credentials.yaml: username, password) as a Basic header."""
     with open(path) as f:
         doc = yaml.safe_load(f)
     return "Basic " + b64encode(f"{doc['username']}:{doc['password']}".encode()).decode()
 
 
-def push_and_pull(registry, auth, repo):
+def bearer(token_url, basic, repo):
+    """A push-and-pull token for REPO from the token service (the realm, as pods reach it)."""
+    status, _, body = request("GET", f"{token_url}?service=cluster-registry&scope=repository:{repo}:pull,push",
+                              None, {"Authorization": basic})
+    expect("get a push token", status, (200,), body)
+    return "Bearer " + json.loads(body)["token"]
+
+
+def push_and_pull(registry, basic, repo, token_url):
     base = f"http://{registry}/v2/{repo}"
+    status, headers, body = request("GET", f"{base}/tags/list")
+    expect("anonymous request without a token", status, (401,), body)
+    if "realm=" not in headers.get("WWW-Authenticate", "").lower():
+        sys.exit(f"helm-test: the registry does not name a token realm: {headers.get('WWW-Authenticate')!r}")
+    auth = bearer(token_url, basic, repo)
     layer = f"cluster-registry helm test {uuid.uuid4()}\n".encode()
     config = b"{}"
     for blob in (layer, config):
@@ -66,18 +79,16 @@ def push_and_pull(registry, auth, repo):
     status, _, body = request("PUT", f"{base}/manifests/probe", manifest,
                               {"Authorization": auth, "Content-Type": "application/vnd.oci.image.manifest.v1+json"})
     expect("push manifest", status, (201,), body)
-    # Pull anonymously, as a node does.
     status, _, body = request("GET", f"{base}/manifests/{digest}", None,
-                              {"Accept": "application/vnd.oci.image.manifest.v1+json"})
+                              {"Accept": "application/vnd.oci.image.manifest.v1+json", "Authorization": auth})
     expect("pull manifest", status, (200,), body)
     if body != manifest:
         sys.exit("helm-test: the registry served a different manifest than was pushed")
-    status, _, body = request("GET", f"{base}/blobs/sha256:{hashlib.sha256(layer).hexdigest()}")
+    status, _, body = request("GET", f"{base}/blobs/sha256:{hashlib.sha256(layer).hexdigest()}", None,
+                              {"Authorization": auth})
     expect("pull layer", status, (200,), body)
     if body != layer:
         sys.exit("helm-test: the registry served a different layer than was pushed")
-    status, _, body = request("DELETE", f"{base}/manifests/{digest}", None, {"Authorization": auth})
-    expect("delete probe manifest", status, (202,), body)
     return digest
 
 
@@ -100,10 +111,10 @@ def admission(url, ca_file):
 
 
 def main(argv):
-    registry, creds, repo = argv[:3]
-    report = {"pushedAndPulled": push_and_pull(registry, credentials(creds), repo)}
-    if len(argv) == 5:
-        report["webhookAdmitted"] = admission(argv[3], argv[4])
+    registry, creds, repo, token_url = argv[:4]
+    report = {"pushedAndPulled": push_and_pull(registry, credentials(creds), repo, token_url)}
+    if len(argv) == 6:
+        report["webhookAdmitted"] = admission(argv[4], argv[5])
     print(json.dumps(report))
 
 

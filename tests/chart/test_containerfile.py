@@ -46,7 +46,7 @@ def test_chart_runs_the_image_the_way_it_is_built() -> None:
             if "command" in c:  # only the registry-secret hook replaces the entrypoint, with the image's python
                 assert c["command"][0] == "python", doc["metadata"]["name"]
             else:
-                assert c["args"][0] in {"webhook", "gate", "reconcile", "gc", "certs", "validate", "preload", "sideload",
+                assert c["args"][0] in {"webhook", "token-service", "reconcile", "gc", "certs", "validate", "preload", "sideload",
                                         "node-proxy", "registry-secret"}
         assert spec["securityContext"]["runAsUser"] == 65532
     assert seen >= 10

@@ -65,12 +65,17 @@ EXPECTED: dict[tuple[str, str], set[Rule]] = {
     ("Role", "hooks"): {
         (('',), ('persistentvolumeclaims',), ('get', 'list'), ()),
         (('',), ('secrets',), ('create',), ()),
-        (('',), ('secrets',), ('get', 'patch', 'update'), ('webhook-tls', 'registry')),
+        (('',), ('secrets',), ('get', 'patch', 'update'),
+         ('webhook-tls', 'registry', 'registry-token', 'registry-push-artifact-reconciler', 'registry-push-sideload',
+          'registry-push-gc')),
         (('clusterregistry.io',), ('components', 'artifacts'), ('create', 'get', 'list', 'patch', 'update', 'watch'), ()),
         (('clusterregistry.io',), ('artifacts/status',), ('get', 'patch', 'update'), ()),
         (('',), ('configmaps',), ('get',), ('early-loading',)),
     },
     ("Role", "registry"): {
+        # the token service: the pull keys and each pusher's credential, by name
+        (('',), ('secrets',), ('get',),
+         ('pull-keys', 'registry-push-artifact-reconciler', 'registry-push-sideload', 'registry-push-gc')),
         (('coordination.k8s.io',), ('leases',), ('get', 'list', 'watch'), ('gc',)),
         (('coordination.k8s.io',), ('leases',), ('create', 'delete', 'get', 'update'), ()),
     },
@@ -114,6 +119,8 @@ ISOLATED = {
         (('',), ('secrets',), ('update',), ('cluster-registry-pull',)),
     },
     ("Role", "pull-keys"): {(('',), ('secrets',), ('get', 'update'), ('pull-keys',))},
+    # the token service grants a namespace pull on what its Artifacts have Ready
+    ("ClusterRole", "registry"): {(('clusterregistry.io',), ('artifacts',), ('list', 'watch'), ())},
 }
 
 
@@ -138,7 +145,7 @@ def test_removed_grants_stay_removed(component: str, forbidden: set[tuple[str, s
     assert not granted & forbidden
 
 
-def test_registry_leases_the_lock_only_by_name_and_the_token_only_in_the_gate() -> None:
+def test_registry_leases_the_lock_only_by_name_and_the_token_only_in_the_token_service() -> None:
     docs = render()
     registry = rules(docs)[("Role", "registry")]
     assert ((("coordination.k8s.io",), ("leases",), ("get", "list", "watch"), ("gc",))) in registry
@@ -147,7 +154,7 @@ def test_registry_leases_the_lock_only_by_name_and_the_token_only_in_the_gate() 
     assert spec["automountServiceAccountToken"] is False
     mounts = {c["name"]: {m["mountPath"] for m in c.get("volumeMounts", [])} for c in spec["containers"]}
     token = "/var/run/secrets/kubernetes.io/serviceaccount"
-    assert token in mounts["gate"] and token not in mounts["registry"]
+    assert token in mounts["token"] and token not in mounts["registry"]
 
 
 def test_hook_objects_are_deleted_when_a_hook_fails_too() -> None:

@@ -154,10 +154,14 @@ def test_system_pool_label_and_extra_tolerations_are_configurable() -> None:
 
 def test_long_running_containers_have_http_readiness_probes() -> None:
     for dep in all_of(render(), "Deployment"):
+        pod_ports = {p["containerPort"] for c in containers(dep) for p in c["ports"]}
         for c in containers(dep):
             assert "httpGet" in c["readinessProbe"], f"{dep['metadata']['name']}/{c['name']}"
             port = c["readinessProbe"]["httpGet"]["port"]
-            assert port in {p["name"] for p in c["ports"]}, f"{c['name']}: probe port {port} is not declared"
+            # a name must be the container's own; a number may be a sibling's (distribution's health,
+            # relayed by the token service from the loopback debug listener)
+            declared = pod_ports if isinstance(port, int) else {p["name"] for p in c["ports"]}
+            assert port in declared, f"{c['name']}: probe port {port} is not declared"
 
 
 def test_every_container_gets_the_release_namespace_from_the_downward_api() -> None:
@@ -386,8 +390,12 @@ def test_registry_secret_comes_from_a_hook_or_an_existing_secret_never_from_the_
     assert containers(job)[0]["args"][:2] == ["registry-secret", name]
     env = {e["name"]: e for e in containers(deployment(docs, "registry"))[0]["env"]}
     assert env["REGISTRY_HTTP_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": "http-secret"}
+    pushers = [f"{c}={name}-push-{c}" for c in ("artifact-reconciler", "sideload", "gc")]
+    assert containers(job)[0]["args"][2:10] == ["--token-secret", f"{name}-token",
+                                                *(x for p in pushers for x in ("--push-secret", p))]  # fmt: skip
     docs = render("clusterRegistry.existingSecret=mine")
-    assert not [j for j in all_of(docs, "Job") if j["metadata"]["name"].endswith("-registry-secret")]
+    job = find(docs, "Job", "-registry-secret")
+    assert containers(job)[0]["args"][:2] == ["registry-secret", "--token-secret"], "the token key and push credentials only"
     env = {e["name"]: e for e in containers(deployment(docs, "registry"))[0]["env"]}
     assert env["REGISTRY_HTTP_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "mine"
 
@@ -404,8 +412,10 @@ def test_gc_cronjob_by_cadence() -> None:
     assert pairs["--registry-host"] == "127.0.0.1:5050", "GC must know rewritten references"
     mounted = {m["name"]: m["mountPath"] for m in containers(gc)[0]["volumeMounts"]}
     assert pairs["--registry-credentials-file"].startswith(mounted["credentials"] + "/")
-    gate = [c for c in containers(deployment(docs, "registry")) if c["name"] == "gate"][0]["args"]
-    assert gate[gate.index("--lock-name") + 1] == pairs["--lock-name"], "GC and gate must agree on the Lease"
+    gc_secret = [v for v in pod_spec(gc)["volumes"] if v["name"] == "credentials"][0]["secret"]["secretName"]
+    assert gc_secret.endswith("-registry-push-gc"), "GC's own credential, not a shared one"
+    token = [c for c in containers(deployment(docs, "registry")) if c["name"] == "token"][0]["args"]
+    assert token[token.index("--lock-name") + 1] == pairs["--lock-name"], "GC and the token service must agree on the Lease"
     mounts = {m["name"]: m["mountPath"] for m in containers(gc)[0]["volumeMounts"]}
     assert mounts["data"] == pairs["--storage-root"]
     claim = [v for v in pod_spec(gc)["volumes"] if v["name"] == "data"][0]["persistentVolumeClaim"]["claimName"]
@@ -460,7 +470,8 @@ def test_rbac_is_least_privilege() -> None:
                 assert rule.get("resourceNames"), f"{component} touches Secrets only by name"
             if "mutatingwebhookconfigurations" in rule["resources"] and set(rule["verbs"]) - {"create"}:
                 assert rule["resourceNames"] == [find(docs, "MutatingWebhookConfiguration")["metadata"]["name"]]
-    assert {res for r in rules_of(docs, "-registry") for res in r["resources"]} == {"leases"}, "the gate touches Leases only"
+    assert {res for r in rules_of(docs, "-registry") for res in r["resources"]} == {"leases", "secrets"}, \
+        "the token service touches Leases and its Secrets (by name) only"
     service_accounts = {d["metadata"]["name"] for d in all_of(docs, "ServiceAccount")}
     used = {pod_spec(w)["serviceAccountName"] for w in workloads(docs)}
     assert used <= service_accounts
@@ -527,15 +538,31 @@ def test_distribution_config() -> None:
     config = yaml.safe_load(cm["data"]["config.yml"])
     assert config["storage"]["delete"] == {"enabled": True}
     assert config["storage"]["filesystem"]["rootdirectory"] == "/var/lib/registry"
-    assert config["http"]["addr"] == "127.0.0.1:5001", "distribution listens on the pod's loopback, behind the gate"
+    assert config["http"]["addr"] == "0.0.0.0:5000", "distribution serves every byte itself"
+    assert config["http"]["debug"]["addr"] == "127.0.0.1:5001", "pprof and expvar stay on the pod's loopback"
+    assert config["auth"]["token"] == {
+        "realm": "http://127.0.0.1:5051/token", "service": "cluster-registry", "issuer": "cluster-registry-token-service",
+        "jwks": "/etc/distribution/token/jwks.json"}, "the node proxy's token port: where nodes reach the realm"
     assert "secret" not in config["http"], "http.secret comes from the Secret through REGISTRY_HTTP_SECRET"
     assert config["health"]["storagedriver"]["enabled"] is True
     dep = deployment(docs, "registry")
-    registry, gate = containers(dep)
+    registry, token = containers(dep)
     assert registry["command"] == ["/bin/registry", "serve", "/etc/distribution/config.yml"]
     assert registry["image"] == "docker.io/library/registry:3.0.0"
-    assert gate["args"][:5] == ["gate", "--listen", "0.0.0.0:5000", "--upstream", "http://127.0.0.1:5001"]
-    assert gate["ports"] == [{"name": "registry", "containerPort": 5000, "protocol": "TCP"}]
+    assert registry["ports"] == [{"name": "registry", "containerPort": 5000, "protocol": "TCP"}]
+    assert token["args"][:3] == ["token-service", "--listen", "0.0.0.0:5002"]
+    assert token["ports"] == [{"name": "token", "containerPort": 5002, "protocol": "TCP"}]
+    args = token["args"]
+    assert args[args.index("--access") + 1] == "shared"
+    assert {args[i + 1] for i, a in enumerate(args) if a == "--pusher"} == {
+        f"{c}=t-cluster-registry-registry-push-{c}" for c in ("artifact-reconciler", "sideload", "gc")}
+    # each side of the token key Secret sees only its part
+    mounts = {c["name"]: {m["name"] for m in c["volumeMounts"]} for c in (registry, token)}
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert "token-jwks" in mounts["registry"] and "token-key" not in mounts["registry"]
+    assert "token-key" in mounts["token"] and "token-jwks" not in mounts["token"]
+    assert [i["key"] for i in vols["token-key"]["secret"]["items"]] == ["key.pem"]
+    assert [i["key"] for i in vols["token-jwks"]["secret"]["items"]] == ["jwks.json"]
     assert "checksum/config" in dep["spec"]["template"]["metadata"]["annotations"]
     changed = deployment(render("clusterRegistry.storage.driver=s3", "clusterRegistry.storage.s3.bucket=b",
                                 "clusterRegistry.storage.s3.region=r", "clusterRegistry.storage.s3.secretName=keys"), "registry")
@@ -547,7 +574,7 @@ def test_object_storage_has_no_pvc_and_takes_keys_from_a_secret() -> None:
     assert not all_of(docs, "PersistentVolumeClaim")
     config = yaml.safe_load(find(docs, "ConfigMap", "-registry")["data"]["config.yml"])
     assert config["storage"]["s3"]["bucket"] == "cluster-registry" and "filesystem" not in config["storage"]
-    assert config["storage"]["redirect"] == {"disable": True}, "clients pull through the gate, never from the bucket"
+    assert config["storage"]["redirect"] == {"disable": True}, "clients pull through distribution, never from the bucket"
     gc = find(docs, "CronJob", "-gc")
     for doc in (deployment(docs, "registry"), gc):
         c = containers(doc)[0]
@@ -607,7 +634,7 @@ def _without_filesystem(cmd: Any) -> Any:
     return strict
 
 
-CHART_COMMANDS = ["webhook", "gate", "reconcile artifacts", "reconcile components", "gc", "certs", "validate", "preload", "sideload", "registry-secret"]
+CHART_COMMANDS = ["webhook", "token-service", "reconcile artifacts", "reconcile components", "gc", "certs", "validate", "preload", "sideload", "registry-secret"]
 
 
 @pytest.mark.parametrize("command", CHART_COMMANDS)

@@ -138,27 +138,43 @@ def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Clus
 
 def test_registry_secret_hook_script_creates_once_and_never_rewrites(cluster: Cluster, namespace: str) -> None:
     """`cluster-registry registry-secret`, run as the pre-install hook runs it (kwok runs no containers)."""
+    import base64
     import subprocess
     import sys
 
+    import jwt
+
     env = dict(cluster.env(), POD_NAMESPACE=namespace)
     labels = json.dumps({"app.kubernetes.io/component": "registry"})
+    names = ["reg", "reg-token", "reg-push-gc", "reg-push-sideload"]
 
     def run() -> dict[str, Any]:
-        argv = [sys.executable, "-m", "cluster_registry", "registry-secret", "reg", "--labels", labels]
+        argv = [sys.executable, "-m", "cluster_registry", "registry-secret", "reg", "--token-secret", "reg-token",
+                "--push-secret", "gc=reg-push-gc", "--push-secret", "sideload=reg-push-sideload", "--labels", labels]
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    assert run() == {"secret": f"{namespace}/reg", "created": True}
-    first = cluster.kubectl_json("get", "secret", "-n", namespace, "reg")
-    assert first["metadata"]["labels"] == {"app.kubernetes.io/component": "registry"}
-    import base64
+    def read(name: str) -> tuple[dict[str, Any], dict[str, str]]:
+        secret = cluster.kubectl_json("get", "secret", "-n", namespace, name)
+        return secret, {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
 
-    data = {k: base64.b64decode(v).decode() for k, v in first["data"].items()}
+    assert run() == {"secrets": {f"{namespace}/{n}": True for n in names}}
+    first, data = read("reg")
+    assert first["metadata"]["labels"] == {"app.kubernetes.io/component": "registry"}
     assert len(data["http-secret"]) == 64
-    credentials = yaml.safe_load(data["credentials.yaml"])
-    assert credentials["username"] == "cluster-registry" and len(credentials["password"]) >= 32
-    assert run() == {"secret": f"{namespace}/reg", "created": False}
-    second = cluster.kubectl_json("get", "secret", "-n", namespace, "reg")
-    assert second["data"] == first["data"] and second["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+    _, token = read("reg-token")
+    # the signing key and the public key distribution trusts belong together (kid = its thumbprint)
+    signed = jwt.encode({"sub": "x"}, token["key.pem"], algorithm="ES256")
+    key = jwt.PyJWKSet.from_json(token["jwks.json"]).keys[0]
+    assert jwt.decode(signed, key.key, algorithms=["ES256"])["sub"] == "x" and "PRIVATE" not in token["jwks.json"]
+    for component in ("gc", "sideload"):
+        credentials = yaml.safe_load(read(f"reg-push-{component}")[1]["credentials.yaml"])
+        assert credentials["username"] == component and len(credentials["password"]) >= 32
+    assert yaml.safe_load(read("reg-push-gc")[1]["credentials.yaml"]) != yaml.safe_load(
+        read("reg-push-sideload")[1]["credentials.yaml"]), "each component its own credential"
+    before = {n: read(n)[0] for n in names}
+    assert run() == {"secrets": {f"{namespace}/{n}": False for n in names}}
+    for n in names:
+        again = read(n)[0]
+        assert again["data"] == before[n]["data"] and again["metadata"]["resourceVersion"] == before[n]["metadata"]["resourceVersion"]

@@ -92,19 +92,28 @@ def test_default_install_runs_the_chart_containers_for_real(cluster: Cluster, re
                         timeout=120, what=f"{component} Ready")
         assert pods[0]["status"]["containerStatuses"][0]["containerID"].startswith("containerd://")
 
-    # The registry container is the distribution binary with the chart's config; the gate in front.
+    # The registry container is the distribution binary with the chart's config (auth: token), the token
+    # service beside it; distribution's debug listener answers on the pod's loopback only.
     pod = component_pods(cluster, release.namespace, "registry")[0]
     ip = pod["status"]["podIP"]
-    code, _ = http_get(f"http://{ip}:5002/debug/health")
-    assert code == 200
+    code, _ = http_get(f"http://{ip}:5002/readyz")
+    assert code == 200, "distribution's health, relayed by the token service"
+    code, body = http_get(f"http://{ip}:5002/metrics")
+    assert code == 200 and b"registry_" in body and b"cluster_registry_token_requests" in body
+    for path in ("/debug/pprof/", "/debug/vars"):
+        assert http_get(f"http://{ip}:5002{path}")[0] == 404
+        with pytest.raises(OSError):
+            http_get(f"http://{ip}:5001{path}", timeout=3)  # loopback only: refused from outside the pod
     code, _ = http_get(f"http://{ip}:5000/v2/")
-    assert code == 200  # anonymous reads pass the gate
+    assert code == 401, "every request needs a token"
+    # registryAccess shared (the default): an anonymous token pulls, as AOSM lets anyone pull
+    assert Pusher(f"{ip}:5000").request("GET", "/v2/", "")[0] == 200
     logs = cluster.pod_logs(release.namespace, pod["metadata"]["name"], "registry")
-    assert '"msg":"listening on 127.0.0.1:5001"' in logs.replace(" ", "") or "127.0.0.1:5001" in logs
+    assert "listening on [::]:5000" in logs and "debug server listening 127.0.0.1:5001" in logs
 
 
 def registry_credentials(cluster: Cluster, release: Release) -> tuple[str, str]:
-    secret = cluster.kubectl_json("get", "secret", "-n", release.namespace, f"{release.prefix}-registry")
+    secret = cluster.kubectl_json("get", "secret", "-n", release.namespace, f"{release.prefix}-registry-push-artifact-reconciler")
     creds = yaml.safe_load(base64.b64decode(secret["data"]["credentials.yaml"]))
     return str(creds["username"]), str(creds["password"])
 
@@ -113,7 +122,7 @@ def test_three_registry_replicas_share_one_volume(cluster: Cluster, release: Rel
     pods = three_ready(cluster, release.namespace, "registry")
     user, password = registry_credentials(cluster, release)
     first, *others = [p["status"]["podIP"] for p in pods]
-    # Writes need the reconcilers' credentials at the gate: anonymous and wrong ones are refused with 401.
+    # Writes need the reconciler's credential at the token service: anonymous and wrong ones are refused with 401.
     for auth in (None, (user, password + "x")):
         with pytest.raises(HTTPError) as refused:
             push_image(Pusher(f"{first}:5000", auth=auth), "e2e/shared", "v1", layers=[4096], seed=11)
@@ -121,7 +130,7 @@ def test_three_registry_replicas_share_one_volume(cluster: Cluster, release: Rel
     image = push_image(Pusher(f"{first}:5000", auth=(user, password)), "e2e/shared", "v1", layers=[1 << 20, 4096], seed=11)
     accept = {"Accept": image.media_type}
     for ip in others:
-        code, body = http_get(f"http://{ip}:5000/v2/e2e/shared/manifests/v1", accept)
+        code, _, body = Pusher(f"{ip}:5000").request("GET", "/v2/e2e/shared/manifests/v1", "e2e/shared", headers=accept)
         assert code == 200 and body == image.manifest, f"replica {ip} does not see the pushed manifest"
     claims = {v["persistentVolumeClaim"]["claimName"] for p in pods for v in p["spec"]["volumes"]
               if "persistentVolumeClaim" in v}
@@ -243,14 +252,14 @@ def test_registry_pod_killed_mid_push_is_replaced_and_the_copy_completes(cluster
     local = done["status"]["localArtifact"]
     repo = local.split("/", 1)[1].rsplit("@", 1)[0].rsplit(":", 1)[0]
     for p in pods:
-        code, body = http_get(f"http://{p['status']['podIP']}:5000/v2/{repo}/manifests/{image.digest}",
-                              {"Accept": image.media_type})
+        code, _, body = Pusher(f"{p['status']['podIP']}:5000").request(
+            "GET", f"/v2/{repo}/manifests/{image.digest}", repo, headers={"Accept": image.media_type})
         assert code == 200 and body == image.manifest
 
 
 def test_gc_cronjob_runs_for_real(cluster: Cluster, release: Release) -> None:
     """A Job from the GC CronJob runs `cluster-registry gc --once` in the cluster and completes."""
-    # Something to mark: an image pushed through a gate (GC over a registry that never stored
+    # Something to mark: an image pushed with the reconciler's credential (GC over a registry that never stored
     # anything is a separate case: `registry garbage-collect` exits 1 on the missing repositories/).
     pods = three_ready(cluster, release.namespace, "registry")
     user, password = registry_credentials(cluster, release)
@@ -272,7 +281,7 @@ def test_gc_cronjob_runs_for_real(cluster: Cluster, release: Release) -> None:
     assert outcome == "Complete", logs
     report = json.loads([line for line in next(iter(logs.values())).splitlines() if line.startswith("{")][-1])
     assert report["ran"] is True and not report.get("error"), report
-    # The write lock went through the cluster: every registry replica's gate acknowledged it.
+    # The write lock went through the cluster: every registry replica's token service acknowledged it.
     assert report["gatesAcked"] == 3, report
     assert report["manifestsSeen"] >= 1, report
 

@@ -25,8 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,19 +166,12 @@ def release(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
             shutil.rmtree(agent, ignore_errors=True)
 
 
-def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:  # noqa: S310
-            return int(r.status), r.read()
-    except urllib.error.HTTPError as e:
-        return int(e.code), e.read()
-
-
 def in_registry(cluster: Cluster, release: Release, local: str, image: Image) -> bool:
-    """Whether the registry (through a gate, by pod IP) serves LOCAL's manifest."""
+    """Whether the registry (by pod IP, with an anonymous token: registryAccess shared) serves LOCAL's manifest."""
     repo = local.split("/", 1)[1].rsplit("@", 1)[0].rsplit(":", 1)[0]
     ip = three_ready(cluster, release.namespace, "registry")[0]["status"]["podIP"]
-    code, body = http_get(f"http://{ip}:5000/v2/{repo}/manifests/{image.digest}", {"Accept": image.media_type})
+    code, _, body = Pusher(f"{ip}:5000").request("GET", f"/v2/{repo}/manifests/{image.digest}", repo,
+                                                 headers={"Accept": image.media_type})  # fmt: skip
     assert code in (200, 404), (code, body[:300])
     return code == 200
 

@@ -35,6 +35,7 @@ PULL_KEY = b"pull-key-for-tests"
 PUSHERS = {"artifact-reconciler": "reconciler-pw", "gc": "gc-pw"}
 REPO_A = "source.example_5000/team-a/app"  # Ready for namespace a only
 REPO_B = "source.example_5000/team-b/private"  # Ready for namespace b only
+NODE_REALM = f"http://127.0.0.1:{free_port()}/token"
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Sources:
 @dataclass
 class Front:
     registry: Registry
-    realm: str
+    realm: str  # where the token service really is (as pods reach it by its Service)
     state: GateState
     sources: Sources
     signer: tokens.Signer
@@ -81,14 +82,21 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
     app = make_app(Settings(signer, shared=False, push_ttl=15, registry_debug=f"http://127.0.0.1:{debug}"), state, sources)
     with AppServer(app) as ts:
         realm = f"http://{ts.host}/token"
-        auth = {"realm": realm, "service": "cluster-registry", "issuer": "cluster-registry-token-service",
+        # distribution names the realm as nodes reach it (the node proxy's loopback port): nothing listens
+        # there in this test, so every client below must be told the realm pods use, as the chart does.
+        auth = {"realm": NODE_REALM, "service": "cluster-registry", "issuer": "cluster-registry-token-service",
                 "jwks": str(root / "jwks.json")}  # fmt: skip
         with run_registry(root / "reg", token_auth=auth, debug_port=debug) as reg:
             f = Front(reg, realm, state, sources, signer)
             for repo in (REPO_A, REPO_B):
-                push_image(Pusher(reg.host, auth=("artifact-reconciler", PUSHERS["artifact-reconciler"])), repo, "1.0",
+                push_image(Pusher(reg.host, auth=("artifact-reconciler", PUSHERS["artifact-reconciler"]), realm=realm), repo, "1.0",
                            layers=[2048], seed=len(repo))  # fmt: skip
             yield f
+
+
+def options(f: Front) -> RegistryOptions:
+    """The copy engine's options as the chart's components get them ($CLUSTER_REGISTRY_TOKEN_REALMS)."""
+    return RegistryOptions(insecure_hosts=frozenset({f.registry.host}), token_realms={NODE_REALM: f.realm})
 
 
 def get_token(f: Front, scope: str, creds: tuple[str, str] | None = None) -> tuple[int, dict[str, str], dict[str, object]]:
@@ -141,7 +149,7 @@ def test_a_namespace_pulls_only_what_is_ready_for_it(front: Front) -> None:
     assert registry_get(front, f"/v2/{REPO_B}/manifests/1.0", str(body["token"])) == 401
     # a namespace cannot push, even to a repository it may pull
     with pytest.raises(HTTPError) as refused:
-        push_image(Pusher(front.registry.host, auth=ns_creds("a")), REPO_A, "evil", layers=[64], seed=99)
+        push_image(Pusher(front.registry.host, auth=ns_creds("a"), realm=front.realm), REPO_A, "evil", layers=[64], seed=99)
     assert refused.value.status == 401
 
 
@@ -164,14 +172,14 @@ def test_forged_expired_and_foreign_tokens_are_refused(front: Front) -> None:
 
 
 def test_pushers_push_and_gc_deletes_and_lists(front: Front) -> None:
-    image = push_image(Pusher(front.registry.host, auth=("artifact-reconciler", PUSHERS["artifact-reconciler"])),
+    image = push_image(Pusher(front.registry.host, auth=("artifact-reconciler", PUSHERS["artifact-reconciler"]), realm=front.realm),
                        "local/pushed", "v1", layers=[1024], seed=5)  # fmt: skip
     with pytest.raises(HTTPError) as refused:
-        push_image(Pusher(front.registry.host, auth=("gc", PUSHERS["gc"])), "local/pushed", "v2", layers=[64], seed=6)
+        push_image(Pusher(front.registry.host, auth=("gc", PUSHERS["gc"]), realm=front.realm), "local/pushed", "v2", layers=[64], seed=6)
     assert refused.value.status == 401, "GC never pushes"
 
     async def gc_side() -> tuple[list[str], bool]:
-        async with RegistrySession(RegistryOptions(insecure_hosts=frozenset({front.registry.host}))) as s:
+        async with RegistrySession(options(front)) as s:
             creds = Credentials("gc", PUSHERS["gc"])
             repos = await s.catalog(front.registry.host, creds)
             deleted = await s.repository(front.registry.host, "local/pushed", creds, push=True).delete_manifest(image.digest)
@@ -189,7 +197,7 @@ def test_no_push_token_while_gc_holds_the_lock(front: Front) -> None:
         assert pull_with(front, ns_creds("a"), REPO_A) == 200, "pulls go on during the window"
 
         async def copy_side() -> None:
-            async with RegistrySession(RegistryOptions(insecure_hosts=frozenset({front.registry.host}))) as s:
+            async with RegistrySession(options(front)) as s:
                 repo = s.repository(front.registry.host, "local/x", Credentials("artifact-reconciler", PUSHERS["artifact-reconciler"]), push=True)
                 await repo.blob_size("sha256:" + "0" * 64)
 
@@ -241,3 +249,21 @@ def test_post_password_grant_as_containerd_sends_it(front: Front) -> None:
     with urllib.request.urlopen(urllib.request.Request(front.realm, data=form), timeout=10) as r:
         token = json.loads(r.read())["access_token"]
     assert registry_get(front, f"/v2/{REPO_A}/manifests/1.0", token) == 200
+
+
+def test_pods_need_the_realm_map_to_reach_the_token_service(front: Front) -> None:
+    """The challenge names the node-local realm; a pod without $CLUSTER_REGISTRY_TOKEN_REALMS cannot use it."""
+    from cluster_registry.oci import RegistryUnavailableError
+    from cluster_registry.oci.client import token_realms_from
+    from cluster_registry.oci.retry import RetryPolicy
+
+    assert token_realms_from(f"{NODE_REALM}=http://svc:5002/token junk =x a=ftp://b") == {NODE_REALM: "http://svc:5002/token"}
+
+    async def catalog(opts: RegistryOptions) -> list[str]:
+        async with RegistrySession(opts) as s:
+            return await s.catalog(front.registry.host, Credentials("gc", PUSHERS["gc"]))
+
+    bare = RegistryOptions(insecure_hosts=frozenset({front.registry.host}), token_realms={}, retry=RetryPolicy(attempts=1))
+    with pytest.raises(RegistryUnavailableError, match="token service"):
+        asyncio.run(catalog(bare))
+    assert REPO_A in asyncio.run(catalog(options(front)))

@@ -77,6 +77,16 @@ class HTTPError(Exception):
         self.status = status
 
 
+def pod_view_realm(realm: str, registry_host: str) -> str:
+    """The realm a client outside the node asks: a loopback realm (the node proxy's) becomes the token
+    service's port in the registry pod the client talks to; anything else stays."""
+    u = urllib.parse.urlsplit(realm)
+    host = registry_host.rpartition(":")[0]
+    if u.hostname in ("127.0.0.1", "localhost") and host not in ("127.0.0.1", "localhost"):
+        return f"http://{host}:5002{u.path}"
+    return realm
+
+
 @dataclass
 class Pusher:
     """A minimal synchronous registry client (basic and bearer auth, HTTP or HTTPS)."""
@@ -84,6 +94,10 @@ class Pusher:
     host: str
     auth: tuple[str, str] | None = None
     ca_file: str | None = None
+    # The token realm to ask instead of the challenge's. None: the challenge's, except that the chart's
+    # registry names the node-local realm (127.0.0.1:<node proxy port + 1>), which a client with a pod's
+    # view (a registry pod's IP) reaches as the token service beside distribution (<pod IP>:5002).
+    realm: str | None = None
     _token: dict[str, str] = field(default_factory=dict)
     _challenge: str = ""
 
@@ -107,8 +121,10 @@ class Pusher:
                     for k, _, v in (p.strip().partition("=") for p in self._challenge[7:].split(","))
                 )
                 q = urllib.parse.urlencode({"service": params.get("service", ""), "scope": f"repository:{repo}:pull,push"})
-                u = urllib.parse.urlsplit(params["realm"])
-                c = http.client.HTTPConnection(u.hostname or "", u.port or 80, timeout=30)
+                u = urllib.parse.urlsplit(self.realm or pod_view_realm(params["realm"], self.host))
+                c = (http.client.HTTPSConnection(u.hostname or "", u.port or 443, timeout=30,
+                                                 context=ssl.create_default_context(cafile=self.ca_file))
+                     if u.scheme == "https" else http.client.HTTPConnection(u.hostname or "", u.port or 80, timeout=30))  # fmt: skip
                 hdrs = {}
                 if self.auth:
                     hdrs["Authorization"] = "Basic " + base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()

@@ -21,10 +21,9 @@ pre-install,pre-upgrade,post-install,post-upgrade
 {{- if or $v.hooks.validate.enabled (include "cluster-registry.hookTLS" .) (include "cluster-registry.createRegistrySecret" .) $v.enableEarlyLoading $v.enableLocalRegistry }}true{{ end -}}
 {{- end -}}
 
-{{/* Usage: include "cluster-registry.createRegistrySecret" $ -> "true" when a hook Job creates the registry Secret (no existingSecret). */}}
+{{/* Usage: include "cluster-registry.createRegistrySecret" $ -> "true" when a hook Job creates the registry's Secrets (the token key, the pushers' credentials, and the registry Secret unless existingSecret names one). */}}
 {{- define "cluster-registry.createRegistrySecret" -}}
-{{- $v := .Values.global.networkfunctionextension -}}
-{{- if and $v.enableClusterRegistry (not $v.clusterRegistry.existingSecret) }}true{{ end -}}
+{{- if .Values.global.networkfunctionextension.enableClusterRegistry }}true{{ end -}}
 {{- end -}}
 
 {{/* Usage: include "cluster-registry.durationSeconds" "30m" -> "1800" (a Go duration of one unit: s, m or h). */}}

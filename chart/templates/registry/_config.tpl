@@ -54,18 +54,28 @@ storage:
     readonly:
       enabled: false
 http:
-  addr: 127.0.0.1:5001
+  # distribution serves every byte itself; who may do what is decided by the token service's JWTs,
+  # which it verifies (auth below): no Python in the data path.
+  addr: 0.0.0.0:5000
   relativeurls: true
   # On SIGTERM, finish in-flight pulls and pushes for up to a minute (the pod's grace period allows it).
   draintimeout: 60s
   headers:
     X-Content-Type-Options:
       - nosniff
+  # Loopback only: /debug/pprof and /debug/vars stay inside the pod; the token service relays /metrics
+  # and the health check (port 5002).
   debug:
-    addr: 0.0.0.0:5002
+    addr: 127.0.0.1:5001
     prometheus:
       enabled: true
       path: /metrics
+auth:
+  token:
+    realm: {{ include "cluster-registry.tokenRealm" . | quote }}
+    service: cluster-registry
+    issuer: cluster-registry-token-service
+    jwks: /etc/distribution/token/jwks.json
 health:
   storagedriver:
     enabled: true
@@ -145,4 +155,43 @@ ReadWriteOnce
 {{- else -}}
 {{- printf "%s.%s.svc.cluster.local:%d" (include "cluster-registry.componentName" (dict "ctx" . "component" "registry")) .Release.Namespace (int $svc.port) -}}
 {{- end -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.tokenSecret" $ -> the Secret with the token signing key (key.pem) and the keys distribution trusts (jwks.json). */}}
+{{- define "cluster-registry.tokenSecret" -}}
+{{- printf "%s-token" (include "cluster-registry.componentName" (dict "ctx" . "component" "registry")) -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.pushSecret" (dict "ctx" $ "component" "gc") -> the component's own push credential Secret (credentials.yaml). */}}
+{{- define "cluster-registry.pushSecret" -}}
+{{- printf "%s-push-%s" (include "cluster-registry.componentName" (dict "ctx" .ctx "component" "registry")) .component -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.pushers" $ -> the components with a push credential, space-separated. */}}
+{{- define "cluster-registry.pushers" -}}artifact-reconciler sideload gc{{- end -}}
+
+{{/* Usage: include "cluster-registry.tokenServiceURL" $ -> "http://<svc>.<ns>.svc:5002/token", the token service as pods reach it. */}}
+{{- define "cluster-registry.tokenServiceURL" -}}
+{{- printf "http://%s.%s.svc:5002/token" (include "cluster-registry.componentName" (dict "ctx" . "component" "registry")) .Release.Namespace -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.tokenRealm" $ -> the realm distribution names: the node proxy's token port on the node's loopback (nodes pull there), else the Service. */}}
+{{- define "cluster-registry.tokenRealm" -}}
+{{- $p := .Values.global.networkfunctionextension.nodeProxy -}}
+{{- if $p.enabled -}}
+{{- printf "http://127.0.0.1:%d/token" (add1 (int $p.port)) -}}
+{{- else -}}
+{{- include "cluster-registry.tokenServiceURL" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.tokenRealmsEnv" $ -> the env entry telling a pod to ask the token service by its Service when the registry names the node-local realm. */}}
+{{- define "cluster-registry.tokenRealmsEnv" -}}
+- name: CLUSTER_REGISTRY_TOKEN_REALMS
+  value: {{ printf "%s=%s" (include "cluster-registry.tokenRealm" .) (include "cluster-registry.tokenServiceURL" .) | quote }}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.registryAccess" $ -> "isolated" or "shared" (registryAccess.mode). */}}
+{{- define "cluster-registry.registryAccess" -}}
+{{- dig "registryAccess" "mode" "shared" .Values.global.networkfunctionextension -}}
 {{- end -}}

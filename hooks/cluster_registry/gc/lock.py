@@ -1,10 +1,35 @@
-"""GC's side of the write lock (see ``gate.protocol``): take the Lease, renew it, wait for the gates'
-drain acks, release it.
+"""GC's side of the write lock (see ``gate.protocol``): take the Lease, renew it, wait for every token
+service replica's drain ack, release it.
 
-The renewer is a background thread. ``safe()`` says whether the gates are certainly still holding
-writes off: the last renewal that succeeded *started* less than ``duration - margin`` seconds ago
-(a gate's hold lasts at least ``duration`` from when it observed that renewal). The sweep is stopped
-the moment ``safe()`` turns false.
+**Why the sweep is safe with distribution's token auth.** Every write (blob upload, manifest PUT,
+delete) is authorised by distribution itself from a JWT the token service signed; nothing in between
+can hold a request back. So the lock works on tokens:
+
+1. While a replica sees the Lease held (or cannot vouch for its state) it issues no push token
+   (``gate.access.decide``: 503 + ``X-Cluster-Registry-Lock``, which the copy engine turns into a
+   retry after the lock, Artifact ``Deferred``).
+2. A push token lives ``--push-ttl`` seconds at distribution (15 by default; ``gate.tokens`` sets
+   ``exp`` so distribution's fixed 60 s leeway is included). Each replica remembers when the last push
+   token it issued dies, plus a grace (``gate.service.PUSH_GRACE``, 5 s) for a request authorised in the
+   token's last instant to finish writing its manifest (small, bounded) and for clock skew between nodes.
+3. A replica acknowledges generation G on its heartbeat Lease only after it has seen G *and* that
+   moment has passed. GC sweeps only once every live replica acknowledged (``wait_drained``), so by
+   then no token that could write a manifest exists: the manifests the mark phase reads cannot change
+   under it. A replica that dies is not waited for once its heartbeat is stale; its tokens are dead by
+   then too (the heartbeat's staleness bound, 20 s, exceeds TTL + grace).
+4. A long blob upload authorised before the lock may still be streaming during the sweep: its blob is
+   not referenced by any manifest yet (the manifest PUT needs a fresh token), so the sweep may remove
+   it and the copy engine re-uploads it after the lock (it checks blobs before pushing the manifest,
+   and a manifest naming a missing blob is refused, never stored dangling).
+
+The window is thus the drain (at most TTL + grace after the last push token, plus a lock watch's
+latency) plus the sweep: 25.6 s at 1,000 images with a push token taken just before the lock
+(``bench/gc.py --sizes 1000``).
+
+The renewer is a background thread. ``safe()`` says whether the replicas are certainly still holding
+push tokens back: the last renewal that succeeded *started* less than ``duration - margin`` seconds ago
+(a replica's hold lasts at least ``duration`` from when it observed that renewal). The sweep is
+stopped the moment ``safe()`` turns false.
 """
 
 from __future__ import annotations
@@ -43,7 +68,7 @@ class LockHeldError(TemporaryError):
 
 
 class DrainTimeoutError(TemporaryError):
-    """Some gate did not acknowledge that its in-flight writes drained in time."""
+    """Some token service replica did not acknowledge the lock (its push tokens dead) in time."""
 
 
 class LockLostError(TemporaryError):
@@ -182,12 +207,12 @@ class GCLock:
                 interval = 1.0
 
     def safe(self) -> bool:
-        """True while every gate certainly still refuses writes for this generation."""
+        """True while every token service replica certainly still refuses push tokens for this generation."""
         return not self.lost and time.monotonic() - self._last_ok < self.duration - self.margin
 
     def release(self, window_seconds: float | None = None) -> None:
         """Clear the holder; ``window_seconds`` (how long writes were held off) is recorded on the Lease
-        for the gates' metric."""
+        for the token services' metric."""
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=self.duration)
@@ -214,18 +239,18 @@ class GCLock:
                 time.sleep(0.5)
         log.error("write lock not released; it expires by itself", extra={"seconds": self.duration})
 
-    # -- the gates' drain acks -----------------------------------------------------------------------
+    # -- the replicas' drain acks --------------------------------------------------------------------
     def wait_drained(self, timeout: float, poll: float = 0.25) -> DrainReport:
-        """Wait until every live gate acknowledged this generation; raise DrainTimeoutError on timeout.
+        """Wait until every live replica acknowledged this generation; raise DrainTimeoutError on timeout.
 
-        Dead gates (heartbeat older than 5 minutes by the clock, or unchanged for a whole heartbeat
-        duration while we watch) are not waited for: they self-fence and accept no writes.
+        Dead replicas (heartbeat older than 5 minutes by the clock, or unchanged for a whole heartbeat
+        duration while we watch) are not waited for: they self-fence and issue no push tokens.
         """
         start = time.monotonic()
         first_seen: dict[str, tuple[Any, float]] = {}  # name -> (renewTime, monotonic first seen)
         while True:
             if not self.safe():
-                raise LockLostError("the GC lock could not be renewed while waiting for the gates")
+                raise LockLostError("the GC lock could not be renewed while waiting for the token service replicas")
             now_wall = datetime.now(timezone.utc)
             now = time.monotonic()
             leases = self.coord.list_namespaced_lease(
@@ -249,11 +274,11 @@ class GCLock:
                     continue
                 pending.append(v.name)
             if not pending:
-                log.info("gates drained", extra={"acked": report.acked, "dead": report.ignored_dead})
+                log.info("token service replicas drained", extra={"acked": report.acked, "dead": report.ignored_dead})
                 return report
             if now - start > timeout:
                 raise DrainTimeoutError(
-                    f"gates did not drain their in-flight writes within {timeout:.0f}s: {', '.join(pending)}"
+                    f"token service replicas did not acknowledge the lock (push tokens dead) within {timeout:.0f}s: {', '.join(pending)}"
                 )
             time.sleep(poll)
 

@@ -4,7 +4,11 @@ The webhook rewrites images to ``127.0.0.1:<port>/...`` (the chart's default, do
 stock containerd or CRI-O pulls from a loopback registry over plain HTTP with no node configuration,
 while any other host needs a hosts.toml and a CA. This proxy, a hostNetwork DaemonSet listening on
 the node's loopback only, relays each connection byte for byte to the registry Service (the gate),
-so whatever the registry serves (pulls, a token realm behind the same address) the node sees as is.
+so whatever the registry serves the node sees as is.
+
+The registry answers pulls with distribution's token challenge, whose realm is the token service as
+nodes reach it: a second loopback port (``--token-listen``, default 5051) relayed the same way to the
+token service's Service port. Both stay on the node's loopback, so containerd needs no configuration.
 """
 
 from __future__ import annotations
@@ -67,6 +71,14 @@ def _host_port(value: str) -> tuple[str, int]:
               help="HOST:PORT on the node (its loopback: nothing off the node can reach it).")
 @click.option("--upstream", required=True, help="HOST:PORT of the registry Service.")
 @click.option("--connect-timeout", default=5.0, show_default=True, help="Seconds to reach the registry.")
-def node_proxy(listen: str, upstream: str, connect_timeout: float) -> None:
-    """Serve the cluster registry on this node's loopback (a hostNetwork DaemonSet)."""
-    asyncio.run(serve(_host_port(listen), _host_port(upstream), connect_timeout))
+@click.option("--token-listen", default="127.0.0.1:5051", show_default=True,
+              help="HOST:PORT on the node for the token service (the realm the registry names).")  # fmt: skip
+@click.option("--token-upstream", default="", help="HOST:PORT of the token service's Service; empty: no relay.")
+def node_proxy(listen: str, upstream: str, connect_timeout: float, token_listen: str, token_upstream: str) -> None:
+    """Serve the cluster registry (and its token realm) on this node's loopback (a hostNetwork DaemonSet)."""
+    relays = [(listen, upstream)] + ([(token_listen, token_upstream)] if token_upstream else [])
+
+    async def main() -> None:
+        await asyncio.gather(*(serve(_host_port(a), _host_port(b), connect_timeout) for a, b in relays))
+
+    asyncio.run(main())

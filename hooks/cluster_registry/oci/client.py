@@ -16,6 +16,7 @@ import functools
 import http.client
 import json
 import logging
+import os
 import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Mapping
@@ -67,9 +68,23 @@ class RegistryOptions:
     chunk_size: int = 1 << 20
     connect_timeout: float = 30.0
     read_timeout: float = 300.0
+    # {realm a challenge names: the realm to ask instead}. The cluster registry's challenge names the
+    # token service as nodes reach it (the node proxy on their loopback); pods reach it by its Service
+    # (the chart sets $CLUSTER_REGISTRY_TOKEN_REALMS="NAMED=ACTUAL ..." in the components that push).
+    token_realms: Mapping[str, str] = field(
+        default_factory=lambda: token_realms_from(os.environ.get(TOKEN_REALMS_ENV, "")), compare=False)
 
     def scheme(self, host: str) -> str:
         return "http" if host.lower() in {h.lower() for h in self.insecure_hosts} else "https"
+
+
+TOKEN_REALMS_ENV = "CLUSTER_REGISTRY_TOKEN_REALMS"
+
+
+def token_realms_from(text: str) -> dict[str, str]:
+    """``NAMED=ACTUAL`` pairs separated by spaces (malformed ones ignored)."""
+    pairs = (item.split("=", 1) for item in text.split() if "=" in item)
+    return {named: actual for named, actual in pairs if named and actual.startswith(("http://", "https://"))}
 
 
 @dataclass(frozen=True)
@@ -262,7 +277,7 @@ class RegistrySession:
     async def _fetch_token(
         self, host: str, creds: Credentials, scopes: tuple[str, ...], challenge: Challenge
     ) -> tuple[str, float]:
-        realm = challenge.realm
+        realm = self.options.token_realms.get(challenge.realm, challenge.realm)
         if not realm.startswith(("http://", "https://")):
             raise RegistryProtocolError(f"registry {host} sent a bearer challenge without a usable realm")
         params: list[tuple[str, str]] = []
