@@ -17,7 +17,7 @@ from cluster_registry.webhook.pods import KubePods, PodWatch
 from cluster_registry.webhook.recorder import KubeArtifactApi, Recorder, Recording
 from cluster_registry.webhook.server import Limits, TlsFiles, Webhook, serve_forever
 from cluster_registry.webhook.view import ArtifactView
-from cluster_registry.webhook.workers import supervise
+from cluster_registry.webhook.workers import fit, memory_limit, supervise
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,11 @@ def webhook(
     mutator = Mutator(Settings.build(registry_host, rewrite_policy, exclude_registry, allow_registry, excluded, pull_secret))
     limits = Limits(max_body=max_body_bytes, concurrent=max_concurrent)
     tls = TlsFiles(str(tls_cert), str(tls_key))
-    count = workers or len(os.sched_getaffinity(0))
+    wanted = workers or len(os.sched_getaffinity(0))
+    count = wanted if serve_only else fit(wanted, memory_limit())
+    if count < wanted:
+        log.warning("fewer webhook workers than asked: more would not fit in the memory limit",
+                    extra={"asked": wanted, "workers": count, "memory_limit": memory_limit()})
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "") if serve_only else ""
     recording: Recording | None = None
     elector = None
