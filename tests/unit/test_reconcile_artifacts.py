@@ -440,3 +440,19 @@ async def test_every_artifacts_namespace_is_handed_to_the_pull_secret_controller
     for ns in ("a", "b", "a"):
         r.on_event("ADDED", kube.add(ns, f"img-{len(kube.objects)}", "ghcr.io/x/y:1"))
     assert secrets.namespaces == {"a", "b"}
+
+
+async def test_artifacts_of_one_namespace_share_its_secrets_but_never_another_namespaces() -> None:
+    kube, clock = FakeKube(), Clock()
+    creds = Credentials(username="robot", password="pw")
+    script = Upstream(creds)
+    kube.secrets["a/acr"] = docker_config("myacr.azurecr.io", "robot", "pw")
+    r = make(script, kube, clock)
+    src = "myacr.azurecr.io/private/app:1"
+    r.on_event("ADDED", kube.add("a", "img", src, ["acr"]))
+    await drain(r, kube)
+    r.on_event("ADDED", kube.add("a", "twin", src))  # later, same namespace, no secret of its own
+    r.on_event("ADDED", kube.add("b", "img", src))
+    await drain(r, kube)
+    assert kube.status("a/img")["phase"] == kube.status("a/twin")["phase"] == "Ready"
+    assert kube.status("b/img")["phase"] == "Failed"

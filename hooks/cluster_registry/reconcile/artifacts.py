@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from cluster_registry import reference
 from cluster_registry.api import ARTIFACTS, Phase
@@ -70,6 +70,14 @@ class Config:
         if self.registry_insecure:
             insecure.add(self.registry_host)
         return RegistryOptions(insecure_hosts=frozenset(insecure), ca_bundle=self.ca_bundle)
+
+
+class _Access(NamedTuple):
+    """How one namespace reaches a source: its credentials (None: anonymous), the Secrets it names, those missing."""
+
+    credentials: Credentials | None
+    secrets: tuple[str, ...]
+    missing: tuple[str, ...]
 
 
 def _secret_digest(namespace: str, name: str, data: bytes | None) -> bytes:
@@ -340,15 +348,16 @@ class ArtifactReconciler:
         # an Artifact is Ready only when ITS credentials fetched the manifest (a copy, or a few requests
         # when the image is already there). Namespaces with the same credentials share one attempt.
         targets = [m for m in members if m.key not in over and affected(m)] or [m for m in members if m.key not in over]
-        access, secrets_fp = await self._credentials(targets, src.host)
+        access, secrets_fp = await self._credentials(members, src.host)  # a namespace: all its Artifacts' secrets
         attempts: dict[Credentials | None, list[st.ArtifactView]] = {}
         for m in targets:
-            attempts.setdefault(access[m.key][0], []).append(m)
+            attempts.setdefault(access[m.namespace].credentials, []).append(m)
         outcomes: dict[str, st.Outcome] = {}
         for creds, group in attempts.items():
             outcome = await self._attempt(src, dst, creds, max_size)
             for m in group:
-                outcomes[m.key] = st.for_namespace(outcome, m.namespace, m.pull_secrets, access[m.key][1])
+                own = access[m.namespace]
+                outcomes[m.key] = st.for_namespace(outcome, m.namespace, own.secrets, own.missing)
             if isinstance(outcome, st.Locked):
                 break  # every other attempt would wait on the same lock
         late = False
@@ -405,33 +414,36 @@ class ArtifactReconciler:
         self.metrics.copy_seconds.labels(result_label).observe(time.monotonic() - started)
         return outcome
 
-    async def _credentials(
-        self, members: list[st.ArtifactView], host: str
-    ) -> tuple[dict[str, tuple[Credentials | None, list[str]]], str]:
-        """Each member's own source credentials (its first pull secret for ``host``; None: anonymous) and
-        its missing Secrets, and a fingerprint of every pull secret read (to notice one created or fixed)."""
-        access: dict[str, tuple[Credentials | None, list[str]]] = {}
-        fingerprint = hashlib.sha256()
+    async def _credentials(self, members: list[st.ArtifactView], host: str) -> tuple[dict[str, _Access], str]:
+        """Each member namespace's own source credentials (the first of its Artifacts' pull secrets that
+        has ``host``; None: anonymous), the Secrets tried and those missing; and a fingerprint of every
+        pull secret read (to notice one created or fixed). Secrets are never shared across namespaces."""
+        names: dict[str, list[str]] = {}
         for m in members:
+            names.setdefault(m.namespace, [])
+            names[m.namespace] += [n for n in m.pull_secrets if n not in names[m.namespace]]
+        access: dict[str, _Access] = {}
+        fingerprint = hashlib.sha256()
+        for namespace, secrets in names.items():
             found: Credentials | None = None
             missing: list[str] = []
-            for name in m.pull_secrets:
+            for name in secrets:
                 try:
-                    data = await asyncio.to_thread(self.kube.docker_config, m.namespace, name)
+                    data = await asyncio.to_thread(self.kube.docker_config, namespace, name)
                 except Exception as err:  # noqa: BLE001
-                    log.warning("reading pull secret %s/%s failed: %s", m.namespace, name, getattr(err, "status", type(err).__name__))
+                    log.warning("reading pull secret %s/%s failed: %s", namespace, name, getattr(err, "status", type(err).__name__))
                     data = b"?"
-                fingerprint.update(_secret_digest(m.namespace, name, data))
+                fingerprint.update(_secret_digest(namespace, name, data))
                 if data is None:
-                    missing.append(f"{m.namespace}/{name}")
+                    missing.append(f"{namespace}/{name}")
                     continue
                 if found is not None or data == b"?":
                     continue
                 try:
                     found = credentials_from_docker_config(data, host)
                 except ClusterRegistryError as err:
-                    log.warning("pull secret %s/%s: %s", m.namespace, name, err.message)
-            access[m.key] = (found, missing)
+                    log.warning("pull secret %s/%s: %s", namespace, name, err.message)
+            access[namespace] = _Access(found, tuple(secrets), tuple(missing))
         return access, fingerprint.hexdigest()
 
     async def _write(self, stale: st.ArtifactView, outcome: st.Outcome) -> None:
