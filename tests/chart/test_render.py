@@ -554,6 +554,8 @@ def test_distribution_config() -> None:
     assert token["ports"] == [{"name": "token", "containerPort": 5002, "protocol": "TCP"}]
     args = token["args"]
     assert args[args.index("--access") + 1] == "shared"
+    isolated = [c for c in containers(deployment(render("registryAccess.mode=isolated"), "registry")) if c["name"] == "token"]
+    assert isolated[0]["args"][isolated[0]["args"].index("--access") + 1] == "isolated"
     assert {args[i + 1] for i, a in enumerate(args) if a == "--pusher"} == {
         f"{c}=t-cluster-registry-registry-push-{c}" for c in ("artifact-reconciler", "sideload", "gc")}
     # each side of the token key Secret sees only its part

@@ -190,8 +190,3 @@ ReadWriteOnce
 - name: CLUSTER_REGISTRY_TOKEN_REALMS
   value: {{ printf "%s=%s" (include "cluster-registry.tokenRealm" .) (include "cluster-registry.tokenServiceURL" .) | quote }}
 {{- end -}}
-
-{{/* Usage: include "cluster-registry.registryAccess" $ -> "isolated" or "shared" (registryAccess.mode). */}}
-{{- define "cluster-registry.registryAccess" -}}
-{{- dig "registryAccess" "mode" "shared" .Values.global.networkfunctionextension -}}
-{{- end -}}
