@@ -10,7 +10,9 @@ import os
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from aiohttp import web
@@ -22,19 +24,29 @@ from cluster_registry.gate.proxy import Credentials, make_app
 from cluster_registry.gate.state import GateState
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def lock_options(f: F) -> F:
+    """The GC lock's options (the Lease, this replica's heartbeat, the API), shared by both fronts."""
+    for option in reversed([
+        click.option("--lock-name", default="cluster-registry-gc", show_default=True, help="The GC Lease; empty disables the lock."),
+        click.option("--namespace", envvar=["CLUSTER_REGISTRY_GATE_NAMESPACE", "POD_NAMESPACE"], default="default", show_default=True),
+        click.option("--identity", envvar=["CLUSTER_REGISTRY_GATE_IDENTITY", "POD_NAME"], default=socket.gethostname,
+                     help="This replica's name (its heartbeat Lease); default the pod name."),
+        click.option("--pod-uid", envvar=["CLUSTER_REGISTRY_GATE_POD_UID", "POD_UID"], default=None,
+                     help="Owner of the heartbeat Lease, so it goes with the pod."),
+        click.option("--kubeconfig", type=click.Path(dir_okay=False)),
+    ]):
+        f = option(f)
+    return f
 
 
 @click.command()
 @click.option("--listen", default="0.0.0.0:5000", show_default=True, help="HOST:PORT to serve on.")
 @click.option("--upstream", default="http://127.0.0.1:5001", show_default=True, help="The registry on the pod's loopback.")
 @click.option("--credentials-file", type=click.Path(dir_okay=False), help="YAML/JSON {username, password}: who may write.")
-@click.option("--lock-name", default="cluster-registry-gc", show_default=True, help="The GC Lease; empty disables the lock.")
-@click.option("--namespace", envvar=["CLUSTER_REGISTRY_GATE_NAMESPACE", "POD_NAMESPACE"], default="default", show_default=True)
-@click.option("--identity", envvar=["CLUSTER_REGISTRY_GATE_IDENTITY", "POD_NAME"], default=socket.gethostname,
-              help="This replica's name (its heartbeat Lease); default the pod name.")  # fmt: skip
-@click.option("--pod-uid", envvar=["CLUSTER_REGISTRY_GATE_POD_UID", "POD_UID"], default=None,
-              help="Owner of the heartbeat Lease, so it goes with the pod.")  # fmt: skip
-@click.option("--kubeconfig", type=click.Path(dir_okay=False))
+@lock_options
 def gate(
     listen: str,
     upstream: str,
@@ -118,13 +130,7 @@ def _tls(cert: str | None, key: str | None, stop: threading.Event) -> ssl.SSLCon
 @click.option("--pull-ttl", default=300, show_default=True, help="Seconds a pull token lives.")
 @click.option("--registry-debug", default="http://127.0.0.1:5001", show_default=True,
               help="distribution's debug listener on the pod's loopback (/metrics, /debug/health).")  # fmt: skip
-@click.option("--lock-name", default="cluster-registry-gc", show_default=True, help="The GC Lease; empty disables the lock.")
-@click.option("--namespace", envvar=["CLUSTER_REGISTRY_GATE_NAMESPACE", "POD_NAMESPACE"], default="default", show_default=True)
-@click.option("--identity", envvar=["CLUSTER_REGISTRY_GATE_IDENTITY", "POD_NAME"], default=socket.gethostname,
-              help="This replica's name (its heartbeat Lease); default the pod name.")  # fmt: skip
-@click.option("--pod-uid", envvar=["CLUSTER_REGISTRY_GATE_POD_UID", "POD_UID"], default=None,
-              help="Owner of the heartbeat Lease, so it goes with the pod.")  # fmt: skip
-@click.option("--kubeconfig", type=click.Path(dir_okay=False))
+@lock_options
 def token_service(
     listen: str, tls_cert: str | None, tls_key: str | None, signing_key: str, issuer: str, service_name: str,
     access_mode: str, pull_keys_secret: str, pushers: tuple[str, ...], push_ttl: int, pull_ttl: int,

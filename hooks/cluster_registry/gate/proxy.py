@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 import logging
 import os
 import time
@@ -21,11 +20,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge
 from yarl import URL
 
 from cluster_registry.errors import ConfigError
 from cluster_registry.gate.protocol import LOCK_HEADER
+from cluster_registry.gate.service import LockMetrics, error
 from cluster_registry.gate.state import GateState, Lock
 from cluster_registry.oci.auth import read_credentials_file
 
@@ -80,24 +80,13 @@ class Credentials:
         return hmac.compare_digest(given, self._expected)
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]})
-    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
-
-
-class Metrics:
+class Metrics(LockMetrics):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.requests = Counter(
             "cluster_registry_gate_requests", "requests by kind and outcome", ["kind", "outcome"], registry=self.registry
         )
         self.inflight = Gauge("cluster_registry_gate_inflight_writes", "writes in flight", registry=self.registry)
-        self.locked = Gauge("cluster_registry_gate_lock_held", "1 while the GC lock is held", registry=self.registry)
-        self.gc_window = Gauge(
-            "cluster_registry_gc_last_window_seconds",
-            "how long the last GC run held writes off (its read-only window); 0 before the first",
-            registry=self.registry,
-        )
 
 
 def make_app(
@@ -165,7 +154,7 @@ def make_app(
                 return resp
         except (aiohttp.ClientConnectionError, TimeoutError) as err:
             log.warning("upstream unreachable", extra={"error": type(err).__name__})
-            return _error(503, "UNAVAILABLE", "the registry behind the gate is unavailable", {"Retry-After": "5"})
+            return error(503, "UNAVAILABLE", "the registry behind the gate is unavailable", {"Retry-After": "5"})
 
     async def v2(request: web.Request) -> web.StreamResponse:
         if request.method in READS:
@@ -173,7 +162,7 @@ def make_app(
             return await forward(request)
         if not credentials.check(request.headers.get("Authorization")):
             metrics.requests.labels("write", "unauthorized").inc()
-            return _error(
+            return error(
                 401,
                 "UNAUTHORIZED",
                 "authentication required to write to the cluster registry",
@@ -188,7 +177,7 @@ def make_app(
                 else "the cluster registry cannot confirm the garbage-collection lock's state; retry later"
             )
             retry = state.retry_after() if st is Lock.HELD else 5
-            return _error(
+            return error(
                 503, "UNAVAILABLE", message, {"Retry-After": str(retry), LOCK_HEADER: "gc" if st is Lock.HELD else "unknown"}
             )
         metrics.inflight.inc()
@@ -217,9 +206,7 @@ def make_app(
         return web.Response(text="ok")
 
     async def metrics_handler(request: web.Request) -> web.Response:
-        metrics.locked.set(1 if state.status() is Lock.HELD else 0)
-        metrics.gc_window.set(state.last_window or 0.0)
-        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=metrics.exposition(state), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_route("GET", "/healthz", healthz)
     app.router.add_route("GET", "/readyz", readyz)

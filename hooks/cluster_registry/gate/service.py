@@ -83,24 +83,37 @@ def identify(user: str, password: str, sources: Sources) -> access.Caller | None
     return access.Caller(access.Kind.NAMESPACE, namespace) if namespace else None
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """A registry-style JSON error (``{"errors": [...]}``)."""
     body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]})
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 
 
-class Metrics:
+class LockMetrics:
+    """The GC lock's gauges, exported by whichever front holds the lock state."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.tokens = Counter(
-            "cluster_registry_token_requests", "token requests by caller kind and outcome", ["caller", "outcome"],
-            registry=self.registry,
-        )  # fmt: skip
         self.locked = Gauge("cluster_registry_gate_lock_held", "1 while the GC lock is held", registry=self.registry)
         self.gc_window = Gauge(
             "cluster_registry_gc_last_window_seconds",
             "how long the last GC run held writes off (its read-only window); 0 before the first",
             registry=self.registry,
         )
+
+    def exposition(self, state: GateState) -> bytes:
+        self.locked.set(1 if state.status() is Lock.HELD else 0)
+        self.gc_window.set(state.last_window or 0.0)
+        return generate_latest(self.registry)
+
+
+class Metrics(LockMetrics):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = Counter(
+            "cluster_registry_token_requests", "token requests by caller kind and outcome", ["caller", "outcome"],
+            registry=self.registry,
+        )  # fmt: skip
 
 
 def make_app(settings: Settings, state: GateState, sources: Sources, *,
@@ -121,7 +134,7 @@ def make_app(settings: Settings, state: GateState, sources: Sources, *,
         if request.method == "POST":
             form = await request.post()
             if form.get("grant_type") != "password":
-                return _error(400, "UNSUPPORTED", "only the password grant is supported; or GET with basic auth")
+                return error(400, "UNSUPPORTED", "only the password grant is supported; or GET with basic auth")
             creds: tuple[str, str] | None = (str(form.get("username", "")), str(form.get("password", "")))
             scopes = access.parse_scopes(str(v) for v in form.getall("scope", []))
         else:
@@ -133,7 +146,7 @@ def make_app(settings: Settings, state: GateState, sources: Sources, *,
             if found is None:
                 metrics.tokens.labels("unknown", "unauthorized").inc()
                 log.info("token refused: bad credentials", extra={"user": creds[0][:64]})
-                return _error(401, "UNAUTHORIZED", "the credentials are not valid for the cluster registry",
+                return error(401, "UNAUTHORIZED", "the credentials are not valid for the cluster registry",
                               {"WWW-Authenticate": 'Basic realm="cluster-registry"'})  # fmt: skip
             caller = found
         ready = sources.ready(caller.name) if caller.kind is access.Kind.NAMESPACE else frozenset()
@@ -152,7 +165,7 @@ def make_app(settings: Settings, state: GateState, sources: Sources, *,
                 "the cluster registry is read-only while garbage collection runs; retry later"
                 if held else "the cluster registry cannot confirm the garbage-collection lock's state; retry later"
             )  # fmt: skip
-            return _error(503, "UNAVAILABLE", message,
+            return error(503, "UNAVAILABLE", message,
                           {"Retry-After": str(state.retry_after() if held else 5), LOCK_HEADER: "gc" if held else "unknown"})  # fmt: skip
         ttl = settings.push_ttl if pushes else settings.pull_ttl
         now = clock()
@@ -178,9 +191,7 @@ def make_app(settings: Settings, state: GateState, sources: Sources, *,
         return web.Response(text="ok")
 
     async def metrics_handler(request: web.Request) -> web.Response:
-        metrics.locked.set(1 if state.status() is Lock.HELD else 0)
-        metrics.gc_window.set(state.last_window or 0.0)
-        body = generate_latest(metrics.registry)
+        body = metrics.exposition(state)
         try:
             async with request.app[SESSION_KEY].get(settings.registry_debug + "/metrics") as r:
                 if r.status == 200:
