@@ -6,7 +6,8 @@
    served from the artifact store as an OCIRepository. `cnf-images` applies the Component with
    `wait: true`; `cnf` dependsOn it and is held back (no Deployment exists) until Flux's own kstatus
    health check sees the Component Ready; then the CNF's pods come up rewritten. A Component whose
-   image does not exist keeps its `cnf` from ever being applied.
+   image does not exist is Stalled and keeps its `cnf` from ever being applied, with its message in
+   `cnf-images`' Ready condition.
 3. Argo CD: examples/argocd/health/*.lua, run by gopher-lua as Argo CD runs it, on Artifacts and
    Components taken from this cluster in every phase (Pending, Copying, Ready, Failed, Deferred).
 4. Every metric name the PrometheusRule and the dashboard use is served by a running component's
@@ -200,10 +201,16 @@ def test_flux_applies_the_cnf_only_after_its_component_is_ready(cluster: Cluster
 
 def test_flux_never_applies_a_cnf_whose_image_is_missing(cluster: Cluster, env: Env, flux: fluxlib.Flux) -> None:
     cluster.apply(flux_objects(env, name="bad", target=env.bad_ns, tag="0.0.0-missing", images_timeout="40s"))
-    component = wait_for(lambda: (lambda c: c if ready_condition(c).get("reason") == "ArtifactFailed" else None)(
-        cluster.kubectl_json("get", f"components.{GROUP}", "sample-cnf", "-n", env.bad_ns)),
-        timeout=180, interval=2, what="the Component to report the missing image")
-    assert "0.0.0-missing" in ready_condition(component)["message"], component["status"]
+
+    def stalled() -> dict[str, Any] | None:
+        c = cluster.kubectl_json("get", f"components.{GROUP}", "sample-cnf", "-n", env.bad_ns)
+        conds = {x["type"]: x for x in c.get("status", {}).get("conditions", [])}
+        return conds if conds.get("Stalled", {}).get("status") == "True" else None
+
+    # The image does not exist (NotFound, permanent): the Component is Stalled (kstatus: Failed), not Reconciling.
+    conds = wait_for(stalled, timeout=180, interval=2, what="the Component Stalled on the missing image")
+    assert conds["Ready"]["reason"] == "ArtifactFailed" and "Reconciling" not in conds, conds
+    assert "0.0.0-missing" in conds["Ready"]["message"] and conds["Stalled"]["message"] == conds["Ready"]["message"]
 
     def held() -> dict[str, Any] | None:
         flux.alive()
@@ -212,10 +219,23 @@ def test_flux_never_applies_a_cnf_whose_image_is_missing(cluster: Cluster, env: 
 
     images = wait_for(held, timeout=180, interval=2, what="cnf-images' health check to time out")
     assert images["status"] == "False"
-    # Flux names the Component and its kstatus status (InProgress: the Component keeps retrying).
-    assert f"Component/{env.bad_ns}/sample-cnf status: 'InProgress'" in images["message"], images
+    # The example's failed expression carries the Component's own message into Flux's (see cnf-images.yaml).
+    assert f"Component/{env.bad_ns}/sample-cnf status: 'Unknown'" in images["message"], images
+    message = ready_condition(cluster.kubectl_json("get", f"components.{GROUP}", "sample-cnf", "-n", env.bad_ns))["message"]
+    assert message in images["message"], (message, images)
+    print(f"\nFlux cnf-images Ready: {images['message']}")
     workload = flux.ready("kustomization", "bad-cnf")
     assert workload.get("status") != "True" and workload.get("reason") == "DependencyNotReady", workload
+    assert not cluster.kubectl("get", "deployments", "-n", env.bad_ns, "-o", "name").strip()
+
+    # The early-stop variant the example's README offers (kstatus alone): Stalled reads as Failed, at once.
+    failed = yaml.safe_load((EXAMPLES / "flux" / "cnf" / "cnf-images.yaml").read_text())["spec"]["healthCheckExprs"][0]["failed"]
+    cluster.kubectl("patch", "kustomization", "bad-cnf-images", "-n", env.flux_ns, "--type=json", "-p", json.dumps(
+        [{"op": "replace", "path": "/spec/healthCheckExprs/0/failed", "value": failed.replace(" && {}[c.message]", "")}]))
+    fast = wait_for(lambda: (lambda c: c if "failed early" in c.get("message", "") else None)(
+        flux.ready("kustomization", "bad-cnf-images")), timeout=120, interval=2, what="cnf-images to stop early")
+    assert f"failed early due to stalled resources: [Component/{env.bad_ns}/sample-cnf status: 'Failed']" in fast["message"]
+    print(f"Flux cnf-images Ready (early stop): {fast['message']}")
     assert not cluster.kubectl("get", "deployments", "-n", env.bad_ns, "-o", "name").strip()
 
 
