@@ -17,7 +17,7 @@ from cluster_registry.errors import TemporaryError
 from cluster_registry.gc import storage, sweep
 from cluster_registry.gc.lock import DrainReport
 from cluster_registry.gc.run import Options, Report, _locked
-from tests.support.ociimages import Image, Pusher, push_image
+from tests.support.ociimages import Image, Pusher, layer_chunks, push_image
 from tests.support.registry import Registry, run_registry
 
 
@@ -58,8 +58,10 @@ def delete(p: Pusher, image: Image) -> None:
     assert p.request("DELETE", f"/v2/{image.repo}/manifests/{image.digest}", image.repo)[0] == 202
 
 
-def gc(reg: Registry, config: str, writes_between: object = None, lock: Lock | None = None) -> Report:
-    """One online mark, then ``writes_between()``, then the window; the trash is emptied after."""
+def gc(reg: Registry, config: str, writes_between: object = None, lock: Lock | None = None,
+       writes_after: object = None) -> Report:  # fmt: skip
+    """One online mark, then ``writes_between()``, then the window, then ``writes_after()`` and the
+    layer links of the blobs taken; the trash is emptied after (the order ``run._window`` keeps)."""
     marked = sweep.mark(config, str(reg.storage))
     if callable(writes_between):
         writes_between()
@@ -67,6 +69,9 @@ def gc(reg: Registry, config: str, writes_between: object = None, lock: Lock | N
     opts = Options(registry_url=reg.url, storage_root=str(reg.storage), storage_size=1 << 30)
     try:
         _locked(opts, lock or Lock(), config, rep, storage.blob_sizes(reg.storage), marked)  # type: ignore[arg-type]
+        if callable(writes_after):
+            writes_after()
+        sweep.unlink_after(str(reg.storage), marked)
     finally:
         sweep.empty_trash(str(reg.storage))
     return rep
@@ -104,19 +109,24 @@ def test_pushes_between_the_mark_and_the_window_survive(reg: Registry, config: s
         new["inflight"] = p.push_blob("online/fresh", os.urandom(900))  # its manifest is still on its way
         p.push_blob("online/other", junk)  # the abandoned blob uploaded again into another repository
 
+    def after() -> None:  # once writes resume: one of gone's layers uploaded again, before its link goes
+        assert p.push_blob_stream(gone.repo, layer_chunks(3 * 100_003, 2200), 2200) == gone.blobs[1][0]
+
     marked_garbage = {d for d, _ in old.blobs + gone.blobs} | {old.digest, gone.digest, junk_digest}
-    rep = gc(reg, config, writes)
+    rep = gc(reg, config, writes, writes_after=after)
     assert rep.sparedSinceMark >= len(old.blobs) + 2, rep  # old's blobs, its manifest, the junk blob
     for image in (keep, old, new["fresh"]):
         pulls(p, image)  # type: ignore[arg-type]
     assert p.blob_exists("online/fresh", str(new["inflight"])) and p.blob_exists("online/other", junk_digest)
+    assert p.blob_sha256(gone.repo, gone.blobs[1][0]) == gone.blobs[1], "the upload after the window kept its link"
     left = blobs(reg.storage)
-    assert not {d for d, _ in gone.blobs} & left and gone.digest not in left, "the real garbage was swept"
-    assert marked_garbage - left == {d for d, _ in gone.blobs} | {gone.digest}
+    swept = {gone.digest, gone.blobs[0][0]}  # its manifest and config; its layer came back
+    assert not swept & left and marked_garbage - left == swept, "the real garbage was swept"
     # distribution's own mark now finds only what was written after ours and is named by no manifest
-    # (the next run takes it); everything any manifest names is there.
+    # (the next run takes it): everything any manifest names is there, and no layer link dangles.
     after = sweep.run(config, dry_run=True)
-    assert set(after.deleted_digests) == {str(new["inflight"]), junk_digest}, after.deleted_digests
+    assert set(after.deleted_digests) == {str(new["inflight"]), junk_digest, gone.blobs[1][0]}, after
+    assert {d for _, d in after.layer_links} <= set(after.deleted_digests), after.layer_links  # none dangles
 
 
 def test_deletes_between_the_mark_and_the_window_lose_nothing_referenced(reg: Registry, config: str) -> None:

@@ -267,6 +267,7 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
     config = opts.registry_config or sweep.default_config(str(opts.storage_root))
     lock = GCLock(api, opts.namespace, opts.lock_name, duration=opts.lease_seconds)
     w0 = time.monotonic()
+    marked = None
     try:
         marked = _mark_online(opts, config, rep)
         w0 = time.monotonic()
@@ -277,6 +278,8 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
         lock.release(window_seconds=rep.windowSeconds)  # the gates export it as a metric
         if not opts.registry_config:
             os.unlink(config)
+    if marked is not None and opts.storage_root:  # writes go on: see sweep.unlink_after
+        sweep.unlink_after(opts.storage_root, marked)
     log.info(
         "read-only window closed",
         extra={"seconds": round(rep.windowSeconds, 3), "blobs": rep.blobsDeleted, "bytes": rep.bytesFreed},

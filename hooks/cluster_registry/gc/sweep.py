@@ -160,6 +160,7 @@ class Mark:
     moves: list[tuple[str, str, str]] = field(default_factory=list)
     blobs: int = 0  # how many of ``moves`` are blob directories (the rest are layer links)
     spared: int = 0  # candidates written or named since the mark began, kept
+    after: list[tuple[str, str, str]] = field(default_factory=list)  # links of blobs the window took: ``unlink_after``
 
 
 def verdict(storage_root: str, started: float, res: SweepResult) -> Mark:
@@ -241,7 +242,8 @@ def sweep_marked(
     distribution's sweep would delete): metadata only; ``empty_trash`` unlinks them after the
     window. With ``online`` (the mark ran before the lock), first spare every digest that something
     written since the mark began names (``storage.referenced_since``: a stat per repository and per
-    manifest revision, a read per new manifest).
+    manifest revision, a read per new manifest), and leave the layer links of the blobs taken to
+    ``unlink_after``: a link to a missing blob answers as no link, so they need no lock.
     """
     start, cpu0 = time.monotonic(), time.process_time()
     keep = storage.referenced_since(storage_root, marked.started - MTIME_SLACK) if online else set()
@@ -251,11 +253,15 @@ def sweep_marked(
     os.mkdir(f"{to}/links")
     trash = trash if trash is not None else Trash()
     deleted: list[str] = []
+    taken: set[str] = set()
     for i, (digest, src, name) in enumerate(marked.moves):
         if i % 256 == 0 and not keep_going():
             raise TemporaryError("sweep stopped: the write lock could not be renewed")
         if digest in keep:
             marked.spared += 1
+            continue
+        if online and i >= marked.blobs and digest in taken:
+            marked.after.append((digest, src, name))
             continue
         try:
             os.rename(src, f"{to}/{name}")
@@ -264,11 +270,36 @@ def sweep_marked(
         trash.moved.append((src, f"{to}/{name}"))
         if i < marked.blobs:
             deleted.append(digest)
+            taken.add(digest)
     # with ``online`` the mark's time was spent before the window: only this part counts
     seconds, cpu = time.monotonic() - start, time.process_time() - cpu0
     if not online:
         seconds, cpu = seconds + marked.result.seconds, cpu + marked.result.cpu_seconds
     return SweepResult(marked.result.blobs_marked, len(deleted), 0, deleted, [], seconds, cpu)
+
+
+def unlink_after(storage_root: str, marked: Mark) -> int:
+    """After the window (writes go on): rename aside the layer links of the blobs the window took.
+    Each one whose blob is there again (uploaded since the window; the upload writes the blob, then
+    its link, which may be the one just renamed) is put back at once, so a link never stays missing
+    while its blob exists; the only trace of the race is a push or pull refused for microseconds."""
+    trash_root(storage_root).mkdir(parents=True, exist_ok=True)
+    to = tempfile.mkdtemp(prefix=f"{int(time.time())}-links-", dir=trash_root(storage_root))
+    os.mkdir(f"{to}/links")
+    v2 = os.path.join(storage_root, "docker", "registry", "v2")
+    gone = 0
+    for digest, src, name in marked.after:
+        try:
+            os.rename(src, f"{to}/{name}")
+        except FileNotFoundError:
+            continue
+        algo, _, hexd = digest.partition(":")
+        if os.path.exists(f"{v2}/blobs/{algo}/{hexd[:2]}/{hexd}/data"):
+            Trash([(src, f"{to}/{name}")]).restore()
+        else:
+            gone += 1
+    marked.after.clear()
+    return gone
 
 
 def run_trash(
