@@ -6,9 +6,10 @@ Three modes (``--sweep-mode``):
   (``--dry-run``) *before* the write lock, while pushes go on; inside the window ``sweep_marked``
   spares every digest something written since the mark began names (``storage.referenced_since``)
   and renames the rest into a trash directory the registry never reads; ``empty_trash`` deletes it
-  after the window. The window then costs one stat per repository and per manifest revision plus one
-  rename per blob and layer link that goes: it follows what changed since the last GC, not the size
-  of the registry (146.5 s at 50,000 images when the whole mark-and-sweep ran inside it).
+  after the window, with the layer links of the blobs taken (``unlink_after``). The window then
+  costs one stat per repository and per manifest revision plus one rename per blob that goes: it
+  follows what changed since the last GC, not the size of the registry (146.5 s at 50,000 images
+  when the whole mark-and-sweep ran inside it).
 * ``trash``: the same renames, with the mark inside the window.
 * ``distribution``: distribution's mark-and-sweep inside the window. Object storage always runs
   this way: its "directories" have no mtimes to find what was written since a mark, and listing a
