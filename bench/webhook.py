@@ -391,17 +391,25 @@ def apiserver_bench(tmp: Path) -> dict[str, Any]:
     if not cluster.healthy():
         return {"skipped": "local cluster unhealthy"}
     out: dict[str, Any] = {}
-    for name, argv, floor in (
-        ("webhook", ["--registry-host", cluster.cluster_registry, "--rewrite-policy", "Always", "--workers", str(WORKERS),
-                     "--kubeconfig", str(cluster.kubeconfig), "--no-leader-election"], ""),
-        ("floor_python", [], "python"),
-        ("floor_go", [], "go"),
+    online = ["--registry-host", cluster.cluster_registry, "--rewrite-policy", "Always",
+              "--kubeconfig", str(cluster.kubeconfig), "--no-leader-election"]
+    # name, webhook arguments, floor, dry run: dry runs are admission alone; real pods (on the
+    # simulated nodes) also feed the webhook's pod watch, which records their Artifacts
+    for name, argv, floor, dry_run in (
+        ("webhook", [*online, "--workers", str(WORKERS)], "", True),
+        # no watches at all (nothing is Ready, Always rewrites anyway): what the watches cost
+        ("webhook_offline", ["--offline", "--registry-host", cluster.cluster_registry, "--rewrite-policy", "Always",
+                             "--workers", str(WORKERS)], "", True),
+        ("webhook_real_pods", [*online, "--workers", str(WORKERS)], "", False),
+        ("webhook_1_process_real_pods", [*online, "--workers", "1"], "", False),
+        ("floor_python", [], "python", True),
+        ("floor_go", [], "go", True),
     ):
         if floor == "go" and not shutil.which("go"):
             continue
         proc, port, ca = start_webhook(tmp, argv, {"KUBECONFIG": str(cluster.kubeconfig)}, floor=floor)
         try:
-            out[name] = _apiserver_bench(cluster, port, ca, own_metrics=not floor)
+            out[name] = _apiserver_bench(cluster, port, ca, own_metrics=not floor, dry_run=dry_run)
             log(f"API server -> {name}: {json.dumps(out[name])}")
         finally:
             proc.terminate()
@@ -409,9 +417,9 @@ def apiserver_bench(tmp: Path) -> dict[str, Any]:
     return out
 
 
-def _apiserver_bench(cluster: Any, port: int, ca: bytes, own_metrics: bool) -> dict[str, Any]:
-    """Pods created one after another (server dry runs: admission runs in full, nothing is stored or
-    scheduled) through the real API server, which calls the webhook on ``port``."""
+def _apiserver_bench(cluster: Any, port: int, ca: bytes, own_metrics: bool, dry_run: bool) -> dict[str, Any]:
+    """Pods created one after another through the real API server, which calls the webhook on
+    ``port``: server dry runs (admission in full, nothing stored), or real pods on the simulated nodes."""
     from kubernetes import client
 
     ns = f"bench-webhook-{secrets.token_hex(3)}"
@@ -455,7 +463,9 @@ def _apiserver_bench(cluster: Any, port: int, ca: bytes, own_metrics: bool) -> d
             pod["spec"]["volumes"] = pod["spec"]["volumes"][:1]
             for c in pod["spec"]["initContainers"] + pod["spec"]["containers"]:
                 c["volumeMounts"] = c["volumeMounts"][:1]
-            created = core.create_namespaced_pod(ns, pod, dry_run="All")
+            if not dry_run:
+                pod["spec"]["nodeSelector"] = {"kubernetes.azure.com/mode": "user"}  # kwok's: nothing pulls
+            created = core.create_namespaced_pod(ns, pod, dry_run="All" if dry_run else None)
             assert created.spec.containers[0].image != pod["spec"]["containers"][0]["image"], created.spec.containers[0].image
             seen.append(peers(port))
         elapsed = time.monotonic() - t0
