@@ -35,13 +35,11 @@ from cluster_registry.kubeio import Informer, Kube, Obj, key_of
 from cluster_registry.reconcile.metrics import ArtifactMetrics
 from cluster_registry.reconcile.pullsecrets import PullSecrets
 from cluster_registry.reconcile.queue import DelayQueue, Groups
-from cluster_registry.reconcile.worker import next_due, store_newer
+from cluster_registry.reconcile.worker import next_due, reported_after, store_newer
 
 log = logging.getLogger(__name__)
 
 CONTROLLER = "clusterregistry.io/artifact-reconciler"
-# Failure reasons a new or fixed pull secret may cure (registries answer 404 to anonymous pulls too).
-ACCESS_REASONS = st.ACCESS_REASONS
 
 # (source, destination, source credentials) -> result; raises ClusterRegistryError
 CopyFn = Callable[[reference.Reference, reference.Reference, Credentials | None], Awaitable[CopyResult]]
@@ -64,6 +62,9 @@ class Config:
     watch_namespace: str | None = None  # None: Artifacts of every namespace
     max_image_size: int = 0  # bytes an image's blobs may declare (0: no limit)
     namespace_quota: int = 0  # bytes of Ready images one namespace may hold (0: no quota)
+    # Pending and Copying are written only for a copy still running this many seconds after it began
+    # (no status already reads as Pending); 0: both at once, two more status writes and an Event each
+    progress_delay: float = 0.0
 
     def registry_options(self) -> RegistryOptions:
         insecure = set(self.insecure_registries)
@@ -182,7 +183,7 @@ class ArtifactReconciler:
             self.copy_wanted.add(dest)
             if not v.observed:
                 self.attempts.pop(dest, None)  # a new spec starts a fresh backoff
-            if not v.phase:  # brand new: say it is queued (workers may all be busy)
+            if not v.phase and self.config.progress_delay <= 0:  # brand new: say it is queued (workers may all be busy)
                 self._spawn(self._write(v, st.Queued(v.source, dest)))
         self.queue.add(dest, due)
         self._wake.set()
@@ -336,8 +337,6 @@ class ArtifactReconciler:
         for m in members:
             if m.key in over:
                 await self._write(m, st.quota_exceeded(m.namespace, usage[m.namespace], cfg.namespace_quota))
-            elif affected(m):
-                await self._write(m, st.Started(str(src), dest))
         if over and all(m.key in over or not affected(m) for m in members):
             return self.clock() + st.backoff_delay(self.attempts.get(dest, 0) + 1, False, self.rand(), cfg.policy)
         # the image may take the namespaces it is copied for up to their quota, and no image past the maximum
@@ -353,13 +352,20 @@ class ArtifactReconciler:
         for m in targets:
             attempts.setdefault(access[m.namespace].credentials, []).append(m)
         outcomes: dict[str, st.Outcome] = {}
-        for creds, group in attempts.items():
-            outcome = await self._attempt(src, dst, creds, max_size)
-            for m in group:
-                own = access[m.namespace]
-                outcomes[m.key] = st.for_namespace(outcome, m.namespace, own.secrets, own.missing)
-            if isinstance(outcome, st.Locked):
-                break  # every other attempt would wait on the same lock
+
+        async def started() -> None:
+            for m in members:
+                if m.key not in over and affected(m):
+                    await self._write(m, st.Started(str(src), dest))
+
+        async with reported_after(cfg.progress_delay, started):
+            for creds, group in attempts.items():
+                outcome = await self._attempt(src, dst, creds, max_size)
+                for m in group:
+                    own = access[m.namespace]
+                    outcomes[m.key] = st.for_namespace(outcome, m.namespace, own.secrets, own.missing)
+                if isinstance(outcome, st.Locked):
+                    break  # every other attempt would wait on the same lock
         late = False
         for m in self.members(dest):  # fresh: members may have changed during the copy
             if m.key in outcomes:
@@ -379,7 +385,7 @@ class ArtifactReconciler:
         if any(isinstance(o, st.Copied) for o in done):
             self.lost.discard(dest)  # the image is there again; what is left is a namespace's access
         failed = [o for o in done if isinstance(o, st.CopyFailed)]
-        if any(o.reason in ACCESS_REASONS for o in failed):
+        if any(o.reason in st.ACCESS_REASONS for o in failed):
             self.secrets_at_failure[dest] = secrets_fp  # as read before the copy: no change is missed
         attempt = self.attempts[dest] = self.attempts.get(dest, 0) + 1
         return now + st.backoff_delay(attempt, any(o.temporary for o in failed), self.rand(), cfg.policy)

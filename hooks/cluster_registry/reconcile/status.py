@@ -206,7 +206,8 @@ def within_quota(outcome: Outcome, m: ArtifactView, usage: Mapping[str, int], qu
     return outcome
 
 
-ACCESS_REASONS = frozenset({"Authentication", "AccessDenied", "NotFound"})  # a namespace's own secrets may cure them
+# Failure reasons a new or fixed pull secret may cure (registries answer 404 to anonymous pulls too).
+ACCESS_REASONS = frozenset({"Authentication", "AccessDenied", "NotFound"})
 
 
 def for_namespace(outcome: Outcome, namespace: str, secrets: Iterable[str], missing: Iterable[str]) -> Outcome:
