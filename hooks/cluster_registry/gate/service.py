@@ -147,7 +147,7 @@ def make_app(settings: Settings, state: GateState, sources: Sources, *,
                 metrics.tokens.labels("unknown", "unauthorized").inc()
                 log.info("token refused: bad credentials", extra={"user": creds[0][:64]})
                 return error(401, "UNAUTHORIZED", "the credentials are not valid for the cluster registry",
-                              {"WWW-Authenticate": 'Basic realm="cluster-registry"'})  # fmt: skip
+                             {"WWW-Authenticate": 'Basic realm="cluster-registry"'})  # fmt: skip
             caller = found
         ready = sources.ready(caller.name) if caller.kind is access.Kind.NAMESPACE else frozenset()
         wants_push = any("push" in s.actions for s in scopes)
@@ -166,7 +166,7 @@ def make_app(settings: Settings, state: GateState, sources: Sources, *,
                 if held else "the cluster registry cannot confirm the garbage-collection lock's state; retry later"
             )  # fmt: skip
             return error(503, "UNAVAILABLE", message,
-                          {"Retry-After": str(state.retry_after() if held else 5), LOCK_HEADER: "gc" if held else "unknown"})  # fmt: skip
+                         {"Retry-After": str(state.retry_after() if held else 5), LOCK_HEADER: "gc" if held else "unknown"})  # fmt: skip
         ttl = settings.push_ttl if pushes else settings.pull_ttl
         now = clock()
         jwt = tokens.issue(settings.signer, str(caller), decision.grants, ttl, now)
