@@ -368,13 +368,18 @@ class Upstream(Script):
         return await super().copy(src, dst, creds)
 
 
+def private_source(namespace: str, user: str, password: str) -> tuple[FakeKube, Clock, Upstream, ArtifactReconciler]:
+    """A reconciler whose source only ``user`` may read; ``namespace``'s Secret ``acr`` holds that credential."""
+    kube, clock = FakeKube(), Clock()
+    script = Upstream(Credentials(username=user, password=password))
+    kube.secrets[f"{namespace}/acr"] = docker_config("myacr.azurecr.io", user, password)
+    return kube, clock, script, make(script, kube, clock)
+
+
 async def test_a_namespace_without_access_is_not_ready_from_another_namespaces_copy() -> None:
     """#15: B's copy (B's secret) must not make A's Artifact Ready; A's attempt is made with A's own access."""
-    kube, clock = FakeKube(), Clock()
-    b_creds = Credentials(username="b-robot", password="b-pass")
-    script = Upstream(b_creds)
-    kube.secrets["b/acr"] = docker_config("myacr.azurecr.io", "b-robot", "b-pass")
-    r = make(script, kube, clock)
+    kube, clock, script, r = private_source("b", "b-robot", "b-pass")
+    b_creds = script.allowed
     src = "myacr.azurecr.io/private/reporter:1"
     r.on_event("ADDED", kube.add("b", "img", src, ["acr"]))
     r.on_event("ADDED", kube.add("a", "img", src))  # no pull secret of its own
@@ -443,11 +448,7 @@ async def test_every_artifacts_namespace_is_handed_to_the_pull_secret_controller
 
 
 async def test_artifacts_of_one_namespace_share_its_secrets_but_never_another_namespaces() -> None:
-    kube, clock = FakeKube(), Clock()
-    creds = Credentials(username="robot", password="pw")
-    script = Upstream(creds)
-    kube.secrets["a/acr"] = docker_config("myacr.azurecr.io", "robot", "pw")
-    r = make(script, kube, clock)
+    kube, clock, script, r = private_source("a", "robot", "pw")
     src = "myacr.azurecr.io/private/app:1"
     r.on_event("ADDED", kube.add("a", "img", src, ["acr"]))
     await drain(r, kube)
