@@ -85,6 +85,8 @@ def env(cluster: Cluster) -> Iterator[Env]:
             values = cnf.cluster_registry_values([names["cnf"], names["bad"]], store_host)
             values["global"]["networkfunctionextension"].update(
                 serviceMonitor={"enabled": True}, prometheusRule={"enabled": True}, grafanaDashboard={"enabled": True})
+            # every phase written at once, so that the health checks meet Pending and Copying (quick copies skip them)
+            values["global"]["networkfunctionextension"]["artifactReconciler"]["progressDelay"] = 0
             cnf.install_cluster_registry(cluster, release, namespace, values)
             cnf.wait_replicas(cluster, namespace)
             yield Env(release, namespace, names["cnf"], names["bad"], names["lua"], names["flux"], store_host,

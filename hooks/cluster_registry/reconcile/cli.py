@@ -79,6 +79,9 @@ def reconcile() -> None:
               help="bytes of blobs one image may declare; larger images fail before any blob is fetched (0: no limit)")
 @click.option("--namespace-quota", type=click.IntRange(0), default=0, show_default=True,
               help="bytes of Ready images one namespace may hold; past it its Artifacts fail with QuotaExceeded (0: none)")
+@click.option("--progress-delay", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="write Pending and Copying (status and Event) only for a copy still running this many seconds after it "
+              "began; 0: at once (two more status writes and an Event per Artifact)")
 @click.option("--pull-secret", default="", help="registryAccess isolated: keep this pull Secret in every namespace with an "
               "Artifact (empty: none, the registry is shared)")
 @click.option("--pull-secret-host", default="", help="the registry host the pull Secrets are for: where the webhook rewrites to")
@@ -89,7 +92,7 @@ def artifacts(
     ca_bundle: str | None, watch_namespace: str | None, registry_host: str, registry_insecure: bool, registry_credentials_file: str | None,
     workers: int, verify_interval: float, backoff_base: float, backoff_max: float,
     permanent_backoff_base: float, permanent_backoff_max: float, deferred_retry: float, max_image_size: int,
-    namespace_quota: int, pull_secret: str, pull_secret_host: str, pull_keys: str,
+    namespace_quota: int, progress_delay: float, pull_secret: str, pull_secret_host: str, pull_keys: str,
 ) -> None:
     """Copy every Artifact's image into the cluster registry and report its status."""
     identity = default_identity()
@@ -106,6 +109,7 @@ def artifacts(
         watch_namespace=watch_namespace,
         max_image_size=max_image_size,
         namespace_quota=namespace_quota,
+        progress_delay=progress_delay,
     )
     metrics = artifact_metrics()
     api = kubeconf.api_client(kubeconfig)
