@@ -25,6 +25,7 @@ COMMANDS = {
     "certs": "cluster_registry.certs.cli:certs",
     "registry-secret": "cluster_registry.install.registry_secret:registry_secret",
     "node-proxy": "cluster_registry.nodeproxy.cli:node_proxy",  # the registry on each node's loopback
+    "wait-drained": "cluster_registry.drainwait:wait_drained",  # the registry pod's preStop: clients got every byte
 }
 
 
