@@ -156,6 +156,27 @@ def artifact_events(cluster: Cluster, prefix: str) -> dict[str, int]:
     return out
 
 
+class StoreRequests:
+    """Requests the artifact store answered for the fleet's repositories since this was made, by method
+    (its log's "response completed" lines; each one authenticated, htpasswd: a bcrypt per request)."""
+
+    LOG = STATE / "logs" / "artifact-store.log"
+
+    def __init__(self) -> None:
+        self.offset = self.LOG.stat().st_size if self.LOG.exists() else 0
+
+    def count(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        with contextlib.suppress(OSError), open(self.LOG, "rb") as f:
+            f.seek(self.offset)
+            for line in f:
+                if b"response completed" in line and f"/v2/{REPO}/".encode() in line:
+                    found = re.search(rb"http\.request\.method=(\w+)", line)
+                    method = found[1].decode() if found else "?"
+                    out[method] = out.get(method, 0) + 1
+        return out
+
+
 # -- memory of the release's containers ------------------------------------------------------------------
 
 
@@ -357,12 +378,14 @@ def main() -> int:
             registry_ip = cluster.kubectl_json("get", "svc", "-n", ns, f"{cnf.fullname(release)}-registry")["spec"]["clusterIP"]
             store_ip = cluster.kubectl_json("get", "svc", "-n", "localcluster", "artifact-store")["spec"]["clusterIP"]
             memory = MemorySampler(cluster, ns)
-            cpu0 = memory.cpu()
+            cpu0, requests = memory.cpu(), StoreRequests()
             out["crane"] = crane_copy(
                 images, f"{store_ip}:5000", f"{registry_ip}:5000", node_netns(reconciler),
                 {f"{store_ip}:5000": (cluster.artifact_store_user, cluster.artifact_store_password),
                  f"{registry_ip}:5000": cnf.registry_credentials(cluster, ns, release)}, args.workers, args.crane_jobs)
             cpu1 = memory.cpu()
+            out["crane"]["store_requests"] = requests.count()
+            requests = StoreRequests()
             out["crane"]["cpu_s_of"] = {k: round(v - cpu0.get(k, 0.0), 1) for k, v in cpu1.items()}
             watch = ArtifactWatch(cluster, prefix)
             before = write_counts(cluster)
@@ -375,6 +398,7 @@ def main() -> int:
                      what=f"{expected} Ready Artifacts (Ready: {len(watch.ready_at)})")
             seconds = max(watch.ready_at.values()) - t0
             cpu2 = memory.cpu()
+            store_requests = requests.count()
             memory.stop.set()
             time.sleep(3)  # the last Events and status writes land
             after = write_counts(cluster)
@@ -392,6 +416,7 @@ def main() -> int:
                 "apiserver_writes": {k: after.get(k, 0) - before.get(k, 0) for k in sorted(after)
                                      if after.get(k, 0) - before.get(k, 0) > 0},
             }
+            out["fleet"]["store_requests"] = store_requests
             out["fleet"]["cpu_s_of"] = {k: round(v - cpu1.get(k, 0.0), 1) for k, v in cpu2.items()}
             out["memory"] = memory.report(cluster, ns)
         finally:
