@@ -33,7 +33,6 @@ import concurrent.futures
 import contextlib
 import json
 import os
-import platform
 import re
 import secrets
 import subprocess
@@ -47,7 +46,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from pull import machine  # noqa: E402
 from tests.support import cnf  # noqa: E402
 from tests.support.cluster import BIN, STATE, Cluster, adopt_crds, component_pods, ensure_up, exclusive_chart, wait_for  # noqa: E402
 from tests.support.inpod import container_pid, node_netns  # noqa: E402
@@ -317,12 +318,6 @@ def fleet_manifests(prefix: str, namespaces: int, small: list[Img], large: list[
                                 "spec": {**KWOK, "imagePullSecrets": [{"name": "store-pull"}], "containers": [
                                     {"name": f"c{i}", "image": f"{store}/{img.repo}:{TAG}"} for i, img in enumerate(mine)]}}}})
     return setup, deployments, artifacts
-
-
-def machine() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpus": os.cpu_count(), "cpu": model, "loadavg_start": os.getloadavg()[0]}
 
 
 def main() -> int:
