@@ -462,3 +462,26 @@ def test_webhook_rollout_of_1000_pods_writes_a_handful(cluster: Cluster, namespa
 def writes(text: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith("cluster_registry_webhook_artifact_api_writes{"))  # fmt: skip
+
+
+def test_a_pinned_rewrite_is_pulled_by_its_digest_on_a_real_node(cluster: Cluster, namespace: str) -> None:
+    """What the webhook writes (``host/repo:tag@sha256:…``, #15) is pulled by a real node's kubelet and
+    containerd by its digest: the tag is ignored, so a wrong digest under a good tag does not start."""
+    repo = f"{cluster.cluster_registry}/localcluster/pause"  # the sandbox image, in the cluster registry
+    req = urllib.request.Request(f"http://{cluster.cluster_registry}/v2/localcluster/pause/manifests/3.10", method="HEAD",
+                                 headers={"Accept": "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"})
+    with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback
+        digest = r.headers["Docker-Content-Digest"]
+    for name, image in (("pinned", f"{repo}:3.10@{digest}"), ("wrong", f"{repo}:3.10@sha256:{'0' * 64}")):
+        cluster.apply(pod(name, [image], nodeSelector={"kubernetes.azure.com/mode": "system"},
+                          containers=[{"name": "c", "image": image, "imagePullPolicy": "Always"}]), namespace)
+
+    def status(name: str) -> dict[str, Any]:
+        got: dict[str, Any] = cluster.kubectl_json("get", "pod", name, "-n", namespace)["status"]
+        return (got.get("containerStatuses") or [{}])[0]
+
+    running = wait_for(lambda: (s := status("pinned")).get("state", {}).get("running") and s, timeout=120, what="pinned pod running")
+    assert running["imageID"].endswith(digest), running
+    waiting = wait_for(lambda: (status("wrong").get("state") or {}).get("waiting", {}).get("reason") in ("ErrImagePull", "ImagePullBackOff"),
+                       timeout=120, what="the wrong digest refused")
+    assert waiting
