@@ -200,6 +200,12 @@ CASES: list[tuple[str, dict[str, Any], C.Facts, list[tuple[str, C.Severity, tupl
     ),
     ("empty-cron-disables-gc", vals(**{"clusterRegistry.clusterRegistryGCCadence": ""}, **HA_RWX), GOOD, []),
     (
+        "bad-pull-credential-rotation",
+        vals(**{"registryAccess.pullCredentialRotation": "weekly"}, **HA_RWX),
+        GOOD,
+        [("values", C.Severity.ERROR, ("'weekly' is not a valid cron schedule", "expected 5 fields"))],
+    ),
+    (
         "cel-rejected",
         vals(**{"webhook.pod.mutation.matchConditionExpression": "request.nope("}, **HA_RWX),
         C.Facts(kubernetes_version=(1, 31), nodes=nodes(3), storage_classes=(AZFILE,), match_condition_error="compilation failed: ERROR: <input>:1:14: Syntax error"),

@@ -34,6 +34,7 @@ K_STORAGE_ACCESS_MODE = "clusterRegistry.storageAccessMode"
 K_MATCH_CONDITION = "webhook.pod.mutation.matchConditionExpression"
 K_GC_CADENCE = "clusterRegistry.clusterRegistryGCCadence"
 K_GC_THRESHOLD = "clusterRegistry.clusterRegistryGCThreshold"
+K_PULL_ROTATION = "registryAccess.pullCredentialRotation"
 K_SCALE = "clusterRegistry.registryService.scale"
 K_HA_ALLOW_FEWER_NODES = "validation.allowHighAvailabilityOnFewerNodes"
 K_SYSTEM_POOL_LABEL = "systemPool.nodeLabel"
@@ -191,4 +192,7 @@ def load(document: Any) -> tuple[Values, list[ValueProblem]]:
         problems.append(
             ValueProblem(K_GC_CADENCE, f"{values.gc_cadence!r} is not a valid cron schedule: {why} (e.g. \"0 0 * * *\"; \"\" disables GC)")
         )
+    rotation = string(K_PULL_ROTATION, "")
+    if values.enable_cluster_registry and rotation and (why := cron_error(rotation)):
+        problems.append(ValueProblem(K_PULL_ROTATION, f"{rotation!r} is not a valid cron schedule: {why} (e.g. \"0 3 * * 0\")"))
     return values, problems
