@@ -332,7 +332,7 @@ def main() -> int:
     ap.add_argument("--crane-jobs", type=int, default=8, help="crane's blobs at once (the copy engine's default)")
     ap.add_argument("--progress-delay", type=int, default=None,
                     help="the chart's artifactReconciler.progressDelay (default: the chart's); 0 writes every phase")
-    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for every Artifact to be Ready")
     args = ap.parse_args()
 
     cluster = ensure_up()
