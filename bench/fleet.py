@@ -31,6 +31,7 @@ import argparse
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -74,21 +75,39 @@ class Img:
 
 def push_fleet(cluster: Cluster, small: int, small_kib: int, large: int, large_mib: int) -> list[Img]:
     """Push (or find, from an earlier run) the fleet's images: small first, then large."""
-    specs: list[tuple[str, list[int | tuple[int, int]], int]] = [(f"{REPO}/s{i:04d}-{small_kib}k", [small_kib * 256, small_kib * 768], 700_000 + i) for i in range(small)]
+    specs: list[tuple[str, list[int | tuple[int, int]], int]] = [
+        (f"{REPO}/s{i:04d}-{small_kib}k", [small_kib * 256, small_kib * 768], 700_000 + i) for i in range(small)]
     specs += [(f"{REPO}/l{i:03d}-{large_mib}m", [large_mib * MIB // 3] * 3, 800_000 + i) for i in range(large)]
 
-    def one(spec: tuple[str, list[int | tuple[int, int]], int]) -> Img:
-        repo, layers, seed = spec
-        p = cnf.store_pusher(cluster)
-        found = p.get_manifest(repo, TAG)
+    def held(repo: str) -> Img | None:
+        found = cnf.store_pusher(cluster).get_manifest(repo, TAG)
         if found is None:
-            img = push_image(p, repo, TAG, layers=layers, seed=seed)
-            return Img(repo, img.digest, len(img.manifest) + sum(s for _, s in img.blobs))
+            return None
         doc = json.loads(found[0])
         return Img(repo, sha256(found[0]), len(found[0]) + doc["config"]["size"] + sum(x["size"] for x in doc["layers"]))
 
+    def one(spec: tuple[str, list[int | tuple[int, int]], int]) -> Img:
+        repo, layers, seed = spec
+        if (img := held(repo)) is not None:
+            return img
+        pushed = push_image(cnf.store_pusher(cluster), repo, TAG, layers=layers, seed=seed)
+        return Img(repo, pushed.digest, len(pushed.manifest) + sum(s for _, s in pushed.blobs))
+
+    # What an earlier run pushed (each look is a request, a bcrypt at the store): trusted while the
+    # store still holds the first and the last image of the set.
+    cache = STATE / "bench-fleet-images.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        known = {i["repo"]: Img(**i) for i in json.loads(cache.read_text())}
+        if all(spec[0] in known for spec in specs) and all(
+                held(repo) == known[repo] for repo in (specs[0][0], specs[-1][0])):
+            return [known[spec[0]] for spec in specs]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        return list(pool.map(one, specs))
+        images = list(pool.map(one, specs))
+    with contextlib.suppress(OSError, ValueError):
+        old = json.loads(cache.read_text()) if cache.exists() else []
+        merged = {i["repo"]: i for i in old} | {i.repo: dataclasses.asdict(i) for i in images}
+        cache.write_text(json.dumps(list(merged.values())))
+    return images
 
 
 # -- the API server's view ----------------------------------------------------------------------------
