@@ -41,6 +41,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ from tests.support import cnf  # noqa: E402
 from tests.support.cluster import BIN, STATE, Cluster, adopt_crds, component_pods, ensure_up, exclusive_chart, wait_for  # noqa: E402
 from tests.support.inpod import container_pid, node_netns  # noqa: E402
 from tests.support.ociimages import Pusher, push_image, sha256  # noqa: E402
+from tests.support.registry import free_port, run_registry  # noqa: E402
 
 REPO = "fleet"
 TAG = "v1"
@@ -73,14 +76,14 @@ class Img:
 # -- the images -------------------------------------------------------------------------------------
 
 
-def push_fleet(cluster: Cluster, small: int, small_kib: int, large: int, large_mib: int) -> list[Img]:
+def push_fleet(store: Store, small: int, small_kib: int, large: int, large_mib: int) -> list[Img]:
     """Push (or find, from an earlier run) the fleet's images: small first, then large."""
     specs: list[tuple[str, list[int | tuple[int, int]], int]] = [
         (f"{REPO}/s{i:04d}-{small_kib}k", [small_kib * 256, small_kib * 768], 700_000 + i) for i in range(small)]
     specs += [(f"{REPO}/l{i:03d}-{large_mib}m", [large_mib * MIB // 3] * 3, 800_000 + i) for i in range(large)]
 
     def held(repo: str) -> Img | None:
-        found = cnf.store_pusher(cluster).get_manifest(repo, TAG)
+        found = store.pusher().get_manifest(repo, TAG)
         if found is None:
             return None
         doc = json.loads(found[0])
@@ -90,12 +93,12 @@ def push_fleet(cluster: Cluster, small: int, small_kib: int, large: int, large_m
         repo, layers, seed = spec
         if (img := held(repo)) is not None:
             return img
-        pushed = push_image(cnf.store_pusher(cluster), repo, TAG, layers=layers, seed=seed)
+        pushed = push_image(store.pusher(), repo, TAG, layers=layers, seed=seed)
         return Img(repo, pushed.digest, len(pushed.manifest) + sum(s for _, s in pushed.blobs))
 
     # What an earlier run pushed (each look is a request, a bcrypt at the store): trusted while the
     # store still holds the first and the last image of the set.
-    cache = STATE / "bench-fleet-images.json"
+    cache = store.cache
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         known = {i["repo"]: Img(**i) for i in json.loads(cache.read_text())}
         if all(spec[0] in known for spec in specs) and all(
@@ -176,25 +179,70 @@ def artifact_events(cluster: Cluster, prefix: str) -> dict[str, int]:
     return out
 
 
-class StoreRequests:
-    """Requests the artifact store answered for the fleet's repositories since this was made, by method
-    (its log's "response completed" lines; each one authenticated, htpasswd: a bcrypt per request)."""
+@dataclass
+class Store:
+    """Where the fleet's images come from: the address pods name (a Service), the one this process pushes
+    to, the credentials every namespace's pull secret holds, and a count of the requests it answered."""
 
-    LOG = STATE / "logs" / "artifact-store.log"
+    service: tuple[str, str]  # (namespace, name) of the Service pods reach it by, port 5000
+    local: str  # host:port on this machine
+    auth: tuple[str, str]
+    cache: Path  # what an earlier run pushed there
+    requests: Callable[[], dict[str, int]]  # requests answered for the fleet's repositories so far, by method
 
-    def __init__(self) -> None:
-        self.offset = self.LOG.stat().st_size if self.LOG.exists() else 0
+    @property
+    def in_cluster(self) -> str:
+        return f"{self.service[1]}.{self.service[0]}.svc.cluster.local:5000"
 
-    def count(self) -> dict[str, int]:
+    def pusher(self) -> Pusher:
+        return Pusher(self.local, auth=self.auth)
+
+
+def harness_store(cluster: Cluster) -> Store:
+    """The local cluster's artifact store: htpasswd at bcrypt cost 10, checked on every request (its log
+    counts them: "response completed" lines from now on)."""
+    log = STATE / "logs" / "artifact-store.log"
+    offset = log.stat().st_size if log.exists() else 0
+
+    def requests() -> dict[str, int]:
         out: dict[str, int] = {}
-        with contextlib.suppress(OSError), open(self.LOG, "rb") as f:
-            f.seek(self.offset)
+        with contextlib.suppress(OSError), open(log, "rb") as f:
+            f.seek(offset)
             for line in f:
                 if b"response completed" in line and f"/v2/{REPO}/".encode() in line:
                     found = re.search(rb"http\.request\.method=(\w+)", line)
                     method = found[1].decode() if found else "?"
                     out[method] = out.get(method, 0) + 1
         return out
+
+    host, _, _ = cluster.artifact_store_in_cluster.partition(".")
+    return Store(("localcluster", host), cluster.artifact_store, (cluster.artifact_store_user, cluster.artifact_store_password),
+                 STATE / "bench-fleet-images.json", requests)
+
+
+@contextlib.contextmanager
+def own_store(cluster: Cluster, namespace: str) -> Iterator[Store]:
+    """A distribution of our own on 127.0.0.1 (kept under .cache/localcluster/bench-fleet-store between
+    runs), htpasswd at bcrypt cost 5 (what a token check costs a real registry, not a 70 ms bcrypt per
+    request), reached by pods through a forwarded Service in ``namespace``; stopped by its PID."""
+    root = STATE / "bench-fleet-store"
+    debug = free_port()
+    with run_registry(root, htpasswd=("fleet", secrets.token_hex(12)), debug_port=debug) as reg:
+        def requests() -> dict[str, int]:
+            out: dict[str, int] = {}
+            text = urllib.request.urlopen(f"http://127.0.0.1:{debug}/metrics", timeout=30).read().decode()  # noqa: S310
+            for line in text.splitlines():
+                if line.startswith("registry_http_requests_total{"):
+                    found = re.search(r'method="(\w+)"', line)
+                    method = found[1].upper() if found else "?"
+                    out[method] = out.get(method, 0) + int(float(line.rsplit(" ", 1)[1]))
+            return out
+
+        cluster.apply({"apiVersion": "v1", "kind": "Service",
+                       "metadata": {"name": "fleet-store", "namespace": namespace,
+                                    "annotations": {cnf.FORWARD_ANNOTATION: reg.host}},
+                       "spec": {"type": "ClusterIP", "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}]}})
+        yield Store((namespace, "fleet-store"), reg.host, (reg.username, reg.password), root / "images.json", requests)
 
 
 # -- memory of the release's containers ------------------------------------------------------------------
@@ -352,99 +400,20 @@ def main() -> int:
     ap.add_argument("--progress-delay", type=int, default=None,
                     help="the chart's artifactReconciler.progressDelay (default: the chart's); 0 writes every phase")
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for every Artifact to be Ready")
+    ap.add_argument("--store", choices=("own", "harness"), default="own",
+                    help="own: a distribution of our own (bcrypt cost 5); harness: the local cluster's artifact store "
+                         "(bcrypt cost 10 on every request: the store, not the copiers, sets the pace)")
     args = ap.parse_args()
 
     cluster = ensure_up()
-    store = cluster.artifact_store_in_cluster
-    out: dict[str, Any] = {"bench": "fleet", "machine": machine()}
-    t = time.monotonic()
-    images = push_fleet(cluster, args.small, args.small_kib, args.large, args.large_mib)
-    small, large = images[:args.small], images[args.small:]
-    out["push_s"] = round(time.monotonic() - t, 1)
-    out["images"] = {"small": len(small), "small_mb": round(small[0].size / 1e6, 2) if small else 0,
-                     "large": len(large), "large_mb": round(large[0].size / 1e6, 1) if large else 0,
-                     "total_mb": round(sum(i.size for i in images) / 1e6, 1)}
     tag = secrets.token_hex(2)
     release, ns, prefix = f"fl{tag}", f"fleet-cr-{tag}", f"fleet-{tag}-"
-    values: dict[str, Any] = {"global": {"networkfunctionextension": {
-        "webhook": {"pod": {"mutation": {"matchConditionExpression": f"request.namespace.startsWith('{prefix}')"}}},
-        "systemPool": {"required": True},
-        "clusterRegistry": {"storageSize": "20Gi"},
-        "artifactReconciler": {"insecureRegistries": [store], "workers": args.workers},
-    }}}
-    if args.progress_delay is not None:
-        values["global"]["networkfunctionextension"]["artifactReconciler"]["progressDelay"] = args.progress_delay
-    out["chart_values"] = values["global"]["networkfunctionextension"]["artifactReconciler"]
-    setup, deployments, expected = fleet_manifests(prefix, args.namespaces, small, large, args.large_per_ns, store)
-    auth = base64.b64encode(f"{cluster.artifact_store_user}:{cluster.artifact_store_password}".encode()).decode()
-    for obj in setup:
-        if obj["kind"] == "Secret":
-            obj["stringData"][".dockerconfigjson"] = obj["stringData"][".dockerconfigjson"].replace("{auth}", auth)
-    with exclusive_chart():
+    out: dict[str, Any] = {"bench": "fleet", "machine": machine(), "store": args.store}
+    with exclusive_chart(), contextlib.ExitStack() as stack:
         cluster.kubectl("create", "namespace", ns)
-        try:
-            adopt_crds(cluster, release, ns)
-            cnf.install_cluster_registry(cluster, release, ns, values)
-            cnf.wait_replicas(cluster, ns)
-            cluster.apply([o for o in setup if o["kind"] == "Namespace"])
-            cluster.apply([o for o in setup if o["kind"] == "Secret"])
-            reconciler = component_pods(cluster, ns, "artifact-reconciler")[0]
-            registry_ip = cluster.kubectl_json("get", "svc", "-n", ns, f"{cnf.fullname(release)}-registry")["spec"]["clusterIP"]
-            store_ip = cluster.kubectl_json("get", "svc", "-n", "localcluster", "artifact-store")["spec"]["clusterIP"]
-            memory = MemorySampler(cluster, ns)
-            cpu0, requests = memory.cpu(), StoreRequests()
-            out["crane"] = crane_copy(
-                images, f"{store_ip}:5000", f"{registry_ip}:5000", node_netns(reconciler),
-                {f"{store_ip}:5000": (cluster.artifact_store_user, cluster.artifact_store_password),
-                 f"{registry_ip}:5000": cnf.registry_credentials(cluster, ns, release)}, args.workers, args.crane_jobs)
-            cpu1 = memory.cpu()
-            out["crane"]["store_requests"] = requests.count()
-            requests = StoreRequests()
-            out["crane"]["cpu_s_of"] = {k: round(v - cpu0.get(k, 0.0), 1) for k, v in cpu1.items()}
-            watch = ArtifactWatch(cluster, prefix)
-            before = write_counts(cluster)
-            watch.start()
-            memory.start()
-            t0 = time.monotonic()
-            cluster.apply(deployments)
-            created = time.monotonic() - t0
-            try:
-                wait_for(lambda: len(watch.ready_at) >= expected, timeout=args.timeout, interval=0.5,
-                         what=f"{expected} Ready Artifacts")
-                seconds = max(watch.ready_at.values()) - t0
-            except TimeoutError:  # report what was done: the Ready count says how far it got
-                seconds = time.monotonic() - t0
-                phases: dict[str, int] = {}
-                for phase in watch.phases.values():
-                    phases[phase or "none"] = phases.get(phase or "none", 0) + 1
-                out["timed_out"] = {"after_s": round(seconds, 1), "ready": len(watch.ready_at), "phases": phases}
-            cpu2 = memory.cpu()
-            store_requests = requests.count()
-            memory.stop.set()
-            time.sleep(3)  # the last Events and status writes land
-            after = write_counts(cluster)
-            events = artifact_events(cluster, prefix)
-            writes = sum(watch.writes.values())
-            out["fleet"] = {
-                "namespaces": args.namespaces, "artifacts": expected, "distinct_images": len(images),
-                "apply_s": round(created, 2), "all_ready_s": round(seconds, 2),
-                "images_per_s": round(len(images) / seconds, 2), "artifacts_per_s": round(expected / seconds, 2),
-                "first_ready_s": round(min(watch.ready_at.values(), default=t0) - t0, 2),
-                "artifact_writes": writes, "event_writes": sum(events.values()), "events": events,
-                "writes_per_artifact": round((writes + sum(events.values())) / expected, 2),
-                "writes_per_image": round((writes + sum(events.values())) / len(images), 2),
-                "artifact_writes_per_artifact": round(writes / expected, 2),
-                "apiserver_writes": {k: after.get(k, 0) - before.get(k, 0) for k in sorted(after)
-                                     if after.get(k, 0) - before.get(k, 0) > 0},
-            }
-            out["fleet"]["store_requests"] = store_requests
-            out["fleet"]["cpu_s_of"] = {k: round(v - cpu1.get(k, 0.0), 1) for k, v in cpu2.items()}
-            out["memory"] = memory.report(cluster, ns)
-        finally:
-            cluster.kubectl("delete", "namespace", *[o["metadata"]["name"] for o in setup if o["kind"] == "Namespace"],
-                            "--wait=false", "--ignore-not-found", check=False, timeout=300)
-            cluster.helm("uninstall", release, "-n", ns, "--wait", "--timeout", "180s", check=False)
-            cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        stack.callback(cluster.kubectl, "delete", "namespace", ns, "--wait=false", check=False)
+        store = harness_store(cluster) if args.store == "harness" else stack.enter_context(own_store(cluster, ns))
+        run(cluster, store, args, release, ns, prefix, out)
     crane_s = out["crane"]["s"]
     out["ratio_ready_to_crane"] = round(out["fleet"]["all_ready_s"] / crane_s, 2)
     over = [k for k, v in out["memory"].items() if v["limit_mib"] and max(v["vmhwm_mib"], v["peak_rss_mib"]) > v["limit_mib"]]
@@ -454,6 +423,100 @@ def main() -> int:
     out["machine"]["loadavg_end"] = os.getloadavg()[0]
     print(json.dumps(out), flush=True)
     return 0
+
+
+def run(cluster: Cluster, store: Store, args: argparse.Namespace, release: str, ns: str, prefix: str,
+        out: dict[str, Any]) -> None:
+    """Push, install, crane, the fleet (see the module docstring); the figures go into ``out``."""
+    t = time.monotonic()
+    images = push_fleet(store, args.small, args.small_kib, args.large, args.large_mib)
+    small, large = images[:args.small], images[args.small:]
+    out["push_s"] = round(time.monotonic() - t, 1)
+    out["images"] = {"small": len(small), "small_mb": round(small[0].size / 1e6, 2) if small else 0,
+                     "large": len(large), "large_mb": round(large[0].size / 1e6, 1) if large else 0,
+                     "total_mb": round(sum(i.size for i in images) / 1e6, 1)}
+    values: dict[str, Any] = {"global": {"networkfunctionextension": {
+        "webhook": {"pod": {"mutation": {"matchConditionExpression": f"request.namespace.startsWith('{prefix}')"}}},
+        "systemPool": {"required": True},
+        "clusterRegistry": {"storageSize": "20Gi"},
+        "artifactReconciler": {"insecureRegistries": [store.in_cluster], "workers": args.workers},
+    }}}
+    if args.progress_delay is not None:
+        values["global"]["networkfunctionextension"]["artifactReconciler"]["progressDelay"] = args.progress_delay
+    out["chart_values"] = values["global"]["networkfunctionextension"]["artifactReconciler"]
+    setup, deployments, expected = fleet_manifests(prefix, args.namespaces, small, large, args.large_per_ns, store.in_cluster)
+    auth = base64.b64encode(":".join(store.auth).encode()).decode()
+    for obj in setup:
+        if obj["kind"] == "Secret":
+            obj["stringData"][".dockerconfigjson"] = obj["stringData"][".dockerconfigjson"].replace("{auth}", auth)
+    try:
+        adopt_crds(cluster, release, ns)
+        cnf.install_cluster_registry(cluster, release, ns, values)
+        cnf.wait_replicas(cluster, ns)
+        cluster.apply([o for o in setup if o["kind"] == "Namespace"])
+        cluster.apply([o for o in setup if o["kind"] == "Secret"])
+        reconciler = component_pods(cluster, ns, "artifact-reconciler")[0]
+        registry_ip = cluster.kubectl_json("get", "svc", "-n", ns, f"{cnf.fullname(release)}-registry")["spec"]["clusterIP"]
+        store_ip = cluster.kubectl_json("get", "svc", "-n", store.service[0], store.service[1])["spec"]["clusterIP"]
+        reachable(node_netns(reconciler), f"{store_ip}:5000")
+        memory = MemorySampler(cluster, ns)
+        cpu0, requests0 = memory.cpu(), store.requests()
+        out["crane"] = crane_copy(
+            images, f"{store_ip}:5000", f"{registry_ip}:5000", node_netns(reconciler),
+            {f"{store_ip}:5000": store.auth, f"{registry_ip}:5000": cnf.registry_credentials(cluster, ns, release)},
+            args.workers, args.crane_jobs)
+        cpu1, requests1 = memory.cpu(), store.requests()
+        out["crane"]["store_requests"] = {k: v - requests0.get(k, 0) for k, v in requests1.items() if v > requests0.get(k, 0)}
+        out["crane"]["cpu_s_of"] = {k: round(v - cpu0.get(k, 0.0), 1) for k, v in cpu1.items()}
+        watch = ArtifactWatch(cluster, prefix)
+        before = write_counts(cluster)
+        watch.start()
+        memory.start()
+        t0 = time.monotonic()
+        cluster.apply(deployments)
+        created = time.monotonic() - t0
+        try:
+            wait_for(lambda: len(watch.ready_at) >= expected, timeout=args.timeout, interval=0.5,
+                     what=f"{expected} Ready Artifacts")
+            seconds = max(watch.ready_at.values()) - t0
+        except TimeoutError:  # report what was done: the Ready count says how far it got
+            seconds = time.monotonic() - t0
+            phases: dict[str, int] = {}
+            for phase in watch.phases.values():
+                phases[phase or "none"] = phases.get(phase or "none", 0) + 1
+            out["timed_out"] = {"after_s": round(seconds, 1), "ready": len(watch.ready_at), "phases": phases}
+        cpu2, requests2 = memory.cpu(), store.requests()
+        memory.stop.set()
+        time.sleep(3)  # the last Events and status writes land
+        after = write_counts(cluster)
+        events = artifact_events(cluster, prefix)
+        writes = sum(watch.writes.values())
+        out["fleet"] = {
+            "namespaces": args.namespaces, "artifacts": expected, "distinct_images": len(images),
+            "apply_s": round(created, 2), "all_ready_s": round(seconds, 2),
+            "images_per_s": round(len(images) / seconds, 2), "artifacts_per_s": round(expected / seconds, 2),
+            "first_ready_s": round(min(watch.ready_at.values(), default=t0) - t0, 2),
+            "artifact_writes": writes, "event_writes": sum(events.values()), "events": events,
+            "writes_per_artifact": round((writes + sum(events.values())) / expected, 2),
+            "writes_per_image": round((writes + sum(events.values())) / len(images), 2),
+            "artifact_writes_per_artifact": round(writes / expected, 2),
+            "apiserver_writes": {k: after.get(k, 0) - before.get(k, 0) for k in sorted(after)
+                                 if after.get(k, 0) - before.get(k, 0) > 0},
+            "store_requests": {k: v - requests1.get(k, 0) for k, v in requests2.items() if v > requests1.get(k, 0)},
+            "cpu_s_of": {k: round(v - cpu1.get(k, 0.0), 1) for k, v in cpu2.items()},
+        }
+        out["memory"] = memory.report(cluster, ns)
+    finally:
+        cluster.kubectl("delete", "namespace", *[o["metadata"]["name"] for o in setup if o["kind"] == "Namespace"],
+                        "--wait=false", "--ignore-not-found", check=False, timeout=300)
+        cluster.helm("uninstall", release, "-n", ns, "--wait", "--timeout", "180s", check=False)
+
+
+def reachable(netns: str, addr: str) -> None:
+    """Wait until ``addr`` answers /v2/ from ``netns`` (a forwarded Service is set up by the node relay's poll)."""
+    wait_for(lambda: subprocess.run(["nsenter", f"--net={netns}", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                     "--max-time", "5", f"http://{addr}/v2/"], capture_output=True, text=True
+                                    ).stdout in ("200", "401"), timeout=60, interval=1, what=f"{addr} from {netns}")
 
 
 if __name__ == "__main__":
