@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """A cluster's worth of images to Ready: the chart's webhook and artifact reconciler against crane, same set, same run.
 
-1. Pushes the fleet's images to the local artifact store (tests/support/ociimages.py, fixed seeds; an
-   image already there from an earlier run is not pushed again): ``--small`` distinct small images
-   (two layers, ``--small-kib`` in all) and ``--large`` large ones (three layers, ``--large-mib`` in all).
+1. Pushes the fleet's images (tests/support/ociimages.py, fixed seeds; an image already there from an
+   earlier run is not pushed again): ``--small`` distinct small images (two layers, ``--small-kib`` in
+   all) and ``--large`` large ones (three layers, ``--large-mib`` in all). The store (``--store``) is a
+   distribution of our own on 127.0.0.1 that pods reach through a forwarded Service, with htpasswd at
+   bcrypt cost 5 (a few ms a request, like a real registry's token check), or the local cluster's
+   shared artifact store (``harness``), whose cost-10 bcrypt on every request (0.1-1 s each on this
+   loaded machine) makes the store, not either copier, the bound.
 2. Installs chart/ with its defaults (HA: 3 registry and 3 webhook replicas, 4 reconciler workers),
    the webhook scoped to the fleet's namespaces, the store spoken to over plain HTTP.
 3. crane (``crane copy -j <blobs per image>``, ``--workers`` copies at once, as the reconciler's
