@@ -1,21 +1,27 @@
 """#15 per-namespace pull credentials against the real API server: the artifact reconciler (the real
 process, its --pull-secret flags as the chart passes them in isolated mode) creates the release's keys
 and the pull Secret in a namespace as soon as it has an Artifact; the rotation command rotates the keys;
-every namespace's Secret is rewritten and both keys authenticate meanwhile."""
+every namespace's Secret is rewritten and both keys authenticate meanwhile; a real node's kubelet pulls
+with the Secret the controller writes."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import subprocess
+from pathlib import Path
 import sys
 from typing import Any
 
 
-from cluster_registry import pullcreds
+from cluster_registry import pullcreds, reference
+from cluster_registry.oci import Credentials, RegistryOptions, RegistrySession, copy_image
 from cluster_registry.reconcile import pullsecrets as ps
+from tests.support import cnf
 from tests.support.cluster import Cluster, wait_for
+from tests.support.registry import run_registry
 
 NAME, HOST = "cluster-registry-pull", "127.0.0.1:5050"
 
@@ -91,3 +97,46 @@ def test_the_reconciler_keeps_a_pull_secret_in_each_tenant_namespace_across_a_ro
     finally:
         for ns in (tenant, other):
             cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_a_real_kubelet_pulls_with_the_namespaces_pull_secret(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    """The Secret the controller writes (user ns/<namespace>, dockerconfigjson for the rewrite host) is
+    what a real node's kubelet and containerd authenticate with: a registry accepting only that
+    credential serves the pod that names the Secret and refuses the pod that does not."""
+    api = ps.KubeSecrets(cluster.core())
+    current, _ = ps.ensure_keys(api, namespace, "e2e-pull-keys", {})
+    user, password = pullcreds.username(namespace), pullcreds.password(current, namespace)
+    with run_registry(tmp_path / "tenant-registry", htpasswd=(user, password)) as reg:
+        image = f"{reg.host}/tenant/pause:3.10"
+
+        async def push() -> str:
+            async with RegistrySession(RegistryOptions(insecure_hosts=frozenset({reg.host, cluster.cluster_registry}))) as s:
+                got = await copy_image(reference.parse(f"{cluster.cluster_registry}/localcluster/pause:3.10"), reference.parse(image),
+                                       session=s, dst_auth=Credentials(username=user, password=password))
+                return got.digest
+
+        digest = asyncio.run(push())
+        # the nodes live in their own network namespaces: nodenet forwards their 127.0.0.1:PORT to ours
+        cluster.apply({"apiVersion": "v1", "kind": "Service",
+                       "metadata": {"name": "tenant-registry", "annotations": {cnf.FORWARD_ANNOTATION: reg.host}},
+                       "spec": {"type": "ClusterIP", "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}]}},
+                      namespace)  # fmt: skip
+        controller = ps.PullSecrets(api, namespace, "e2e-pull-keys", NAME, reg.host)
+        controller.add(namespace)
+        assert controller.sync() == 1
+        system = {"kubernetes.azure.com/mode": "system"}
+        for name, secrets in (("with", [{"name": NAME}]), ("without", [])):
+            cluster.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                           "spec": {"nodeSelector": system, "terminationGracePeriodSeconds": 0, "imagePullSecrets": secrets,
+                                    "containers": [{"name": "c", "image": f"{image}@{digest}", "imagePullPolicy": "Always"}]}},
+                          namespace)  # fmt: skip
+
+        def state(name: str) -> dict[str, Any]:
+            got = cluster.kubectl_json("get", "pod", name, "-n", namespace)["status"].get("containerStatuses") or [{}]
+            return dict(got[0].get("state") or {})
+
+        wait_for(lambda: "running" in state("with"), timeout=120, what="the pod with the pull Secret running")
+        wait_for(lambda: state("without").get("waiting", {}).get("reason") in ("ErrImagePull", "ImagePullBackOff"),
+                 timeout=120, what="the pod without it refused")
+        for name in ("with", "without"):
+            cluster.kubectl("delete", "pod", name, "-n", namespace, "--wait=false")
