@@ -146,6 +146,7 @@ class ArtifactWatch(threading.Thread):
         self.prefix = prefix
         self.writes: dict[str, int] = {}
         self.ready_at: dict[str, float] = {}
+        self.added_at: dict[str, float] = {}
         self.phases: dict[str, str] = {}
         listed: Any = self.custom.list_cluster_custom_object("clusterregistry.io", "v1alpha1", "artifacts")
         self.rv = listed["metadata"]["resourceVersion"]
@@ -164,6 +165,7 @@ class ArtifactWatch(threading.Thread):
                         continue
                     key = f"{meta['namespace']}/{meta['name']}"
                     self.writes[key] = self.writes.get(key, 0) + 1
+                    self.added_at.setdefault(key, time.monotonic())
                     phase = (obj.get("status") or {}).get("phase", "")
                     self.phases[key] = phase
                     if phase == "Ready":
@@ -500,6 +502,9 @@ def run(cluster: Cluster, store: Store, args: argparse.Namespace, release: str, 
             "apply_s": round(created, 2), "all_ready_s": round(seconds, 2),
             "images_per_s": round(len(images) / seconds, 2), "artifacts_per_s": round(expected / seconds, 2),
             "first_ready_s": round(min(watch.ready_at.values(), default=t0) - t0, 2),
+            # the webhook's recorder creates the Artifacts: when the first and the last appeared
+            "first_created_s": round(min(watch.added_at.values(), default=t0) - t0, 2),
+            "last_created_s": round(max(watch.added_at.values(), default=t0) - t0, 2),
             "artifact_writes": writes, "event_writes": sum(events.values()), "events": events,
             "writes_per_artifact": round((writes + sum(events.values())) / expected, 2),
             "writes_per_image": round((writes + sum(events.values())) / len(images), 2),
