@@ -3,17 +3,19 @@
 
 1. Installs chart/ on the local cluster (one registry replica, on a real node) and starts a front-less
    distribution in the registry container (tests/support/inpod.py: the chart's config and storage, no
-   auth, no TLS, 127.0.0.1:5999 of the pod).
-2. In the pod's network namespace (nsenter), pushes a 1 GiB image of 4 layers (tests/support/ociimages.py)
-   and pulls it (manifest and every blob, each client on its own connection and with its own token
-   when the endpoint asks for one) with 1, 4 and 16 concurrent clients, through the endpoint (the pod's
-   `registry` port, with the push credential) and directly, alternating which goes first.
+   auth, no TLS, port 5999 of the pod).
+2. In the network namespace of the registry pod's node (nsenter: what the node's runtime sees), pushes a
+   1 GiB image of 4 layers (tests/support/ociimages.py) and pulls it (manifest and every blob; each
+   client on its own connection, with its own token when the endpoint asks for one) with 1, 4 and 16
+   concurrent clients along three paths, in an order rotated by round and concurrency:
+   `node`: the rewrite target, the node proxy on 127.0.0.1:5050, to the registry Service, to the pod;
+   `service`: the pod's registry port (where the Service leads: the chart's front, its auth and TLS);
+   `direct`: the front-less distribution in the same pod.
+   Authenticated paths use the artifact reconciler's push credential (pull is what is measured).
 3. CPU seconds per GB of each path from /proc (the real nodes' containers are host processes): the
-   endpoint's are every container process of the pod (distribution and its front or token service),
-   the direct path's the direct distribution's. With bearer auth, the token round trip p50/p99.
-
-Run: `flock /tmp/bench.lock .venv/bin/python bench/pull.py [--rounds N] [--chart DIR]` (it takes the
-chart lock itself); the last line is JSON. MB = 10^6 bytes; each figure is the best of --rounds, medians beside.
+   direct path's is the direct distribution's; the service path's every container process of the
+   registry pod (distribution and the gate or token service); the node path's adds the node proxy on
+   that node. With bearer auth, the token round trip (realm as the registry names it) p50/p99.
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ sys.path.insert(0, str(ROOT))
 from tests.support import cnf  # noqa: E402
 from tests.support.cluster import Cluster, component_pods, ensure_up, exclusive_chart, pod_ready, wait_for  # noqa: E402
 from tests.support.inpod import (  # noqa: E402
-    container_pid, direct_distribution, direct_pid, push_credential, registry_container, service_port,
-    single_replica_values,
+    container_pid, direct_distribution, direct_pid, node_netns, push_credential, service_port, single_replica_values,
 )
 from tests.support.ociimages import ACCEPT, Pusher, push_image  # noqa: E402
 
 CONCURRENCY = (1, 4, 16)
+NODE_ENDPOINT = "127.0.0.1:5050"  # the node proxy: the chart's default rewrite target
 REPO = "bench/pull"
 BUF = 1 << 20
 TOKEN_SAMPLES = 200
@@ -82,14 +84,15 @@ class Endpoint:
     def __init__(self, addr: str, auth: tuple[str, str] | None) -> None:
         self.addr, self.auth = addr, auth
         self.context: ssl.SSLContext | None = None
-        if speaks_tls(addr):  # the pod's loopback is not in the serving certificate: no verification here
+        if speaks_tls(addr):  # an IP, not the serving certificate's name: no verification here
             self.context = ssl.create_default_context()
             self.context.check_hostname, self.context.verify_mode = False, ssl.CERT_NONE
 
-    def conn(self, addr: str | None = None) -> http.client.HTTPConnection:
+    def conn(self, addr: str | None = None, tls: bool | None = None) -> http.client.HTTPConnection:
         host, _, port = (addr or self.addr).rpartition(":")
-        if self.context:
-            return http.client.HTTPSConnection(host, int(port), context=self.context, timeout=300)
+        if self.context if tls is None else tls:
+            context = self.context or ssl._create_unverified_context()  # noqa: S323 - an IP, see above
+            return http.client.HTTPSConnection(host, int(port), context=context, timeout=300)
         return http.client.HTTPConnection(host, int(port), timeout=300)
 
     def challenge(self) -> str:
@@ -109,7 +112,7 @@ class Endpoint:
         params = {k.strip(): v.strip().strip('"') for k, _, v in (p.partition("=") for p in challenge[7:].split(","))}
         realm = urllib.parse.urlsplit(params["realm"])
         query = urllib.parse.urlencode({"service": params.get("service", ""), "scope": f"repository:{REPO}:pull"})
-        c = self.conn(realm.netloc or None)
+        c = self.conn(realm.netloc or None, realm.scheme == "https" if realm.netloc else None)
         c.request("GET", f"{realm.path}?{query}", headers={"Authorization": self.basic()})
         r = c.getresponse()
         body = r.read()
@@ -154,29 +157,32 @@ def timed_pull(ep: Endpoint, paths: list[str], clients: int, pids: list[int]) ->
     return {"mbps": sum(got) / seconds / 1e6, "cpu_s_per_gb": cpu / (sum(got) / 1e9)}
 
 
-def in_pod(spec: dict[str, Any]) -> dict[str, Any]:
-    endpoint = Endpoint(spec["endpoint"], tuple(spec["auth"]) if spec["auth"] else None)
-    direct = Endpoint(spec["direct"], None)
-    image = push_image(Pusher(spec["direct"]), REPO, "1", layers=[spec["layer_mib"] << 20] * spec["layers"], seed=15)
+def in_node(spec: dict[str, Any]) -> dict[str, Any]:
+    paths_to = {name: Endpoint(addr, tuple(spec["auth"]) if spec["auth"] and name != "direct" else None)
+                for name, addr in spec["addrs"].items()}
+    direct = paths_to["direct"]
+    image = push_image(Pusher(direct.addr), REPO, "1", layers=[spec["layer_mib"] << 20] * spec["layers"], seed=15)
     paths = [f"/v2/{REPO}/manifests/{image.digest}"] + [f"/v2/{REPO}/blobs/{d}" for d, _ in image.blobs]
-    runs: dict[str, dict[int, list[dict[str, float]]]] = {"endpoint": {}, "direct": {}}
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {name: {} for name in paths_to}
+    names = list(paths_to)
     for r in range(spec["rounds"]):
-        for clients in CONCURRENCY:
-            order = [("endpoint", endpoint, spec["endpoint_pids"]), ("direct", direct, spec["direct_pids"])]
-            for name, ep, pids in order if (r + clients) % 2 else order[::-1]:
-                runs[name].setdefault(clients, []).append(timed_pull(ep, paths, clients, pids))
+        for i, clients in enumerate(CONCURRENCY):
+            k = (r + i) % len(names)
+            for name in names[k:] + names[:k]:
+                runs[name].setdefault(clients, []).append(timed_pull(paths_to[name], paths, clients, spec["pids"][name]))
     out: dict[str, Any] = {"image_bytes": sum(s for _, s in image.blobs), "blobs": len(image.blobs),
-                           "endpoint_tls": endpoint.context is not None}
+                           "tls": {name: ep.context is not None for name, ep in paths_to.items()}}
     for clients in CONCURRENCY:
         best = {k: max(runs[k][clients], key=lambda x: x["mbps"]) for k in runs}
         out[f"c{clients}"] = {
             **{f"{k}_mbps": round(best[k]["mbps"], 1) for k in runs},
             **{f"{k}_mbps_median": round(statistics.median(x["mbps"] for x in runs[k][clients]), 1) for k in runs},
-            "ratio": round(best["endpoint"]["mbps"] / best["direct"]["mbps"], 3),
+            **{f"ratio_{k}": round(best[k]["mbps"] / best["direct"]["mbps"], 3) for k in runs if k != "direct"},
             **{f"{k}_cpu_s_per_gb": round(min(x["cpu_s_per_gb"] for x in runs[k][clients]), 3) for k in runs},
         }
+    endpoint = paths_to["node"]
     challenge = endpoint.challenge()
-    out["endpoint_challenge"] = challenge.split(" ", 1)[0] or "none"
+    out["challenge"] = challenge.split(" ", 1)[0] or "none"
     if challenge.lower().startswith("bearer"):
         rtt = []
         for _ in range(TOKEN_SAMPLES):
@@ -206,10 +212,10 @@ def main() -> int:
     ap.add_argument("--layer-mib", type=int, default=256)
     ap.add_argument("--chart", type=Path, default=cnf.CLUSTER_CHART,
                     help="the chart to install, e.g. a `git archive` of a commit, to compare fronts")
-    ap.add_argument("--in-pod", help=argparse.SUPPRESS)  # the JSON spec of the part that runs in the pod
+    ap.add_argument("--in-node", help=argparse.SUPPRESS)  # the JSON spec of the part that runs in the node's netns
     args = ap.parse_args()
-    if args.in_pod:
-        print(json.dumps(in_pod(json.loads(args.in_pod))), flush=True)
+    if args.in_node:
+        print(json.dumps(in_node(json.loads(args.in_node))), flush=True)
         return 0
     cnf.CLUSTER_CHART = args.chart
     cluster: Cluster = ensure_up()
@@ -221,22 +227,25 @@ def main() -> int:
             cnf.install_cluster_registry(cluster, release, ns, single_replica_values("4Gi"))
             pod = wait_for(lambda: next((p for p in component_pods(cluster, ns, "registry") if pod_ready(p)), None),
                            timeout=120, what="a Ready registry pod")
-            with direct_distribution(cluster, ns, pod) as port:
-                main_pids = [container_pid(cluster, pod, c["name"]) for c in pod["spec"]["containers"]]
-                spec = {"endpoint": f"127.0.0.1:{service_port(pod)}", "direct": f"127.0.0.1:{port}",
-                        "auth": push_credential(cluster, ns, release), "endpoint_pids": main_pids,
-                        "direct_pids": [direct_pid(cluster, pod)], "rounds": args.rounds, "layers": args.layers,
+            proxy = next(p for p in component_pods(cluster, ns, "node-proxy") if p["spec"]["nodeName"] == pod["spec"]["nodeName"])
+            with direct_distribution(cluster, ns, pod) as direct_addr:
+                service = [container_pid(cluster, pod, c["name"]) for c in pod["spec"]["containers"]]
+                spec = {"addrs": {"node": NODE_ENDPOINT, "service": f"{pod['status']['podIP']}:{service_port(pod)}",
+                                  "direct": direct_addr},
+                        "pids": {"node": service + [container_pid(cluster, proxy, c["name"]) for c in proxy["spec"]["containers"]],
+                                 "service": service, "direct": [direct_pid(cluster, pod)]},
+                        "auth": push_credential(cluster, ns, release), "rounds": args.rounds, "layers": args.layers,
                         "layer_mib": args.layer_mib}
-                netns = f"/proc/{container_pid(cluster, pod, registry_container(pod)['name'])}/ns/net"
-                proc = subprocess.run(["nsenter", f"--net={netns}", sys.executable, __file__, "--in-pod", json.dumps(spec)],
-                                      capture_output=True, text=True, timeout=1800)
+                proc = subprocess.run(["nsenter", f"--net={node_netns(pod)}", sys.executable, __file__, "--in-node",
+                                       json.dumps(spec)], capture_output=True, text=True, timeout=1800)
                 if proc.returncode != 0:
-                    raise SystemExit(f"the pull in the pod failed: {proc.stderr[-3000:]}")
+                    raise SystemExit(f"the pulls from the node failed: {proc.stderr[-3000:]}")
                 out.update(json.loads(proc.stdout.strip().splitlines()[-1]))
         finally:
             cluster.helm("uninstall", release, "-n", ns, "--wait", "--timeout", "120s", check=False)
             cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-    out["ratio_min"] = min(out[f"c{c}"]["ratio"] for c in CONCURRENCY)
+    for path in ("node", "service"):
+        out[f"ratio_{path}_min"] = min(out[f"c{c}"][f"ratio_{path}"] for c in CONCURRENCY)
     print(json.dumps(out), flush=True)
     return 0
 

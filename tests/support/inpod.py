@@ -1,19 +1,21 @@
-"""Reach into the chart's registry pod on a real node: its ports, a front-less distribution beside the
-chart's, and its network namespace.
+"""Reach into the chart's registry pod on a real node: a front-less distribution beside the chart's, the
+processes and the network namespaces involved.
 
-    with port_forward(cluster, ns, pod, 5000, 5999) as local:         # {pod port: 127.0.0.1 port}
-    with direct_distribution(cluster, ns, pod) as port:                # distribution, no front, same storage
-    pid = container_pid(cluster, pod, "registry")                      # nsenter --net=/proc/PID/ns/net
+    with direct_distribution(cluster, ns, pod) as addr:     # "<pod IP>:5999": distribution, no front, same storage
+    node_netns(pod)                                          # nsenter --net=...: the node's view (its runtime's)
+    pid = container_pid(cluster, pod, "registry")            # a host PID: /proc/PID/stat, /proc/PID/ns/net
 
 The direct distribution is the pod's own binary and the chart's own config (its ConfigMap) with the
-front taken away: no auth, no TLS, no debug listener, on 127.0.0.1:PORT of the pod. It shares the
-chart's storage, so both paths serve the same bytes from the same disk.
+front taken away: no auth, no TLS, no debug listener, on port 5999 of the pod. It shares the chart's
+storage, so both paths serve the same bytes from the same disk. It answers anyone who reaches the pod
+while it runs: for tests and benchmarks on a throwaway release only.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -41,11 +43,16 @@ def single_replica_values(storage_size: str = "1Gi") -> dict[str, Any]:
     return values
 
 
-def push_credential(cluster: Cluster, namespace: str, release: str) -> tuple[str, str]:
-    """The reconcilers' push credential, from the release's registry Secret."""
-    secret = cluster.kubectl_json("get", "secret", "-n", namespace, f"{cnf.fullname(release)}-registry")
-    creds = yaml.safe_load(base64.b64decode(secret["data"]["credentials.yaml"]))
-    return str(creds["username"]), str(creds["password"])
+def push_credential(cluster: Cluster, namespace: str, release: str, component: str = "artifact-reconciler") -> tuple[str, str]:
+    """COMPONENT's push credential (its own Secret, for the token service), else the release's single
+    one (the gate's, before the token service)."""
+    prefix = f"{cnf.fullname(release)}-registry"
+    for name in (f"{prefix}-push-{component}", prefix):
+        found = cluster.kubectl("get", "secret", "-n", namespace, name, "--ignore-not-found", "-o", "json").strip()
+        if found:
+            creds = yaml.safe_load(base64.b64decode(json.loads(found)["data"]["credentials.yaml"]))
+            return str(creds["username"]), str(creds["password"])
+    raise LookupError(f"no push credential Secret {prefix}[-push-{component}] in {namespace}")
 
 
 def registry_container(pod: dict[str, Any]) -> dict[str, Any]:
@@ -76,29 +83,9 @@ def chart_config(cluster: Cluster, pod: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def port_forward(cluster: Cluster, namespace: str, pod: str, *ports: int) -> Iterator[dict[int, int]]:
-    """`kubectl port-forward` of PORTS of POD (its loopback included) to free 127.0.0.1 ports."""
-    fwd = subprocess.Popen([str(BIN / "kubectl"), "port-forward", "-n", namespace, f"pod/{pod}", *(f":{p}" for p in ports)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env())
-    try:
-        assert fwd.stdout is not None
-        local: dict[int, int] = {}
-        while len(local) < len(ports):
-            line = fwd.stdout.readline()
-            if not line:
-                raise RuntimeError(f"kubectl port-forward {pod} exited: {fwd.stderr.read() if fwd.stderr else ''}")
-            if m := re.search(r"127\.0\.0\.1:(\d+) -> (\d+)", line):
-                local[int(m[2])] = int(m[1])
-        yield local
-    finally:
-        fwd.terminate()
-        fwd.wait(10)
-
-
-@contextlib.contextmanager
-def direct_distribution(cluster: Cluster, namespace: str, pod: dict[str, Any], port: int = DIRECT_PORT) -> Iterator[int]:
-    """Run a second, front-less distribution in POD's registry container on 127.0.0.1:PORT (see the module
-    docstring); stopped by its PID in the pod when done."""
+def direct_distribution(cluster: Cluster, namespace: str, pod: dict[str, Any], port: int = DIRECT_PORT) -> Iterator[str]:
+    """Run a second, front-less distribution in POD's registry container on its PORT (see the module
+    docstring); yields its address, ``<pod IP>:PORT``; stopped by its PID in the pod when done."""
     c = registry_container(pod)
     config = chart_config(cluster, pod)
     config.pop("auth", None)
@@ -106,7 +93,7 @@ def direct_distribution(cluster: Cluster, namespace: str, pod: dict[str, Any], p
     http = config.setdefault("http", {})
     for key in ("tls", "debug", "host"):
         http.pop(key, None)
-    http["addr"] = f"127.0.0.1:{port}"
+    http["addr"] = f"0.0.0.0:{port}"  # the node's network reaches it, as it reaches the chart's port
     unset = [a for e in c.get("env", []) if FRONT_ENV.match(e["name"]) for a in ("-u", e["name"])]
     name = pod["metadata"]["name"]
     # sh prints the PID distribution will have (exec keeps it), which stops it afterwards; the config
@@ -122,11 +109,11 @@ def direct_distribution(cluster: Cluster, namespace: str, pod: dict[str, Any], p
     reader = threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
     reader.start()
     try:
-        wait_for(lambda: any(f"127.0.0.1:{port}" in line and "listening" in line for line in output) or proc.poll() is not None,
-                 timeout=60, what=f"distribution listening on 127.0.0.1:{port} in {name}")
+        wait_for(lambda: any(f":{port}" in line and "listening" in line for line in output) or proc.poll() is not None,
+                 timeout=60, what=f"distribution listening on :{port} in {name}")
         if proc.poll() is not None:
             raise RuntimeError(f"the direct distribution in {name} exited: {''.join(output)[-2000:]}")
-        yield port
+        yield f"{pod['status']['podIP']}:{port}"
     finally:
         pid = next((m[1] for line in output if (m := re.match(r"pid (\d+)$", line.strip()))), None)
         if pid:
@@ -136,6 +123,11 @@ def direct_distribution(cluster: Cluster, namespace: str, pod: dict[str, Any], p
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def node_netns(pod: dict[str, Any]) -> str:
+    """The network namespace of the real node POD runs on (ci/localnodes.py): where its runtime pulls from."""
+    return f"/run/netns/crnode-{pod['spec']['nodeName']}"
 
 
 def container_pid(cluster: Cluster, pod: dict[str, Any], container: str) -> int:
