@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from tests.support import cnf
-from tests.support.cluster import Cluster, containerd_images, exclusive_chart, pod_ready, remove_node_images, wait_for
+from tests.support.cnf import cnf_pods, containers
+from tests.support.cluster import Cluster, containerd_images, exclusive_chart, remove_node_images, wait_for
 
 pytestmark = pytest.mark.e2e
 NODE_PROXY = "127.0.0.1:5050"  # the chart's default rewrite target
@@ -67,35 +68,12 @@ def env(cluster: Cluster) -> Iterator[Env]:
             front.stop()
 
 
-def cnf_pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
-    items = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "app.kubernetes.io/part-of=sample-cnf")["items"]
-    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
-
-
-def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
-    return list(pod["spec"].get("initContainers", [])) + list(pod["spec"]["containers"])
-
-
 def all_up(cluster: Cluster, env: Env) -> list[dict[str, Any]] | None:
-    """Every CNF pod rewritten and running (the reporter's Job pod: Succeeded), or None."""
-    pods = cnf_pods(cluster, env.cnf_ns)
-    kinds = {p["metadata"]["labels"].get("app.kubernetes.io/name") for p in pods}
-    if not {"frontend", "backend", "agent", "reporter"} <= kinds:
-        return None
-    for p in pods:
-        if not all(c["image"].startswith(NODE_PROXY + "/") for c in containers(p)):
-            return None
-        done = p["status"].get("phase") == "Succeeded"
-        if not (done or pod_ready(p)):
-            return None
-    return pods
+    return cnf.all_up(cluster, env.cnf_ns, NODE_PROXY)
 
 
 def restart_cnf(cluster: Cluster, env: Env) -> None:
-    """Delete every CNF pod (their owners make new ones) and start the reporter's Job."""
-    cluster.kubectl("delete", "pods", "-n", env.cnf_ns, "-l", "app.kubernetes.io/part-of=sample-cnf", "--wait=false")
-    cluster.kubectl("delete", "jobs", "-n", env.cnf_ns, "--all", "--wait=false")
-    cluster.kubectl("create", "job", f"report-{secrets.token_hex(2)}", f"--from=cronjob/{CNF}-reporter", "-n", env.cnf_ns)
+    cnf.restart_cnf(cluster, env.cnf_ns, CNF)
 
 
 def pull_errors(cluster: Cluster, env: Env) -> dict[str, str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -267,6 +268,48 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def registry_credentials(cluster: Cluster, namespace: str, release: str) -> tuple[str, str]:
+    """The writers' credentials the chart generated (its registry Secret): what the reconcilers push with."""
+    secret = cluster.kubectl_json("get", "secret", "-n", namespace, f"{fullname(release)}-registry")
+    creds = yaml.safe_load(base64.b64decode(secret["data"]["credentials.yaml"]))
+    return str(creds["username"]), str(creds["password"])
+
+
+# -- the CNF's pods -------------------------------------------------------------------------------
+
+
+def cnf_pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    items = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "app.kubernetes.io/part-of=sample-cnf")["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(pod["spec"].get("initContainers", [])) + list(pod["spec"]["containers"])
+
+
+def all_up(cluster: Cluster, namespace: str, registry_host: str) -> list[dict[str, Any]] | None:
+    """Every CNF pod rewritten to REGISTRY_HOST and running (the reporter's Job pod: Succeeded), or None."""
+    pods = cnf_pods(cluster, namespace)
+    kinds = {p["metadata"]["labels"].get("app.kubernetes.io/name") for p in pods}
+    if not {"frontend", "backend", "agent", "reporter"} <= kinds:
+        return None
+    for p in pods:
+        if not all(c["image"].startswith(registry_host + "/") for c in containers(p)):
+            return None
+        if not (p["status"].get("phase") == "Succeeded" or pod_ready(p)):
+            return None
+    return pods
+
+
+def restart_cnf(cluster: Cluster, namespace: str, release: str = "cnf") -> None:
+    """Delete every CNF pod (their owners make new ones, which the webhook now rewrites: under
+    ``WhenReady`` the first ones were admitted before their Artifacts were Ready) and start the
+    reporter's Job."""
+    cluster.kubectl("delete", "pods", "-n", namespace, "-l", "app.kubernetes.io/part-of=sample-cnf", "--wait=false")
+    cluster.kubectl("delete", "jobs", "-n", namespace, "--all", "--wait=false")
+    cluster.kubectl("create", "job", f"report-{secrets.token_hex(2)}", f"--from=cronjob/{release}-reporter", "-n", namespace)
+
+
 # -- pulling as a node would ----------------------------------------------------------------------
 
 
@@ -303,7 +346,6 @@ def wait_gone(cluster: Cluster, *args: str, timeout: float = 120) -> None:
 def pod_start_seconds(cluster: Cluster, namespace: str, image: str, node: str, forget: str) -> float:
     """Seconds from creating a pod of IMAGE (serving :8080) on NODE to Ready, every image whose name
     contains FORGET first removed from the real nodes' containerd (content too), so the node pulls it."""
-    import secrets
     import time
 
     from tests.support.cluster import remove_node_images
