@@ -42,9 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support import cnf  # noqa: E402
-from tests.support.cluster import Cluster, component_pods, ensure_up, exclusive_chart, pod_ready, wait_for  # noqa: E402
+from tests.support.cluster import Cluster, component_pods, ensure_up, exclusive_chart  # noqa: E402
 from tests.support.inpod import (  # noqa: E402
-    container_pid, direct_distribution, direct_pid, node_netns, push_credential, service_port, single_replica_values,
+    container_pid, direct_distribution, direct_pid, node_netns, push_credential, ready_registry_pod, service_port,
+    single_replica_values,
 )
 from tests.support.ociimages import ACCEPT, Pusher, push_image  # noqa: E402
 
@@ -225,8 +226,7 @@ def main() -> int:
         cluster.kubectl("create", "namespace", ns)
         try:
             cnf.install_cluster_registry(cluster, release, ns, single_replica_values("4Gi"))
-            pod = wait_for(lambda: next((p for p in component_pods(cluster, ns, "registry") if pod_ready(p)), None),
-                           timeout=120, what="a Ready registry pod")
+            pod = ready_registry_pod(cluster, ns)
             proxy = next(p for p in component_pods(cluster, ns, "node-proxy") if p["spec"]["nodeName"] == pod["spec"]["nodeName"])
             with direct_distribution(cluster, ns, pod) as direct_addr:
                 service = [container_pid(cluster, pod, c["name"]) for c in pod["spec"]["containers"]]

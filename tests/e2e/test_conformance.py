@@ -31,8 +31,10 @@ from typing import Any
 import pytest
 
 from tests.support import cnf, podview
-from tests.support.cluster import BIN, Cluster, component_pods, exclusive_chart, pod_ready, wait_for
-from tests.support.inpod import direct_distribution, node_netns, push_credential, service_port, single_replica_values
+from tests.support.cluster import BIN, Cluster, exclusive_chart
+from tests.support.inpod import (
+    direct_distribution, node_netns, push_credential, ready_registry_pod, service_port, single_replica_values,
+)
 from tests.support.podview import from_netns
 
 SUITE = BIN / "oci-conformance"
@@ -111,8 +113,7 @@ def registry_pod(cluster: Cluster) -> Iterator[tuple[str, str, dict[str, Any]]]:
         cluster.kubectl("create", "namespace", ns)
         try:
             cnf.install_cluster_registry(cluster, release, ns, single_replica_values())
-            pod = wait_for(lambda: next((p for p in component_pods(cluster, ns, "registry") if pod_ready(p)), None),
-                           timeout=120, what="a Ready registry pod")
+            pod = ready_registry_pod(cluster, ns)
             yield release, ns, pod
         finally:
             cluster.helm("uninstall", release, "-n", ns, "--wait", "--timeout", "120s", check=False)

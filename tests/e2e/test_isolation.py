@@ -25,11 +25,10 @@ import pytest
 from cluster_registry import pullcreds
 from cluster_registry.gate import tokens
 from cluster_registry.gate.access import Scope
-from tests.support import cnf
-from tests.support.cluster import Cluster, component_pods, exclusive_chart, pod_ready, wait_for
-from tests.support.inpod import node_netns, push_credential, single_replica_values
+from tests.support import cnf, podview
+from tests.support.cluster import Cluster, component_pods, exclusive_chart, wait_for
+from tests.support.inpod import node_netns, push_credential, ready_registry_pod, single_replica_values
 from tests.support.ociimages import Image, push_image
-from tests.support import podview
 from tests.support.podview import from_netns
 
 NODE_ENDPOINT = "127.0.0.1:5050"  # the node proxy: the rewrite target
@@ -78,8 +77,7 @@ def iso(cluster: Cluster) -> Iterator[Iso]:
             ext["artifactReconciler"]["insecureRegistries"] = [store_host]
             try:
                 cnf.install_cluster_registry(cluster, release, ns, values)
-                pod = wait_for(lambda: next((p for p in component_pods(cluster, ns, "registry") if pod_ready(p)), None),
-                               timeout=120, what="a Ready registry pod")
+                pod = ready_registry_pod(cluster, ns)
                 yield Iso(release, ns, a, b, store_host, private, public, node_netns(pod))
             finally:
                 cluster.helm("uninstall", release, "-n", ns, "--wait", "--timeout", "120s", check=False)

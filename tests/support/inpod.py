@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from tests.support import cnf
-from tests.support.cluster import BIN, NODE_SOCKETS, Cluster, _ctr, wait_for
+from tests.support.cluster import BIN, NODE_SOCKETS, Cluster, _ctr, component_pods, pod_ready, wait_for
 
 DIRECT_PORT = 5999
 # Environment overrides (REGISTRY_<SECTION>_...) that would put the front back on the direct instance.
@@ -53,6 +53,12 @@ def push_credential(cluster: Cluster, namespace: str, release: str, component: s
             creds = yaml.safe_load(base64.b64decode(json.loads(found)["data"]["credentials.yaml"]))
             return str(creds["username"]), str(creds["password"])
     raise LookupError(f"no push credential Secret {prefix}[-push-{component}] in {namespace}")
+
+
+def ready_registry_pod(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    """A Ready registry pod of the release in NAMESPACE (waited for)."""
+    return dict(wait_for(lambda: next((p for p in component_pods(cluster, namespace, "registry") if pod_ready(p)), None),
+                         timeout=120, what="a Ready registry pod"))
 
 
 def registry_container(pod: dict[str, Any]) -> dict[str, Any]:
