@@ -269,8 +269,8 @@ def du(path: Path) -> int:
 
 
 def registry_credentials(cluster: Cluster, namespace: str, release: str) -> tuple[str, str]:
-    """The writers' credentials the chart generated (its registry Secret): what the reconcilers push with."""
-    secret = cluster.kubectl_json("get", "secret", "-n", namespace, f"{fullname(release)}-registry")
+    """The artifact reconciler's push credential the chart generated (its own Secret): what it pushes with."""
+    secret = cluster.kubectl_json("get", "secret", "-n", namespace, f"{fullname(release)}-registry-push-artifact-reconciler")
     creds = yaml.safe_load(base64.b64decode(secret["data"]["credentials.yaml"]))
     return str(creds["username"]), str(creds["password"])
 
