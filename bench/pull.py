@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from tests.support import cnf  # noqa: E402
 from tests.support.cluster import Cluster, component_pods, ensure_up, exclusive_chart  # noqa: E402
 from tests.support.inpod import (  # noqa: E402
-    container_pid, direct_distribution, direct_pid, node_netns, push_credential, ready_registry_pod, service_port,
+    container_pid, direct_distribution, direct_pid, node_netns, ready_registry_pod, service_port,
     single_replica_values,
 )
 from tests.support.ociimages import ACCEPT, Pusher, push_image  # noqa: E402
@@ -234,7 +234,7 @@ def main() -> int:
                                   "direct": direct_addr},
                         "pids": {"node": service + [container_pid(cluster, proxy, c["name"]) for c in proxy["spec"]["containers"]],
                                  "service": service, "direct": [direct_pid(cluster, pod)]},
-                        "auth": push_credential(cluster, ns, release), "rounds": args.rounds, "layers": args.layers,
+                        "auth": cnf.registry_credentials(cluster, ns, release), "rounds": args.rounds, "layers": args.layers,
                         "layer_mib": args.layer_mib}
                 proc = subprocess.run(["nsenter", f"--net={node_netns(pod)}", sys.executable, __file__, "--in-node",
                                        json.dumps(spec)], capture_output=True, text=True, timeout=1800)

@@ -33,7 +33,7 @@ import pytest
 from tests.support import cnf, podview
 from tests.support.cluster import BIN, Cluster, exclusive_chart
 from tests.support.inpod import (
-    direct_distribution, node_netns, push_credential, ready_registry_pod, service_port, single_replica_values,
+    direct_distribution, node_netns, ready_registry_pod, service_port, single_replica_values,
 )
 from tests.support.podview import from_netns
 
@@ -124,7 +124,7 @@ def test_the_endpoint_passes_every_conformance_check_distribution_passes(
         cluster: Cluster, registry_pod: tuple[str, str, dict[str, Any]], tmp_path: Path,
         record_property: Callable[[str, object], None]) -> None:
     release, ns, pod = registry_pod
-    netns, auth = node_netns(pod), push_credential(cluster, ns, release)
+    netns, auth = node_netns(pod), cnf.registry_credentials(cluster, ns, release)
     # From the registry pod's node: the rewrite target (the node proxy) and the pod's registry port (where
     # the Service leads); the token realm the registry names is reachable there, as for the node's runtime.
     fronts = {"node": NODE_ENDPOINT, "service": f"{pod['status']['podIP']}:{service_port(pod)}"}
@@ -145,4 +145,4 @@ def test_the_endpoint_passes_every_conformance_check_distribution_passes(
         not_refused_deletes = sorted(n for n in missing if not (DELETE.search(n) and result.refused(n)))
         assert not not_refused_deletes, f"checks distribution passes but {name} fails: {not_refused_deletes[:40]} (see {tmp_path})"
     # ... and GC's credential deletes what the suite left behind, through the same endpoint.
-    assert gc_deletes(netns, NODE_ENDPOINT, "conformance/node-1", push_credential(cluster, ns, release, "gc")) == 202
+    assert gc_deletes(netns, NODE_ENDPOINT, "conformance/node-1", cnf.registry_credentials(cluster, ns, release, "gc")) == 202

@@ -27,7 +27,7 @@ from cluster_registry.gate import tokens
 from cluster_registry.gate.access import Scope
 from tests.support import cnf, podview
 from tests.support.cluster import Cluster, component_pods, exclusive_chart, wait_for
-from tests.support.inpod import node_netns, push_credential, ready_registry_pod, single_replica_values
+from tests.support.inpod import node_netns, ready_registry_pod, single_replica_values
 from tests.support.ociimages import Image, push_image
 from tests.support.podview import from_netns
 

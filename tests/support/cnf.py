@@ -268,9 +268,9 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def registry_credentials(cluster: Cluster, namespace: str, release: str) -> tuple[str, str]:
-    """The artifact reconciler's push credential the chart generated (its own Secret): what it pushes with."""
-    secret = cluster.kubectl_json("get", "secret", "-n", namespace, f"{fullname(release)}-registry-push-artifact-reconciler")
+def registry_credentials(cluster: Cluster, namespace: str, release: str, component: str = "artifact-reconciler") -> tuple[str, str]:
+    """COMPONENT's push credential the chart generated (its own Secret; by default the artifact reconciler's)."""
+    secret = cluster.kubectl_json("get", "secret", "-n", namespace, f"{fullname(release)}-registry-push-{component}")
     creds = yaml.safe_load(base64.b64decode(secret["data"]["credentials.yaml"]))
     return str(creds["username"]), str(creds["password"])
 

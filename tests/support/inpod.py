@@ -13,9 +13,7 @@ while it runs: for tests and benchmarks on a throwaway release only.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import os
 import re
 import subprocess
@@ -41,18 +39,6 @@ def single_replica_values(storage_size: str = "1Gi") -> dict[str, Any]:
     for component in ("clusterRegistry", "webhook"):
         ext.setdefault(component, {}).update({"highAvailability": {"enabled": False}, "autoScaling": {"enabled": False}})
     return values
-
-
-def push_credential(cluster: Cluster, namespace: str, release: str, component: str = "artifact-reconciler") -> tuple[str, str]:
-    """COMPONENT's push credential (its own Secret, for the token service), else the release's single
-    one (the gate's, before the token service)."""
-    prefix = f"{cnf.fullname(release)}-registry"
-    for name in (f"{prefix}-push-{component}", prefix):
-        found = cluster.kubectl("get", "secret", "-n", namespace, name, "--ignore-not-found", "-o", "json").strip()
-        if found:
-            creds = yaml.safe_load(base64.b64decode(json.loads(found)["data"]["credentials.yaml"]))
-            return str(creds["username"]), str(creds["password"])
-    raise LookupError(f"no push credential Secret {prefix}[-push-{component}] in {namespace}")
 
 
 def ready_registry_pod(cluster: Cluster, namespace: str) -> dict[str, Any]:
