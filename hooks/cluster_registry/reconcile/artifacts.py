@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from cluster_registry import reference
 from cluster_registry.api import ARTIFACTS, Phase
-from cluster_registry.errors import ClusterRegistryError, InvalidReferenceError
+from cluster_registry.errors import ClusterRegistryError, ConfigError, InvalidReferenceError
 from cluster_registry.oci import (
     CopyOptions,
     CopyResult,
@@ -30,6 +30,7 @@ from cluster_registry.oci import (
     copy_image,
     credentials_from_docker_config,
 )
+from cluster_registry.oci.auth import read_credentials_file
 from cluster_registry.reconcile import status as st
 from cluster_registry.kubeio import Informer, Kube, Obj, key_of
 from cluster_registry.reconcile.metrics import ArtifactMetrics
@@ -52,6 +53,9 @@ class Config:
     registry_host: str
     registry_insecure: bool = False
     registry_credentials: Credentials | None = None
+    # re-read on each use (the mounted Secret is refreshed by the kubelet): a rotated push password
+    # is in use without a restart
+    registry_credentials_file: str | None = None
     workers: int = 4
     insecure_registries: frozenset[str] = frozenset()
     ca_bundle: str | None = None
@@ -118,12 +122,23 @@ class ArtifactReconciler:
         # changed fingerprint (a Secret created or fixed) retries at once instead of after the backoff
         self.secrets_at_failure: dict[str, str] = {}
         self.informer: Informer | None = None
+        self._push_credentials = config.registry_credentials
         self.session: RegistrySession | None = None
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._locks: dict[str, asyncio.Lock] = {}  # artifact key -> serialises its status writes
 
     # -- adapters to the copy engine ----------------------------------------------------------------
+
+    def push_credentials(self) -> Credentials | None:
+        """The cluster registry credential, read from its file now (the last good one if it cannot be)."""
+        path = self.config.registry_credentials_file
+        if path:
+            try:
+                self._push_credentials = read_credentials_file(path)
+            except ConfigError as err:
+                log.warning("cannot re-read the registry credentials; keeping the last ones: %s", err)
+        return self._push_credentials
 
     async def copy(
         self, src: reference.Reference, dst: reference.Reference, creds: Credentials | None, max_size: int = 0
@@ -133,7 +148,7 @@ class ArtifactReconciler:
             return await self._copy(src, dst, creds)
         assert self.session is not None
         return await copy_image(
-            src, dst, session=self.session, src_auth=creds, dst_auth=self.config.registry_credentials,
+            src, dst, session=self.session, src_auth=creds, dst_auth=self.push_credentials(),
             options=CopyOptions(concurrency=self.config.copy_concurrency, max_image_size=max_size),
         )
 
@@ -141,7 +156,7 @@ class ArtifactReconciler:
         if self._verify is not None:
             return await self._verify(dst)
         assert self.session is not None
-        repo = self.session.repository(dst.host, dst.repository, self.config.registry_credentials)
+        repo = self.session.repository(dst.host, dst.repository, self.push_credentials())
         found = await repo.head_manifest(dst.pull_ref)  # a pinned copy is by digest: its tag is not ours
         return found[0] if found else None
 

@@ -100,6 +100,7 @@ def artifacts(
         registry_host=registry_host,
         registry_insecure=registry_insecure,
         registry_credentials=read_credentials_file(registry_credentials_file) if registry_credentials_file else None,
+        registry_credentials_file=registry_credentials_file,
         workers=workers,
         insecure_registries=frozenset(insecure_registry),
         ca_bundle=ca_bundle,
