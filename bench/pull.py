@@ -56,7 +56,7 @@ BUF = 1 << 20
 TOKEN_SAMPLES = 200
 
 
-# -- in the pod's network namespace ---------------------------------------------------------------
+# -- in the node's network namespace ---------------------------------------------------------------
 
 
 def cpu_seconds(pids: list[int]) -> float:
