@@ -195,6 +195,7 @@ class Store:
     auth: tuple[str, str]
     cache: Path  # what an earlier run pushed there
     requests: Callable[[], dict[str, int]]  # requests answered for the fleet's repositories so far, by method
+    pid: int  # its process: CPU seconds
 
     @property
     def in_cluster(self) -> str:
@@ -223,7 +224,7 @@ def harness_store(cluster: Cluster) -> Store:
 
     host, _, _ = cluster.artifact_store_in_cluster.partition(".")
     return Store(("localcluster", host), cluster.artifact_store, (cluster.artifact_store_user, cluster.artifact_store_password),
-                 STATE / "bench-fleet-images.json", requests)
+                 STATE / "bench-fleet-images.json", requests, int((STATE / "pids" / "artifact-store.pid").read_text().split()[0]))
 
 
 @contextlib.contextmanager
@@ -248,7 +249,7 @@ def own_store(cluster: Cluster, namespace: str) -> Iterator[Store]:
                        "metadata": {"name": "fleet-store", "namespace": namespace,
                                     "annotations": {cnf.FORWARD_ANNOTATION: reg.host}},
                        "spec": {"type": "ClusterIP", "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}]}})
-        yield Store((namespace, "fleet-store"), reg.host, (reg.username, reg.password), root / "images.json", requests)
+        yield Store((namespace, "fleet-store"), reg.host, (reg.username, reg.password), root / "images.json", requests, reg.proc.pid)
 
 
 # -- memory of the release's containers ------------------------------------------------------------------
@@ -282,17 +283,17 @@ class MemorySampler(threading.Thread):
                     "cgroup": Path("/sys/fs/cgroup/memory") / cg.lstrip("/"), "peak_rss": 0,
                     "limit": (c.get("resources", {}).get("limits") or {}).get("memory"), "pod": pod["metadata"]["name"]}
 
-    def cpu(self) -> dict[str, float]:
-        """CPU seconds so far of each component's containers (cgroup v1 cpuacct) and of the harness's
-        processes in the path: the artifact store, the node relay to it, the API server."""
+    def cpu(self, store_pid: int) -> dict[str, float]:
+        """CPU seconds so far of each component's containers (cgroup v1 cpuacct) and of the processes in
+        the path outside the cluster: the source store, the node relay to it, the API server."""
         out: dict[str, float] = {}
         for name, facts in self.containers.items():
             path = Path(str(facts["cgroup"]).replace("/memory/", "/cpuacct/", 1)) / "cpuacct.usage"
             with contextlib.suppress(OSError):
                 out[name.split("/")[0]] = out.get(name.split("/")[0], 0.0) + int(path.read_text()) / 1e9
-        for proc in ("artifact-store", "nodenet", "kube-apiserver"):
+        for proc in ("store", "nodenet", "kube-apiserver"):
             with contextlib.suppress(OSError, ValueError):
-                pid = (STATE / "pids" / f"{proc}.pid").read_text().split()[0]
+                pid = str(store_pid) if proc == "store" else (STATE / "pids" / f"{proc}.pid").read_text().split()[0]
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 out[proc] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return out
@@ -466,12 +467,12 @@ def run(cluster: Cluster, store: Store, args: argparse.Namespace, release: str, 
         store_ip = cluster.kubectl_json("get", "svc", "-n", store.service[0], store.service[1])["spec"]["clusterIP"]
         reachable(node_netns(reconciler), f"{store_ip}:5000")
         memory = MemorySampler(cluster, ns)
-        cpu0, requests0 = memory.cpu(), store.requests()
+        cpu0, requests0 = memory.cpu(store.pid), store.requests()
         out["crane"] = crane_copy(
             images, f"{store_ip}:5000", f"{registry_ip}:5000", node_netns(reconciler),
             {f"{store_ip}:5000": store.auth, f"{registry_ip}:5000": cnf.registry_credentials(cluster, ns, release)},
             args.workers, args.crane_jobs)
-        cpu1, requests1 = memory.cpu(), store.requests()
+        cpu1, requests1 = memory.cpu(store.pid), store.requests()
         out["crane"]["store_requests"] = {k: v - requests0.get(k, 0) for k, v in requests1.items() if v > requests0.get(k, 0)}
         out["crane"]["cpu_s_of"] = {k: round(v - cpu0.get(k, 0.0), 1) for k, v in cpu1.items()}
         watch = ArtifactWatch(cluster, prefix)
@@ -491,7 +492,7 @@ def run(cluster: Cluster, store: Store, args: argparse.Namespace, release: str, 
             for phase in watch.phases.values():
                 phases[phase or "none"] = phases.get(phase or "none", 0) + 1
             out["timed_out"] = {"after_s": round(seconds, 1), "ready": len(watch.ready_at), "phases": phases}
-        cpu2, requests2 = memory.cpu(), store.requests()
+        cpu2, requests2 = memory.cpu(store.pid), store.requests()
         memory.stop.set()
         time.sleep(3)  # the last Events and status writes land
         after = write_counts(cluster)
