@@ -8,7 +8,8 @@ revision and tag links; real sha256 digests, OCI manifests), which takes seconds
 50,000 blobs through the API would take many minutes on this machine. Half the images were
 "pushed" two days ago and nothing references them (GC deletes them); the other half were pushed
 just now (kept by the grace period). A real distribution registry serves the API deletes; the
-write lock is a real Lease on the local cluster, with one real gate replica acknowledging its drain.
+write lock is a real Lease on the local cluster, with one real token-service replica acknowledging its
+drain after the push token a reconciler took just before the lock has died (the worst case).
 
 Each size is collected twice: the first run deletes the old half (its window sweeps what goes); the
 second runs right after with nothing to delete, so its window is what GC costs when nothing changed,
@@ -21,6 +22,7 @@ Usage: .venv/bin/python bench/gc.py [--sizes 1000,5000,20000,50000] [--sweep-mod
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import os
@@ -29,12 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "hooks"))
 
+from cluster_registry.gate import tokens
 from tests.support.cluster import Cluster, ensure_up
 from tests.support.registry import free_port, run_registry
 
@@ -94,34 +98,51 @@ def generate(storage: Path, images: int, seed: str) -> dict[str, int]:
 
 def run_size(cluster: Cluster, images: int, namespace: str, workdir: Path, mode: str) -> dict[str, object]:
     base = workdir / f"n{images}"
-    with run_registry(base) as reg:
+    base.mkdir(parents=True)
+    key = base / "signing.pem"
+    key.write_bytes(tokens.new_private_key_pem())
+    signer = tokens.load_signer(key.read_bytes(), "bench-issuer", "bench-registry")
+    (base / "jwks.json").write_text(tokens.jwks(signer.key.public_key()))
+    ts_port, debug_port = free_port(), free_port()
+    auth = {"realm": f"http://127.0.0.1:{ts_port}/token", "service": "bench-registry", "issuer": "bench-issuer",
+            "jwks": str(base / "jwks.json")}  # fmt: skip
+    with run_registry(base / "reg", token_auth=auth, debug_port=debug_port) as reg:
         t0 = time.monotonic()
         generated = generate(reg.storage, images, secrets.token_hex(4))
         gen_seconds = time.monotonic() - t0
         creds = base / "creds.yaml"
-        creds.write_text("username: bench\npassword: bench-password\n")
+        creds.write_text("username: gc\npassword: bench-password\n")
+        pushers = []
+        for component in ("gc", "artifact-reconciler"):  # each its own credential Secret, as the chart makes them
+            name = f"push-{component}-{images}"
+            cluster.kubectl("create", "secret", "generic", name, "-n", namespace,
+                            f"--from-literal=credentials.yaml=username: {component}\npassword: bench-password\n")  # fmt: skip
+            pushers += ["--pusher", f"{component}={name}"]
         lock = f"bench-gc-{images}"
         env = {**cluster.env(), "PYTHONPATH": str(ROOT / "hooks")}
-        gate_port = free_port()
-        gate = subprocess.Popen(
-            [sys.executable, "-m", "cluster_registry", "--log-format", "json", "gate", "--listen",
-             f"127.0.0.1:{gate_port}", "--upstream", reg.url, "--credentials-file", str(creds), "--lock-name", lock,
-             "--namespace", namespace, "--identity", f"bench-gate-{images}"],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(base / "gate.log", "w"),
+        token_service = subprocess.Popen(
+            [sys.executable, "-m", "cluster_registry", "--log-format", "json", "token-service", "--listen",
+             f"127.0.0.1:{ts_port}", "--signing-key", str(key), "--issuer", "bench-issuer", "--service", "bench-registry",
+             "--access", "shared", *pushers, "--registry-debug", f"http://127.0.0.1:{debug_port}", "--lock-name", lock,
+             "--namespace", namespace, "--identity", f"bench-token-{images}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(base / "token-service.log", "w"),
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:  # ready = lock state synced and upstream up
+            while time.monotonic() < deadline:  # ready = lock state and Secrets synced, registry up
                 try:
-                    import urllib.request
-
-                    if urllib.request.urlopen(f"http://127.0.0.1:{gate_port}/readyz", timeout=2).status == 200:
+                    if urllib.request.urlopen(f"http://127.0.0.1:{ts_port}/readyz", timeout=2).status == 200:
                         break
                 except OSError:
                     time.sleep(0.5)
             time.sleep(6)  # first heartbeat written
+            # A reconciler took a push token just before GC starts: if it is still alive when GC locks (after
+            # the online mark), the drain waits for it to die; the worst case adds push TTL + grace (20 s).
+            req = urllib.request.Request(f"http://127.0.0.1:{ts_port}/token?service=bench-registry&scope=repository:x/y:pull,push")
+            req.add_header("Authorization", "Basic " + base64.b64encode(b"artifact-reconciler:bench-password").decode())
+            push_ttl = json.loads(urllib.request.urlopen(req, timeout=10).read())["expires_in"]
             argv = [sys.executable, "-m", "cluster_registry", "--log-format", "json", "gc", "--once",
-                    "--registry-url", f"http://127.0.0.1:{gate_port}", "--registry-credentials-file", str(creds),
+                    "--registry-url", reg.url, "--registry-credentials-file", str(creds),
                     "--storage-root", str(reg.storage), "--storage-size", "10Gi", "--threshold", "0", "--grace", "1h",
                     "--lock-name", lock, "--namespace", namespace, "--artifact-namespace", namespace, "--sweep-mode", mode]  # fmt: skip
             t1 = time.monotonic()
@@ -129,8 +150,8 @@ def run_size(cluster: Cluster, images: int, namespace: str, workdir: Path, mode:
             wall = time.monotonic() - t1
             again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600)
         finally:
-            gate.terminate()
-            gate.wait(10)
+            token_service.terminate()
+            token_service.wait(10)
     for run in (proc, again):
         if run.returncode != 0:
             raise SystemExit(f"gc failed at {images} images: {run.stdout[-2000:]} {run.stderr[-2000:]}")
@@ -159,6 +180,7 @@ def run_size(cluster: Cluster, images: int, namespace: str, workdir: Path, mode:
         "blobsDeleted": report["blobsDeleted"],
         "bytesFreed": report["bytesFreed"],
         "gatesAcked": report["gatesAcked"],
+        "pushTokenTtlSeconds": push_ttl,
     }
 
 
@@ -184,7 +206,7 @@ def main() -> None:
     largest = max(results, key=lambda r: int(str(r["images"])))
     print(json.dumps({
         "benchmark": "gc",
-        "storage": "filesystem layout written directly; deletes through the registry API via the gate",
+        "storage": "filesystem layout written directly; deletes through the registry API (auth: token, our token service)",
         "sweepMode": args.sweep_mode,
         "windowSeconds1000": at_1000["windowSeconds"],
         "runSeconds1000": at_1000["runSeconds"],
