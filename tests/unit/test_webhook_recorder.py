@@ -186,6 +186,37 @@ def test_api_errors_return_intents_for_retry() -> None:
     assert failed == {intent} and done == [] and rec.stats.errors == 1
 
 
+def test_a_batch_creates_a_few_artifacts_at_once_and_a_rejected_one_waits_alone() -> None:
+    """A fleet's Artifacts are not written one after another: ``concurrency`` creates are in flight
+    together (each here blocks until a second one arrives), and one the API server throttles (429)
+    comes back for retry without holding back or losing the others."""
+    api = FakeApi()
+    lock = threading.Lock()
+    inflight, peak = [0], [0]
+    both = threading.Barrier(2, timeout=5)
+    create = api.create_artifact
+
+    def slow_create(namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        if body["spec"]["sourceArtifact"].endswith("/throttled:1"):
+            raise RuntimeError("429 Too Many Requests")
+        with lock:
+            inflight[0] += 1
+            peak[0] = max(peak[0], inflight[0])
+        both.wait()  # would time out (BrokenBarrierError: a failed group) if creates ran one at a time
+        with lock:
+            inflight[0] -= 1
+            return create(namespace, body)
+
+    api.create_artifact = slow_create  # type: ignore[method-assign]
+    rec = Recorder(api, ArtifactView.static([]), concurrency=3)
+    good = {Intent("cnf", f"ghcr.io/x/img{i}:1", (), "default", None) for i in range(4)}
+    throttled = Intent("cnf", "ghcr.io/x/throttled:1", (), "default", None)
+    failed, done = rec.flush(good | {throttled})
+    assert failed == {throttled} and set(done) == good
+    assert len(api.artifacts) == 4 and rec.stats.creates == 4 and rec.stats.errors == 1
+    assert peak[0] >= 2
+
+
 def test_recent_intents_are_resubmitted_once_the_artifact_is_gone() -> None:
     t = [0.0]
     api = FakeApi()

@@ -2,7 +2,8 @@
 
 :meth:`Recorder.submit` deduplicates intents against what is pending and what was recently written
 (dict lookups, no I/O). A background task takes the pending intents in batches and, in a worker
-thread (the Kubernetes client blocks), resolves each pod's top controlling owner (Pod -> ReplicaSet
+thread pool (the Kubernetes client blocks; a few Artifacts at once, not a whole fleet's one after
+another), resolves each pod's top controlling owner (Pod -> ReplicaSet
 -> Deployment, Job -> CronJob; cached by uid) and its service account's imagePullSecrets (cached for
 a while), then creates the Artifact, or merges the missing owners and pull secrets into it. An
 Artifact that the watch-fed view already shows with everything in it costs no write, so a rollout of
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -91,6 +94,7 @@ class Recorder:
         sa_ttl: float = 60.0,
         max_recent: int = 100_000,
         clock: Any = time.monotonic,
+        concurrency: int = 4,
     ) -> None:
         self.kube = kube
         self.view = view
@@ -99,6 +103,8 @@ class Recorder:
         self.sa_ttl = sa_ttl
         self.max_recent = max_recent
         self.clock = clock
+        self.concurrency = max(1, concurrency)  # Artifacts written at once (each a few API calls)
+        self._stats_lock = threading.Lock()
         self.stats = Stats()
         self._pending: set[Intent] = set()
         self._inflight: set[Intent] = set()
@@ -194,24 +200,39 @@ class Recorder:
             groups.setdefault((intent.namespace, intent.source), []).append(intent)
         failed: set[Intent] = set()
         done: list[Intent] = []
-        for (namespace, source), intents in sorted(groups.items()):
-            try:
-                owners: dict[tuple[str, ...], api.OwnerRef] = {}
-                secrets: set[str] = set()
-                for intent in intents:
-                    secrets.update(intent.pull_secrets)
-                    secrets.update(self._sa_secrets(namespace, intent.service_account))
-                    if intent.owner is not None:
-                        top = owner_dict(self._top_owner(namespace, intent.owner))
-                        owners.setdefault(_owner_id(top), top)
-                self._ensure(namespace, source, [owners[k] for k in sorted(owners)], secrets)
-            except Exception as err:  # noqa: BLE001 - retried with the next batch
-                self.stats.errors += 1
-                log.warning("recording Artifact for %s in %s failed: %s", source, namespace, err)
+        items = sorted(groups.items())
+        # each group is one Artifact: independent of the others, so a few are written at once (a 409
+        # is re-read and merged in _ensure; a 429 or any other error retries the group next batch)
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items)) or 1) as pool:
+            results = list(pool.map(lambda item: self._record(item[0][0], item[0][1], item[1]), items))
+        for (_key, intents), ok in zip(items, results):
+            if ok:
+                done.extend(intents)
+            else:
                 failed.update(intents)
-                continue
-            done.extend(intents)
         return failed, done
+
+    def _record(self, namespace: str, source: str, intents: list[Intent]) -> bool:
+        """Write one Artifact for ``intents`` (blocking); False: it failed and is retried later."""
+        try:
+            owners: dict[tuple[str, ...], api.OwnerRef] = {}
+            secrets: set[str] = set()
+            for intent in intents:
+                secrets.update(intent.pull_secrets)
+                secrets.update(self._sa_secrets(namespace, intent.service_account))
+                if intent.owner is not None:
+                    top = owner_dict(self._top_owner(namespace, intent.owner))
+                    owners.setdefault(_owner_id(top), top)
+            self._ensure(namespace, source, [owners[k] for k in sorted(owners)], secrets)
+        except Exception as err:  # noqa: BLE001 - retried with the next batch
+            self._count("errors")
+            log.warning("recording Artifact for %s in %s failed: %s", source, namespace, err)
+            return False
+        return True
+
+    def _count(self, field: str) -> None:
+        with self._stats_lock:  # called from the pool's threads
+            setattr(self.stats, field, getattr(self.stats, field) + 1)
 
     def _ensure(self, namespace: str, source: str, owners: list[api.OwnerRef], secrets: set[str]) -> None:
         assert self.kube is not None
@@ -221,7 +242,7 @@ class Recorder:
             if state is None:
                 try:
                     self.kube.create_artifact(namespace, api.artifact_body(source, namespace, pull_secrets=secrets, owners=owners))
-                    self.stats.creates += 1
+                    self._count("creates")
                     log.info("created Artifact %s/%s for %s", namespace, name, source)
                     return
                 except Conflict:
@@ -230,11 +251,11 @@ class Recorder:
                 continue
             patch = merge(state, owners, secrets)
             if patch is None:
-                self.stats.unchanged += 1
+                self._count("unchanged")
                 return
             try:
                 self.kube.patch_artifact(namespace, state.name, patch)
-                self.stats.patches += 1
+                self._count("patches")
                 return
             except Conflict:
                 state = self._read(namespace, name)
@@ -242,7 +263,7 @@ class Recorder:
 
     def _read(self, namespace: str, name: str) -> ArtifactState | None:
         assert self.kube is not None
-        self.stats.api_reads += 1
+        self._count("api_reads")
         obj = self.kube.get_artifact(namespace, name)
         keyed = state_of(obj) if obj is not None else None
         return keyed[1] if keyed else None
@@ -256,7 +277,7 @@ class Recorder:
             return cached
         top = owner
         for _ in range(MAX_OWNER_DEPTH):
-            self.stats.api_reads += 1
+            self._count("api_reads")
             parent = self.kube.controller_of(namespace, top)
             if parent is None:
                 break
@@ -272,7 +293,7 @@ class Recorder:
         hit = self._sa.get((namespace, name))
         if hit is not None and now - hit[0] < self.sa_ttl:
             return hit[1]
-        self.stats.api_reads += 1
+        self._count("api_reads")
         secrets = self.kube.service_account_secrets(namespace, name)
         self._sa[(namespace, name)] = (now, secrets)
         return secrets
