@@ -7,7 +7,9 @@ while the GC write lock is held, re-verification and recopy, pull-secret credent
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import threading
 import copy
 import json
 from typing import Any
@@ -113,6 +115,7 @@ async def drain(r: ArtifactReconciler, kube: FakeKube) -> list[str]:
     while (dest := r.queue.pop(r.clock())) is not None:
         writes = len(kube.status_writes)
         next_at = await r.process(dest)
+        await asyncio.gather(*list(r._tasks))  # the Events, sent off the worker's path
         r.queue.done(dest, next_at)
         for key, _ in kube.status_writes[writes:]:  # what the watch would deliver
             r.on_event("MODIFIED", copy.deepcopy(kube.objects[key]))
@@ -457,3 +460,27 @@ async def test_artifacts_of_one_namespace_share_its_secrets_but_never_another_na
     await drain(r, kube)
     assert kube.status("a/img")["phase"] == kube.status("a/twin")["phase"] == "Ready"
     assert kube.status("b/img")["phase"] == "Failed"
+
+
+async def test_events_do_not_hold_up_the_worker_and_keep_their_order() -> None:
+    """A slow events API (the fleet's 600 Copied Events) must not delay the next copy: ``process``
+    returns with the Events still being sent, and one Artifact's Events arrive in order."""
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    gate = threading.Event()
+    record = kube.event
+
+    def slow_event(obj: dict[str, Any], type_: str, reason: str, note: str, **kw: Any) -> None:
+        if reason == "Copying":
+            assert gate.wait(5)  # held until the worker has moved on
+        record(obj, type_, reason, note, **kw)
+
+    kube.event = slow_event  # type: ignore[method-assign]
+    r = make(script, kube, clock)
+    r.on_event("ADDED", kube.add("a", "img", "ghcr.io/x/y:1"))
+    dest = r.queue.pop(clock.now)
+    assert dest is not None
+    await asyncio.wait_for(r.process(dest), 2)  # would hang on the held Event if it were awaited
+    assert kube.status("a/img")["phase"] == "Ready" and kube.events == []
+    gate.set()
+    await asyncio.gather(*list(r._tasks))
+    assert [e[2] for e in kube.events] == ["Copying", "Copied"]

@@ -10,6 +10,7 @@ destinations; what to do and when to come back is decided by the pure core in :m
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import random
@@ -127,6 +128,7 @@ class ArtifactReconciler:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._locks: dict[str, asyncio.Lock] = {}  # artifact key -> serialises its status writes
+        self._events: dict[str, asyncio.Future[None]] = {}  # artifact key -> its last Event being sent
 
     # -- adapters to the copy engine ----------------------------------------------------------------
 
@@ -494,8 +496,22 @@ class ArtifactReconciler:
                 raise
             store_newer(self.objects, obj)
         event = st.transition_event(m.status, new)
-        if event is not None:
-            await self._event(st.view(obj), event, obj)
+        if event is not None:  # best effort, so off the worker's path: the next copy need not wait for it
+            prev = self._events.get(stale.key)  # one Artifact's Events still go out in order
+            task = asyncio.ensure_future(self._event_after(prev, st.view(obj), event, obj))
+            self._events[stale.key] = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(self._event_sent, stale.key))
+
+    def _event_sent(self, key: str, task: asyncio.Future[None]) -> None:
+        if self._events.get(key) is task:
+            del self._events[key]
+
+    async def _event_after(self, prev: asyncio.Future[None] | None, m: st.ArtifactView, event: st.Event, obj: Obj) -> None:
+        if prev is not None:
+            await asyncio.wait([prev])
+        await self._event(m, event, obj)
 
     async def _event(self, m: st.ArtifactView, event: st.Event, obj: Obj | None = None) -> None:
         target = obj or self.objects.get(m.key)
