@@ -18,21 +18,22 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cluster_registry import pullcreds
 from cluster_registry.gate import tokens
 from cluster_registry.gate.access import Scope
 from tests.support import cnf, podview
 from tests.support.cluster import Cluster, component_pods, exclusive_chart, wait_for
-from tests.support.inpod import node_netns, ready_registry_pod, single_replica_values
+from tests.support.inpod import container_pid, node_netns, ready_registry_pod, single_replica_values
 from tests.support.ociimages import Image, push_image
 from tests.support.podview import from_netns
 
 NODE_ENDPOINT = "127.0.0.1:5050"  # the node proxy: the rewrite target
 PULL_SECRET = "cluster-registry-pull"  # registryAccess.pullSecretName's default
+RECONCILER_CREDENTIALS = "/etc/cluster-registry/credentials/credentials.yaml"  # its push credential, mounted
 USER_NODES = {"kubernetes.azure.com/mode": "user"}  # kwok: the pods' images are never pulled there
 
 
@@ -276,4 +277,26 @@ def test_pull_key_rotation_keeps_pulls_working_with_no_restart(cluster: Cluster,
     for creds in (old, new):  # both keys are valid until the next rotation
         token = wait_for(lambda c=creds: node.tokens([(scope, c)])[0], timeout=30, what="a token")  # type: ignore[misc]
         assert node.get([(manifest, token)]) == [200]
+    assert registry_pods(cluster, iso.ns) == before, "a rotation restarted something"
+
+
+def test_push_credential_rotation_keeps_copies_working_with_no_restart(cluster: Cluster, b_has_private: Iso) -> None:
+    iso = b_has_private
+    node, before = Node(iso), registry_pods(cluster, iso.ns)
+    name = f"{cnf.fullname(iso.release)}-registry-push-artifact-reconciler"
+    user, old = cnf.registry_credentials(cluster, iso.ns, iso.release)
+    new = secrets.token_urlsafe(32)
+    doc = base64.b64encode((json.dumps({"username": user, "password": new}) + "\n").encode()).decode()
+    cluster.kubectl("patch", "secret", name, "-n", iso.ns, "--type=merge", "-p", json.dumps({"data": {"credentials.yaml": doc}}))
+    scope = "repository:e2e/rotation:pull,push"
+    wait_for(lambda: node.tokens([(scope, (user, new))])[0] and not node.tokens([(scope, (user, old))])[0],
+             timeout=60, interval=2, what="the token service taking the new push password and refusing the old")
+    # The kubelet updates the reconciler's mounted copy of the Secret on its own schedule (about a minute):
+    # wait for the file itself, read through the container's root (a host process on a real node).
+    reconciler = component_pods(cluster, iso.ns, "artifact-reconciler")[0]
+    mounted = f"/proc/{container_pid(cluster, reconciler, reconciler['spec']['containers'][0]['name'])}/root{RECONCILER_CREDENTIALS}"
+    wait_for(lambda: new in Path(mounted).read_text(), timeout=180, interval=2, what="the reconciler's mounted credential updated")
+    image = push_image(cnf.store_pusher(cluster), f"cnf/iso-rot-{secrets.token_hex(2)}", "1.0", layers=[1024], seed=154)
+    tenant_pod(cluster, iso.b, iso.source(image))
+    wait_phase(cluster, iso.b, iso.source(image), {"Ready"}, timeout=120)  # copied with the new password
     assert registry_pods(cluster, iso.ns) == before, "a rotation restarted something"
