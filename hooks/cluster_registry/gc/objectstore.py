@@ -86,17 +86,16 @@ def revision_key(key: str, prefix: str) -> tuple[str, str] | None:
     return repo, f"{parts[0]}:{parts[1]}"
 
 
-def with_push_times(store: ObjectStore, manifests: Iterable[Manifest]) -> list[Manifest]:
-    """``manifests`` (the registry API's inventory, which has no push times) with ``pushed_at`` from the
-    store: when the registry last wrote the manifest's revision link, as the filesystem inventory reads
-    its mtime. The grace period then protects fresh pushes on object storage too."""
+def revisions(store: ObjectStore) -> dict[tuple[str, str], datetime]:
+    """(repository, digest) -> when the registry last wrote that manifest's revision link, for every manifest
+    stored, tagged or not: the registry API lists only tags, and an image pinned by digest has none."""
     prefix = store.prefix("repositories")
     times: dict[tuple[str, str], datetime] = {}
     for key, _, modified in _objects(store, prefix):
         rev = revision_key(key, prefix)
         if rev:
             times[rev] = modified
-    return [replace(m, pushed_at=times.get(m.key, m.pushed_at)) for m in manifests]
+    return times
 
 
 def has_repositories(store: ObjectStore) -> bool:

@@ -44,7 +44,7 @@ def _session(base_url: str) -> tuple[RegistrySession, str]:
 
 
 async def _inventory(
-    base_url: str, auth: Credentials | None, concurrency: int
+    base_url: str, auth: Credentials | None, concurrency: int, untagged: Iterable[tuple[str, str]]
 ) -> tuple[list[Manifest], dict[str, int]]:
     sem = asyncio.Semaphore(concurrency)
     sizes: dict[str, int] = {}
@@ -74,14 +74,17 @@ async def _inventory(
             for tag, entry in zip(tags, await asyncio.gather(*(fetch(repo, t) for t in tags))):
                 if entry is not None:
                     found[entry.key] = replace(found[entry.key], tags=found[entry.key].tags | {tag})
+        await asyncio.gather(*(fetch(session.repository(host, name, auth), digest)
+                               for name, digest in untagged if (name, digest) not in found))  # fmt: skip
     return sorted(found.values(), key=lambda m: m.key), sizes
 
 
 def inventory_sizes(
-    base_url: str, auth: Credentials | None = None, concurrency: int = 16
+    base_url: str, auth: Credentials | None = None, concurrency: int = 16, untagged: Iterable[tuple[str, str]] = ()
 ) -> tuple[list[Manifest], dict[str, int]]:
-    """(every tagged manifest and its platform manifests, digest -> size of every blob they name)."""
-    return asyncio.run(_inventory(base_url, auth, concurrency))
+    """(every tagged manifest, every (repository, digest) of ``untagged``, and their platform manifests;
+    digest -> size of every blob they name)."""
+    return asyncio.run(_inventory(base_url, auth, concurrency, untagged))
 
 
 async def _delete_one(repo: Repository, digest: str, sem: asyncio.Semaphore) -> DeleteOutcome:

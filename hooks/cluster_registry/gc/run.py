@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
@@ -116,9 +116,11 @@ def gather(view: ClusterView, opts: Options, now: datetime) -> tuple[Inputs, lis
     if opts.storage_root:
         manifests = storage.inventory(opts.storage_root)
     else:
-        manifests = registry.inventory_sizes(opts.registry_url, opts.credentials)[0]
-        if opts.object_store:  # the API gives no push times: the store's revision links do
-            manifests = objectstore.with_push_times(opts.object_store, manifests)
+        # On object storage the store's revision links name every manifest, untagged ones too (the API
+        # lists only tags), and give the push times the API lacks.
+        revisions = objectstore.revisions(opts.object_store) if opts.object_store else {}
+        manifests = registry.inventory_sizes(opts.registry_url, opts.credentials, untagged=revisions)[0]
+        manifests = [replace(m, pushed_at=revisions.get(m.key, m.pushed_at)) for m in manifests]
     workloads = view.workloads()
     artifacts = view.artifacts()
     components = view.components()
