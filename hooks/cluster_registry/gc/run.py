@@ -117,10 +117,15 @@ def gather(view: ClusterView, opts: Options, now: datetime) -> tuple[Inputs, lis
         manifests = storage.inventory(opts.storage_root)
     else:
         # On object storage the store's revision links name every manifest, untagged ones too (the API
-        # lists only tags), and give the push times the API lacks.
-        revisions = objectstore.revisions(opts.object_store) if opts.object_store else {}
-        manifests = registry.inventory_sizes(opts.registry_url, opts.credentials, untagged=revisions)[0]
-        manifests = [replace(m, pushed_at=revisions.get(m.key, m.pushed_at)) for m in manifests]
+        # lists only tags), and give the push times the API lacks. The times are listed again AFTER the
+        # API's listing: a manifest pushed between the two listings would otherwise have no push time and
+        # count as past the grace period.
+        store = opts.object_store
+        untagged = objectstore.revisions(store) if store else {}
+        manifests = registry.inventory_sizes(opts.registry_url, opts.credentials, untagged=untagged)[0]
+        if store:
+            times = objectstore.revisions(store)
+            manifests = [replace(m, pushed_at=times.get(m.key, m.pushed_at)) for m in manifests]
     workloads = view.workloads()
     artifacts = view.artifacts()
     components = view.components()
