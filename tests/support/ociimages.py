@@ -207,6 +207,8 @@ class Pusher:
 
     def blob_sha256(self, repo: str, digest: str) -> tuple[str, int]:
         """Download a blob streaming; (sha256 digest, size) of what the registry serves."""
+        if not self._challenge:  # learn the registry's auth challenge first (request() answers it)
+            self.request("HEAD", f"/v2/{repo}/blobs/{digest}", repo)
         conn = self._conn()
         conn.request("GET", f"/v2/{repo}/blobs/{digest}", headers=self._authz(repo))
         resp = conn.getresponse()
