@@ -120,7 +120,8 @@ class Pusher:
                     (k, v.strip('"'))
                     for k, _, v in (p.strip().partition("=") for p in self._challenge[7:].split(","))
                 )
-                q = urllib.parse.urlencode({"service": params.get("service", ""), "scope": f"repository:{repo}:pull,push"})
+                scope = f"repository:{repo}:pull,push" if repo else "registry:catalog:*"  # "" is the catalog
+                q = urllib.parse.urlencode({"service": params.get("service", ""), "scope": scope})
                 u = urllib.parse.urlsplit(self.realm or pod_view_realm(params["realm"], self.host))
                 c = (http.client.HTTPSConnection(u.hostname or "", u.port or 443, timeout=30,
                                                  context=ssl.create_default_context(cafile=self.ca_file))
