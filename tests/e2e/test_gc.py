@@ -58,10 +58,11 @@ def local_repo(ns: str, case: str) -> str:
 
 
 def age_storage(storage: Path, seconds_ago: float = 7200) -> None:
-    """Make every manifest look pushed long ago (past the grace period)."""
+    """Make everything stored look written long ago: manifests past the grace period, and blobs and links
+    older than the online mark's start (it spares whatever was written just before it, see gc/sweep.py)."""
     t = time.time() - seconds_ago
-    for link in (storage / "docker/registry/v2/repositories").rglob("_manifests/revisions/*/*/link"):
-        os.utime(link, (t, t))
+    for path in (storage / "docker/registry/v2").rglob("*"):
+        os.utime(path, (t, t))
 
 
 def integrity(p: Pusher) -> int:
