@@ -3,8 +3,8 @@
 The webhook rewrites images to ``127.0.0.1:<port>/...`` (the chart's default, docs/pull-path.md): a
 stock containerd or CRI-O pulls from a loopback registry over plain HTTP with no node configuration,
 while any other host needs a hosts.toml and a CA. This proxy, a hostNetwork DaemonSet listening on
-the node's loopback only, relays each connection byte for byte to the registry Service (the gate),
-so whatever the registry serves the node sees as is.
+the node's loopback only, relays each connection byte for byte to the registry Service, so whatever
+the registry serves the node sees as is (relay.py: in-kernel ``splice``, bounded connections).
 
 The registry answers pulls with distribution's token challenge, whose realm is the token service as
 nodes reach it: a second loopback port (``--token-listen``, default 5051) relayed the same way to the
@@ -13,50 +13,14 @@ token service's Service port. Both stay on the node's loopback, so containerd ne
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
+import threading
 
 import click
 
+from cluster_registry.nodeproxy.relay import Relay, Upstream, fit_connections
+
 log = logging.getLogger(__name__)
-BUFFER = 1 << 16
-
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
-    moved = 0
-    try:
-        while data := await reader.read(BUFFER):
-            writer.write(data)
-            moved += len(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
-            writer.close()
-    return moved
-
-
-async def serve(listen: tuple[str, int], upstream: tuple[str, int], connect_timeout: float,
-                started: asyncio.Event | None = None) -> None:
-    """Relay every connection to LISTEN to UPSTREAM (resolved per connection: the Service may move)."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(*upstream), connect_timeout)
-        except (OSError, asyncio.TimeoutError) as e:
-            log.warning("registry unreachable", extra={"upstream": "%s:%d" % upstream, "error": str(e) or type(e).__name__})
-            writer.close()
-            return
-        await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
-
-    server = await asyncio.start_server(handle, *listen, reuse_address=True)
-    log.info("node proxy serving", extra={"listen": "%s:%d" % listen, "upstream": "%s:%d" % upstream})
-    if started is not None:
-        started.set()
-    async with server:
-        await server.serve_forever()
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -74,11 +38,21 @@ def _host_port(value: str) -> tuple[str, int]:
 @click.option("--token-listen", default="127.0.0.1:5051", show_default=True,
               help="HOST:PORT on the node for the token service (the realm the registry names).")  # fmt: skip
 @click.option("--token-upstream", default="", help="HOST:PORT of the token service's Service; empty: no relay.")
-def node_proxy(listen: str, upstream: str, connect_timeout: float, token_listen: str, token_upstream: str) -> None:
+@click.option("--max-connections", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Connections relayed at once (both ports); more wait in the listen backlog.")
+@click.option("--idle-timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds a connection may move no byte either way before it is closed.")
+def node_proxy(listen: str, upstream: str, connect_timeout: float, token_listen: str, token_upstream: str,
+               max_connections: int, idle_timeout: float) -> None:
     """Serve the cluster registry (and its token realm) on this node's loopback (a hostNetwork DaemonSet)."""
-    relays = [(listen, upstream)] + ([(token_listen, token_upstream)] if token_upstream else [])
-
-    async def main() -> None:
-        await asyncio.gather(*(serve(_host_port(a), _host_port(b), connect_timeout) for a, b in relays))
-
-    asyncio.run(main())
+    pairs = [(listen, upstream)] + ([(token_listen, token_upstream)] if token_upstream else [])
+    fitting = fit_connections(max_connections)
+    if fitting < max_connections:
+        log.warning("the open-file limit allows fewer connections", extra={"wanted": max_connections, "max_connections": fitting})
+    slots = threading.BoundedSemaphore(fitting)
+    relays = [Relay(_host_port(a), Upstream(*_host_port(b), connect_timeout), slots, idle_timeout) for a, b in pairs]
+    threads = [threading.Thread(target=r.serve_forever, daemon=True) for r in relays]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -1,0 +1,215 @@
+"""The node proxy's TCP relay: every byte moves socket -> pipe -> socket inside the kernel (``splice``).
+
+Why this shape (bench/README.md, ``pull.py``): the former asyncio byte pump read every chunk into
+Python and wrote it out again, about 2.5 CPU s per GB under the container's 500m limit, so a node
+pulled at 0.4-0.6x of the registry's direct speed. ``os.splice`` moves page references from the
+receiving socket into a pipe and from the pipe to the sending socket: the bytes never enter user space,
+and Python runs one loop iteration per pipe-full, not per 64 KiB copy. Each direction of a connection
+is a thread blocked in ``splice`` (the GIL is released there), so no selector loop is needed and a slow
+peer stalls only its own direction. A single-threaded loop of non-blocking splices does the same work
+with one Python dispatch per readiness event on top; a separate tool (haproxy, socat) would add a
+second program and configuration to the image for the same kernel path.
+
+Bounds: at most ``max_connections`` relayed connections per process (each holds two threads, two
+sockets and two pipes); beyond it new connections wait in the listen backlog until one ends. A
+connection on which neither direction moved a byte for ``idle_timeout`` seconds is closed (the
+sockets' SO_RCVTIMEO/SO_SNDTIMEO, which ``splice`` honours), so stuck peers give their slot back.
+Half-close is relayed: when one side ends its stream, the relay shuts down writing to the other and
+keeps the opposite direction open (HTTP clients may half-close after the request).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import resource
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# Bytes per splice round trip, largest first: 1 MiB (pipe-max-size's default) measured 0.19 CPU s/GB,
+# 256 KiB 0.30, the 64 KiB default 0.4 (bench/README.md). An unprivileged user's pipes share
+# fs.pipe-user-pages-soft (64 MiB by default): past it the kernel refuses larger pipes, so smaller ones.
+PIPE_SIZES = (1 << 20, 1 << 18)
+THREAD_STACK = 256 << 10  # the relay loop is a few frames deep: no need for 8 MiB of address space per thread
+
+
+FDS_PER_CONNECTION = 6  # the client, the upstream and a pipe (two ends) per direction
+FDS_SPARE = 64  # listeners, logging, the interpreter's own
+
+
+def fit_connections(wanted: int) -> int:
+    """Raise this process's open-file limit for WANTED connections; the number that fits under it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted * FDS_PER_CONNECTION + FDS_SPARE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return wanted
+    return max(1, (soft - FDS_SPARE) // FDS_PER_CONNECTION)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a listener's connections go; HOST is resolved per connection (a Service may move)."""
+
+    host: str
+    port: int
+    connect_timeout: float
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _timeouts(sock: socket.socket, seconds: float) -> None:
+    """Blocking socket whose blocking calls (``splice`` included) give up with EAGAIN after SECONDS."""
+    sock.settimeout(None)
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # forward what arrived: the sender already coalesced
+
+
+def _grow(pipe: int) -> int:
+    """Enlarge PIPE (its write end) as far as allowed; its capacity in bytes."""
+    for size in PIPE_SIZES:
+        with contextlib.suppress(OSError):
+            return fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, size)
+    return fcntl.fcntl(pipe, fcntl.F_GETPIPE_SZ)
+
+
+class _Connection:
+    """One client and its upstream: two directions, closed when both end or either fails."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket, idle_timeout: float) -> None:
+        self.client, self.upstream, self.idle_timeout = client, upstream, idle_timeout
+        self.last = time.monotonic()
+        self.moved = [0, 0]  # client -> upstream, upstream -> client
+        self._lock = threading.Lock()
+        self._running = 2
+
+    def idle(self) -> bool:
+        return time.monotonic() - self.last >= self.idle_timeout
+
+    def pump(self, direction: int) -> None:
+        src, dst = (self.client, self.upstream) if direction == 0 else (self.upstream, self.client)
+        r, w = os.pipe()
+        try:
+            _grow(w)
+            self._splice(src, dst, r, w, _grow(w), direction)
+            dst.shutdown(socket.SHUT_WR)  # relay the half-close; the other direction goes on
+        except OSError:
+            self.abort()  # a reset, a timeout or the other direction's abort: end both
+        finally:
+            os.close(r)
+            os.close(w)
+            with self._lock:
+                self._running -= 1
+                last = self._running == 0
+            if last:
+                self.client.close()
+                self.upstream.close()
+
+    def _splice(self, src: socket.socket, dst: socket.socket, r: int, w: int, size: int, direction: int) -> None:
+        while True:
+            try:
+                n = os.splice(src.fileno(), w, size, flags=os.SPLICE_F_MOVE)
+            except BlockingIOError:
+                if self.idle():
+                    raise TimeoutError(errno.ETIMEDOUT, "idle") from None
+                continue  # the other direction is busy (a long download's request side is silent)
+            if n == 0:
+                return
+            while n:
+                try:
+                    sent = os.splice(r, dst.fileno(), n, flags=os.SPLICE_F_MOVE)
+                except BlockingIOError:
+                    if self.idle():
+                        raise TimeoutError(errno.ETIMEDOUT, "idle") from None
+                    continue
+                n -= sent
+                self.moved[direction] += sent
+                self.last = time.monotonic()
+
+    def abort(self) -> None:
+        """Wake both directions (a thread blocked in splice on either socket) and end them."""
+        for sock in (self.client, self.upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class Relay:
+    """Relay every connection accepted on LISTEN to UPSTREAM; ``serve_forever`` until ``close``."""
+
+    def __init__(self, listen: tuple[str, int], upstream: Upstream, slots: threading.BoundedSemaphore,
+                 idle_timeout: float = 300.0) -> None:
+        self.upstream, self.slots, self.idle_timeout = upstream, slots, idle_timeout
+        self.listener = socket.create_server(listen, backlog=1024)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self._closed = threading.Event()
+        self._warned = -60.0
+
+    def serve_forever(self) -> None:
+        threading.stack_size(THREAD_STACK)
+        log.info("node proxy serving", extra={"listen": "%s:%d" % self.address, "upstream": str(self.upstream)})
+        while not self._closed.is_set():
+            if not self.slots.acquire(blocking=False):
+                if time.monotonic() - self._warned >= 60:  # once a minute while it lasts
+                    self._warned = time.monotonic()
+                    log.warning("connection limit reached: new connections wait in the listen backlog",
+                                extra={"listen": "%s:%d" % self.address})
+                while not self.slots.acquire(timeout=1):
+                    if self._closed.is_set():
+                        return
+            try:
+                client, _ = self.listener.accept()
+            except OSError as e:
+                self.slots.release()
+                if self._closed.is_set():
+                    return
+                log.warning("accept failed", extra={"listen": "%s:%d" % self.address, "error": str(e)})
+                time.sleep(0.1)  # out of fds or memory for a moment (or the client gave up): keep serving
+                continue
+            try:
+                threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+            except RuntimeError as e:  # the process's thread limit: refuse this one, keep serving
+                log.warning("cannot relay a connection", extra={"error": str(e)})
+                client.close()
+                self.slots.release()
+
+    def _handle(self, client: socket.socket) -> None:
+        try:
+            try:
+                upstream = socket.create_connection((self.upstream.host, self.upstream.port),
+                                                    timeout=self.upstream.connect_timeout)
+            except OSError as e:
+                log.warning("registry unreachable: closing the client",
+                            extra={"upstream": str(self.upstream), "error": str(e) or type(e).__name__})
+                client.close()
+                return
+            _timeouts(client, self.idle_timeout)
+            _timeouts(upstream, self.idle_timeout)
+            conn = _Connection(client, upstream, self.idle_timeout)
+            back = threading.Thread(target=conn.pump, args=(1,), daemon=True)
+            back.start()
+            conn.pump(0)
+            back.join()
+            log.debug("connection closed", extra={"upstream": str(self.upstream), "sent": conn.moved[0],
+                                                  "received": conn.moved[1]})
+        finally:
+            self.slots.release()
+
+    def close(self) -> None:
+        """Stop accepting (connections in flight finish on their own threads)."""
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
+        self.listener.close()
