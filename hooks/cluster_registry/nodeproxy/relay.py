@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 # fs.pipe-user-pages-soft (64 MiB by default): past it the kernel refuses larger pipes, so smaller ones.
 PIPE_SIZES = (1 << 20, 1 << 18)
 THREAD_STACK = 256 << 10  # the relay loop is a few frames deep: no need for 8 MiB of address space per thread
-
-
 FDS_PER_CONNECTION = 6  # the client, the upstream and a pipe (two ends) per direction
 FDS_SPARE = 64  # listeners, logging, the interpreter's own
 
@@ -101,16 +99,17 @@ class _Connection:
 
     def pump(self, direction: int) -> None:
         src, dst = (self.client, self.upstream) if direction == 0 else (self.upstream, self.client)
-        r, w = os.pipe()
         try:
-            _grow(w)
-            self._splice(src, dst, r, w, _grow(w), direction)
+            r, w = os.pipe()
+            try:
+                self._splice(src, dst, r, w, _grow(w), direction)
+            finally:
+                os.close(r)
+                os.close(w)
             dst.shutdown(socket.SHUT_WR)  # relay the half-close; the other direction goes on
         except OSError:
-            self.abort()  # a reset, a timeout or the other direction's abort: end both
+            self.abort()  # a reset, a timeout, no fd for the pipe or the other direction's abort: end both
         finally:
-            os.close(r)
-            os.close(w)
             with self._lock:
                 self._running -= 1
                 last = self._running == 0
@@ -199,7 +198,13 @@ class Relay:
             _timeouts(upstream, self.idle_timeout)
             conn = _Connection(client, upstream, self.idle_timeout)
             back = threading.Thread(target=conn.pump, args=(1,), daemon=True)
-            back.start()
+            try:
+                back.start()
+            except RuntimeError as e:  # the process's thread limit (a pids cgroup): refuse this one
+                log.warning("cannot relay a connection", extra={"error": str(e)})
+                client.close()
+                upstream.close()
+                return
             conn.pump(0)
             back.join()
             log.debug("connection closed", extra={"upstream": str(self.upstream), "sent": conn.moved[0],
