@@ -19,8 +19,7 @@ COMMANDS = {
     "sideload": "cluster_registry.install.sideload:sideload",
     "export": "cluster_registry.install.export:export",
     "copy": "cluster_registry.oci.cli:copy",
-    # Beyond the fixed list: the registry's write gate and the webhook's certificate manager.
-    "gate": "cluster_registry.gate.cli:gate",
+    # Beyond the fixed list: the registry's token service and the webhook's certificate manager.
     "token-service": "cluster_registry.gate.cli:token_service",  # distribution's token realm
     "certs": "cluster_registry.certs.cli:certs",
     "registry-secret": "cluster_registry.install.registry_secret:registry_secret",

@@ -1,7 +1,7 @@
 """Leader election (and plain locks) over a ``coordination.k8s.io/v1`` Lease.
 
 * Pure core: :class:`LeaseRecord` and :func:`decide` (may this identity take or keep the Lease?),
-  :func:`held_at` (is a Lease held at a wall-clock time, for readers such as the registry gate).
+  :func:`held_at` (is a Lease held at a wall-clock time, for readers such as the token service).
 * :class:`LeaseLock`: one Lease, synchronous (the kubernetes client is): ``try_acquire_or_renew``,
   ``release``, ``read``. Writes use the Lease's resourceVersion, so two contenders never both win.
 * :class:`LeaderElector`: asyncio loop that waits for the Lease, runs a coroutine while it holds

@@ -1,8 +1,10 @@
 """GC end to end on the local cluster: real owners of every kind, real Artifacts and Components, a real
-distribution registry on loopback behind a real gate, GC run as a local process.
+distribution registry on loopback with ``auth: token`` and a real ``cluster-registry token-service`` as
+its realm (tests/support/tokenfront.py), GC run as a local process.
 
 - which images GC deletes and keeps, per owner kind and rule (one GC run over a table of cases);
-- the write lock: the gate refuses writes during the window and acknowledges its drain;
+- the write lock: no push token is issued during the window, and the token service acknowledges the
+  lock once every push token it issued before has died;
 - concurrency: pushes sharing layers with deleted images run during GC; afterwards every tagged
   manifest resolves and every blob it names exists and hashes correctly;
 - crash: GC SIGKILLed in each phase leaves the registry writable within the Lease TTL, uncorrupted.
@@ -19,9 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -39,9 +39,9 @@ from tests.support.ociimages import (
     push_image,
     push_index,
 )
-from tests.support.registry import Registry, free_port, registry_binary, run_registry
+from tests.support.registry import Registry, registry_binary, run_registry
+from tests.support.tokenfront import Front, Pod, env_for, push_token_granted, token_front
 
-USER, PASSWORD = "gc-writer", "gc-e2e-password"
 HOST = "gc-e2e.example.com"
 TWO_HOURS_AGO = time.time() - 7200
 
@@ -92,17 +92,6 @@ def integrity(p: Pusher) -> int:
     return checked
 
 
-@dataclass
-class Gate:
-    host: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-def env_for(cluster: Cluster) -> dict[str, str]:
-    return {**cluster.env(), "PYTHONPATH": str(ROOT / "hooks")}
-
-
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[Registry]:
     with run_registry(tmp_path / "registry") as reg:
@@ -110,38 +99,10 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
 
 
 @pytest.fixture
-def creds(tmp_path: Path) -> Path:
-    f = tmp_path / "creds.yaml"
-    f.write_text(f"username: {USER}\npassword: {PASSWORD}\n")
-    return f
-
-
-@pytest.fixture
-def gate(cluster: Cluster, namespace: str, registry: Registry, creds: Path, tmp_path: Path) -> Iterator[Gate]:
-    port = free_port()
-    log = tmp_path / "gate.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster_registry", "--log-format", "json", "gate", "--listen", f"127.0.0.1:{port}",
-         "--upstream", registry.url, "--credentials-file", str(creds), "--lock-name", "gc-lock", "--namespace",
-         namespace, "--identity", "gate-0"],
-        env=env_for(cluster), stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
-    )  # fmt: skip
-    g = Gate(f"127.0.0.1:{port}", proc, log)
-    try:
-        # Ready, and its first heartbeat written (writes are refused until then).
-        wait_for(lambda: _writable(g.host), timeout=60, what="the gate to accept writes")
-        yield g
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _writable(host: str) -> bool:
-    st, _, _ = Pusher(host, auth=(USER, PASSWORD)).request("POST", "/v2/probe/app/blobs/uploads/", "probe/app")
-    return st == 202
+def front(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Front]:
+    """distribution with ``auth: token`` and its token service, as a registry pod runs them."""
+    with token_front(cluster, namespace, tmp_path) as f:
+        yield f
 
 
 def run_gc(cluster: Cluster, namespace: str, registry_url: str, storage: Path, *extra: str,
@@ -353,35 +314,32 @@ def _shared_layer_image(p: Pusher, repo: str, tag: str, shared: list[bytes], own
     raise AssertionError(f"could not push {repo}:{tag}")
 
 
+def locked_token_requests(front: Pod) -> float:
+    """Push tokens the token service refused because GC held the lock."""
+    text = front.service.metrics()
+    return sum(float(ln.split()[-1]) for ln in text.splitlines()
+               if ln.startswith("cluster_registry_token_requests_total{") and 'outcome="locked"' in ln)  # fmt: skip
+
+
 @pytest.mark.parametrize("mode", ["distribution", "trash", "online"])
-def test_pushes_during_gc_never_corrupt_and_the_gate_acks_its_drain(
-    cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path, mode: str
+def test_pushes_during_gc_never_corrupt_and_the_token_service_acks_the_lock(
+    cluster: Cluster, namespace: str, front: Front, mode: str
 ) -> None:
-    p = Pusher(gate.host, auth=(USER, PASSWORD))
+    p = front.pusher()
     shared = [os.urandom(4096) for _ in range(3)]
     for i in range(40):  # doomed: old, unreferenced, and they share layers with what is pushed during GC
         _shared_layer_image(p, f"conc/old{i % 4}", f"t{i}", shared, os.urandom(512))
-    age_storage(registry.storage)
+    age_storage(front.registry.storage)
 
     stop = threading.Event()
     pushed: list[str] = []
-    refused: list[int] = []
-    orig = p.request
-
-    def counting(method: str, path: str, repo: str, **kw: Any) -> tuple[int, dict[str, str], bytes]:
-        st, h, b = orig(method, path, repo, **kw)
-        if st == 503 and h.get("x-cluster-registry-lock") == "gc":
-            refused.append(1)
-        return st, h, b
-
-    p.request = counting  # type: ignore[method-assign]
-
     counter = itertools.count()
 
     def writer() -> None:
+        w = front.pusher()  # each writer keeps its push tokens until they die, as the copy engine does
         while not stop.is_set():
             n = next(counter)
-            _shared_layer_image(p, f"conc/new{n % 3}", f"n{n}", shared, os.urandom(256))
+            _shared_layer_image(w, f"conc/new{n % 3}", f"n{n}", shared, os.urandom(256))
             pushed.append(f"conc/new{n % 3}:n{n}")
 
     threads = [threading.Thread(target=writer) for _ in range(2)]
@@ -389,7 +347,8 @@ def test_pushes_during_gc_never_corrupt_and_the_gate_acks_its_drain(
         t.start()
     try:
         time.sleep(1)
-        report = run_gc(cluster, namespace, f"http://{gate.host}", registry.storage, "--sweep-mode", mode, creds=creds)
+        report = run_gc(cluster, namespace, front.registry.url, front.registry.storage, "--sweep-mode", mode,
+                        creds=front.gc_creds)  # fmt: skip
         time.sleep(1)
     finally:
         stop.set()
@@ -397,17 +356,21 @@ def test_pushes_during_gc_never_corrupt_and_the_gate_acks_its_drain(
             t.join(60)
     assert report["gatesAcked"] == 1, report
     assert report["manifestsDeleted"] >= 40 and report["blobsDeleted"] > 0
+    # The writers' tokens died during the window (the drain outlasts a push token) and their new ones were refused.
+    refused = locked_token_requests(front)
+    assert refused > 0, "no push token was refused while GC held the lock"
     assert pushed, "the writers pushed nothing"
-    direct = Pusher(registry.host)
+    reader = front.pusher("gc")  # only GC may list the catalog
     for ref in pushed:
         repo, _, tag = ref.partition(":")
-        assert direct.get_manifest(repo, tag) is not None, f"{ref} was pushed but is gone"
-    assert integrity(direct) >= len(pushed)
+        assert reader.get_manifest(repo, tag) is not None, f"{ref} was pushed but is gone"
+    assert integrity(reader) >= len(pushed)
     lease = cluster.kubectl_json("get", "lease", "gc-lock", "-n", namespace)
     assert not lease["spec"].get("holderIdentity"), "the lock is released after the run"
     hb = cluster.kubectl_json("get", "leases", "-n", namespace, "-l", "clusterregistry.io/gate-for=gc-lock")["items"]
     assert len(hb) == 1 and hb[0]["metadata"]["annotations"]["clusterregistry.io/drained"].startswith("gc-")
-    print(f"writes refused during the window: {len(refused)}; images pushed during GC: {len(pushed)}")
+    print(f"push tokens refused during the window: {refused:.0f}; images pushed during GC: {len(pushed)}; "
+          f"drain {report['drainSeconds']}s, window {report['windowSeconds']}s")
 
 
 # -- crash safety ---------------------------------------------------------------------------------------
@@ -425,12 +388,10 @@ def _wait_line(proc: subprocess.Popen[str], needle: str, timeout: float = 120) -
     raise AssertionError(f"no {needle!r} within {timeout}s")
 
 
-def _seconds_until_writable(host: str, limit: float = 90) -> float:
+def _seconds_until_writable(front: Front, limit: float = 90) -> float:
     t0 = time.monotonic()
-    p = Pusher(host, auth=(USER, PASSWORD))
     while time.monotonic() - t0 < limit:
-        st, _, _ = p.request("POST", "/v2/crash/probe/blobs/uploads/", "crash/probe")
-        if st == 202:
+        if front.writable("crash/probe"):
             return time.monotonic() - t0
         time.sleep(0.25)
     return float("inf")
@@ -438,37 +399,32 @@ def _seconds_until_writable(host: str, limit: float = 90) -> float:
 
 @pytest.mark.parametrize("phase", ["soft-delete", "drain", "sweep"])
 def test_sigkilled_gc_frees_writes_within_the_ttl(
-    cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path, tmp_path: Path, phase: str
+    cluster: Cluster, namespace: str, front: Front, tmp_path: Path, phase: str
 ) -> None:
-    p = Pusher(gate.host, auth=(USER, PASSWORD))
+    p = front.pusher()
+    storage = front.registry.storage
     for i in range(30):
         push_image(p, f"crash/app{i % 3}", f"t{i}", layers=[1024, 512], seed=i)
     keep = push_image(p, "crash/keep", "v1", layers=[2048], seed=999)
-    age_storage(registry.storage)
-    os.utime(next((registry.storage / "docker/registry/v2/repositories/crash/keep").rglob("revisions/*/*/link")))
+    age_storage(storage)
+    os.utime(next((storage / "docker/registry/v2/repositories/crash/keep").rglob("revisions/*/*/link")))
     extra: list[str] = []
-    stalled: threading.Thread | None = None
-    release_upload = threading.Event()
+    stop_tokens = threading.Event()
     if phase == "drain":
-        # An upload held open through the gate: the gate cannot ack, GC waits in the drain phase.
-        st, h, _ = p.request("POST", "/v2/crash/slow/blobs/uploads/", "crash/slow")
-        loc = h["location"].split("://", 1)[-1].split("/", 1)[1]
+        # A copy taking push tokens until GC locks: the token service cannot ack while the last one
+        # lives (TTL + grace), so GC is in its drain phase when it is killed.
+        def take_tokens() -> None:
+            while not stop_tokens.is_set() and push_token_granted(front.realm, "crash/slow"):
+                time.sleep(0.1)
 
-        def body() -> Iterator[bytes]:
-            yield b"x" * 1024
-            release_upload.wait(120)
-            yield b"y" * 1024
-
-        stalled = threading.Thread(target=lambda: p.request("PATCH", f"/{loc}", "crash/slow", body=body(), chunked=True))
-        stalled.start()
-        time.sleep(0.5)
+        threading.Thread(target=take_tokens, daemon=True).start()
     if phase == "sweep":
         marker = tmp_path / "sweep.pid"
         wrapper = tmp_path / "registry-wrapper"
         wrapper.write_text(f"#!/bin/sh\necho $$ > {marker}\nsleep 2\nexec {registry_binary()} \"$@\"\n")
         wrapper.chmod(0o755)
         extra = ["--sweep-mode", "distribution", "--registry-binary", str(wrapper)]  # the wrapper is the window's sweep
-    gc = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--drain-timeout", "120s", *extra)
+    gc = start_gc(cluster, namespace, front.registry.url, storage, front.gc_creds, "--drain-timeout", "120s", *extra)
     try:
         if phase == "soft-delete":
             _wait_line(gc, "soft delete starting")
@@ -487,18 +443,16 @@ def test_sigkilled_gc_frees_writes_within_the_ttl(
         child = int(marker.read_text())
         wait_for(lambda: not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2],
                  5, 0.1, what="the sweep to die with GC")  # fmt: skip
-    release_upload.set()
-    if stalled:
-        stalled.join(30)
-    assert _seconds_until_writable(gate.host) < 90
+    stop_tokens.set()
+    assert _seconds_until_writable(front) < 90
     waited = time.monotonic() - killed_at
     assert waited < 60, f"writes resumed only after {waited:.0f}s"
     print(f"{phase}: writable {waited:.1f}s after SIGKILL")
-    direct = Pusher(registry.host)
-    assert direct.get_manifest("crash/keep", keep.digest) is not None
-    integrity(direct)
+    reader = front.pusher("gc")
+    assert reader.get_manifest("crash/keep", keep.digest) is not None
+    integrity(reader)
     # A complete run afterwards still works (the dead run's lock expired; nothing is stuck).
-    report = run_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds=creds)
+    report = run_gc(cluster, namespace, front.registry.url, storage, creds=front.gc_creds)
     assert report["gatesAcked"] == 1
-    assert direct.get_manifest("crash/keep", keep.digest) is not None
-    assert integrity(direct) >= 1
+    assert reader.get_manifest("crash/keep", keep.digest) is not None
+    assert integrity(reader) >= 1

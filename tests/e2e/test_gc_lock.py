@@ -1,10 +1,13 @@
-"""GC's write lock when things go wrong, against the real API server, a real gate and a real registry.
+"""GC's write lock when things go wrong, against the real API server, a real distribution with
+``auth: token`` and a real ``cluster-registry token-service`` (tests/support/tokenfront.py).
 
 - the Lease taken over by another holder mid-sweep, and GC's renewals stalled past the TTL (a
   partition between GC and the API server): the sweep is killed before it deletes anything, the run
-  reports a temporary failure, and the sweep is dead before the gate lets any write through;
-- a writer holding an upload past the drain timeout: GC gives up before sweeping and frees writes;
-- dead gates (a heartbeat stale by the clock, one frozen while GC watches) are not waited for;
+  reports a temporary failure, and the sweep is dead before the token service issues any push token;
+- a push token alive past the drain timeout (an upload in flight on it): GC gives up before sweeping
+  and frees writes;
+- dead token service replicas (a heartbeat stale by the clock, one frozen while GC watches) are not
+  waited for;
 - two GC runs at once: the second refuses, the first completes with its lock untouched;
 - usage below a non-zero threshold: nothing runs (``ran: false``).
 
@@ -18,11 +21,9 @@ tests/integration/test_gc_online.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -32,35 +33,32 @@ import pytest
 import yaml
 
 from tests.e2e.test_gc import (  # noqa: F401 - fixtures, shared with the GC suite
-    PASSWORD,
-    USER,
-    Gate,
     age_storage,
-    creds,
     ensure_crds,
-    gate,
+    front,
     integrity,
-    registry,
     run_gc,
     start_gc,
 )
 from tests.support.cluster import Cluster, wait_for
-from tests.support.ociimages import Pusher, push_image
-from tests.support.registry import Registry, registry_binary
+from tests.support.ociimages import push_image
+from tests.support.registry import registry_binary
 from tests.support.stallproxy import StallProxy
+from tests.support.tokenfront import Front, push_token_granted
 
-LEASE_SECONDS = 15  # gc's default --lease-duration, the gate's hold after the last renewal it saw
+LEASE_SECONDS = 15  # gc's default --lease-duration, the token service's hold after the last renewal it saw
 
 
 def blobs(storage: Path) -> set[str]:
     return {p.name for p in (storage / "docker/registry/v2/blobs/sha256").glob("*/*")}
 
 
-def doomed_images(p: Pusher, registry: Registry, prefix: str, n: int = 6) -> None:  # noqa: F811
+def doomed_images(front: Front, prefix: str, n: int = 6) -> None:  # noqa: F811
     """Unreferenced images pushed long ago: GC deletes their manifests, and its sweep their blobs."""
+    p = front.pusher()
     for i in range(n):
         push_image(p, f"{prefix}/app{i % 2}", f"t{i}", layers=[1024, 512], seed=hash((prefix, i)) % 10**6)
-    age_storage(registry.storage)
+    age_storage(front.registry.storage)
 
 
 def sweep_started(marker: Path) -> int:
@@ -92,12 +90,6 @@ def finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, dict
     return proc.returncode, json.loads(lines[-1]), err
 
 
-def inflight(host: str) -> float:
-    with urllib.request.urlopen(f"http://{host}/metrics", timeout=5) as r:  # noqa: S310 - loopback
-        text = r.read().decode()
-    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("cluster_registry_gate_inflight_writes ")))
-
-
 def lease(cluster: Cluster, namespace: str, name: str = "gc-lock") -> dict[str, Any]:
     return dict(cluster.kubectl_json("get", "lease", name, "-n", namespace))
 
@@ -106,11 +98,12 @@ def micro(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class WriteProbe:
-    """Tries a write through the gate every 50 ms; remembers when writes were admitted."""
+class TokenProbe:
+    """Asks the token service for a push token every 50 ms; remembers when one was issued (a write
+    admitted) and when refused."""
 
-    def __init__(self, host: str) -> None:
-        self.pusher = Pusher(host, auth=(USER, PASSWORD))
+    def __init__(self, realm: str) -> None:
+        self.realm = realm
         self.admitted: list[float] = []
         self.refused: list[float] = []
         self._stop = threading.Event()
@@ -120,8 +113,7 @@ class WriteProbe:
     def _run(self) -> None:
         while not self._stop.is_set():
             t = time.monotonic()
-            st, _, _ = self.pusher.request("POST", "/v2/probe/w/blobs/uploads/", "probe/w")
-            (self.admitted if st == 202 else self.refused).append(t)
+            (self.admitted if push_token_granted(self.realm) else self.refused).append(t)
             time.sleep(0.05)
 
     def first_admitted_after(self, t: float) -> float | None:
@@ -133,8 +125,8 @@ class WriteProbe:
 
 
 @pytest.fixture
-def probe(gate: Gate) -> Iterator[WriteProbe]:  # noqa: F811
-    w = WriteProbe(gate.host)
+def probe(front: Front) -> Iterator[TokenProbe]:  # noqa: F811
+    w = TokenProbe(front.realm)
     yield w
     w.stop()
 
@@ -143,16 +135,15 @@ def probe(gate: Gate) -> Iterator[WriteProbe]:  # noqa: F811
 
 
 def test_lease_taken_over_mid_sweep_stops_the_sweep(
-    cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path, tmp_path: Path  # noqa: F811
+    cluster: Cluster, namespace: str, front: Front, tmp_path: Path  # noqa: F811
 ) -> None:
-    p = Pusher(gate.host, auth=(USER, PASSWORD))
-    doomed_images(p, registry, "takeover")
+    doomed_images(front, "takeover")
     wrapper, marker = slow_sweep(tmp_path, 40)
-    gc = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--sweep-mode", "distribution",
+    gc = start_gc(cluster, namespace, front.registry.url, front.registry.storage, front.gc_creds, "--sweep-mode", "distribution",
                   "--registry-binary", str(wrapper))  # fmt: skip
     try:
         sweep_pid = sweep_started(marker)
-        before = blobs(registry.storage)
+        before = blobs(front.registry.storage)
         ours = lease(cluster, namespace)["spec"]["holderIdentity"]
         assert ours.startswith("gc-")
         # Another holder writes the Lease (as a second GC would once it judged ours expired).
@@ -170,32 +161,31 @@ def test_lease_taken_over_mid_sweep_stops_the_sweep(
     assert stopped < LEASE_SECONDS / 3 + 2, f"the sweep ran {stopped:.1f}s after the lock was taken over"
     assert code == 1 and "write lock" in report["error"], (report, err[-2000:])
     assert report["ran"] and report["manifestsDeleted"] > 0, report  # the soft delete before the window happened
-    assert blobs(registry.storage) == before, "the sweep deleted blobs without the lock"
+    assert blobs(front.registry.storage) == before, "the sweep deleted blobs without the lock"
     # The lock is the intruder's: GC never cleared a lock it no longer held.
     assert lease(cluster, namespace)["spec"]["holderIdentity"] == "gc-intruder"
-    integrity(Pusher(registry.host))
+    integrity(front.pusher("gc"))
 
 
 def test_renewals_stalled_past_the_ttl_stop_the_sweep_before_writes_resume(
-    cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path, tmp_path: Path,  # noqa: F811
-    probe: WriteProbe,
+    cluster: Cluster, namespace: str, front: Front, tmp_path: Path,  # noqa: F811
+    probe: TokenProbe,
 ) -> None:
-    p = Pusher(gate.host, auth=(USER, PASSWORD))
-    doomed_images(p, registry, "stall")
+    doomed_images(front, "stall")
     wrapper, marker = slow_sweep(tmp_path, 60)
     host, _, port = cluster.apiserver.removeprefix("https://").rpartition(":")
     with StallProxy(host, int(port)) as proxy:
-        # GC reaches the API server only through the proxy; the gate talks to it directly.
+        # GC reaches the API server only through the proxy; the token service talks to it directly.
         kc = yaml.safe_load(cluster.kubeconfig.read_text())
         for c in kc["clusters"]:
             c["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
         kubeconfig = tmp_path / "gc-kubeconfig"
         kubeconfig.write_text(yaml.safe_dump(kc))
-        gc = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds,
+        gc = start_gc(cluster, namespace, front.registry.url, front.registry.storage, front.gc_creds,
                       "--sweep-mode", "distribution", "--registry-binary", str(wrapper), "--kubeconfig", str(kubeconfig))  # fmt: skip
         try:
             sweep_pid = sweep_started(marker)
-            before = blobs(registry.storage)
+            before = blobs(front.registry.storage)
             started = time.monotonic()
             wait_for(lambda: probe.refused and probe.refused[-1] > started, 5, 0.05, what="the window to refuse writes")
             proxy.stall()
@@ -216,7 +206,7 @@ def test_renewals_stalled_past_the_ttl_stop_the_sweep_before_writes_resume(
     assert killed - stalled < LEASE_SECONDS, "the sweep outlived the lock"
     assert first_write - stalled < LEASE_SECONDS + 3, "writes stayed refused after GC's lock expired"
     assert code == 1 and "write lock" in report["error"], (report, err[-2000:])
-    assert blobs(registry.storage) == before, "the sweep deleted blobs without the lock"
+    assert blobs(front.registry.storage) == before, "the sweep deleted blobs without the lock"
     # Once GC gave up, writes are refused on its behalf only while a renewal of its that was stuck
     # in the partition lands as it heals, until GC's release right after clears the Lease (a
     # renewal already sent cannot be recalled); never after GC exited.
@@ -228,17 +218,17 @@ def test_renewals_stalled_past_the_ttl_stop_the_sweep_before_writes_resume(
     assert all(healed <= t <= exited for t in late), "a write was refused by a lock GC no longer held"
     assert not late or late[-1] - late[0] < 2, "a stale renewal held writes off for long"
     assert not lease(cluster, namespace)["spec"].get("holderIdentity"), "GC left its lock behind"
-    integrity(Pusher(registry.host))
+    integrity(front.pusher("gc"))
 
 
 # -- drain -----------------------------------------------------------------------------------------------
 
 
-def test_an_upload_held_past_the_drain_timeout_makes_gc_give_up_and_free_writes(
-    cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path, tmp_path: Path,  # noqa: F811
+def test_a_push_token_alive_past_the_drain_timeout_makes_gc_give_up_and_free_writes(
+    cluster: Cluster, namespace: str, front: Front, tmp_path: Path,  # noqa: F811
 ) -> None:
-    p = Pusher(gate.host, auth=(USER, PASSWORD))
-    doomed_images(p, registry, "drain")
+    doomed_images(front, "drain")
+    p = front.pusher()
     st, h, _ = p.request("POST", "/v2/drain/slow/blobs/uploads/", "drain/slow")
     assert st == 202
     loc = h["location"].split("://", 1)[-1].split("/", 1)[1]
@@ -255,35 +245,37 @@ def test_an_upload_held_past_the_drain_timeout_makes_gc_give_up_and_free_writes(
 
     writer = threading.Thread(target=upload)
     writer.start()
+    # A copy takes push tokens until GC locks: the last one lives TTL + grace (10 s) past the lock,
+    # longer than GC's drain timeout.
+    taking = TokenProbe(front.realm)
     try:
-        wait_for(lambda: inflight(gate.host) == 1, 10, 0.05, what="the gate to count the upload in flight")
         wrapper, marker = slow_sweep(tmp_path, 0)
-        before = blobs(registry.storage)
-        gc = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--drain-timeout", "5s",
-                      "--sweep-mode", "distribution", "--registry-binary", str(wrapper))  # fmt: skip
+        before = blobs(front.registry.storage)
+        gc = start_gc(cluster, namespace, front.registry.url, front.registry.storage, front.gc_creds,
+                      "--drain-timeout", "5s", "--sweep-mode", "distribution", "--registry-binary", str(wrapper))  # fmt: skip
         code, report, err = finish(gc)
         ended = time.monotonic()
+        assert taking.refused, "GC never locked"
         assert code == 1 and "did not acknowledge the lock" in report["error"], (report, err[-2000:])
-        assert not marker.exists(), "GC swept although a write was still in flight"
-        assert blobs(registry.storage) == before
-        # The lock is released at once, not left to expire: new writes go through right away.
+        assert not marker.exists(), "GC swept although a push token was still alive"
+        assert blobs(front.registry.storage) == before
+        # The lock is released at once, not left to expire: new push tokens are issued right away.
         assert not lease(cluster, namespace)["spec"].get("holderIdentity")
-        wait_for(lambda: Pusher(gate.host, auth=(USER, PASSWORD)).request(
-            "POST", "/v2/drain/after/blobs/uploads/", "drain/after")[0] == 202, 10, 0.1, what="writes to resume")  # fmt: skip
+        wait_for(lambda: front.writable("drain/after"), 10, 0.1, what="writes to resume")
         assert time.monotonic() - ended < 5
     finally:
+        taking.stop()
         release_upload.set()
         writer.join(30)
-    assert result.get("status") == 202, "the held upload completes normally afterwards"
+    assert result.get("status") == 202, "the upload in flight across the window completes normally afterwards"
 
 
-def test_dead_gates_are_not_waited_for(
-    cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path  # noqa: F811
+def test_dead_token_service_replicas_are_not_waited_for(
+    cluster: Cluster, namespace: str, front: Front  # noqa: F811
 ) -> None:
     """A heartbeat stale by the clock (5 minutes) is skipped at once; one that never changes while GC
-    watches is skipped after a heartbeat duration. The live gate's ack is still required."""
-    p = Pusher(gate.host, auth=(USER, PASSWORD))
-    doomed_images(p, registry, "dead")
+    watches is skipped after a heartbeat duration (20 s). The live replica's ack is still required."""
+    doomed_images(front, "dead")
 
     def heartbeat(name: str, renewed: datetime) -> None:
         cluster.apply({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -292,11 +284,13 @@ def test_dead_gates_are_not_waited_for(
                       namespace=namespace)  # fmt: skip
 
     heartbeat("gc-lock-gate-gone", datetime.now(timezone.utc) - timedelta(minutes=10))
-    report = run_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds=creds)
+    report = run_gc(cluster, namespace, front.registry.url, front.registry.storage, creds=front.gc_creds)
     assert report["gatesAcked"] == 1 and report["blobsDeleted"] > 0, report
-    assert report["drainSeconds"] < 10, f"a heartbeat 10 minutes stale was waited for: {report}"
+    # The live replica acks once the push tokens of the pushes above died (TTL + grace = 10 s after
+    # the last): well under the 20 s a heartbeat that is waited for costs.
+    assert report["drainSeconds"] < 15, f"a heartbeat 10 minutes stale was waited for: {report}"
     heartbeat("gc-lock-gate-frozen", datetime.now(timezone.utc))
-    report = run_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds=creds)
+    report = run_gc(cluster, namespace, front.registry.url, front.registry.storage, creds=front.gc_creds)
     # The frozen one cost one heartbeat duration (20 s), not the drain timeout (60 s).
     assert report["gatesAcked"] == 1 and 20 <= report["drainSeconds"] < 40, report
 
@@ -305,18 +299,17 @@ def test_dead_gates_are_not_waited_for(
 
 
 def test_a_second_gc_run_refuses_and_the_first_is_unaffected(
-    cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path, tmp_path: Path  # noqa: F811
+    cluster: Cluster, namespace: str, front: Front, tmp_path: Path  # noqa: F811
 ) -> None:
-    p = Pusher(gate.host, auth=(USER, PASSWORD))
-    doomed_images(p, registry, "twice")
+    doomed_images(front, "twice")
     wrapper, marker = slow_sweep(tmp_path, 30)
-    first = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--sweep-mode", "distribution",
+    first = start_gc(cluster, namespace, front.registry.url, front.registry.storage, front.gc_creds, "--sweep-mode", "distribution",
                      "--registry-binary", str(wrapper))  # fmt: skip
     try:
         first_sweep = sweep_started(marker)
         holder = lease(cluster, namespace)["spec"]["holderIdentity"]
         # The second run waits at most two of its lease durations (2 x 5 + 2 s) for the lock, then refuses.
-        second = start_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds, "--lease-duration", "5")
+        second = start_gc(cluster, namespace, front.registry.url, front.registry.storage, front.gc_creds, "--lease-duration", "5")
         code2, report2, err2 = finish(second)
         assert lease(cluster, namespace)["spec"].get("holderIdentity") == holder, "the second run touched the first's lock"
         assert alive(first_sweep), "the first run's sweep was disturbed"
@@ -329,21 +322,22 @@ def test_a_second_gc_run_refuses_and_the_first_is_unaffected(
     assert code1 == 0 and "error" not in report1, (report1, err1[-2000:])
     assert report1["blobsDeleted"] > 0 and report1["gatesAcked"] == 1
     assert not lease(cluster, namespace)["spec"].get("holderIdentity")
-    integrity(Pusher(registry.host))
+    integrity(front.pusher("gc"))
 
 
 def test_usage_below_a_nonzero_threshold_runs_nothing(
-    cluster: Cluster, namespace: str, registry: Registry  # noqa: F811
+    cluster: Cluster, namespace: str, front: Front  # noqa: F811
 ) -> None:
     ensure_crds(cluster)
-    p = Pusher(registry.host)
-    doomed_images(p, registry, "threshold")
-    used = sum(f.stat().st_size for f in (registry.storage / "docker/registry/v2/blobs").rglob("data"))
+    storage = front.registry.storage
+    doomed_images(front, "threshold")
+    used = sum(f.stat().st_size for f in (storage / "docker/registry/v2/blobs").rglob("data"))
     size = used * 4  # usage is 25 %
-    low = run_gc(cluster, namespace, registry.url, registry.storage, "--threshold", "50", "--storage-size", str(size))
+    low = run_gc(cluster, namespace, front.registry.url, storage, "--threshold", "50", "--storage-size", str(size),
+                 creds=front.gc_creds)  # fmt: skip
     assert low["ran"] is False and low["thresholdPercent"] == 50 and 20 < low["usagePercent"] < 30, low
     assert low["manifestsDeleted"] == 0 and low["blobsDeleted"] == 0 and low["usageBytesAfter"] == used
-    assert len(p.tags("threshold/app0")) == 3, "nothing was deleted"
-    high = run_gc(cluster, namespace, registry.url, registry.storage, "--threshold", "20", "--storage-size", str(size),
-                  "--no-sweep")  # fmt: skip
+    assert len(front.pusher("gc").tags("threshold/app0")) == 3, "nothing was deleted"
+    high = run_gc(cluster, namespace, front.registry.url, storage, "--threshold", "20", "--storage-size", str(size),
+                  "--no-sweep", creds=front.gc_creds)  # fmt: skip
     assert high["ran"] is True and high["manifestsDeleted"] == 6, high

@@ -1,25 +1,20 @@
 """Issue 19 item 5: GC's read-only window is surfaced where an operator looks, against the real API
-server, a real gate and a real registry: the Job's output, an Event on the lock Lease, and the gates'
-`cluster_registry_gc_last_window_seconds` metric (the GC Job is gone by the time anything scrapes)."""
+server, a real distribution (``auth: token``) and a real token service: the Job's output, an Event on
+the lock Lease, and the token service's `cluster_registry_gc_last_window_seconds` metric (the GC Job is
+gone by the time anything scrapes)."""
 
 from __future__ import annotations
 
-import urllib.request
-from pathlib import Path
-
-from tests.e2e.test_gc import PASSWORD, USER, Gate, age_storage, creds, gate, registry, run_gc  # noqa: F401 (fixtures)
+from tests.e2e.test_gc import age_storage, front, run_gc  # noqa: F401 (fixtures)
 from tests.support.cluster import Cluster, wait_for
-from tests.support.ociimages import Pusher, push_image
-from tests.support.registry import Registry
+from tests.support.ociimages import push_image
+from tests.support.tokenfront import Front
 
 
-def test_gc_reports_its_window_in_output_event_and_metric(
-    cluster: Cluster, namespace: str, registry: Registry, gate: Gate, creds: Path  # noqa: F811
-) -> None:
-    pusher = Pusher(gate.host, auth=(USER, PASSWORD))
-    push_image(pusher, "window/old", "v1", layers=[8192], seed=31)
-    age_storage(registry.storage)  # past the grace period, referenced by nothing: swept
-    report = run_gc(cluster, namespace, f"http://{gate.host}", registry.storage, creds=creds)
+def test_gc_reports_its_window_in_output_event_and_metric(cluster: Cluster, namespace: str, front: Front) -> None:  # noqa: F811
+    push_image(front.pusher(), "window/old", "v1", layers=[8192], seed=31)
+    age_storage(front.registry.storage)  # past the grace period, referenced by nothing: swept
+    report = run_gc(cluster, namespace, front.registry.url, front.registry.storage, creds=front.gc_creds)
     window = report["windowSeconds"]
     assert report["ran"] and window > 0 and report["blobsDeleted"] > 0, report
 
@@ -35,13 +30,9 @@ def test_gc_reports_its_window_in_output_event_and_metric(
     assert [(e["regarding"]["kind"], e["regarding"]["name"], e["type"]) for e in events] == [("Lease", "gc-lock", "Normal")]
     assert events[0]["note"] == lines[-2]
 
-    # The gate, which watches the Lease, exports it.
+    # The token service, which watches the Lease, exports it.
     def metric() -> float | None:
-        with urllib.request.urlopen(f"http://{gate.host}/metrics", timeout=5) as r:  # noqa: S310 (loopback)
-            for line in r.read().decode().splitlines():
-                if line.startswith("cluster_registry_gc_last_window_seconds "):
-                    value = float(line.split()[1])
-                    return value if value > 0 else None
-        return None
+        value = front.service.metric("cluster_registry_gc_last_window_seconds")
+        return value if value else None
 
-    assert abs(wait_for(metric, timeout=30, what="the gate's window metric") - window) <= 0.0011
+    assert abs(wait_for(metric, timeout=30, what="the token service's window metric") - window) <= 0.0011

@@ -13,6 +13,7 @@ import json
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -21,9 +22,15 @@ from cluster_registry import reference
 from cluster_registry.reconcile import status as st
 from cluster_registry.reconcile.artifacts import ArtifactReconciler, Config
 from cluster_registry.reconcile.metrics import artifact_metrics
+from cluster_registry.gate import tokens
+from cluster_registry.gate.protocol import LeaseView
+from cluster_registry.gate.service import Settings, make_app
+from cluster_registry.gate.state import GateState
+from cluster_registry.oci import Credentials
 from cluster_registry.oci.client import RegistrySession
+from tests.integration.test_token_service import PUSHERS, Sources
 from tests.support import ociimages
-from tests.support.registry import Registry, run_registry
+from tests.support.registry import AppServer, Registry, free_port, run_registry
 
 USER, PASSWORD = "puller", "pw-Secr3t-value"
 
@@ -186,77 +193,44 @@ async def test_missing_tag_with_valid_credentials_is_not_found(registries: tuple
     assert cond is not None and cond["reason"] == "NotFound" and "does-not-exist" in cond["message"], cond
 
 
-class LockingGate:
-    """A stand-in for the registry's write gate: reads pass through, writes get 503 + the GC lock
-    header while ``locked``."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
-        self.locked = True
-        self.refused = 0
-        self.runner: Any = None
-        self.host = ""
-
-    async def handle(self, request: Any) -> Any:
-        from aiohttp import ClientSession, web
-
-        if request.method not in ("GET", "HEAD") and self.locked:
-            self.refused += 1
-            return web.Response(status=503, headers={"Retry-After": "5", "X-Cluster-Registry-Lock": "gc"})
-        body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length", "transfer-encoding")}
-        async with ClientSession(auto_decompress=False) as http:
-            async with http.request(request.method, f"http://{self.upstream}{request.path_qs}", data=body or None,
-                                    headers=headers, allow_redirects=False) as resp:
-                data = await resp.read()
-                out = {k: v for k, v in resp.headers.items() if k.lower() not in ("content-length", "transfer-encoding", "content-encoding")}
-                if "Location" in out:
-                    out["Location"] = out["Location"].replace(self.upstream, self.host)
-                return web.Response(status=resp.status, headers=out, body=data if request.method != "HEAD" else None)
-
-    async def __aenter__(self) -> LockingGate:
-        from aiohttp import web
-
-        from tests.support.registry import free_port
-
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        port = free_port()
-        await web.TCPSite(self.runner, "127.0.0.1", port).start()
-        self.host = f"127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.runner.cleanup()
-
-
-async def test_gc_write_lock_defers_the_copy_and_nothing_is_lost(registries: tuple[Registry, Registry]) -> None:
-    store, cluster = registries
+async def test_gc_write_lock_defers_the_copy_and_nothing_is_lost(registries: tuple[Registry, Registry], tmp_path: Path) -> None:
+    """The real token front: distribution with ``auth: token`` and the token service (in-process, the
+    lock driven through its ``GateState``) refusing push tokens while GC holds the lock."""
+    store, _ = registries
     src = ociimages.Pusher(store.host, auth=(USER, PASSWORD))
     image = ociimages.push_image(src, "cnf/locked-window", "1.0", layers=[5000], seed=31)
-    async with LockingGate(cluster.host) as gate:
-        kube = MemoryKube()
-        kube.secrets["t/store"] = secret(store)
-        config = Config(registry_host=gate.host, registry_insecure=True, insecure_registries=frozenset({store.host}))
-        r = ArtifactReconciler(kube, config, artifact_metrics())  # type: ignore[arg-type]
-        r.session = RegistrySession(config.registry_options())
-        try:
-            r.on_event("ADDED", kube.add("t", "img", f"{store.host}/cnf/locked-window:1.0", ["store"]))
-            await reconcile_all(r, kube)
+    signer = tokens.load_signer(tokens.new_private_key_pem(), "cluster-registry-token-service", "cluster-registry")
+    (tmp_path / "jwks.json").write_text(tokens.jwks(signer.key.public_key()))
+    state = GateState(enabled=True, heartbeat_fence=None)
+    state.observe(LeaseView("gc", "gc-gen-1", datetime.now(timezone.utc), 30))  # GC holds the lock
+    app = make_app(Settings(signer, shared=True, registry_debug=f"http://127.0.0.1:{free_port()}"), state, Sources())
+    with AppServer(app) as ts:
+        auth = {"realm": f"http://{ts.host}/token", "service": "cluster-registry", "issuer": "cluster-registry-token-service",
+                "jwks": str(tmp_path / "jwks.json")}  # fmt: skip
+        with run_registry(tmp_path / "cluster", token_auth=auth) as cluster:
+            kube = MemoryKube()
+            kube.secrets["t/store"] = secret(store)
+            pusher = "artifact-reconciler"
+            config = Config(registry_host=cluster.host, registry_insecure=True, insecure_registries=frozenset({store.host}),
+                            registry_credentials=Credentials(pusher, PUSHERS[pusher]))  # fmt: skip
+            r = ArtifactReconciler(kube, config, artifact_metrics())  # type: ignore[arg-type]
+            r.session = RegistrySession(config.registry_options())
+            try:
+                r.on_event("ADDED", kube.add("t", "img", f"{store.host}/cnf/locked-window:1.0", ["store"]))
+                await reconcile_all(r, kube)
+                s = kube.status("t/img")
+                assert s["phase"] == "Deferred", s
+                assert st.condition(s["conditions"], "Ready")["reason"] == "WriteLocked"  # type: ignore[index]
+                nxt = r.queue.next_due()
+                assert nxt is not None and nxt - r.clock() < 30  # soon, not a long backoff
+                state.observe(LeaseView("gc", None, datetime.now(timezone.utc), 30))  # GC released it
+                clock = r.clock
+                r.clock = lambda: clock() + 60
+                await reconcile_all(r, kube)
+            finally:
+                await r.session.close()  # type: ignore[union-attr]
             s = kube.status("t/img")
-            assert s["phase"] == "Deferred" and gate.refused > 0
-            assert st.condition(s["conditions"], "Ready")["reason"] == "WriteLocked"  # type: ignore[index]
-            nxt = r.queue.next_due()
-            assert nxt is not None and nxt - r.clock() < 30  # soon, not a long backoff
-            gate.locked = False
-            clock = r.clock
-            r.clock = lambda: clock() + 60
-            await reconcile_all(r, kube)
-        finally:
-            await r.session.close()  # type: ignore[union-attr]
-    s = kube.status("t/img")
-    assert s["phase"] == "Ready" and s["digest"] == image.digest
-    local = reference.local_repository(reference.parse(f"{store.host}/cnf/locked-window:1.0"))
-    assert ociimages.Pusher(cluster.host).get_manifest(local, "1.0") == (image.manifest, image.media_type)
+            assert s["phase"] == "Ready" and s["digest"] == image.digest
+            local = reference.local_repository(reference.parse(f"{store.host}/cnf/locked-window:1.0"))
+            reader = ociimages.Pusher(cluster.host, auth=(pusher, PUSHERS[pusher]))
+            assert reader.get_manifest(local, "1.0") == (image.manifest, image.media_type)

@@ -109,8 +109,9 @@ def _host(url: str, host: str | None) -> str:
     return url.replace("127.0.0.1", host, 1) if host else url
 
 
-def chart_config(store: Store, tmp: Path) -> Path:
-    """distribution's config.yml as the chart renders it for ``store`` (the registry ConfigMap)."""
+def chart_config(store: Store, tmp: Path, token_auth: dict[str, str] | None = None) -> Path:
+    """distribution's config.yml as the chart renders it for ``store`` (the registry ConfigMap), its
+    ``auth.token`` section replaced by ``token_auth`` (a token service on loopback), or dropped."""
     tmp.mkdir(parents=True, exist_ok=True)
     values = tmp / f"{store.backend}-values.yaml"
     values.write_text(yaml.safe_dump(store.values))
@@ -120,6 +121,8 @@ def chart_config(store: Store, tmp: Path) -> Path:
     # These replicas test the storage driver, not access: without the token auth section (tested with the
     # token service in test_token_service.py) the harness's clients need no realm.
     rendered.pop("auth", None)
+    if token_auth:
+        rendered["auth"] = {"token": token_auth}
     config = tmp / f"{store.backend}-config.yml"
     config.write_text(yaml.safe_dump(rendered))
     return config
@@ -130,6 +133,7 @@ class Replica:
     host: str
     proc: subprocess.Popen[bytes]
     log: Path
+    debug: str = ""  # its debug listener (/metrics, /debug/health), as the token service reads it
 
     @property
     def url(self) -> str:
@@ -152,7 +156,7 @@ class Replicas:
                "REGISTRY_HTTP_DEBUG_ADDR": f"127.0.0.1:{debug}"}  # fmt: skip
         proc = subprocess.Popen([str(registry_binary()), "serve", str(self.config)], env=env, stdin=subprocess.DEVNULL,
                                 stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # fmt: skip
-        r = Replica(f"127.0.0.1:{port}", proc, log)
+        r = Replica(f"127.0.0.1:{port}", proc, log, f"http://127.0.0.1:{debug}")
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
@@ -181,8 +185,9 @@ class Replicas:
 
 
 @contextlib.contextmanager
-def replicas(store: Store, tmp: Path, n: int, env: dict[str, str] | None = None) -> Iterator[Replicas]:
-    config = chart_config(store, tmp)
+def replicas(store: Store, tmp: Path, n: int, env: dict[str, str] | None = None,
+             token_auth: dict[str, str] | None = None) -> Iterator[Replicas]:  # fmt: skip
+    config = chart_config(store, tmp, token_auth)
     rs = Replicas(config, {**store.env, "REGISTRY_HTTP_SECRET": secrets.token_hex(16), **(env or {})}, tmp)
     try:
         for _ in range(n):

@@ -150,9 +150,12 @@ class Pusher:
             data = resp.read()
             out = {k.lower(): v for k, v in resp.getheaders()}
             conn.close()
-            if resp.status == 401 and not self._challenge and isinstance(body, (bytes, type(None))):
-                self._challenge = out.get("www-authenticate", "")
-                continue
+            if resp.status == 401 and isinstance(body, (bytes, type(None))):
+                if not self._challenge:
+                    self._challenge = out.get("www-authenticate", "")
+                    continue
+                if self._token.pop(repo, None) is not None:
+                    continue  # the cached token died (push tokens live seconds): ask for a new one
             return resp.status, out, data
         return resp.status, out, data
 

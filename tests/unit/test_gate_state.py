@@ -1,15 +1,12 @@
-"""The gate's lock state machine and credential check (no I/O, fake clocks)."""
+"""The token service's view of the GC lock: its state machine and drain ack (no I/O, fake clocks)."""
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
 from cluster_registry.gate.protocol import LeaseView, heartbeat_name
-from cluster_registry.gate.proxy import Credentials
 from cluster_registry.gate.state import GateState, Lock
 
 WALL = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -39,24 +36,24 @@ def st(clock: Clock) -> GateState:
     return s
 
 
-def test_unsynced_gate_refuses_writes(clock: Clock) -> None:
+def test_unsynced_replica_refuses_push_tokens(clock: Clock) -> None:
     s = GateState(clock=clock)
-    assert s.admit() is Lock.UNKNOWN and not s.synced
+    assert s.status() is Lock.UNKNOWN and not s.synced
     s.observe(None)
-    assert s.admit() is Lock.UNKNOWN, "no heartbeat yet: GC cannot know of this replica"
+    assert s.status() is Lock.UNKNOWN, "no heartbeat yet: GC cannot know of this replica"
     s.heartbeat_ok(clock.t)
-    assert s.admit() is Lock.FREE
+    assert s.status() is Lock.FREE
 
 
 def test_lock_held_until_observed_renewal_expires(st: GateState, clock: Clock) -> None:
     st.observe(lease("gc-1"))
-    assert st.admit() is Lock.HELD
+    assert st.status() is Lock.HELD
     assert 1 <= st.retry_after() <= 16
     clock.t += 10
     st.observe(lease("gc-1"))  # re-read, same renewal: the hold still counts from the first sighting
     st.heartbeat_ok(clock.t)
     clock.t += 5.5
-    assert st.admit() is Lock.FREE, "expired 15 s after the renewal was observed: a dead GC frees writes"
+    assert st.status() is Lock.FREE, "expired 15 s after the renewal was observed: a dead GC frees writes"
 
 
 def test_renewals_extend_and_release_frees(st: GateState, clock: Clock) -> None:
@@ -65,55 +62,37 @@ def test_renewals_extend_and_release_frees(st: GateState, clock: Clock) -> None:
         clock.t += 5
         st.heartbeat_ok(clock.t)
         st.observe(lease("gc-1", WALL + timedelta(seconds=5 * i)))
-        assert st.admit() is Lock.HELD
+        assert st.status() is Lock.HELD
     st.observe(lease(None, WALL + timedelta(seconds=25)))
-    assert st.admit() is Lock.FREE
+    assert st.status() is Lock.FREE
 
 
 def test_clock_skew_never_shortens_a_hold(st: GateState, clock: Clock) -> None:
     # The GC's clock runs 40 s behind the gate's: by wall clocks the lease looks expired already.
     st.observe(lease("gc-1", WALL - timedelta(seconds=40)))
-    assert st.admit() is Lock.HELD
+    assert st.status() is Lock.HELD
 
 
 def test_long_dead_lock_is_ignored(st: GateState) -> None:
     st.observe(lease("gc-old", WALL - timedelta(hours=2)))
-    assert st.admit() is Lock.FREE
+    assert st.status() is Lock.FREE
 
 
 def test_stale_watch_or_heartbeat_fails_closed(st: GateState, clock: Clock) -> None:
     st.observe(None)
-    assert st.admit() is Lock.FREE
-    st.done()
+    assert st.status() is Lock.FREE
     clock.t += 16
-    assert st.admit() is Lock.UNKNOWN, "heartbeat not renewed: GC may count this replica as dead"
+    assert st.status() is Lock.UNKNOWN, "heartbeat not renewed: GC may count this replica as dead"
     st.heartbeat_ok(clock.t)
-    assert st.admit() is Lock.FREE
-    st.done()
+    assert st.status() is Lock.FREE
     clock.t += 46
     st.heartbeat_ok(clock.t)
-    assert st.admit() is Lock.UNKNOWN, "no news from the watch for too long"
+    assert st.status() is Lock.UNKNOWN, "no news from the watch for too long"
     st.confirm()
-    assert st.admit() is Lock.FREE
+    assert st.status() is Lock.FREE
 
 
-def test_drain_ack_waits_for_in_flight_writes(st: GateState) -> None:
-    woken: list[int] = []
-    st.on_drained = lambda: woken.append(1)
-    st.observe(None)
-    assert st.admit() is Lock.FREE and st.admit() is Lock.FREE  # two writes in flight
-    st.observe(lease("gc-7"))
-    assert st.admit() is Lock.HELD, "no new write once the lock is seen"
-    assert st.ack_wanted() is None and not woken
-    st.done()
-    assert st.ack_wanted() is None
-    st.done()
-    assert woken and st.ack_wanted() == "gc-7"
-    st.acknowledged("gc-7")
-    assert st.ack_wanted() is None
-
-
-def test_idle_gate_acks_at_once(st: GateState) -> None:
+def test_idle_replica_acks_at_once(st: GateState) -> None:
     woken: list[int] = []
     st.on_drained = lambda: woken.append(1)
     st.observe(lease("gc-8"))
@@ -122,29 +101,13 @@ def test_idle_gate_acks_at_once(st: GateState) -> None:
 
 def test_disabled_lock_always_free(clock: Clock) -> None:
     s = GateState(enabled=False, clock=clock)
-    assert s.admit() is Lock.FREE and s.synced
+    assert s.status() is Lock.FREE and s.synced
 
 
 def test_heartbeat_name_is_dns_label() -> None:
     assert heartbeat_name("cr-gc", "registry-abc") == "cr-gc-gate-registry-abc"
     long = heartbeat_name("cluster-registry-gc", "x" * 80)
     assert len(long) <= 63 and long == heartbeat_name("cluster-registry-gc", "x" * 80)
-
-
-def _basic(user: str, pw: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()
-
-
-def test_credentials(tmp_path: Path) -> None:
-    f = tmp_path / "creds.yaml"
-    f.write_text("username: writer\npassword: s3cret:with:colons\n")
-    c = Credentials(str(f))
-    assert c.check(_basic("writer", "s3cret:with:colons"))
-    assert c.check("basic " + _basic("writer", "s3cret:with:colons")[6:])
-    assert not c.check(_basic("writer", "wrong"))
-    assert not c.check(_basic("other", "s3cret:with:colons"))
-    assert not c.check(None) and not c.check("Bearer x") and not c.check("Basic !!notbase64")
-    assert not Credentials(None).check(_basic("writer", "s3cret:with:colons")), "no file: nobody writes"
 
 
 def test_last_gc_window_is_read_from_the_lock_lease_and_kept_across_reads(st: GateState) -> None:

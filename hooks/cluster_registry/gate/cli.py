@@ -1,6 +1,5 @@
 """``cluster-registry token-service``: distribution's token realm in the registry pod (``service``,
-``access``, ``tokens``), and ``cluster-registry gate``, the write-gating proxy it replaces (kept for
-the benchmarks that compare both fronts)."""
+``access``, ``tokens``), and the GC write lock's replica side (``kubesync``, ``state``)."""
 
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ from aiohttp import web
 from cluster_registry import kube, kubeio
 from cluster_registry.gate import access, service, tokens
 from cluster_registry.gate.kubesync import ClusterSources, Heartbeat, LockWatcher, SecretPoller
-from cluster_registry.gate.proxy import Credentials, make_app
 from cluster_registry.gate.state import GateState
 
 log = logging.getLogger(__name__)
@@ -28,7 +26,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def lock_options(f: F) -> F:
-    """The GC lock's options (the Lease, this replica's heartbeat, the API), shared by both fronts."""
+    """The GC lock's options (the Lease, this replica's heartbeat, the API)."""
     for option in reversed([
         click.option("--lock-name", default="cluster-registry-gc", show_default=True, help="The GC Lease; empty disables the lock."),
         click.option("--namespace", envvar=["CLUSTER_REGISTRY_GATE_NAMESPACE", "POD_NAMESPACE"], default="default", show_default=True),
@@ -40,46 +38,6 @@ def lock_options(f: F) -> F:
     ]):
         f = option(f)
     return f
-
-
-@click.command()
-@click.option("--listen", default="0.0.0.0:5000", show_default=True, help="HOST:PORT to serve on.")
-@click.option("--upstream", default="http://127.0.0.1:5001", show_default=True, help="The registry on the pod's loopback.")
-@click.option("--credentials-file", type=click.Path(dir_okay=False), help="YAML/JSON {username, password}: who may write.")
-@lock_options
-def gate(
-    listen: str,
-    upstream: str,
-    credentials_file: str | None,
-    lock_name: str,
-    namespace: str,
-    identity: str,
-    pod_uid: str | None,
-    kubeconfig: str | None,
-) -> None:
-    """Serve the registry: anonymous reads, authenticated writes, refused while GC holds its lock."""
-    if not credentials_file:
-        log.warning("no --credentials-file: every write is refused")
-    state = GateState(enabled=bool(lock_name))
-    stop = threading.Event()
-    heartbeat: Heartbeat | None = None
-    if lock_name:
-        api = kube.api_client(kubeconfig)
-        heartbeat = Heartbeat(api, namespace, lock_name, identity, state, stop, pod_uid=pod_uid)
-        # No write is admitted before the first heartbeat lands (GateState fences on it), so GC
-        # always knows of a replica before that replica can write.
-        heartbeat.start()
-        LockWatcher(api, namespace, lock_name, state, stop).start()
-    app = make_app(upstream, state, Credentials(credentials_file))
-    host, _, port = listen.rpartition(":")
-    log.info("gate serving", extra={"listen": listen, "upstream": upstream, "lock": lock_name or None})
-    try:
-        web.run_app(app, host=host or "0.0.0.0", port=int(port), access_log=None, print=None, handle_signals=True)
-    finally:
-        stop.set()
-        if heartbeat is not None:
-            heartbeat.remove()
-    os._exit(0)  # the watch thread may sit in a blocking read
 
 
 def _pushers(values: tuple[str, ...]) -> dict[str, str]:

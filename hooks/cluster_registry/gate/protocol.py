@@ -1,4 +1,5 @@
-"""The GC write-lock protocol between ``gc`` and the gates (pure: names, parsing, expiry rules).
+"""The GC write-lock protocol between ``gc`` and the gates, the token service replicas (pure: names,
+parsing, expiry rules).
 
 - **The lock**: a ``coordination.k8s.io/v1`` Lease named ``--lock-name`` in the release namespace.
   GC holds it by setting ``spec.holderIdentity`` to a *generation*, a string unique to the run, with a
@@ -7,15 +8,15 @@
 - **Expiry as a gate sees it** is measured on the gate's own monotonic clock from the moment the gate
   *observed* the latest renewal (as client-go's leader election does), so clock skew between nodes
   never shortens a hold.
-- **The drain ack**: each gate replica keeps its own heartbeat Lease, labelled
-  ``clusterregistry.io/gate-for: <lock name>``, renewed every few seconds; once it has refused new
-  writes for generation G and its in-flight writes have finished, it sets the annotation
-  ``clusterregistry.io/drained: G`` on it. GC waits for that ack from every live gate.
+- **The drain ack**: each replica keeps its own heartbeat Lease, labelled
+  ``clusterregistry.io/gate-for: <lock name>``, renewed every few seconds; once it has seen generation G
+  (so it issues no push token) and every push token it issued before has died at distribution, it
+  sets the annotation ``clusterregistry.io/drained: G`` on it. GC waits for that ack from every live one.
 - **The last window**: on release GC sets ``clusterregistry.io/last-window-seconds`` on the lock
   Lease to how long writes were held off; the gates export it as a metric (the GC Job is gone by the
   time anything scrapes).
-- **Self-fencing**: a gate whose heartbeat could not be renewed for most of its duration, or whose
-  view of the lock is stale, refuses writes: GC may already count it as dead.
+- **Self-fencing**: a replica whose heartbeat could not be renewed for most of its duration, or whose
+  view of the lock is stale, issues no push token: GC may already count it as dead.
 """
 
 from __future__ import annotations

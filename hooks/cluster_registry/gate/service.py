@@ -89,11 +89,16 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 
 
-class LockMetrics:
-    """The GC lock's gauges, exported by whichever front holds the lock state."""
+class Metrics:
+    """The token requests, and the GC lock's gauges (this replica watches the lock Lease; the GC Job
+    is gone by the time anything scrapes)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.tokens = Counter(
+            "cluster_registry_token_requests", "token requests by caller kind and outcome", ["caller", "outcome"],
+            registry=self.registry,
+        )  # fmt: skip
         self.locked = Gauge("cluster_registry_gate_lock_held", "1 while the GC lock is held", registry=self.registry)
         self.gc_window = Gauge(
             "cluster_registry_gc_last_window_seconds",
@@ -105,15 +110,6 @@ class LockMetrics:
         self.locked.set(1 if state.status() is Lock.HELD else 0)
         self.gc_window.set(state.last_window or 0.0)
         return generate_latest(self.registry)
-
-
-class Metrics(LockMetrics):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tokens = Counter(
-            "cluster_registry_token_requests", "token requests by caller kind and outcome", ["caller", "outcome"],
-            registry=self.registry,
-        )  # fmt: skip
 
 
 def make_app(settings: Settings, state: GateState, sources: Sources, *,

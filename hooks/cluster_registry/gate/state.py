@@ -23,8 +23,8 @@ STALE_BY_CLOCK = 300.0  # a lock whose renewTime is this far past expiry by the 
 
 class Lock(str, Enum):
     FREE = "free"
-    HELD = "held"  # GC holds the lock: refuse writes (503, X-Cluster-Registry-Lock: gc)
-    UNKNOWN = "unknown"  # cannot vouch for the lock's state: refuse writes too (fail closed)
+    HELD = "held"  # GC holds the lock: no push token (503, X-Cluster-Registry-Lock: gc)
+    UNKNOWN = "unknown"  # cannot vouch for the lock's state: no push token either (fail closed)
 
 
 class GateState:
@@ -48,7 +48,6 @@ class GateState:
         self.observed_at = 0.0
         self.confirmed_at: float | None = None
         self.heartbeat_at: float | None = None
-        self.inflight = 0
         self.push_until = 0.0  # monotonic: the last push token issued is dead at distribution by then
         self.acked: str | None = None
         self.last_window: float | None = None  # the last GC run's read-only window (the lock Lease's annotation)
@@ -107,14 +106,6 @@ class GateState:
             left = self.observed_at + self.duration - self.clock()
         return max(1, min(60, int(left) + 1))
 
-    def admit(self) -> Lock:
-        """Admit a write (counted in flight) if the lock is free; otherwise say why not."""
-        with self._mu:
-            st = self._status_locked(self.clock())
-            if st is Lock.FREE:
-                self.inflight += 1
-            return st
-
     def grant_push(self, lifetime: float) -> Lock:
         """Record a push token living ``lifetime`` seconds (grace included) if the lock is free;
         otherwise say why not."""
@@ -129,26 +120,18 @@ class GateState:
         """Seconds until this replica may acknowledge the held lock (0: now), None when not held."""
         with self._mu:
             now = self.clock()
-            if not self.holder or now >= self.observed_at + self.duration or self.acked == self.holder or self.inflight:
-                return None  # nothing to ack, or the last in-flight write's end wakes the heartbeat
+            if not self.holder or now >= self.observed_at + self.duration or self.acked == self.holder:
+                return None  # nothing to ack
             return max(0.0, self.push_until - now)
-
-    def done(self) -> None:
-        with self._mu:
-            self.inflight -= 1
-            drained = self._drained_locked(self.clock())
-        if drained:
-            self.on_drained()
 
     # -- the drain ack ------------------------------------------------------------------------------
     def _drained_locked(self, now: float) -> bool:
-        return bool(self.holder) and self.inflight == 0 and now >= self.push_until and self.acked != self.holder and (
+        return bool(self.holder) and now >= self.push_until and self.acked != self.holder and (
             now < self.observed_at + self.duration
         )
 
     def ack_wanted(self) -> str | None:
-        """The generation to acknowledge now (held, nothing in flight, every push token dead, not yet
-        acked), if any."""
+        """The generation to acknowledge now (held, every push token dead, not yet acked), if any."""
         with self._mu:
             if self._drained_locked(self.clock()):
                 return self.holder

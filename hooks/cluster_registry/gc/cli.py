@@ -65,7 +65,7 @@ def _observe(gauges: object | None, rep: Report) -> None:
 @click.option("--dry-run", is_flag=True, help="Delete nothing; print what would be deleted.")
 @click.option("--once", is_flag=True, help="One run, then exit (the CronJob); otherwise run every --interval.")
 @click.option("--interval", default="24h", show_default=True, help="Between runs when not --once.")
-@click.option("--registry-url", default="http://127.0.0.1:5000", show_default=True, help="The registry API (the gate).")
+@click.option("--registry-url", default="http://127.0.0.1:5000", show_default=True, help="The registry API (distribution).")
 @click.option("--registry-credentials-file", type=click.Path(dir_okay=False), help="YAML/JSON {username, password} for deletes.")
 @click.option("--registry-host", "registry_hosts", multiple=True, help="How pods name the cluster registry (rewritten references); repeatable.")
 @click.option("--storage-root", type=click.Path(file_okay=False),
@@ -75,12 +75,12 @@ def _observe(gauges: object | None, rep: Report) -> None:
 @click.option("--storage-size", default="100Gi", show_default=True, help="The registry volume's size.")
 @click.option("--threshold", default=0, show_default=True, type=click.IntRange(0, 100), help="Run only at or above this usage percent; 0 always runs.")
 @click.option("--grace", default="1h", show_default=True, help="Images copied within this period are kept.")
-@click.option("--lock-name", default="cluster-registry-gc", show_default=True, help="The GC Lease (the gates' write lock).")
+@click.option("--lock-name", default="cluster-registry-gc", show_default=True, help="The GC Lease (the write lock the token service replicas honour).")
 @click.option("--namespace", envvar=["CLUSTER_REGISTRY_GC_NAMESPACE", "POD_NAMESPACE"], default="default", show_default=True)
 @click.option("--kubeconfig", type=click.Path(dir_okay=False))
 @click.option("--registry-config", type=click.Path(dir_okay=False), help="Config for `registry garbage-collect` (default: generated over --storage-root).")
 @click.option("--registry-binary", help="The distribution `registry` binary (default: PATH, then .cache/bin).")
-@click.option("--drain-timeout", default="60s", show_default=True, help="How long to wait for the gates' in-flight writes.")
+@click.option("--drain-timeout", default="60s", show_default=True, help="How long to wait for every token service replica to acknowledge the lock (its push tokens dead).")
 @click.option("--max-window", default="5m", show_default=True,
               help="The read-only window's bound: a sweep still running then is aborted and writes resume.")
 @click.option("--lease-duration", default=15, show_default=True, type=click.IntRange(5, 45), help="The lock's TTL in seconds (a dead GC frees writes within it).")

@@ -6,7 +6,7 @@
   ``.dockercfg``) to the credentials for one registry host.
 * :func:`parse_challenge`: a ``WWW-Authenticate`` header to scheme + parameters.
 * :func:`read_credentials_file`: the one reader of a ``{username, password}`` file mounted from a
-  Secret (every command's ``--credentials-file``; the gate's expected writer).
+  Secret (every command's ``--credentials-file``).
 """
 
 from __future__ import annotations
