@@ -22,15 +22,13 @@ from cluster_registry import reference
 from cluster_registry.reconcile import status as st
 from cluster_registry.reconcile.artifacts import ArtifactReconciler, Config
 from cluster_registry.reconcile.metrics import artifact_metrics
-from cluster_registry.gate import tokens
 from cluster_registry.gate.protocol import LeaseView
-from cluster_registry.gate.service import Settings, make_app
-from cluster_registry.gate.state import GateState
 from cluster_registry.oci import Credentials
 from cluster_registry.oci.client import RegistrySession
 from tests.integration.test_token_service import PUSHERS, Sources
 from tests.support import ociimages
-from tests.support.registry import AppServer, Registry, free_port, run_registry
+from tests.support.registry import Registry, run_registry
+from tests.support.tokenfront import local_front
 
 USER, PASSWORD = "puller", "pw-Secr3t-value"
 
@@ -199,38 +197,31 @@ async def test_gc_write_lock_defers_the_copy_and_nothing_is_lost(registries: tup
     store, _ = registries
     src = ociimages.Pusher(store.host, auth=(USER, PASSWORD))
     image = ociimages.push_image(src, "cnf/locked-window", "1.0", layers=[5000], seed=31)
-    signer = tokens.load_signer(tokens.new_private_key_pem(), "cluster-registry-token-service", "cluster-registry")
-    (tmp_path / "jwks.json").write_text(tokens.jwks(signer.key.public_key()))
-    state = GateState(enabled=True, heartbeat_fence=None)
-    state.observe(LeaseView("gc", "gc-gen-1", datetime.now(timezone.utc), 30))  # GC holds the lock
-    app = make_app(Settings(signer, shared=True, registry_debug=f"http://127.0.0.1:{free_port()}"), state, Sources())
-    with AppServer(app) as ts:
-        auth = {"realm": f"http://{ts.host}/token", "service": "cluster-registry", "issuer": "cluster-registry-token-service",
-                "jwks": str(tmp_path / "jwks.json")}  # fmt: skip
-        with run_registry(tmp_path / "cluster", token_auth=auth) as cluster:
-            kube = MemoryKube()
-            kube.secrets["t/store"] = secret(store)
-            pusher = "artifact-reconciler"
-            config = Config(registry_host=cluster.host, registry_insecure=True, insecure_registries=frozenset({store.host}),
-                            registry_credentials=Credentials(pusher, PUSHERS[pusher]))  # fmt: skip
-            r = ArtifactReconciler(kube, config, artifact_metrics())  # type: ignore[arg-type]
-            r.session = RegistrySession(config.registry_options())
-            try:
-                r.on_event("ADDED", kube.add("t", "img", f"{store.host}/cnf/locked-window:1.0", ["store"]))
-                await reconcile_all(r, kube)
-                s = kube.status("t/img")
-                assert s["phase"] == "Deferred", s
-                assert st.condition(s["conditions"], "Ready")["reason"] == "WriteLocked"  # type: ignore[index]
-                nxt = r.queue.next_due()
-                assert nxt is not None and nxt - r.clock() < 30  # soon, not a long backoff
-                state.observe(LeaseView("gc", None, datetime.now(timezone.utc), 30))  # GC released it
-                clock = r.clock
-                r.clock = lambda: clock() + 60
-                await reconcile_all(r, kube)
-            finally:
-                await r.session.close()  # type: ignore[union-attr]
+    with local_front(tmp_path, Sources(), shared=True) as front:
+        front.state.observe(LeaseView("gc", "gc-gen-1", datetime.now(timezone.utc), 30))  # GC holds the lock
+        kube = MemoryKube()
+        kube.secrets["t/store"] = secret(store)
+        pusher = "artifact-reconciler"
+        config = Config(registry_host=front.registry.host, registry_insecure=True, insecure_registries=frozenset({store.host}),
+                        registry_credentials=Credentials(pusher, PUSHERS[pusher]))  # fmt: skip
+        r = ArtifactReconciler(kube, config, artifact_metrics())  # type: ignore[arg-type]
+        r.session = RegistrySession(config.registry_options())
+        try:
+            r.on_event("ADDED", kube.add("t", "img", f"{store.host}/cnf/locked-window:1.0", ["store"]))
+            await reconcile_all(r, kube)
             s = kube.status("t/img")
-            assert s["phase"] == "Ready" and s["digest"] == image.digest
-            local = reference.local_repository(reference.parse(f"{store.host}/cnf/locked-window:1.0"))
-            reader = ociimages.Pusher(cluster.host, auth=(pusher, PUSHERS[pusher]))
-            assert reader.get_manifest(local, "1.0") == (image.manifest, image.media_type)
+            assert s["phase"] == "Deferred", s
+            assert st.condition(s["conditions"], "Ready")["reason"] == "WriteLocked"  # type: ignore[index]
+            nxt = r.queue.next_due()
+            assert nxt is not None and nxt - r.clock() < 30  # soon, not a long backoff
+            front.state.observe(LeaseView("gc", None, datetime.now(timezone.utc), 30))  # GC released it
+            clock = r.clock
+            r.clock = lambda: clock() + 60
+            await reconcile_all(r, kube)
+        finally:
+            await r.session.close()  # type: ignore[union-attr]
+        s = kube.status("t/img")
+        assert s["phase"] == "Ready" and s["digest"] == image.digest
+        local = reference.local_repository(reference.parse(f"{store.host}/cnf/locked-window:1.0"))
+        reader = ociimages.Pusher(front.registry.host, auth=(pusher, PUSHERS[pusher]), realm=front.realm)
+        assert reader.get_manifest(local, "1.0") == (image.manifest, image.media_type)

@@ -25,11 +25,10 @@ from cluster_registry.errors import WriteLockedError
 from cluster_registry.gate import tokens
 from cluster_registry.gate.access import Scope
 from cluster_registry.gate.protocol import LOCK_HEADER, LeaseView
-from cluster_registry.gate.service import Settings, make_app
-from cluster_registry.gate.state import GateState
 from cluster_registry.oci import Credentials, RegistryOptions, RegistrySession
 from tests.support.ociimages import HTTPError, Pusher, push_image
-from tests.support.registry import AppServer, Registry, free_port, run_registry
+from tests.support.registry import free_port
+from tests.support.tokenfront import LocalFront, local_front
 
 PULL_KEY = b"pull-key-for-tests"
 PUSHERS = {"artifact-reconciler": "reconciler-pw", "gc": "gc-pw"}
@@ -57,13 +56,7 @@ class Sources:
         return True
 
 
-@dataclass
-class Front:
-    registry: Registry
-    realm: str  # where the token service really is (as pods reach it by its Service)
-    state: GateState
-    sources: Sources
-    signer: tokens.Signer
+Front = LocalFront[Sources]
 
 
 def ns_creds(namespace: str) -> tuple[str, str]:
@@ -72,26 +65,13 @@ def ns_creds(namespace: str) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
-    root = tmp_path_factory.mktemp("token-front")
-    signer = tokens.load_signer(tokens.new_private_key_pem(), "cluster-registry-token-service", "cluster-registry")
-    (root / "jwks.json").write_text(tokens.jwks(signer.key.public_key()))
-    state = GateState(enabled=True, heartbeat_fence=None)
-    state.observe(None)
-    sources = Sources()
-    debug = free_port()
-    app = make_app(Settings(signer, shared=False, push_ttl=15, registry_debug=f"http://127.0.0.1:{debug}"), state, sources)
-    with AppServer(app) as ts:
-        realm = f"http://{ts.host}/token"
-        # distribution names the realm as nodes reach it (the node proxy's loopback port): nothing listens
-        # there in this test, so every client below must be told the realm pods use, as the chart does.
-        auth = {"realm": NODE_REALM, "service": "cluster-registry", "issuer": "cluster-registry-token-service",
-                "jwks": str(root / "jwks.json")}  # fmt: skip
-        with run_registry(root / "reg", token_auth=auth, debug_port=debug) as reg:
-            f = Front(reg, realm, state, sources, signer)
-            for repo in (REPO_A, REPO_B):
-                push_image(Pusher(reg.host, auth=("artifact-reconciler", PUSHERS["artifact-reconciler"]), realm=realm), repo, "1.0",
-                           layers=[2048], seed=len(repo))  # fmt: skip
-            yield f
+    # distribution names the realm as nodes reach it (the node proxy's loopback port): nothing listens
+    # there in this test, so every client below must be told the realm pods use, as the chart does.
+    with local_front(tmp_path_factory.mktemp("token-front"), Sources(), shared=False, named_realm=NODE_REALM) as f:
+        for repo in (REPO_A, REPO_B):
+            push_image(Pusher(f.registry.host, auth=("artifact-reconciler", PUSHERS["artifact-reconciler"]), realm=f.realm),
+                       repo, "1.0", layers=[2048], seed=len(repo))  # fmt: skip
+        yield f
 
 
 def options(f: Front) -> RegistryOptions:

@@ -8,7 +8,9 @@ lock Lease, their heartbeat Leases and the push-credential Secrets live in the c
         f.service.metrics()       # the token service's /metrics
 
 Several distribution replicas on one object store each get their own token service
-(``start_token_service``), as each registry pod has one beside distribution.
+(``start_token_service``), as each registry pod has one beside distribution. Without a cluster,
+``local_front`` runs the token service in this process with the test's own sources (Secrets, Ready
+Artifacts) and its GC lock driven through ``GateState``.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
-from cluster_registry.gate import tokens
+from cluster_registry.gate import service, tokens
+from cluster_registry.gate.state import GateState
 from tests.support.cluster import ROOT, Cluster, wait_for
 from tests.support.ociimages import HTTPError, Pusher
-from tests.support.registry import Registry, free_port, run_registry
+from tests.support.registry import AppServer, Registry, free_port, run_registry
 
 PUSHERS = {"artifact-reconciler": "reconciler-e2e-pw", "gc": "gc-e2e-pw"}
 SERVICE, ISSUER = "cluster-registry", "cluster-registry-token-service"
@@ -187,3 +190,33 @@ def token_front(cluster: Cluster, namespace: str, tmp: Path, *, push_ttl: int = 
             yield Front(reg, ts, write_gc_creds(tmp))
         finally:
             ts.stop()
+
+
+S = TypeVar("S", bound=service.Sources)
+
+
+@dataclass
+class LocalFront(Generic[S]):
+    registry: Registry
+    realm: str  # where the token service really is
+    state: GateState
+    sources: S
+    signer: tokens.Signer
+
+
+@contextlib.contextmanager
+def local_front(root: Path, sources: S, *, shared: bool, named_realm: str | None = None,
+                push_ttl: int = 15) -> Iterator[LocalFront[S]]:  # fmt: skip
+    """distribution with ``auth: token`` and the token service in this process, the lock free (no
+    heartbeat expected). ``named_realm``: the realm distribution's challenge names, if not the real one
+    (the chart names the node proxy's loopback port)."""
+    signing = new_signing(root / "signing")
+    signer = tokens.load_signer(signing.key.read_bytes(), ISSUER, SERVICE)
+    state = GateState(enabled=True, heartbeat_fence=None)
+    state.observe(None)
+    debug = free_port()
+    settings = service.Settings(signer, shared=shared, push_ttl=push_ttl, registry_debug=f"http://127.0.0.1:{debug}")
+    with AppServer(service.make_app(settings, state, sources)) as ts:
+        realm = f"http://{ts.host}/token"
+        with run_registry(root / "registry", token_auth=signing.auth(named_realm or realm), debug_port=debug) as reg:
+            yield LocalFront(reg, realm, state, sources, signer)
