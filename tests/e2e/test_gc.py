@@ -431,6 +431,10 @@ def test_sigkilled_gc_frees_writes_within_the_ttl(
         elif phase == "drain":
             _wait_line(gc, "write lock taken")
             time.sleep(1)
+            holder = cluster.kubectl_json("get", "lease", "gc-lock", "-n", namespace)["spec"]["holderIdentity"]
+            hb = cluster.kubectl_json("get", "leases", "-n", namespace, "-l", "clusterregistry.io/gate-for=gc-lock")["items"]
+            assert [h["metadata"].get("annotations", {}).get("clusterregistry.io/drained") for h in hb] != [holder], \
+                "the token service acknowledged already: GC was not draining"
         else:
             wait_for(lambda: marker.exists() and marker.read_text().strip(), 120, 0.05, what="the sweep to start")
         gc.send_signal(signal.SIGKILL)
