@@ -21,6 +21,7 @@ from cluster_registry.gate.access import Scope
 from tests.support.cluster import ROOT
 from tests.support.ociimages import Pusher, layer_chunks
 from tests.support.registry import registry_binary, start_registry, wait_serving
+from tests.support.tokenfront import ISSUER, SERVICE, Signing, new_signing
 
 SIZE = 48 << 20
 
@@ -32,14 +33,13 @@ def chart_drain_timeout() -> str:
     return str(config["http"]["draintimeout"])
 
 
-def as_the_chart_runs_it(config: Path, drain: str | None, jwks: Path) -> None:
-    """The drain timeout under test, and token auth as the chart configures it."""
+def as_the_chart_runs_it(config: Path, drain: str | None, signing: Signing) -> None:
+    """The drain timeout under test, and token auth as the chart configures it (no realm is asked here)."""
     text = config.read_text()
     if drain:
         text = text.replace("http:\n", f"http:\n  draintimeout: {drain}\n", 1)
-    text += ("auth:\n  token:\n    realm: http://127.0.0.1:1/token\n    service: cluster-registry\n"
-             f"    issuer: cluster-registry-token-service\n    jwks: {jwks}\n")  # fmt: skip
-    config.write_text(text)
+    auth = signing.auth("http://127.0.0.1:1/token")
+    config.write_text(text + "auth:\n  token:\n" + "".join(f"    {k}: {v}\n" for k, v in auth.items()))
 
 
 def slow_pull(host: str, path: str, token: str, terminate: list[subprocess.Popen[bytes]]) -> tuple[int, str]:
@@ -70,11 +70,10 @@ def test_a_pull_in_progress_survives_sigterm(tmp_path: Path, drain: bool) -> Non
     try:
         digest = Pusher(reg.host).push_blob_stream("drain/app", layer_chunks(3, SIZE), SIZE)
         reg.stop()  # restart it with the drain setting under test
-        signer = tokens.load_signer(tokens.new_private_key_pem(), "cluster-registry-token-service", "cluster-registry")
-        jwks = tmp_path / "jwks.json"
-        jwks.write_text(tokens.jwks(signer.key.public_key()))
+        signing = new_signing(tmp_path / "signing")
+        signer = tokens.load_signer(signing.key.read_bytes(), ISSUER, SERVICE)
         config = tmp_path / "r" / "config.yml"
-        as_the_chart_runs_it(config, chart_drain_timeout() if drain else None, jwks)
+        as_the_chart_runs_it(config, chart_drain_timeout() if drain else None, signing)
         proc = subprocess.Popen([str(registry_binary()), "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(proc)
         wait_serving(reg.host, ok=(401,))  # token auth: anonymous callers get nothing
