@@ -20,7 +20,6 @@ import json
 import secrets
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any
 import pytest
 
 from cluster_registry import reference
-from tests.support import cnf
+from tests.support import cnf, podview
 from tests.support.cluster import Cluster, CommandError, component_pods, exclusive_chart, pod_ready, three_ready, wait_for
 
 GROUP = "clusterregistry.io"
@@ -158,12 +157,15 @@ def reference_digest(raw: bytes) -> str:
 
 
 def registry_status(endpoint: str, path: str, accept: str) -> int:
-    req = urllib.request.Request(f"http://{endpoint}{path}", method="HEAD", headers={"Accept": accept})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - pod IP on this machine
-            return int(r.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
+    """HEAD PATH at ENDPOINT as a node's runtime would: with an anonymous pull token (the chart's
+    default shared access grants one) from the realm the registry's challenge names."""
+    challenge = podview.bearer_challenge(cnf.NODE_NETNS, endpoint)
+    repo = path.split("/v2/", 1)[1].rsplit("/manifests/", 1)[0]
+    token = podview.tokens(cnf.NODE_NETNS, challenge, [(f"repository:{repo}:pull", None)])[0]
+    assert token, f"no anonymous pull token for {repo}"
+    answer = podview.from_netns(cnf.NODE_NETNS, [{"url": f"http://{endpoint}{path}", "method": "HEAD",
+                                                  "headers": {"Accept": accept, "Authorization": f"Bearer {token}"}}])
+    return int(answer[0]["status"])
 
 
 def ready_condition(obj: dict[str, Any]) -> dict[str, Any]:

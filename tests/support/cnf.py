@@ -313,13 +313,19 @@ def restart_cnf(cluster: Cluster, namespace: str, release: str = "cnf") -> None:
 # -- pulling as a node would ----------------------------------------------------------------------
 
 
+NODE_NETNS = "/run/netns/crnode-system-0"  # a real node's network namespace: its runtime's view
+
+
 def skopeo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    """The real skopeo, run in a node's network namespace: the registry's token challenge names the
+    node proxy's realm on the node's loopback, which only a node (or a pod on it) reaches."""
     exe = shutil.which("skopeo")
     if exe is None:
         raise RuntimeError("skopeo is not installed (ci/toolchain installs it from Debian)")
-    proc = subprocess.run([exe, *args], capture_output=True, timeout=timeout)
+    argv = ["nsenter", f"--net={NODE_NETNS}", exe, *args]
+    proc = subprocess.run(argv, capture_output=True, timeout=timeout)
     if proc.returncode != 0:
-        raise CommandError([exe, *args], proc.returncode, proc.stdout.decode(errors="replace"),
+        raise CommandError(argv, proc.returncode, proc.stdout.decode(errors="replace"),
                            proc.stderr.decode(errors="replace"))
     return proc
 

@@ -338,6 +338,35 @@ async def test_a_newcomer_during_a_source_outage_leaves_ready_artifacts_ready() 
     assert kube.status("b/img")["phase"] == "Ready" and kube.status("a/img")["phase"] == "Ready"
 
 
+async def test_a_new_owner_during_a_source_outage_leaves_a_ready_artifact_ready() -> None:
+    """Disconnected, a CronJob's new Job adds an owner to a Ready Artifact (a new generation): the access
+    re-check cannot reach the source, the Artifact stays Ready (no Copying, no Failed) and is re-checked
+    once the source is back. A refusal of the namespace's access, by contrast, does take Ready away."""
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    r = make(script, kube, clock)
+    r.on_event("ADDED", kube.add("a", "img", "ghcr.io/x/y:1"))
+    await drain(r, kube)
+    script.answers = [RegistryUnavailableError("cannot reach ghcr.io"), result()]
+    writes = len(kube.status_writes)
+    obj = kube.objects["a/img"]
+    obj["metadata"]["generation"] = 2
+    obj["spec"]["owners"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": "report-1", "uid": "u1"}]
+    r.on_event("MODIFIED", copy.deepcopy(obj))
+    await drain(r, kube)
+    assert len(script.calls) == 2, "the new generation was re-checked upstream"
+    assert kube.status("a/img")["phase"] == "Ready" and len(kube.status_writes) == writes
+    clock.now = r.queue.next_due() or 0
+    await drain(r, kube)
+    s = kube.status("a/img")
+    assert s["phase"] == "Ready" and s["observedGeneration"] == 2
+    script.answers = [AuthenticationError("ghcr.io: 401 unauthorized")]
+    obj["metadata"]["generation"] = 3
+    obj["spec"]["pullSecrets"] = ["gone"]
+    r.on_event("MODIFIED", copy.deepcopy(obj))
+    await drain(r, kube)
+    assert kube.status("a/img")["phase"] == "Failed"
+
+
 async def test_a_lost_copy_with_the_source_down_is_not_ready() -> None:
     """When the cluster registry itself lost the image, every Artifact for it reflects the failed recopy."""
     kube, clock, script = FakeKube(), Clock(), Script(result())

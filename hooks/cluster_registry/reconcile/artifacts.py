@@ -349,6 +349,12 @@ class ArtifactReconciler:
             # Failed when the source is unreachable, the very case the cluster registry is for.
             return dest in self.lost or not (m.observed and m.phase == Phase.READY)
 
+        def intact(m: st.ArtifactView) -> bool:
+            # Ready with this copy, but with a new spec (an owner or pull secret added: every new Job of a
+            # CronJob adds one): the attempt re-checks the namespace's access, and only its verdict, not an
+            # unreachable source, may take Ready away.
+            return dest not in self.lost and m.phase == Phase.READY and m.status.get("localArtifact") == dest
+
         usage = st.namespace_usage(self.objects.values(), members[0].source) if cfg.namespace_quota else {}
         over = {m.key for m in members if affected(m) and usage.get(m.namespace, 0) >= cfg.namespace_quota > 0}
         for m in members:
@@ -372,7 +378,7 @@ class ArtifactReconciler:
 
         async def started() -> None:
             for m in members:
-                if m.key not in over and affected(m):
+                if m.key not in over and affected(m) and not intact(m):
                     await self._write(m, st.Started(str(src), dest))
 
         async with reported_after(cfg.progress_delay, started):
@@ -386,7 +392,10 @@ class ArtifactReconciler:
         late = False
         for m in self.members(dest):  # fresh: members may have changed during the copy
             if m.key in outcomes:
-                await self._write(m, st.within_quota(outcomes[m.key], m, usage, cfg.namespace_quota, quota_limited))
+                outcome = outcomes[m.key]
+                if intact(m) and (isinstance(outcome, st.Locked) or isinstance(outcome, st.CopyFailed) and outcome.temporary):
+                    continue  # stays Ready; retried with the others
+                await self._write(m, st.within_quota(outcome, m, usage, cfg.namespace_quota, quota_limited))
             elif m.key not in over and not (m.observed and m.phase == Phase.READY):
                 late = True  # joined during the copy: its own attempt comes next
         now = self.clock()
