@@ -157,6 +157,9 @@ def release(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
             cluster.helm("install", name, str(CHART), "-n", namespace, "-f", str(values), "--wait", "--wait-for-jobs",
                          "--timeout", "480s", timeout=540)
             rel.sampler.phase = "installed"
+            # the state helm --wait returned in: sampled before any test moves the phase on
+            wait_for(lambda: sum(1 for s in rel.samples if s[0] == "installed") >= 4, timeout=30, interval=0.2,
+                     what="the HA sampler's first samples after the install")
             yield rel
         finally:
             rel.sampler.stop.set()
