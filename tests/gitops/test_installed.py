@@ -409,7 +409,7 @@ def test_every_metric_the_rules_and_dashboard_use_is_exported(cluster: Cluster, 
     names: set[str] = set()
     sources = {"webhook": [("https", "https")], "artifact-reconciler": [("http", "http")],
                "component-reconciler": [("http", "http")],
-               "registry": [("metrics", "http"), ("registry", "http")]}  # distribution, the gate
+               "registry": [("token", "http")]}  # the token service's, then distribution's (from its loopback)
     for comp, endpoints in sources.items():
         pod = next(p for p in component_pods(cluster, env.namespace, comp) if pod_ready(p))
         for port, scheme in endpoints:
