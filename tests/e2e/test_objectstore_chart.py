@@ -155,6 +155,8 @@ def _start_gc(cluster: Cluster, site: Site, **flags: str) -> str:
 
 def _gc_pod_log(cluster: Cluster, site: Site, name: str) -> str:
     pods = cluster.kubectl_json("get", "pods", "-n", site.namespace, "-l", f"job-name={name}")["items"]
+    # the pod that completed the Job: an earlier attempt may have failed (its log ends in a log line)
+    pods.sort(key=lambda p: p.get("status", {}).get("phase") != "Succeeded")
     return cluster.pod_logs(site.namespace, pods[0]["metadata"]["name"], "gc") if pods else ""
 
 
@@ -170,6 +172,7 @@ def _gc_report(cluster: Cluster, site: Site, name: str) -> dict[str, Any]:
     log = _gc_pod_log(cluster, site, name)
     assert done["status"].get("succeeded") == 1, (done["status"], log[-3000:])
     report: dict[str, Any] = json.loads(log.strip().splitlines()[-1])
+    assert "ran" in report, f"the last line is not GC's report: {log[-3000:]}"
     return report
 
 
