@@ -97,20 +97,15 @@ def site(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Site]:
     front = cnf.StoreFront(cluster)
     front.start()
     try:
-        store_host = cnf.expose_store(cluster, cnf_ns, front)
-        cnf.pull_secret(cluster, cnf_ns, store_host)
-        images = cnf.push_images(cluster)
-        version = f"{cnf.chart_version()}-os{suffix}"  # the store's charts/sample-cnf is shared with other tests
-        chart_ref = cnf.push_chart(cluster, images, store_host, version)
-        values = cnf.cluster_registry_values([cnf_ns], store_host)
-        values["global"]["networkfunctionextension"]["clusterRegistry"].update(
+        pub = cnf.publish_cnf(cluster, front, [cnf_ns], f"{cnf.chart_version()}-os{suffix}")
+        pub.values["global"]["networkfunctionextension"]["clusterRegistry"].update(
             store.values["global"]["networkfunctionextension"]["clusterRegistry"],
             autoScaling={"enabled": False}, clusterRegistryGCThreshold=50)
         with exclusive_chart():
             started = time.monotonic()  # the lock is ours: what follows is this backend's runtime
             try:
                 try:
-                    cnf.install_cluster_registry(cluster, release, namespace, values)
+                    cnf.install_cluster_registry(cluster, release, namespace, pub.values)
                     cluster.kubectl("scale", "deployment", f"{cnf.fullname(release)}-registry", "-n", namespace,
                                     f"--replicas={REPLICAS}")  # fmt: skip
                     three_ready(cluster, namespace, "webhook")
@@ -119,10 +114,10 @@ def site(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Site]:
                 except Exception as err:
                     logs = {k: v[-1500:] for k, v in cluster.namespace_logs(namespace).items() if "registry-" in k}
                     raise AssertionError(f"the registry did not come up: {json.dumps(logs, indent=1)}") from err
-                cnf.install_cnf(cluster, CNF, cnf_ns, chart_ref, version, extra=cnf.ON_SYSTEM_NODES)
+                cnf.install_cnf(cluster, CNF, cnf_ns, pub.chart_ref, pub.version, extra=cnf.ON_SYSTEM_NODES)
                 # the reporter CronJob runs every 30 minutes: a Job now, so its pod (and Artifact) exists
                 cluster.kubectl("create", "job", "report-0", f"--from=cronjob/{CNF}-reporter", "-n", cnf_ns)
-                yield Site(backend, release, namespace, cnf_ns, _host_store(store), store_host, images)
+                yield Site(backend, release, namespace, cnf_ns, _host_store(store), pub.store_host, pub.images)
             finally:
                 cluster.helm("uninstall", CNF, "-n", cnf_ns, "--wait", "--timeout", "60s", check=False)
                 cluster.helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s", check=False)

@@ -48,15 +48,11 @@ def env(cluster: Cluster) -> Iterator[Env]:
     front = cnf.StoreFront(cluster).start()
     with exclusive_chart():
         try:
-            store_host = cnf.expose_store(cluster, cnf_ns, front)
-            cnf.pull_secret(cluster, cnf_ns, store_host)
-            images = cnf.push_images(cluster)
-            version = f"{cnf.chart_version()}-pp{suffix}"  # the store's charts/sample-cnf is shared with other tests
-            chart_ref = cnf.push_chart(cluster, images, store_host, version)
-            values = cnf.cluster_registry_values([cnf_ns], store_host)
-            cnf.install_cluster_registry(cluster, release, namespace, values)
+            pub = cnf.publish_cnf(cluster, front, [cnf_ns], f"{cnf.chart_version()}-pp{suffix}")
+            store_host, images = pub.store_host, pub.images
+            cnf.install_cluster_registry(cluster, release, namespace, pub.values)
             installed_at = time.monotonic()
-            cnf.install_cnf(cluster, CNF, cnf_ns, chart_ref, version, extra=cnf.ON_SYSTEM_NODES)
+            cnf.install_cnf(cluster, CNF, cnf_ns, pub.chart_ref, pub.version, extra=cnf.ON_SYSTEM_NODES)
             # the reporter CronJob runs every 30 minutes: a Job now, so its pod (and Artifact) exists
             cluster.kubectl("create", "job", "report-0", f"--from=cronjob/{CNF}-reporter", "-n", cnf_ns)
             yield Env(release, namespace, cnf_ns, store_host, images, front, installed_at)

@@ -74,15 +74,10 @@ def env(cluster: Cluster) -> Iterator[Env]:
     front = cnf.StoreFront(cluster).start()
     with exclusive_chart():  # one release at a time (the CRDs, every node's 127.0.0.1:5050)
         try:
-            store_host = cnf.expose_store(cluster, cnf_ns, front)
-            for ns in (cnf_ns, early_ns):
-                cnf.pull_secret(cluster, ns, store_host)
-            images = cnf.push_images(cluster)
-            chart_ref = cnf.push_chart(cluster, images, store_host)
-            values = cnf.cluster_registry_values([cnf_ns, early_ns], store_host)
-            cnf.install_cluster_registry(cluster, release, namespace, values)
+            pub = cnf.publish_cnf(cluster, front, [cnf_ns, early_ns])
+            cnf.install_cluster_registry(cluster, release, namespace, pub.values)
             cnf.wait_replicas(cluster, namespace)
-            e = Env(release, namespace, cnf_ns, early_ns, store_host, images, chart_ref, front, values)
+            e = Env(release, namespace, cnf_ns, early_ns, pub.store_host, pub.images, pub.chart_ref, front, pub.values)
             yield e
         finally:
             for ns in (cnf_ns, early_ns):

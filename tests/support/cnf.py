@@ -187,6 +187,29 @@ def push_chart(cluster: Cluster, images: dict[str, CnfImage], store_host: str, v
     return f"oci://{cluster.artifact_store}/{CHART_REPO}/{CHART_NAME}"
 
 
+@dataclass(frozen=True)
+class Published:
+    store_host: str  # the store front as the CNF's namespaces reach it
+    images: dict[str, CnfImage]
+    chart_ref: str
+    version: str
+    values: dict[str, Any]  # the cluster registry's values for those namespaces
+
+
+def publish_cnf(cluster: Cluster, front: StoreFront, cnf_namespaces: list[str], version: str | None = None) -> Published:
+    """What a CNF's publisher and the site's operator do before anything is installed: the store is
+    exposed in the first of CNF_NAMESPACES, each gets its pull secret for it, the images and the
+    chart (at VERSION: the store's charts/sample-cnf is shared by every test) are pushed, and the cluster
+    registry's values are scoped to those namespaces."""
+    store_host = expose_store(cluster, cnf_namespaces[0], front)
+    for ns in cnf_namespaces:
+        pull_secret(cluster, ns, store_host)
+    images = push_images(cluster)
+    version = version or chart_version()
+    chart_ref = push_chart(cluster, images, store_host, version)
+    return Published(store_host, images, chart_ref, version, cluster_registry_values(cnf_namespaces, store_host))
+
+
 def install_cnf(cluster: Cluster, release: str, namespace: str, chart_ref: str, version: str | None = None,
                 extra: Iterable[str] = ()) -> None:
     """`helm install` of the published chart (pulled from the store like an operator would)."""
