@@ -9,13 +9,15 @@
    client on its own connection, with its own token when the endpoint asks for one) with 1, 4 and 16
    concurrent clients along three paths, in an order rotated by round and concurrency:
    `node`: the rewrite target, the node proxy on 127.0.0.1:5050, to the registry Service, to the pod;
+   `clusterip`: the registry Service's ClusterIP (kube-proxy's NAT, no node proxy: what the relay adds);
    `service`: the pod's registry port (where the Service leads: the chart's front, its auth and TLS);
    `direct`: the front-less distribution in the same pod.
    Authenticated paths use the artifact reconciler's push credential (pull is what is measured).
 3. CPU seconds per GB of each path from /proc (the real nodes' containers are host processes): the
    direct path's is the direct distribution's; the service path's every container process of the
    registry pod (distribution and the gate or token service); the node path's adds the node proxy on
-   that node. With bearer auth, the token round trip (realm as the registry names it) p50/p99.
+   that node, with the seconds its CPU limit throttled it (CFS). With bearer auth, the token round trip
+   (realm as the registry names it) p50/p99.
 """
 
 from __future__ import annotations
@@ -66,6 +68,16 @@ def cpu_seconds(pids: list[int]) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime (every thread's)
     return total / tick
+
+
+def throttled_seconds(pids: list[int]) -> float:
+    """Seconds the CFS quota held back the cpu cgroups of PIDS (cgroup v1, as the real nodes run)."""
+    total = 0
+    for cg in {line.split(":", 2)[2] for pid in pids for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+               if line.split(":", 2)[1] == "cpu"}:
+        stat = dict(line.split() for line in Path(f"/sys/fs/cgroup/cpu{cg}/cpu.stat").read_text().splitlines())
+        total += int(stat["throttled_time"])
+    return total / 1e9
 
 
 def speaks_tls(addr: str) -> bool:
@@ -143,11 +155,11 @@ class Endpoint:
         return got
 
 
-def timed_pull(ep: Endpoint, paths: list[str], clients: int, pids: list[int]) -> dict[str, float]:
+def timed_pull(ep: Endpoint, paths: list[str], clients: int, pids: list[int], limited: list[int]) -> dict[str, float]:
     challenge = ep.challenge()
     got: list[int] = []
     threads = [threading.Thread(target=lambda: got.append(ep.pull(challenge, paths))) for _ in range(clients)]
-    cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+    cpu0, held0, t0 = cpu_seconds(pids), throttled_seconds(limited), time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
@@ -155,7 +167,8 @@ def timed_pull(ep: Endpoint, paths: list[str], clients: int, pids: list[int]) ->
     seconds, cpu = time.perf_counter() - t0, cpu_seconds(pids) - cpu0
     if len(got) != clients:
         raise SystemExit(f"{clients - len(got)} of {clients} clients failed against {ep.addr}")
-    return {"mbps": sum(got) / seconds / 1e6, "cpu_s_per_gb": cpu / (sum(got) / 1e9)}
+    return {"mbps": sum(got) / seconds / 1e6, "cpu_s_per_gb": cpu / (sum(got) / 1e9),
+            "throttled_s": throttled_seconds(limited) - held0}
 
 
 def in_node(spec: dict[str, Any]) -> dict[str, Any]:
@@ -170,7 +183,8 @@ def in_node(spec: dict[str, Any]) -> dict[str, Any]:
         for i, clients in enumerate(CONCURRENCY):
             k = (r + i) % len(names)
             for name in names[k:] + names[:k]:
-                runs[name].setdefault(clients, []).append(timed_pull(paths_to[name], paths, clients, spec["pids"][name]))
+                limited = spec["proxy_pids"] if name == "node" else []
+                runs[name].setdefault(clients, []).append(timed_pull(paths_to[name], paths, clients, spec["pids"][name], limited))
     out: dict[str, Any] = {"image_bytes": sum(s for _, s in image.blobs), "blobs": len(image.blobs),
                            "tls": {name: ep.context is not None for name, ep in paths_to.items()}}
     for clients in CONCURRENCY:
@@ -180,6 +194,7 @@ def in_node(spec: dict[str, Any]) -> dict[str, Any]:
             **{f"{k}_mbps_median": round(statistics.median(x["mbps"] for x in runs[k][clients]), 1) for k in runs},
             **{f"ratio_{k}": round(best[k]["mbps"] / best["direct"]["mbps"], 3) for k in runs if k != "direct"},
             **{f"{k}_cpu_s_per_gb": round(min(x["cpu_s_per_gb"] for x in runs[k][clients]), 3) for k in runs},
+            "node_proxy_throttled_s": round(best["node"]["throttled_s"], 3),
         }
     endpoint = paths_to["node"]
     challenge = endpoint.challenge()
@@ -230,10 +245,14 @@ def main() -> int:
             proxy = next(p for p in component_pods(cluster, ns, "node-proxy") if p["spec"]["nodeName"] == pod["spec"]["nodeName"])
             with direct_distribution(cluster, ns, pod) as direct_addr:
                 service = [container_pid(cluster, pod, c["name"]) for c in pod["spec"]["containers"]]
-                spec = {"addrs": {"node": NODE_ENDPOINT, "service": f"{pod['status']['podIP']}:{service_port(pod)}",
-                                  "direct": direct_addr},
-                        "pids": {"node": service + [container_pid(cluster, proxy, c["name"]) for c in proxy["spec"]["containers"]],
-                                 "service": service, "direct": [direct_pid(cluster, pod)]},
+                proxy_pids = [container_pid(cluster, proxy, c["name"]) for c in proxy["spec"]["containers"]]
+                svc = cluster.kubectl_json("get", "service", "-n", ns, f"{release}-cluster-registry-registry")["spec"]
+                port = next(p["port"] for p in svc["ports"] if p["name"] == "registry")
+                spec = {"addrs": {"node": NODE_ENDPOINT, "clusterip": f"{svc['clusterIP']}:{port}",
+                                  "service": f"{pod['status']['podIP']}:{service_port(pod)}", "direct": direct_addr},
+                        "pids": {"node": service + proxy_pids, "clusterip": service, "service": service,
+                                 "direct": [direct_pid(cluster, pod)]},
+                        "proxy_pids": proxy_pids,
                         "auth": cnf.registry_credentials(cluster, ns, release), "rounds": args.rounds, "layers": args.layers,
                         "layer_mib": args.layer_mib}
                 proc = subprocess.run(["nsenter", f"--net={node_netns(pod)}", sys.executable, __file__, "--in-node",
@@ -244,7 +263,7 @@ def main() -> int:
         finally:
             cluster.helm("uninstall", release, "-n", ns, "--wait", "--timeout", "120s", check=False)
             cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-    for path in ("node", "service"):
+    for path in ("node", "clusterip", "service"):
         out[f"ratio_{path}_min"] = min(out[f"c{c}"][f"ratio_{path}"] for c in CONCURRENCY)
     print(json.dumps(out), flush=True)
     return 0

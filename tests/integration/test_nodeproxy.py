@@ -93,6 +93,15 @@ def test_a_large_transfer_is_byte_exact_both_ways() -> None:
     assert len(body) - 32 == len(answer) and hashlib.sha256(body[32:]).digest() == hashlib.sha256(answer).digest()
 
 
+def test_small_exchanges_on_one_connection_are_each_relayed_at_once() -> None:
+    """HTTP keep-alive: each request's bytes must reach the upstream before the next arrives (splice
+    sleeping for socket data with the pipe's lock held would hold them back)."""
+    with upstream(echo) as up, relay(up) as (port, _), socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        for i in range(300):
+            c.sendall(b"%05d" % i)
+            assert c.recv(5) == b"%05d" % i
+
+
 def test_a_half_close_is_relayed_and_the_other_direction_stays_open() -> None:
     after: list[bytes] = []
 

@@ -1,21 +1,22 @@
 """The node proxy's TCP relay: every byte moves socket -> pipe -> socket inside the kernel (``splice``).
 
-Why this shape (bench/README.md, ``pull.py``): the former asyncio byte pump read every chunk into
-Python and wrote it out again, about 2.5 CPU s per GB under the container's 500m limit, so a node
-pulled at 0.4-0.6x of the registry's direct speed. ``os.splice`` moves page references from the
-receiving socket into a pipe and from the pipe to the sending socket: the bytes never enter user space,
-and Python runs one loop iteration per pipe-full, not per 64 KiB copy. Each direction of a connection
-is a thread blocked in ``splice`` (the GIL is released there), so no selector loop is needed and a slow
-peer stalls only its own direction. A single-threaded loop of non-blocking splices does the same work
-with one Python dispatch per readiness event on top; a separate tool (haproxy, socat) would add a
-second program and configuration to the image for the same kernel path.
+Why this shape (measured with bench/pull.py, see bench/README.md): the former asyncio byte pump read
+every chunk into Python and wrote it out again, about 1.8 CPU s per GB on the node, and a node pulled
+at 0.4-0.6x of the registry's direct speed. ``os.splice`` moves page references from the receiving
+socket into a pipe and from the pipe to the sending socket: the bytes never enter user space and Python
+runs one loop iteration per pipe-full (0.4 CPU s per GB, 0.85-0.94x). Each direction has two threads
+blocked in ``splice`` (the GIL is released there), one filling its 1 MiB pipe from the source, one
+draining it to the destination: on loopback a sender's thread also does the receiver's TCP work, and
+one thread per direction doing both halves in turn measured 0.70-0.75x at 1 and 4 clients where the
+pair measured 0.89-0.94x. A selector loop of non-blocking splices would add a Python dispatch per
+readiness event; a separate tool (haproxy, socat) would add a program and its configuration to the
+image for the same kernel path, and the extra TCP hop it cannot avoid either is what is left.
 
-Bounds: at most ``max_connections`` relayed connections per process (each holds two threads, two
-sockets and two pipes); beyond it new connections wait in the listen backlog until one ends. A
-connection on which neither direction moved a byte for ``idle_timeout`` seconds is closed (the
-sockets' SO_RCVTIMEO/SO_SNDTIMEO, which ``splice`` honours), so stuck peers give their slot back.
-Half-close is relayed: when one side ends its stream, the relay shuts down writing to the other and
-keeps the opposite direction open (HTTP clients may half-close after the request).
+Bounds: at most ``max_connections`` relayed connections per process (each holds four threads, two
+sockets and two pipes; 512 took 54 MiB); beyond it new connections wait in the listen backlog until
+one ends. A connection on which neither direction moved a byte for ``idle_timeout`` seconds is
+closed, so stuck peers give their slot back. Half-close is relayed: when one side ends its stream,
+the relay shuts down writing to the other and keeps the opposite direction open.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import fcntl
 import logging
 import os
 import resource
+import select
 import socket
 import struct
 import threading
@@ -34,8 +36,8 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-# Bytes per splice round trip, largest first: 1 MiB (pipe-max-size's default) measured 0.19 CPU s/GB,
-# 256 KiB 0.30, the 64 KiB default 0.4 (bench/README.md). An unprivileged user's pipes share
+# Pipe sizes to ask for, largest first: on loopback 1 MiB (pipe-max-size's default) measured 0.19 CPU
+# s/GB, 256 KiB 0.30, the 64 KiB default 0.4. An unprivileged user's pipes share
 # fs.pipe-user-pages-soft (64 MiB by default): past it the kernel refuses larger pipes, so smaller ones.
 PIPE_SIZES = (1 << 20, 1 << 18)
 THREAD_STACK = 256 << 10  # the relay loop is a few frames deep: no need for 8 MiB of address space per thread
@@ -68,10 +70,9 @@ class Upstream:
 
 
 def _timeouts(sock: socket.socket, seconds: float) -> None:
-    """Blocking socket whose blocking calls (``splice`` included) give up with EAGAIN after SECONDS."""
+    """Blocking socket whose sends (``splice`` to it included) give up with EAGAIN after SECONDS."""
     sock.settimeout(None)
     tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # forward what arrived: the sender already coalesced
 
@@ -98,45 +99,74 @@ class _Connection:
         return time.monotonic() - self.last >= self.idle_timeout
 
     def pump(self, direction: int) -> None:
+        """One direction: this thread fills a pipe from the source while another drains it to the
+        destination, so receiving and sending overlap (on loopback the sender's thread also does the
+        receiver's TCP work: one thread for both halves would serialise them)."""
         src, dst = (self.client, self.upstream) if direction == 0 else (self.upstream, self.client)
         try:
             r, w = os.pipe()
-            try:
-                self._splice(src, dst, r, w, _grow(w), direction)
-            finally:
-                os.close(r)
-                os.close(w)
-            dst.shutdown(socket.SHUT_WR)  # relay the half-close; the other direction goes on
+        except OSError:  # no fd for the pipe: end both
+            self.abort()
+            self._ended()
+            return
+        size = _grow(w)
+        drain = threading.Thread(target=self._drain, args=(r, dst, size, direction), daemon=True)
+        try:
+            drain.start()
+        except RuntimeError:
+            os.close(r)
+            os.close(w)
+            self.abort()
+            self._ended()
+            return
+        try:
+            self._fill(src, w, size)
         except OSError:
-            self.abort()  # a reset, a timeout, no fd for the pipe or the other direction's abort: end both
+            self.abort()  # a reset, a timeout or the other side's abort: end both
         finally:
-            with self._lock:
-                self._running -= 1
-                last = self._running == 0
-            if last:
-                self.client.close()
-                self.upstream.close()
+            os.close(w)  # the drain sees the end of the stream once the pipe is empty
+            drain.join()
+            self._ended()
 
-    def _splice(self, src: socket.socket, dst: socket.socket, r: int, w: int, size: int, direction: int) -> None:
+    def _fill(self, src: socket.socket, w: int, size: int) -> None:
+        # Wait for the socket before splicing: splice sleeps for socket data holding the pipe's lock,
+        # which would keep the drain from sending what is already in the pipe.
+        ready = select.poll()
+        ready.register(src, select.POLLIN)
         while True:
-            try:
-                n = os.splice(src.fileno(), w, size, flags=os.SPLICE_F_MOVE)
-            except BlockingIOError:
+            if not ready.poll(self.idle_timeout * 1000):
                 if self.idle():
-                    raise TimeoutError(errno.ETIMEDOUT, "idle") from None
+                    raise TimeoutError(errno.ETIMEDOUT, "idle")
                 continue  # the other direction is busy (a long download's request side is silent)
-            if n == 0:
+            if os.splice(src.fileno(), w, size, flags=os.SPLICE_F_MOVE) == 0:
                 return
-            while n:
+
+    def _drain(self, r: int, dst: socket.socket, size: int, direction: int) -> None:
+        try:
+            while True:
                 try:
-                    sent = os.splice(r, dst.fileno(), n, flags=os.SPLICE_F_MOVE)
+                    sent = os.splice(r, dst.fileno(), size, flags=os.SPLICE_F_MOVE)
                 except BlockingIOError:
                     if self.idle():
                         raise TimeoutError(errno.ETIMEDOUT, "idle") from None
                     continue
-                n -= sent
+                if sent == 0:
+                    break
                 self.moved[direction] += sent
                 self.last = time.monotonic()
+            dst.shutdown(socket.SHUT_WR)  # relay the half-close; the other direction goes on
+        except OSError:
+            self.abort()
+        finally:
+            os.close(r)  # a fill blocked on the full pipe gets EPIPE
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+        if last:
+            self.client.close()
+            self.upstream.close()
 
     def abort(self) -> None:
         """Wake both directions (a thread blocked in splice on either socket) and end them."""
