@@ -55,7 +55,9 @@ def test_the_sweep_waits_for_push_tokens_issued_before_the_lock_and_none_is_issu
     for i in range(4):
         push_image(pusher, f"doomed/app{i % 2}", f"t{i}", layers=[1024, 512], seed=700 + i)
     age_storage(front.registry.storage)
-    gc = start_gc(cluster, namespace, front.registry.url, front.registry.storage, front.gc_creds, "--grace", "1h")
+    # --quiet-wait: GC waits this long, unlocked, for a pause in the pushes; this copy never pauses
+    gc = start_gc(cluster, namespace, front.registry.url, front.registry.storage, front.gc_creds, "--grace", "1h",
+                  "--quiet-wait", "3s")  # fmt: skip
     try:
         # A copy keeps taking push tokens until GC locks: the last one granted is the latest a token
         # service can have issued before the lock; the first refusal comes once it sees the lock.
@@ -92,3 +94,22 @@ def test_the_sweep_waits_for_push_tokens_issued_before_the_lock_and_none_is_issu
     assert not lock_holder(cluster, namespace)
     assert token(front.realm, "repository:late/app:pull,push")[0] == 200, "writes resume"
     push_image(pusher, "late/app", "v1", layers=[256], seed=799)
+
+
+def test_a_push_token_taken_just_before_gc_dies_before_the_window_not_inside_it(
+    cluster: Cluster, namespace: str, front: Front
+) -> None:
+    push_image(front.pusher(), "quiet/app", "v1", layers=[1024], seed=760)
+    age_storage(front.registry.storage)
+    status, _, _ = token(front.realm, "repository:quiet/other:pull,push")
+    t0 = time.monotonic()
+    assert status == 200
+    gc = start_gc(cluster, namespace, front.registry.url, front.registry.storage, front.gc_creds, "--grace", "1h")
+    out, err = gc.communicate(timeout=240)
+    took = time.monotonic() - t0
+    report = json.loads(out.strip().splitlines()[-1])
+    assert gc.returncode == 0 and "error" not in report and report["blobsDeleted"] > 0, (report, err[-2000:])
+    # the heartbeat said when the token dies: GC waited for it with writes open, then locked a quiet registry
+    assert report["quietWaitSeconds"] > 5 and took >= PUSH_TTL + GRACE - 1.5, (report, took)
+    assert report["gatesAcked"] == 1 and report["drainSeconds"] < 3, report
+    assert report["windowSeconds"] < 5, report

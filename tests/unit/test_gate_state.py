@@ -142,3 +142,54 @@ def test_push_tokens_delay_the_drain_ack_until_they_died(st: GateState, clock: C
     assert st.ack_wanted() == "gc-1" and st.drain_in() == 0
     st.acknowledged("gc-1")
     assert st.drain_in() is None
+
+
+def test_a_push_token_issued_longer_ago_than_its_lifetime_does_not_delay_the_ack(st: GateState, clock: Clock) -> None:
+    st.observe(None)
+    assert st.grant_push(20.0) is Lock.FREE
+    clock.t += 20
+    st.observe(lease("gc-2", renew=WALL + timedelta(seconds=20)))
+    assert st.ack_wanted() == "gc-2" and st.drain_in() == 0, "no push token alive: ack at once"
+
+
+def test_a_push_token_issued_1s_before_the_lock_is_waited_for(st: GateState, clock: Clock) -> None:
+    st.observe(None)
+    assert st.grant_push(20.0) is Lock.FREE
+    clock.t += 1
+    st.observe(lease("gc-3", renew=WALL + timedelta(seconds=1)))
+    assert st.ack_wanted() is None and st.drain_in() == pytest.approx(19.0)
+
+
+def test_the_heartbeat_hint_says_when_push_tokens_die_and_wakes_on_the_first(st: GateState, clock: Clock) -> None:
+    woken: list[int] = []
+    st.on_busy = lambda: woken.append(1)
+    st.observe(None)
+    assert st.push_until_wall() == WALL, "none issued: dead now"
+    st.grant_push(20.0)
+    clock.t += 5
+    st.grant_push(20.0)
+    assert woken == [1], "published at once only when the replica goes from no live token to one"
+    assert st.push_until_wall() == WALL + timedelta(seconds=25)
+    clock.t += 21
+    assert st.push_until_wall() == WALL + timedelta(seconds=26), "past: now"
+    st.heartbeat_ok(clock.t)
+    st.confirm()
+    assert st.grant_push(20.0) is Lock.FREE
+    assert woken == [1, 1]
+
+
+def test_gc_waits_for_the_latest_push_token_end_of_live_replicas_only() -> None:
+    from cluster_registry.gate.protocol import ANNOTATION_PUSH_UNTIL, quiet_in, view
+    from types import SimpleNamespace
+
+    def hb(name: str, renew: datetime, until: str | None) -> LeaseView:
+        meta = SimpleNamespace(name=name, annotations={ANNOTATION_PUSH_UNTIL: until} if until else None, resource_version="1")
+        spec = SimpleNamespace(holder_identity=name, renew_time=renew, acquire_time=None, lease_duration_seconds=20)
+        return view(SimpleNamespace(metadata=meta, spec=spec))
+
+    now = WALL + timedelta(seconds=100)
+    later = (now + timedelta(seconds=12.5)).isoformat(timespec="milliseconds")
+    assert quiet_in([], now) == 0
+    assert quiet_in([hb("a", now, later), hb("b", now, WALL.isoformat()), hb("c", now, None)], now) == 12.5
+    assert quiet_in([hb("gone", WALL, later)], now) == 0, "a dead replica's hint is not waited for"
+    assert quiet_in([hb("a", now, "not a time")], now) == 0

@@ -19,6 +19,7 @@ from cluster_registry import pullcreds
 from cluster_registry.gate.access import ReadyIndex
 from cluster_registry.gate.protocol import (
     ANNOTATION_DRAINED,
+    ANNOTATION_PUSH_UNTIL,
     GATE_LEASE_SECONDS,
     LABEL_GATE_FOR,
     heartbeat_name,
@@ -104,10 +105,13 @@ class Heartbeat(threading.Thread):
         self.wake = threading.Event()
         self._acked: str | None = None
         state.on_drained = self.wake.set
+        state.on_busy = self.wake.set  # publish the push tokens' end at once (GC's quiet-moment hint)
 
     def _body(self, existing: Any, ack: str | None) -> Any:
         now = datetime.now(timezone.utc)
-        annotations = {ANNOTATION_DRAINED: ack} if ack else {}
+        annotations = {ANNOTATION_PUSH_UNTIL: self.state.push_until_wall().isoformat(timespec="milliseconds")}
+        if ack:
+            annotations[ANNOTATION_DRAINED] = ack
         owner = (
             [client.V1OwnerReference(api_version="v1", kind="Pod", name=self.identity, uid=self.pod_uid)]
             if self.pod_uid

@@ -12,6 +12,11 @@ parsing, expiry rules).
   ``clusterregistry.io/gate-for: <lock name>``, renewed every few seconds; once it has seen generation G
   (so it issues no push token) and every push token it issued before has died at distribution, it
   sets the annotation ``clusterregistry.io/drained: G`` on it. GC waits for that ack from every live one.
+- **Push tokens' end** (a hint): each heartbeat carries ``clusterregistry.io/push-tokens-until``, the
+  wall time by which every push token the replica issued has died (grace included), written at once
+  when a replica that had none alive issues one. GC, after its online mark, waits (bounded) outside
+  the lock until those times have passed, so a registry written to just before GC does not spend
+  the push-token TTL inside the read-only window. Safety never rests on it: the drain ack does.
 - **The last window**: on release GC sets ``clusterregistry.io/last-window-seconds`` on the lock
   Lease to how long writes were held off; the gates export it as a metric (the GC Job is gone by the
   time anything scrapes).
@@ -31,6 +36,7 @@ LOCK_HEADER = "X-Cluster-Registry-Lock"
 LABEL_GATE_FOR = "clusterregistry.io/gate-for"
 ANNOTATION_DRAINED = "clusterregistry.io/drained"
 ANNOTATION_LAST_WINDOW = "clusterregistry.io/last-window-seconds"
+ANNOTATION_PUSH_UNTIL = "clusterregistry.io/push-tokens-until"
 GC_LEASE_SECONDS = 15  # GC's lock duration; renewed every third of it
 GATE_LEASE_SECONDS = 20  # a gate's heartbeat duration; renewed every quarter of it
 
@@ -46,11 +52,19 @@ class LeaseView:
     resource_version: str = ""
     drained: str | None = None
     last_window: float | None = None  # seconds writes were held off by the last GC run
+    push_until: datetime | None = None  # a heartbeat's hint: its push tokens are all dead by then
 
 
 def _seconds(text: str | None) -> float | None:
     try:
         return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _time(text: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text) if text else None
     except ValueError:
         return None
 
@@ -68,6 +82,7 @@ def view(lease: Any) -> LeaseView:
         resource_version=(meta.resource_version or "") if meta else "",
         drained=annotations.get(ANNOTATION_DRAINED),
         last_window=_seconds(annotations.get(ANNOTATION_LAST_WINDOW)),
+        push_until=_time(annotations.get(ANNOTATION_PUSH_UNTIL)),
     )
 
 
@@ -84,3 +99,10 @@ def heartbeat_name(lock_name: str, identity: str) -> str:
     if len(base) <= 63:
         return base
     return f"{base[:50].rstrip('-')}-{hashlib.sha256(base.encode()).hexdigest()[:12]}"
+
+
+def quiet_in(heartbeats: list[LeaseView], now: datetime) -> float:
+    """Seconds until every live replica's push tokens are dead by its own hint (0: now). A heartbeat
+    expired by the clock is a gone replica; one without the hint has issued none that it published."""
+    ends = [h.push_until for h in heartbeats if h.push_until is not None and not expired_by_clock(h, now)]
+    return max([0.0, *((end - now).total_seconds() for end in ends)])

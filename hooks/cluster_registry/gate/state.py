@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Callable
 
@@ -52,6 +52,7 @@ class GateState:
         self.acked: str | None = None
         self.last_window: float | None = None  # the last GC run's read-only window (the lock Lease's annotation)
         self.on_drained: Callable[[], None] = lambda: None
+        self.on_busy: Callable[[], None] = lambda: None  # a push token issued while none was alive
 
     # -- fed by the watch and the heartbeat ---------------------------------------------------------
     def observe(self, lease: LeaseView | None) -> None:
@@ -112,9 +113,19 @@ class GateState:
         with self._mu:
             now = self.clock()
             st = self._status_locked(now)
+            busy = st is Lock.FREE and self.push_until <= now
             if st is Lock.FREE:
                 self.push_until = max(self.push_until, now + lifetime)
-            return st
+        if busy:
+            self.on_busy()
+        return st
+
+    def push_until_wall(self) -> datetime:
+        """The wall time by which every push token issued so far has died (now, if none is alive):
+        the heartbeat's hint for GC to lock in a quiet moment."""
+        with self._mu:
+            left = max(0.0, self.push_until - self.clock())
+        return self.wall() + timedelta(seconds=left)
 
     def drain_in(self) -> float | None:
         """Seconds until this replica may acknowledge the held lock (0: now), None when not held."""

@@ -81,6 +81,8 @@ def _observe(gauges: object | None, rep: Report) -> None:
 @click.option("--registry-config", type=click.Path(dir_okay=False), help="Config for `registry garbage-collect` (default: generated over --storage-root).")
 @click.option("--registry-binary", help="The distribution `registry` binary (default: PATH, then .cache/bin).")
 @click.option("--drain-timeout", default="60s", show_default=True, help="How long to wait for every token service replica to acknowledge the lock (its push tokens dead).")
+@click.option("--quiet-wait", default="30s", show_default=True,
+              help="Before the lock, wait at most this long for the push tokens the token service replicas issued to die (their heartbeats say when), so the read-only window does not spend their TTL; 0 turns it off.")
 @click.option("--max-window", default="5m", show_default=True,
               help="The read-only window's bound: a sweep still running then is aborted and writes resume.")
 @click.option("--lease-duration", default=15, show_default=True, type=click.IntRange(5, 45), help="The lock's TTL in seconds (a dead GC frees writes within it).")
@@ -111,6 +113,7 @@ def gc(
     registry_config: str | None,
     registry_binary: str | None,
     drain_timeout: str,
+    quiet_wait: str,
     max_window: str,
     lease_duration: int,
     no_sweep: bool,
@@ -134,6 +137,7 @@ def gc(
         credentials=read_credentials_file(registry_credentials_file) if registry_credentials_file else None,
         local_hosts=frozenset(registry_hosts),
         drain_timeout=float(parse_duration(drain_timeout)),
+        quiet_wait=float(parse_duration(quiet_wait)),
         max_window=float(parse_duration(max_window)),
         lease_seconds=lease_duration,
         dry_run=dry_run,

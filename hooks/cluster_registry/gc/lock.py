@@ -23,8 +23,9 @@ can hold a request back. So the lock works on tokens:
    and a manifest naming a missing blob is refused, never stored dangling).
 
 The window is thus the drain (at most TTL + grace after the last push token, plus a lock watch's
-latency) plus the sweep: 25.6 s at 1,000 images with a push token taken just before the lock
-(``bench/gc.py --sizes 1000``).
+latency) plus the sweep. To keep the TTL out of it, GC first waits, unlocked and bounded
+(``wait_quiet``), until the replicas' heartbeats say their push tokens are dead: only a registry
+written to without a pause still pays the drain inside the window.
 
 The renewer is a background thread. ``safe()`` says whether the replicas are certainly still holding
 push tokens back: the last renewal that succeeded *started* less than ``duration - margin`` seconds ago
@@ -56,6 +57,7 @@ from cluster_registry.gate.protocol import (
     LABEL_GATE_FOR,
     LeaseView,
     expired_by_clock,
+    quiet_in,
     view,
 )
 
@@ -240,6 +242,27 @@ class GCLock:
         log.error("write lock not released; it expires by itself", extra={"seconds": self.duration})
 
     # -- the replicas' drain acks --------------------------------------------------------------------
+    def _heartbeats(self) -> list[LeaseView]:
+        return [view(lease) for lease in self.coord.list_namespaced_lease(
+            self.namespace, label_selector=f"{LABEL_GATE_FOR}={self.name}").items]  # fmt: skip
+
+    def wait_quiet(self, bound: float) -> float:
+        """Before the lock, writes going on: wait (at most ``bound`` seconds) until every replica's push
+        tokens are dead by its heartbeat's hint, so the drain inside the window finds none alive. A
+        registry written to without a pause gets locked after ``bound`` and its drain waits as before.
+        Returns the seconds waited."""
+        start = time.monotonic()
+        while (left := bound - (time.monotonic() - start)) > 0:
+            try:
+                wait = quiet_in(self._heartbeats(), datetime.now(timezone.utc))
+            except ApiException as err:  # only a hint: the drain inside the window is what is safe
+                log.warning("cannot read the token service heartbeats; locking now", extra={"error": err.reason})
+                break
+            if wait <= 0:
+                break
+            time.sleep(min(wait + 0.05, left))
+        return time.monotonic() - start
+
     def wait_drained(self, timeout: float, poll: float = 0.25) -> DrainReport:
         """Wait until every live replica acknowledged this generation; raise DrainTimeoutError on timeout.
 
@@ -253,13 +276,9 @@ class GCLock:
                 raise LockLostError("the GC lock could not be renewed while waiting for the token service replicas")
             now_wall = datetime.now(timezone.utc)
             now = time.monotonic()
-            leases = self.coord.list_namespaced_lease(
-                self.namespace, label_selector=f"{LABEL_GATE_FOR}={self.name}"
-            ).items
             report = DrainReport(seconds=now - start)
             pending: list[str] = []
-            for lease in leases:
-                v: LeaseView = view(lease)
+            for v in self._heartbeats():
                 if v.drained == self.generation:
                     report.acked.append(v.name)
                     continue

@@ -37,6 +37,7 @@ class Options:
     credentials: Credentials | None = None
     local_hosts: frozenset[str] = frozenset()
     drain_timeout: float = 60.0
+    quiet_wait: float = 30.0  # before the lock: wait for the replicas' push tokens to die (GCLock.wait_quiet)
     max_window: float = 300.0  # the read-only window's bound: past it the sweep is aborted, writes resume
     lease_seconds: int = 15
     dry_run: bool = False
@@ -69,6 +70,7 @@ class Report:
     bytesFreed: int = 0
     usageBytesAfter: int = 0
     gatesAcked: int = 0
+    quietWaitSeconds: float = 0.0  # before the window, writes going on: for push tokens issued just before to die
     drainSeconds: float = 0.0
     markSeconds: float = 0.0  # the online mark, before the window (writes go on)
     markCpuSeconds: float = 0.0
@@ -89,7 +91,7 @@ class Report:
 
     def as_dict(self, with_lists: bool = False) -> dict[str, Any]:
         out = dict(vars(self))
-        for k in ("drainSeconds", "markSeconds", "markCpuSeconds", "sweepSeconds", "sweepCpuSeconds", "windowSeconds",
+        for k in ("drainSeconds", "quietWaitSeconds", "markSeconds", "markCpuSeconds", "sweepSeconds", "sweepCpuSeconds", "windowSeconds",
                   "runSeconds", "usagePercent"):  # fmt: skip
             out[k] = round(out[k], 3)
         if not with_lists:
@@ -277,6 +279,7 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
     marked = None
     try:
         marked = _mark_online(opts, config, rep)
+        rep.quietWaitSeconds = lock.wait_quiet(opts.quiet_wait)
         w0 = time.monotonic()
         lock.acquire()
         _locked(opts, lock, config, rep, sizes, marked)
