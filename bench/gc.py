@@ -8,15 +8,16 @@ revision and tag links; real sha256 digests, OCI manifests), which takes seconds
 50,000 blobs through the API would take many minutes on this machine. Half the images were
 "pushed" two days ago and nothing references them (GC deletes them); the other half were pushed
 just now (kept by the grace period). A real distribution registry serves the API deletes; the
-write lock is a real Lease on the local cluster, with one real token-service replica acknowledging its
-drain after the push token a reconciler took just before the lock has died (the worst case).
+write lock is a real Lease on the local cluster, with one real token-service replica; a reconciler takes a
+push token just before GC starts, which GC waits for, unlocked, before the window (``--quiet-wait``)
+when its mark is shorter than the token's life, and inside the window with ``--quiet-wait 0``.
 
 Each size is collected twice: the first run deletes the old half (its window sweeps what goes); the
 second runs right after with nothing to delete, so its window is what GC costs when nothing changed,
 at that registry size.
 
 Prints one JSON line last: per size, the window, mark, sweep and run seconds, CPU and the counters.
-Usage: .venv/bin/python bench/gc.py [--sizes 1000,5000,20000,50000] [--sweep-mode online]
+Usage: .venv/bin/python bench/gc.py [--sizes 1000,5000,20000,50000] [--sweep-mode online] [--quiet-wait 30s]
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def generate(storage: Path, images: int, seed: str) -> dict[str, int]:
     return {"images": images, "blobs": blobs + images}
 
 
-def run_size(cluster: Cluster, images: int, namespace: str, workdir: Path, mode: str) -> dict[str, object]:
+def run_size(cluster: Cluster, images: int, namespace: str, workdir: Path, mode: str, quiet_wait: str
+             ) -> dict[str, object]:  # fmt: skip
     base = workdir / f"n{images}"
     base.mkdir(parents=True)
     key = base / "signing.pem"
@@ -144,7 +146,8 @@ def run_size(cluster: Cluster, images: int, namespace: str, workdir: Path, mode:
             argv = [sys.executable, "-m", "cluster_registry", "--log-format", "json", "gc", "--once",
                     "--registry-url", reg.url, "--registry-credentials-file", str(creds),
                     "--storage-root", str(reg.storage), "--storage-size", "10Gi", "--threshold", "0", "--grace", "1h",
-                    "--lock-name", lock, "--namespace", namespace, "--artifact-namespace", namespace, "--sweep-mode", mode]  # fmt: skip
+                    "--lock-name", lock, "--namespace", namespace, "--artifact-namespace", namespace, "--sweep-mode", mode,
+                    "--quiet-wait", quiet_wait]  # fmt: skip
             t1 = time.monotonic()
             proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600)
             wall = time.monotonic() - t1
@@ -174,6 +177,7 @@ def run_size(cluster: Cluster, images: int, namespace: str, workdir: Path, mode:
         "markSecondsNothingChanged": second["markSeconds"],
         "loadAverage": round(os.getloadavg()[0], 1),
         "drainSeconds": report["drainSeconds"],
+        "quietWaitSeconds": report.get("quietWaitSeconds", 0.0),
         "runSeconds": report["runSeconds"],
         "processSeconds": round(wall, 2),
         "manifestsDeleted": report["manifestsDeleted"],
@@ -188,6 +192,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1000,5000,20000,50000")
     ap.add_argument("--sweep-mode", default="online", choices=["online", "trash", "distribution"])
+    ap.add_argument("--quiet-wait", default="30s", help="gc's --quiet-wait (0: the push token's life is spent in the window)")
     ap.add_argument("--kubeconfig", help="use this API server as is (default: the local cluster, started if needed)")
     args = ap.parse_args()
     cluster = Cluster(Path(args.kubeconfig), "", "", "", "") if args.kubeconfig else ensure_up()
@@ -197,7 +202,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-gc-") as tmp:
             for n in (int(s) for s in args.sizes.split(",")):
-                res = run_size(cluster, n, namespace, Path(tmp), args.sweep_mode)
+                res = run_size(cluster, n, namespace, Path(tmp), args.sweep_mode, args.quiet_wait)
                 print(f"# {n} images: {res}", file=sys.stderr, flush=True)
                 results.append(res)
     finally:
@@ -208,6 +213,7 @@ def main() -> None:
         "benchmark": "gc",
         "storage": "filesystem layout written directly; deletes through the registry API (auth: token, our token service)",
         "sweepMode": args.sweep_mode,
+        "quietWait": args.quiet_wait,
         "windowSeconds1000": at_1000["windowSeconds"],
         "runSeconds1000": at_1000["runSeconds"],
         "windowTargetSeconds": 60,

@@ -59,7 +59,7 @@ def usage(storage_root: str | Path) -> Usage:
     return Usage(sum(sizes.values()), len(sizes))
 
 
-def _scandirs(path: Path) -> Iterator[os.DirEntry[str]]:
+def _scandirs(path: Path | str) -> Iterator[os.DirEntry[str]]:
     try:
         with os.scandir(path) as it:
             entries = [e for e in it if e.is_dir(follow_symlinks=False)]
@@ -135,7 +135,7 @@ def _mtime(path: str | Path) -> float | None:
         return None
 
 
-def _new_entries(directory: Path, since: float, *, prune: bool) -> Iterator[str]:
+def _new_entries(directory: str, since: float, *, prune: bool) -> Iterator[str]:
     """``<algo>:<hex>`` of each ``<algo>/<hex>/link`` under ``directory`` written at or after ``since``.
     With ``prune``, an ``<algo>`` directory older than ``since`` is skipped with one stat (an entry
     added or removed under it moves its mtime). Revisions cannot be pruned so: distribution's delete
@@ -143,7 +143,7 @@ def _new_entries(directory: Path, since: float, *, prune: bool) -> Iterator[str]
     for algo in _scandirs(directory):
         if prune and (_mtime(algo.path) or 0) < since:
             continue
-        for entry in _scandirs(Path(algo.path)):
+        for entry in _scandirs(algo.path):  # plain strings: this runs inside the window, per revision
             # the link's own mtime: a delete (the soft delete just before the mark) moves the entry's
             if (_mtime(os.path.join(entry.path, "link")) or 0) >= since:
                 yield f"{algo.name}:{entry.name}"
@@ -158,12 +158,12 @@ def referenced_since(storage_root: str | Path, since: float) -> set[str]:
     seen: as with distribution's own locked sweep, an upload whose manifest is not pushed before the
     window may lose that blob.
     """
-    base = v2_root(storage_root) / "repositories"
+    base = str(v2_root(storage_root) / "repositories")
     out: set[str] = set()
     pending: list[str] = []
     for repo in repositories(storage_root):
-        out.update(_new_entries(base / repo / "_layers", since, prune=True))
-        pending += _new_entries(base / repo / "_manifests" / "revisions", since, prune=False)
+        out.update(_new_entries(f"{base}/{repo}/_layers", since, prune=True))
+        pending += _new_entries(f"{base}/{repo}/_manifests/revisions", since, prune=False)
     read: set[str] = set()
     while pending:  # manifests, and the platform manifests their indexes name
         digest = pending.pop()
