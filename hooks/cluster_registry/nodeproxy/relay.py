@@ -1,10 +1,10 @@
 """The node proxy's TCP relay: every byte moves socket -> pipe -> socket inside the kernel (``splice``).
 
 Why this shape (measured with bench/pull.py, see bench/README.md): the former asyncio byte pump read
-every chunk into Python and wrote it out again, about 1.8 CPU s per GB on the node, and a node pulled
+every chunk into Python and wrote it out again, 1.4-2.0 CPU s per GB on the node, and a node pulled
 at 0.4-0.6x of the registry's direct speed. ``os.splice`` moves page references from the receiving
 socket into a pipe and from the pipe to the sending socket: the bytes never enter user space and Python
-runs one loop iteration per pipe-full (0.4 CPU s per GB, 0.85-0.94x). Each direction has two threads
+runs one loop iteration per pipe-full (0.34-0.48 CPU s per GB, 0.89-0.94x). Each direction has two threads
 blocked in ``splice`` (the GIL is released there), one filling its 1 MiB pipe from the source, one
 draining it to the destination: on loopback a sender's thread also does the receiver's TCP work, and
 one thread per direction doing both halves in turn measured 0.70-0.75x at 1 and 4 clients where the
