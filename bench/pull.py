@@ -7,7 +7,7 @@
 2. In the network namespace of the registry pod's node (nsenter: what the node's runtime sees), pushes a
    1 GiB image of 4 layers (tests/support/ociimages.py) and pulls it (manifest and every blob; each
    client on its own connection, with its own token when the endpoint asks for one) with 1, 4 and 16
-   concurrent clients along three paths, in an order rotated by round and concurrency:
+   concurrent clients along four paths, in an order rotated by round and concurrency:
    `node`: the rewrite target, the node proxy on 127.0.0.1:5050, to the registry Service, to the pod;
    `clusterip`: the registry Service's ClusterIP (kube-proxy's NAT, no node proxy: what the relay adds);
    `service`: the pod's registry port (where the Service leads: the chart's front, its auth and TLS);
