@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -283,18 +284,19 @@ def chroot(stage: Path, *argv: str) -> None:
     subprocess.run(["chroot", str(stage), *argv], check=True, env=env, stdout=subprocess.DEVNULL)
 
 
-def dependencies() -> list[str]:
+def dependencies(src: Path = ROOT) -> list[str]:
     import tomllib
 
-    return list(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    return list(tomllib.loads((src / "pyproject.toml").read_text())["project"]["dependencies"])
 
 
-def venv_stage(tarball: Path) -> tuple[Path, Layer]:
-    """A chroot of the base with /opt/venv holding the project's dependencies; their layer."""
-    deps = dependencies()
+def venv_stage(tarball: Path, src: Path = ROOT, name: str = "stage") -> tuple[Path, Layer]:
+    """A chroot of the base with /opt/venv holding SRC's dependencies; their layer. NAME keeps a
+    release's stage apart from the working tree's (each would otherwise rebuild the other's)."""
+    deps = dependencies(src)
     key = key_of(tarball.name, deps, "venv")
-    stage = WORK / "stage"
-    stamp = WORK / "stage.key"
+    stage = WORK / name
+    stamp = WORK / f"{name}.key"
     if not (stamp.exists() and stamp.read_text() == key):
         t0 = time.monotonic()
         shutil.rmtree(stage, ignore_errors=True)
@@ -313,30 +315,30 @@ def venv_stage(tarball: Path) -> tuple[Path, Layer]:
         chroot(stage, "/opt/venv/bin/python", "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash",
                f"/{SITE}")
         stamp.write_text(key)
-        (WORK / "stage.app").unlink(missing_ok=True)
+        (WORK / f"{name}.app").unlink(missing_ok=True)
         log(f"dependencies installed in {time.monotonic() - t0:.1f}s")
     layer = cached_layer("venv", key, lambda tar: add_tree(tar, stage, walk(stage, "opt")))
     return stage, layer
 
 
-def source_key() -> str:
-    h = hashlib.sha256((ROOT / "pyproject.toml").read_bytes())
-    for p in sorted((ROOT / "hooks" / "cluster_registry").rglob("*")):
+def source_key(src: Path = ROOT) -> str:
+    h = hashlib.sha256((src / "pyproject.toml").read_bytes())
+    for p in sorted((src / "hooks" / "cluster_registry").rglob("*")):
         if p.is_file() and "__pycache__" not in p.parts:
-            h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes())
+            h.update(str(p.relative_to(src)).encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:24]
 
 
-def app_layer(stage: Path) -> Layer:
-    """The project's wheel installed into the stage's venv (no dependencies) and compiled."""
-    key = source_key()
+def app_layer(stage: Path, src: Path = ROOT) -> Layer:
+    """SRC's wheel installed into the stage's venv (no dependencies) and compiled."""
+    key = source_key(src)
     if layer := from_cache("app", key):
         return layer
     t0 = time.monotonic()
     dist = WORK / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     subprocess.run([str(ROOT / ".venv" / "bin" / "pip"), "-q", "--disable-pip-version-check", "wheel",
-                    "--no-deps", "-w", str(dist), str(ROOT)], check=True,
+                    "--no-deps", "-w", str(dist), str(src)], check=True,
                    env={**os.environ, "SOURCE_DATE_EPOCH": str(EPOCH)}, stdout=subprocess.DEVNULL)
     wheel = next(dist.glob("cluster_registry-*.whl"))
     # The previous build's files go first, so the layer holds exactly this wheel's.
@@ -467,6 +469,24 @@ def build_all() -> list[Built]:
     return built
 
 
+def build_release(rev: str, tag: str) -> Built:
+    """The project's image as released at git revision REV (its code and dependencies on today's
+    base), tagged TAG: what tests/e2e/test_upgrade.py installs the last release's chart with."""
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="release-src-") as tmp:
+        src = Path(tmp)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+        tarball = base_tar()
+        stage, venv = venv_stage(tarball, src, "stage-release")
+        tools = binaries_layer("tools", {"/usr/local/bin/registry": BIN / "registry", "/usr/local/bin/helm": BIN / "helm"})
+        layers = [base_layer(tarball), tools, venv, app_layer(stage, src)]
+        return write_image(f"cluster-registry-{tag}", ("cluster-registry/cluster-registry",), tag, layers,
+                           containerfile_config(src / "hooks" / "Containerfile"),
+                           ["mmdebstrap " + SUITE, "helm, registry", "/opt/venv: dependencies",
+                            f"/opt/venv: cluster-registry at {rev}"], time.monotonic() - t0)
+
+
 def pause_image() -> Built:
     t0 = time.monotonic()
     pause = binaries_layer("pause", {"/pause": pause_binary()})
@@ -557,8 +577,8 @@ def local_targets() -> list[tuple[str, tuple[str, str] | None]]:
 
 
 def main(argv: list[str]) -> int:
-    if argv not in ([], ["build"], ["push"]):
-        print("usage: ci/images [build|push]", file=sys.stderr)
+    if argv not in ([], ["build"], ["push"]) and not (len(argv) == 3 and argv[0] == "push-release"):
+        print("usage: ci/images [build|push|push-release REV TAG]", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
         print("ci/images: needs root (mmdebstrap's root mode, chroot)", file=sys.stderr)
@@ -567,6 +587,10 @@ def main(argv: list[str]) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     lock = open(OUT / "lock", "w")  # e2e sessions run `push` at once: one build at a time
     fcntl.flock(lock, fcntl.LOCK_EX)
+    if argv[:1] == ["push-release"]:  # another revision's image beside the working tree's (no forget_stale)
+        release = build_release(argv[1], argv[2])
+        print(json.dumps(push([release], local_targets())[release.name]))
+        return 0
     built = build_all()
     summary: dict[str, Any] = {b.name: {"digest": b.digest, "size": b.size, "seconds": round(b.seconds, 1)}
                                for b in built}

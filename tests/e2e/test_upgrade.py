@@ -1,5 +1,6 @@
 """`helm upgrade` from the last release (chart 0.1.0, packaged as tests/e2e/fixtures/cluster-registry-0.1.0.tgz
-from commit 25e60ac) to the working tree, with data in place, then `helm rollback` to it.
+from commit 25e60ac, its pods running that commit's image) to the working tree, with data in place, then
+`helm rollback` to it.
 
 Data: Artifacts (one with the owners the webhook records for running pods) and a Component, all
 copied into the registry by the installed reconcilers. After the upgrade nothing is lost: the same
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from tests.support.cluster import ROOT, Cluster, CommandError, adopt_crds, exclu
 from tests.support.ociimages import push_image
 
 FIXTURE = ROOT / "tests" / "e2e" / "fixtures" / "cluster-registry-0.1.0.tgz"
+RELEASE_REV = "25e60ac"  # the commit FIXTURE was packaged from: its image runs FIXTURE's pods
+RELEASE_TAG = f"release-{RELEASE_REV}"
 CHART = ROOT / "chart"
 GROUP = "clusterregistry.io"
 
@@ -38,15 +42,18 @@ def chart_version(path: Path) -> str:
         return str(yaml.safe_load(f.read())["version"])
 
 
-def image_sets() -> list[str]:
-    """The working tree's image values, for the old chart too: the local cluster runs the images it
-    has (built locally, see /tmp/cluster-notes.md), whatever registry the old defaults named."""
+def release_image_sets() -> list[str]:
+    """Image values for the old chart: the local cluster runs only images built here (see
+    /tmp/cluster-notes.md), so the release's own code is built from RELEASE_REV (`ci/images
+    push-release`) under the working tree's image names; the old chart's defaults named others."""
+    subprocess.run([str(ROOT / "ci" / "images"), "push-release", RELEASE_REV, RELEASE_TAG], check=True,
+                   capture_output=True, timeout=900)  # fmt: skip
     values = yaml.safe_load((CHART / "values.yaml").read_text())["global"]["networkfunctionextension"]
-    out = []
+    sets = {"image.tag": RELEASE_TAG}
     for prefix, image in (("image", values["image"]), ("clusterRegistry.image", values["clusterRegistry"]["image"])):
-        out += [f"global.networkfunctionextension.{prefix}.{k}={image[k]}" for k in ("registry", "repository", "tag")
-                if image.get(k)]  # fmt: skip
-    return [a for s in out for a in ("--set", s)]
+        sets.update({f"{prefix}.{k}": image[k] for k in ("registry", "repository", "tag") if image.get(k)
+                     and f"{prefix}.{k}" not in sets})  # fmt: skip
+    return [a for k, v in sets.items() for a in ("--set", f"global.networkfunctionextension.{k}={v}")]
 
 
 def deployed(cluster: Cluster, release: str, namespace: str) -> dict[str, Any]:
@@ -128,7 +135,7 @@ def test_upgrade_from_the_last_release_keeps_everything_and_rolls_back(cluster: 
             cluster.kubectl("create", "namespace", ns)
         try:
             adopt_crds(cluster, release, namespace)
-            cluster.helm("install", release, str(FIXTURE), "-n", namespace, "-f", str(values_file), *image_sets(),
+            cluster.helm("install", release, str(FIXTURE), "-n", namespace, "-f", str(values_file), *release_image_sets(),
                          "--wait", "--wait-for-jobs", "--timeout", "480s", timeout=540)  # fmt: skip
             assert chart_of(cluster, release, namespace) == "cluster-registry-0.1.0"
             cnf.wait_replicas(cluster, namespace)
