@@ -166,9 +166,12 @@ def _gc_report(cluster: Cluster, site: Site, name: str) -> dict[str, Any]:
     done = wait_for(finished, timeout=300, interval=1, what="the GC Job")
     log = _gc_pod_log(cluster, site, name)
     assert done["status"].get("succeeded") == 1, (done["status"], log[-3000:])
-    report: dict[str, Any] = json.loads(log.strip().splitlines()[-1])
-    assert "ran" in report, f"the last line is not GC's report: {log[-3000:]}"
-    return report
+    # The report is stdout's last line; `kubectl logs` merges stderr's log lines in the order the runtime
+    # read the two pipes, so the log line written just before the report may come after it.
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    reports = [doc for doc in lines if "ran" in doc and "level" not in doc]
+    assert reports, f"no GC report in the log: {log[-3000:]}"
+    return dict(reports[-1])
 
 
 def _resolves_everywhere(cluster: Cluster, site: Site, wanted: dict[str, str]) -> None:
