@@ -294,6 +294,11 @@ class ArtifactReconciler:
             await asyncio.sleep(5)
 
     async def worker(self, n: int) -> None:
+        # Work starts on the first complete list: Artifacts that share a copy (two namespaces, one image)
+        # are then in one attempt, not the second joining late and getting an attempt of its own.
+        while self.informer is not None and not self.informer.synced.is_set():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # the list's events, queued before ``synced`` was set, are handled first
         while True:
             dest = await next_due(self.queue, self._wake, self.clock)
             self._gauges()
