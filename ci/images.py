@@ -446,13 +446,7 @@ def build_all() -> list[Built]:
     t0 = time.monotonic()
     tarball = base_tar()
     base = base_layer(tarball)
-    stage, venv = venv_stage(tarball)
-    tools = binaries_layer("tools", {"/usr/local/bin/registry": BIN / "registry", "/usr/local/bin/helm": BIN / "helm"})
-    app = app_layer(stage)
-    built.append(write_image(
-        "cluster-registry", ("cluster-registry/cluster-registry",), app_version(), [base, tools, venv, app],
-        containerfile_config(), ["mmdebstrap " + SUITE, "helm, registry", "/opt/venv: dependencies",
-                                 "/opt/venv: cluster-registry"], time.monotonic() - t0))
+    built.append(project_image("cluster-registry", app_version(), tarball, ROOT, "stage", "cluster-registry", t0))
     t1 = time.monotonic()
     registry = binaries_layer("registry", {"/usr/bin/registry": BIN / "registry"})  # /bin -> usr/bin in the base
     version = re.search(r"v(\d+\.\d+\.\d+)", subprocess.run([str(BIN / "registry"), "--version"], capture_output=True,
@@ -469,22 +463,26 @@ def build_all() -> list[Built]:
     return built
 
 
+def project_image(name: str, tag: str, tarball: Path, src: Path, stage_name: str, what: str, t0: float) -> Built:
+    """The project's image from source tree SRC: the base, helm and registry, SRC's dependencies, SRC itself."""
+    stage, venv = venv_stage(tarball, src, stage_name)
+    tools = binaries_layer("tools", {"/usr/local/bin/registry": BIN / "registry", "/usr/local/bin/helm": BIN / "helm"})
+    return write_image(name, ("cluster-registry/cluster-registry",), tag,
+                       [base_layer(tarball), tools, venv, app_layer(stage, src)],
+                       containerfile_config(src / "hooks" / "Containerfile"),
+                       ["mmdebstrap " + SUITE, "helm, registry", "/opt/venv: dependencies", f"/opt/venv: {what}"],
+                       time.monotonic() - t0)
+
+
 def build_release(rev: str, tag: str) -> Built:
     """The project's image as released at git revision REV (its code and dependencies on today's
     base), tagged TAG: what tests/e2e/test_upgrade.py installs the last release's chart with."""
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="release-src-") as tmp:
-        src = Path(tmp)
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-        tarball = base_tar()
-        stage, venv = venv_stage(tarball, src, "stage-release")
-        tools = binaries_layer("tools", {"/usr/local/bin/registry": BIN / "registry", "/usr/local/bin/helm": BIN / "helm"})
-        layers = [base_layer(tarball), tools, venv, app_layer(stage, src)]
-        return write_image(f"cluster-registry-{tag}", ("cluster-registry/cluster-registry",), tag, layers,
-                           containerfile_config(src / "hooks" / "Containerfile"),
-                           ["mmdebstrap " + SUITE, "helm, registry", "/opt/venv: dependencies",
-                            f"/opt/venv: cluster-registry at {rev}"], time.monotonic() - t0)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        return project_image(f"cluster-registry-{tag}", tag, base_tar(), Path(tmp), "stage-release",
+                             f"cluster-registry at {rev}", t0)
 
 
 def pause_image() -> Built:
