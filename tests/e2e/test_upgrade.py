@@ -49,11 +49,12 @@ def release_image_sets() -> list[str]:
     subprocess.run([str(ROOT / "ci" / "images"), "push-release", RELEASE_REV, RELEASE_TAG], check=True,
                    capture_output=True, timeout=900)  # fmt: skip
     values = yaml.safe_load((CHART / "values.yaml").read_text())["global"]["networkfunctionextension"]
-    sets = {"image.tag": RELEASE_TAG}
-    for prefix, image in (("image", values["image"]), ("clusterRegistry.image", values["clusterRegistry"]["image"])):
-        sets.update({f"{prefix}.{k}": image[k] for k in ("registry", "repository", "tag") if image.get(k)
-                     and f"{prefix}.{k}" not in sets})  # fmt: skip
-    return [a for k, v in sets.items() for a in ("--set", f"global.networkfunctionextension.{k}={v}")]
+    out = []
+    for prefix, image in (("image", {**values["image"], "tag": RELEASE_TAG}),
+                          ("clusterRegistry.image", values["clusterRegistry"]["image"])):
+        out += [f"global.networkfunctionextension.{prefix}.{k}={image[k]}" for k in ("registry", "repository", "tag")
+                if image.get(k)]  # fmt: skip
+    return [a for s in out for a in ("--set", s)]
 
 
 def deployed(cluster: Cluster, release: str, namespace: str) -> dict[str, Any]:
