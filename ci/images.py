@@ -317,8 +317,17 @@ def venv_stage(tarball: Path, src: Path = ROOT, name: str = "stage") -> tuple[Pa
         stamp.write_text(key)
         (WORK / f"{name}.app").unlink(missing_ok=True)
         log(f"dependencies installed in {time.monotonic() - t0:.1f}s")
-    layer = cached_layer("venv", key, lambda tar: add_tree(tar, stage, walk(stage, "opt")))
+    # The stage may already hold an app install (app_layer): the dependency layer never carries it.
+    deps_only = [r for r in walk(stage, "opt") if not is_app_file(r)]
+    layer = cached_layer(f"{name}-venv", key, lambda tar: add_tree(tar, stage, deps_only))
     return stage, layer
+
+
+def is_app_file(rel: str) -> bool:
+    """Whether REL (relative to a stage) belongs to the project's own install, not its dependencies."""
+    top = rel.removeprefix(f"{SITE}/").split("/")[0]
+    return rel == "opt/venv/bin/cluster-registry" or (
+        rel.startswith(f"{SITE}/") and (top == "cluster_registry" or re.fullmatch(r"cluster_registry-.*\.dist-info", top) is not None))
 
 
 def source_key(src: Path = ROOT) -> str:
@@ -332,7 +341,7 @@ def source_key(src: Path = ROOT) -> str:
 def app_layer(stage: Path, src: Path = ROOT) -> Layer:
     """SRC's wheel installed into the stage's venv (no dependencies) and compiled."""
     key = source_key(src)
-    if layer := from_cache("app", key):
+    if layer := from_cache(f"{stage.name}-app", key):
         return layer
     t0 = time.monotonic()
     dist = WORK / "dist"
@@ -355,7 +364,7 @@ def app_layer(stage: Path, src: Path = ROOT) -> Layer:
     rel = ["opt/venv/bin/cluster-registry"]
     for top in sorted([*site.glob("cluster_registry"), *site.glob("cluster_registry-*.dist-info")]):
         rel += walk(stage, str(top.relative_to(stage)))
-    layer = cached_layer("app", key, lambda tar: add_tree(tar, stage, rel))
+    layer = cached_layer(f"{stage.name}-app", key, lambda tar: add_tree(tar, stage, rel))
     log(f"project layer in {time.monotonic() - t0:.1f}s")
     return layer
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import shutil
 import subprocess
@@ -55,7 +56,7 @@ def rootfs(built: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
             assert "sha256:" + hashlib.sha256(data).hexdigest() == layer["digest"]
             raw = gzip.decompress(data)
             assert "sha256:" + hashlib.sha256(raw).hexdigest() == diff_id, "diff_id is the uncompressed tar's digest"
-            with tarfile.open(fileobj=__import__("io").BytesIO(raw)) as tar:
+            with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
                 assert not [m.name for m in tar if ".wh." in m.name], "no whiteouts: layers only add"
                 tar.extractall(root, filter="fully_trusted")
         out[name] = root
@@ -158,3 +159,19 @@ def test_layers_are_deterministic(tmp_path: Path) -> None:
         (images.WORK / "layers" / f"test-{tmp_path.name}-{n}.json").unlink()
     assert digests[0] == digests[1]
     assert shutil.which("runc"), "runc (Debian's) is what the nodes run containers with"
+
+
+def test_the_dependency_layer_carries_no_project_file(built: dict[str, Path]) -> None:
+    """The project's files live in its own layer only: a dependency layer rebuilt from a stage that already
+    held an app install once carried 200 of them (an image whose bytes depended on build order)."""
+    layout = built["cluster-registry"]
+    manifest, config = manifest_and_config(layout)
+    steps = [h["created_by"] for h in config["history"]]
+    names = {}
+    for step, layer in zip(steps, manifest["layers"], strict=True):
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob(layout, layer["digest"])))) as tar:
+            names[step] = tar.getnames()
+    deps = names["/opt/venv: dependencies"]
+    assert deps and not [n for n in deps if images.is_app_file(n)]
+    app = names["/opt/venv: cluster-registry"]
+    assert f"{images.SITE}/cluster_registry/cli.py" in app and all(images.is_app_file(n) for n in app)
