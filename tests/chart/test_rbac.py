@@ -107,7 +107,7 @@ def rules(docs: list[dict[str, Any]]) -> dict[tuple[str, str], set[Rule]]:
 
 
 def test_rbac_rules_are_exactly_the_expected_table() -> None:
-    assert rules(render(*EVERYTHING)) == EXPECTED
+    assert rules(render(*EVERYTHING, "registryAccess.mode=shared")) == EXPECTED
 
 
 # registryAccess isolated (#15): the artifact reconciler keeps a pull Secret in each namespace with an
@@ -125,7 +125,7 @@ ISOLATED = {
 
 
 def test_isolated_access_adds_only_the_pull_secret_grants() -> None:
-    assert rules(render(*EVERYTHING, "registryAccess.mode=isolated")) == ISOLATED
+    assert rules(render(*EVERYTHING)) == ISOLATED  # isolated is the default
 
 
 @pytest.mark.parametrize(

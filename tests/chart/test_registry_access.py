@@ -1,4 +1,4 @@
-"""registryAccess (#15): what isolated mode renders, and that shared (the default) renders none of it."""
+"""registryAccess (#15): what isolated mode (the default) renders, and that shared renders none of it."""
 
 from __future__ import annotations
 
@@ -38,9 +38,14 @@ def test_isolated_wires_the_pull_secret_through_webhook_reconciler_and_rotation(
             assert ctx.params is not None
 
 
-@pytest.mark.parametrize("sets", [(), ("registryAccess.mode=shared",)], ids=["default", "shared"])
-def test_shared_renders_no_pull_secret_and_no_rotation(sets: tuple[str, ...]) -> None:
-    docs = render(*sets)
+def test_isolated_is_the_default() -> None:
+    docs = render()
+    assert flag(argv_of(docs, "webhook"), "--pull-secret") == "cluster-registry-pull"
+    assert [d for d in docs if d["kind"] == "CronJob" and d["metadata"]["name"] == PREFIX + "pull-keys"]
+
+
+def test_shared_renders_no_pull_secret_and_no_rotation() -> None:
+    docs = render("registryAccess.mode=shared")
     assert "--pull-secret" not in argv_of(docs, "webhook") + argv_of(docs, "reconcile artifacts")
     assert not [d for d in docs if d["metadata"]["name"] == PREFIX + "pull-keys"]
 

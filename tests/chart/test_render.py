@@ -463,15 +463,19 @@ def test_rbac_is_least_privilege() -> None:
     assert not [r for r in webhook if set(r["verbs"]) & {"delete", "deletecollection", "update"} and r["resources"] != ["leases"]]
     for component in ("-artifact-reconciler", "-component-reconciler"):
         secret_rules = [r for r in rules_of(docs, component) if "secrets" in r["resources"]]
-        assert [r["verbs"] for r in secret_rules] == [["get"]], f"{component}: get by name only, no list/watch"
+        # no list/watch; isolated (the default): the artifact reconciler creates pull Secrets, updates them by name
+        assert {v for r in secret_rules for v in r["verbs"]} <= {"get", "create", "update"}, f"{component}: no list/watch"
+        assert all(r.get("resourceNames") for r in secret_rules if "update" in r["verbs"]), f"{component}: updates by name"
     for component in ("-registry", "-gc", "-certs", "-hooks"):
         for rule in rules_of(docs, component):
             if "secrets" in rule["resources"] and set(rule["verbs"]) - {"create"}:
                 assert rule.get("resourceNames"), f"{component} touches Secrets only by name"
             if "mutatingwebhookconfigurations" in rule["resources"] and set(rule["verbs"]) - {"create"}:
                 assert rule["resourceNames"] == [find(docs, "MutatingWebhookConfiguration")["metadata"]["name"]]
-    assert {res for r in rules_of(docs, "-registry") for res in r["resources"]} == {"leases", "secrets"}, \
-        "the token service touches Leases and its Secrets (by name) only"
+    registry = rules_of(docs, "-registry")
+    assert {res for r in registry for res in r["resources"]} == {"leases", "secrets", "artifacts"}, \
+        "the token service touches Leases and its Secrets (by name) only, and (isolated) reads Artifacts"
+    assert all(set(r["verbs"]) <= {"list", "watch"} for r in registry if "artifacts" in r["resources"])
     service_accounts = {d["metadata"]["name"] for d in all_of(docs, "ServiceAccount")}
     used = {pod_spec(w)["serviceAccountName"] for w in workloads(docs)}
     assert used <= service_accounts
@@ -553,9 +557,9 @@ def test_distribution_config() -> None:
     assert token["args"][:3] == ["token-service", "--listen", "0.0.0.0:5002"]
     assert token["ports"] == [{"name": "token", "containerPort": 5002, "protocol": "TCP"}]
     args = token["args"]
-    assert args[args.index("--access") + 1] == "shared"
-    isolated = [c for c in containers(deployment(render("registryAccess.mode=isolated"), "registry")) if c["name"] == "token"]
-    assert isolated[0]["args"][isolated[0]["args"].index("--access") + 1] == "isolated"
+    assert args[args.index("--access") + 1] == "isolated"
+    shared = [c for c in containers(deployment(render("registryAccess.mode=shared"), "registry")) if c["name"] == "token"]
+    assert shared[0]["args"][shared[0]["args"].index("--access") + 1] == "shared"
     assert {args[i + 1] for i, a in enumerate(args) if a == "--pusher"} == {
         f"{c}=t-cluster-registry-registry-push-{c}" for c in ("artifact-reconciler", "sideload", "gc")}
     # each side of the token key Secret sees only its part

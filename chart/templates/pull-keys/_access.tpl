@@ -1,7 +1,7 @@
 {{/* Usage: include "cluster-registry.isolated" $ -> "true" when the registry is on and registryAccess.mode is isolated, else "". */}}
 {{- define "cluster-registry.isolated" -}}
 {{- $v := .Values.global.networkfunctionextension -}}
-{{- if and $v.enableClusterRegistry (eq (($v.registryAccess | default dict).mode | default "shared") "isolated") -}}true{{- end -}}
+{{- if and $v.enableClusterRegistry (eq (($v.registryAccess | default dict).mode | default "isolated") "isolated") -}}true{{- end -}}
 {{- end -}}
 
 {{/* Usage: include "cluster-registry.pullKeys" $ -> "<fullname>-pull-keys", the Secret holding the pull-credential keys. */}}
