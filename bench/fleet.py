@@ -515,11 +515,25 @@ def run(cluster: Cluster, store: Store, args: argparse.Namespace, release: str, 
             "store_requests": {k: v - requests1.get(k, 0) for k, v in requests2.items() if v > requests1.get(k, 0)},
             "cpu_s_of": {k: round(v - cpu1.get(k, 0.0), 1) for k, v in cpu2.items()},
         }
+        out["fleet"]["reconciler"] = worker_time(cluster, ns, reconciler["metadata"]["name"], args.workers, seconds)
         out["memory"] = memory.report(cluster, ns)
     finally:
         cluster.kubectl("delete", "namespace", *[o["metadata"]["name"] for o in setup if o["kind"] == "Namespace"],
                         "--wait=false", "--ignore-not-found", check=False, timeout=300)
         cluster.helm("uninstall", release, "-n", ns, "--wait", "--timeout", "180s", check=False)
+
+
+def worker_time(cluster: Cluster, ns: str, pod: str, workers: int, seconds: float) -> dict[str, float]:
+    """Where the reconciler's worker time went: copy attempts (its copy-duration histogram) against
+    ``workers`` x ``seconds``; the rest is what a worker does around a copy (the namespace's pull
+    secret, status writes) or idle waiting for Artifacts to be created."""
+    text = cluster.kubectl("exec", "-n", ns, pod, "-c", "reconciler", "--", "python3", "-c",
+                           "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8080/metrics').read().decode())")
+    def total(name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
+    n, s = total("cluster_registry_artifact_copy_duration_seconds_count"), total("cluster_registry_artifact_copy_duration_seconds_sum")
+    return {"copies": n, "copy_s_mean": round(s / n, 3) if n else 0.0, "copy_s_sum": round(s, 1),
+            "copy_share_of_worker_time": round(s / (workers * seconds), 2) if seconds else 0.0}
 
 
 def reachable(netns: str, addr: str) -> None:

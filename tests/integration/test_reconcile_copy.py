@@ -81,7 +81,7 @@ async def reconcile_all(r: ArtifactReconciler, kube: MemoryKube) -> None:
     while (dest := r.queue.pop(r.clock())) is not None:
         before = len(kube.writes)
         r.queue.done(dest, await r.process(dest))
-        await asyncio.gather(*list(r._tasks))  # the Events, sent off the worker's path
+        await r.settled()  # the status writes and Events, sent off the worker's path
         for key in list(kube.objects)[:]:
             if len(kube.writes) != before:
                 r.on_event("MODIFIED", copy.deepcopy(kube.objects[key]))

@@ -115,7 +115,7 @@ async def drain(r: ArtifactReconciler, kube: FakeKube) -> list[str]:
     while (dest := r.queue.pop(r.clock())) is not None:
         writes = len(kube.status_writes)
         next_at = await r.process(dest)
-        await asyncio.gather(*list(r._tasks))  # the Events, sent off the worker's path
+        await r.settled()  # the status writes and Events, sent off the worker's path
         r.queue.done(dest, next_at)
         for key, _ in kube.status_writes[writes:]:  # what the watch would deliver
             r.on_event("MODIFIED", copy.deepcopy(kube.objects[key]))
@@ -509,7 +509,81 @@ async def test_events_do_not_hold_up_the_worker_and_keep_their_order() -> None:
     dest = r.queue.pop(clock.now)
     assert dest is not None
     await asyncio.wait_for(r.process(dest), 2)  # would hang on the held Event if it were awaited
+    for _ in range(200):  # the Ready write goes out off the worker's path too, without waiting on the Event
+        if kube.status("a/img").get("phase") == "Ready":
+            break
+        await asyncio.sleep(0.01)
     assert kube.status("a/img")["phase"] == "Ready" and kube.events == []
     gate.set()
     await asyncio.gather(*list(r._tasks))
     assert [e[2] for e in kube.events] == ["Copying", "Copied"]
+
+
+async def test_a_slow_status_write_does_not_hold_up_the_next_copy() -> None:
+    """Under a fleet's load every status write is an API round trip: ``process`` hands the Ready
+    write off and returns, so the worker copies the next image while it is on its way."""
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    gate = threading.Event()
+    patch = kube.patch_status
+
+    def slow_ready(plural: str, ns: str, name: str, p: dict[str, Any]) -> dict[str, Any]:
+        if p.get("phase") == "Ready":
+            assert gate.wait(5)
+        return patch(plural, ns, name, p)
+
+    kube.patch_status = slow_ready  # type: ignore[method-assign]
+    r = make(script, kube, clock)
+    r.on_event("ADDED", kube.add("a", "one", "ghcr.io/x/one:1"))
+    r.on_event("ADDED", kube.add("a", "two", "ghcr.io/x/two:1"))
+    for _ in range(2):
+        dest = r.queue.pop(clock.now)
+        assert dest is not None
+        r.queue.done(dest, await asyncio.wait_for(r.process(dest), 2))  # would time out on the held write
+    assert len(script.calls) == 2 and kube.status("a/one")["phase"] == kube.status("a/two")["phase"] == "Copying"
+    gate.set()
+    await r.settled()
+    assert kube.status("a/one")["phase"] == kube.status("a/two")["phase"] == "Ready"
+
+
+async def test_a_failed_status_write_retries_the_destination_after_a_backoff() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    patch, failures = kube.patch_status, [RuntimeError("API server: 500")]
+
+    def flaky(plural: str, ns: str, name: str, p: dict[str, Any]) -> dict[str, Any]:
+        if p.get("phase") == "Ready" and failures:
+            raise failures.pop()
+        return patch(plural, ns, name, p)
+
+    kube.patch_status = flaky  # type: ignore[method-assign]
+    r = make(script, kube, clock)
+    r.on_event("ADDED", kube.add("a", "img", "ghcr.io/x/y:1"))
+    dest = r.queue.pop(clock.now)
+    assert dest is not None
+    r.queue.done(dest, await r.process(dest))
+    await r.settled()
+    assert kube.status("a/img")["phase"] == "Copying"
+    due = r.queue.scheduled(dest)
+    assert due is not None and 0 < due - clock.now < 60  # a temporary failure's backoff, not the verify interval
+    clock.now = due
+    await drain(r, kube)
+    assert kube.status("a/img")["phase"] == "Ready"
+
+
+async def test_a_namespaces_images_copied_in_a_row_read_its_pull_secret_once() -> None:
+    kube, clock, script = FakeKube(), Clock(), Script(result())
+    kube.secrets["a/acr"] = json.dumps({"auths": {"myacr.azurecr.io": {"auth": base64.b64encode(b"u:p").decode()}}}).encode()
+    read, reads = kube.docker_config, []
+
+    def counted(ns: str, name: str) -> bytes | None:
+        reads.append(f"{ns}/{name}")
+        if len(reads) == 1:
+            raise RuntimeError("API server: 500")  # a failed read is not kept: the next copy reads again
+        return read(ns, name)
+
+    kube.docker_config = counted  # type: ignore[method-assign]
+    r = make(script, kube, clock)
+    for n in range(4):
+        r.on_event("ADDED", kube.add("a", f"img{n}", f"myacr.azurecr.io/app{n}:1", ["acr"]))
+    await drain(r, kube)
+    assert reads == ["a/acr", "a/acr"]
+    assert [c[2] is not None for c in script.calls] == [False, True, True, True]

@@ -42,6 +42,10 @@ from cluster_registry.reconcile.worker import next_due, reported_after, store_ne
 log = logging.getLogger(__name__)
 
 CONTROLLER = "clusterregistry.io/artifact-reconciler"
+# Seconds one read of a pull Secret serves: a namespace's images, queued together, are copied with one
+# GET of its Secret instead of one each (a fleet's 600 Artifacts in 50 namespaces: 50 reads, not 600).
+# A changed Secret is seen by the next read after it; a retry for one (recheck_secrets) reads afresh.
+SECRET_REUSE = 5.0
 
 # (source, destination, source credentials) -> result; raises ClusterRegistryError
 CopyFn = Callable[[reference.Reference, reference.Reference, Credentials | None], Awaitable[CopyResult]]
@@ -129,6 +133,8 @@ class ArtifactReconciler:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._locks: dict[str, asyncio.Lock] = {}  # artifact key -> serialises its status writes
         self._events: dict[str, asyncio.Future[None]] = {}  # artifact key -> its last Event being sent
+        # (namespace, Secret) -> when read, and the read (shared while under way and SECRET_REUSE after)
+        self._secret_reads: dict[tuple[str, str], tuple[float, asyncio.Future[bytes | None]]] = {}
 
     # -- adapters to the copy engine ----------------------------------------------------------------
 
@@ -264,6 +270,7 @@ class ArtifactReconciler:
                 continue
             if await self._secrets_fingerprint(members) != before:
                 log.info("pull secrets changed: retrying now", extra={"destination": dest})
+                self._secret_reads.clear()  # the retry reads what changed, not a copy read before
                 self.secrets_at_failure.pop(dest, None)
                 self.attempts.pop(dest, None)
                 self.queue.add(dest, self.clock())
@@ -395,14 +402,17 @@ class ArtifactReconciler:
                 if isinstance(outcome, st.Locked):
                     break  # every other attempt would wait on the same lock
         late = False
+        reports: list[tuple[st.ArtifactView, st.Outcome]] = []
         for m in self.members(dest):  # fresh: members may have changed during the copy
             if m.key in outcomes:
                 outcome = outcomes[m.key]
                 if intact(m) and (isinstance(outcome, st.Locked) or isinstance(outcome, st.CopyFailed) and outcome.temporary):
                     continue  # stays Ready; retried with the others
-                await self._write(m, st.within_quota(outcome, m, usage, cfg.namespace_quota, quota_limited))
+                reports.append((m, st.within_quota(outcome, m, usage, cfg.namespace_quota, quota_limited)))
             elif m.key not in over and not (m.observed and m.phase == Phase.READY):
                 late = True  # joined during the copy: its own attempt comes next
+        if reports:
+            self._spawn(self._report(dest, reports))
         now = self.clock()
         self.secrets_at_failure.pop(dest, None)
         done = list(outcomes.values())
@@ -420,6 +430,23 @@ class ArtifactReconciler:
             self.secrets_at_failure[dest] = secrets_fp  # as read before the copy: no change is missed
         attempt = self.attempts[dest] = self.attempts.get(dest, 0) + 1
         return now + st.backoff_delay(attempt, any(o.temporary for o in failed), self.rand(), cfg.policy)
+
+    async def _report(self, dest: str, reports: list[tuple[st.ArtifactView, st.Outcome]]) -> None:
+        """Write an attempt's statuses off the worker's path: the worker's next copy does not wait
+        for the API server (a fleet's worth of status writes is one round trip per image). A write
+        that fails queues ``dest`` again after a backoff, as a failed attempt would."""
+        results = await asyncio.gather(*(self._write(m, outcome) for m, outcome in reports), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            log.warning("writing the status of %s failed (%s); retrying later", dest, errors[0])
+            attempt = self.attempts[dest] = self.attempts.get(dest, 0) + 1
+            self.queue.add(dest, self.clock() + st.backoff_delay(attempt, True, self.rand(), self.config.policy))
+            self._wake.set()
+
+    async def settled(self) -> None:
+        """Return once every status write and Event sent off the workers' paths is done."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _attempt(self, src: reference.Reference, dst: reference.Reference, creds: Credentials | None, max_size: int) -> st.Outcome:
         """One copy of ``src`` with ``creds``, classified, logged and counted."""
@@ -466,7 +493,7 @@ class ArtifactReconciler:
             missing: list[str] = []
             for name in secrets:
                 try:
-                    data = await asyncio.to_thread(self.kube.docker_config, namespace, name)
+                    data = await self._docker_config(namespace, name)
                 except Exception as err:  # noqa: BLE001
                     log.warning("reading pull secret %s/%s failed: %s", namespace, name, getattr(err, "status", type(err).__name__))
                     data = b"?"
@@ -482,6 +509,23 @@ class ArtifactReconciler:
                     log.warning("pull secret %s/%s: %s", namespace, name, err.message)
             access[namespace] = _Access(found, tuple(secrets), tuple(missing))
         return access, fingerprint.hexdigest()
+
+    async def _docker_config(self, namespace: str, name: str) -> bytes | None:
+        """A pull Secret's docker config, read at most once per SECRET_REUSE seconds (a failed read is not kept)."""
+        key, now = (namespace, name), time.monotonic()
+        held = self._secret_reads.get(key)
+        if held is None or now - held[0] > SECRET_REUSE:
+            if len(self._secret_reads) > 1000:  # Secrets no copy asked for lately
+                self._secret_reads = {k: v for k, v in self._secret_reads.items() if now - v[0] <= SECRET_REUSE}
+            read = asyncio.ensure_future(asyncio.to_thread(self.kube.docker_config, namespace, name))
+            held = self._secret_reads[key] = (now, read)
+
+            def failed(f: asyncio.Future[bytes | None], held: tuple[float, asyncio.Future[bytes | None]] = held) -> None:
+                if (f.cancelled() or f.exception() is not None) and self._secret_reads.get(key) is held:
+                    del self._secret_reads[key]
+
+            read.add_done_callback(failed)
+        return await asyncio.shield(held[1])
 
     async def _write(self, stale: st.ArtifactView, outcome: st.Outcome) -> None:
         """Write the status after ``outcome`` (only what changed) and the Event of the transition.
