@@ -8,7 +8,11 @@ The writes land between the mark and the window, the widest gap the design allow
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from cluster_registry.errors import TemporaryError
 from cluster_registry.gc import storage, sweep
 from cluster_registry.gc.lock import DrainReport
 from cluster_registry.gc.run import Options, Report, _locked
-from tests.support.ociimages import Image, Pusher, layer_chunks, push_image
+from tests.support.ociimages import HTTPError, Image, Pusher, layer_chunks, push_image
 from tests.support.registry import Registry, run_registry
 
 
@@ -59,20 +63,25 @@ def delete(p: Pusher, image: Image) -> None:
 
 
 def gc(reg: Registry, config: str, writes_between: object = None, lock: Lock | None = None,
-       writes_after: object = None) -> Report:  # fmt: skip
-    """One online mark, then ``writes_between()``, then the window, then ``writes_after()`` and the
-    layer links of the blobs taken; the trash is emptied after (the order ``run._window`` keeps)."""
+       writes_after: object = None, writes_aside: object = None) -> Report:  # fmt: skip
+    """One online mark, then ``writes_between()``, then the set-aside, then ``writes_aside()``, then
+    the window, then ``writes_after()`` and the layer links of the blobs taken; the trash is emptied
+    after (the order ``run._window`` keeps)."""
     marked = sweep.mark(config, str(reg.storage))
     if callable(writes_between):
         writes_between()
     rep = Report()
     opts = Options(registry_url=reg.url, storage_root=str(reg.storage), storage_size=1 << 30)
     try:
+        sweep.set_aside(str(reg.storage), marked)
+        if callable(writes_aside):
+            writes_aside()
         _locked(opts, lock or Lock(), config, rep, storage.blob_sizes(reg.storage), marked)  # type: ignore[arg-type]
         if callable(writes_after):
             writes_after()
         sweep.unlink_after(str(reg.storage), marked)
     finally:
+        marked.aside.restore()  # as ``run._window`` does when the window fails
         sweep.empty_trash(str(reg.storage))
     return rep
 
@@ -161,3 +170,127 @@ def test_a_lock_lost_at_the_end_of_the_window_puts_everything_back(reg: Registry
         gc(reg, config, lock=Lock(safe_for=1))  # safe when the renames start, lapsed once they are done
     assert blobs(reg.storage) == before, "the garbage renamed aside was put back"
     assert sweep.run(config, dry_run=True).deleted_digests, "and is still garbage for the next run"
+
+
+def body(p: Pusher, repo: str, digest: str) -> bytes:
+    st, _, data = p.request("GET", f"/v2/{repo}/blobs/{digest}", repo)
+    assert st == 200, (repo, digest, st)
+    return data
+
+
+def test_a_push_that_found_its_blobs_before_the_set_aside_uploads_them_again(reg: Registry, config: str) -> None:
+    """Between the set-aside and the window (writes go on), a set-aside blob is answered for as one
+    never uploaded: a HEAD (the 'blob exists' short-circuit) says 404, a cross-repository mount falls
+    back to an upload, and the manifest that names it is refused. So a copy that probed or mounted
+    before the set-aside cannot end with a manifest whose blob is gone: it uploads again and lands."""
+    p = Pusher(reg.host)
+    keep = push_image(p, "aside/keep", "v1", layers=[1500], seed=11)
+    old = push_image(p, "aside/old", "v1", layers=[2100, 1300], seed=12)
+    gone = push_image(p, "aside/gone", "v1", layers=[900], seed=13)
+    data = {d: body(p, old.repo, d) for d, _ in old.blobs}
+    delete(p, old)
+    delete(p, gone)
+    age(reg.storage)
+    layer = old.blobs[-1][0]
+    assert p.blob_exists(old.repo, layer), "before the set-aside a HEAD finds it (its link is still there)"
+
+    def writes_aside() -> None:
+        assert not p.blob_exists(old.repo, layer), "a HEAD of a set-aside blob answers 404"
+        st, _, _ = p.request("POST", f"/v2/aside/copy/blobs/uploads/?mount={layer}&from={old.repo}", "aside/copy")
+        assert st == 202, f"a mount of a set-aside blob falls back to an upload (201: mounted), got {st}"
+        with pytest.raises(HTTPError, match="MANIFEST_BLOB_UNKNOWN"):
+            p.put_manifest("aside/copy", "v1", old.manifest, old.media_type)
+        for blob in data.values():
+            p.push_blob("aside/copy", blob)  # HEAD 404, so uploaded
+        p.put_manifest("aside/copy", "v1", old.manifest, old.media_type)
+
+    gc(reg, config, writes_aside=writes_aside)
+    pulls(p, keep)
+    pulls(p, replace(old, repo="aside/copy", tag="v1"))
+    assert not {gone.digest, *(d for d, _ in gone.blobs)} & blobs(reg.storage), "the real garbage was swept"
+    after = sweep.run(config, dry_run=True)
+    assert after.deleted_digests == [] and after.layer_links == [], after
+
+
+def test_a_manifest_linked_after_the_set_aside_read_what_to_keep_gets_its_blobs_back(reg: Registry, config: str) -> None:
+    """The one race the set-aside leaves: a manifest PUT checks its blobs, the set-aside reads what
+    to keep, the manifest is linked, then its blobs are renamed. The window puts them back."""
+    p = Pusher(reg.host)
+    raced = push_image(p, "aside/raced", "v1", layers=[1700, 800], seed=14)
+    gone = push_image(p, "aside/gone", "v1", layers=[600], seed=15)
+    delete(p, raced)
+    delete(p, gone)
+    age(reg.storage)
+    root = str(reg.storage)
+    marked = sweep.mark(config, root)
+    keep = storage.referenced_since(root, marked.started - sweep.MTIME_SLACK)
+    p.put_manifest(raced.repo, "again", raced.manifest, raced.media_type)  # linked after ``keep`` was read
+    sweep.set_aside(root, marked, keep=keep)
+    assert not p.blob_exists(raced.repo, raced.blobs[1][0]), "its blobs were set aside: the race happened"
+    opts = Options(registry_url=reg.url, storage_root=root, storage_size=1 << 30)
+    rep = Report()
+    try:
+        _locked(opts, Lock(), config, rep, storage.blob_sizes(root), marked)  # type: ignore[arg-type]
+        sweep.unlink_after(root, marked)
+    finally:
+        sweep.empty_trash(root)
+    assert rep.sparedSinceMark >= len(raced.blobs), rep
+    pulls(p, replace(raced, tag="again"))
+    assert not {gone.digest, *(d for d, _ in gone.blobs)} & blobs(reg.storage), "the real garbage was swept"
+
+
+KILLED_MID_SET_ASIDE = """
+import os, sys, time
+from cluster_registry.gc import sweep
+marked = sweep.mark(sys.argv[1], sys.argv[2])
+rename, done = os.rename, []
+def paused(src, dst):  # the real rename, then a pause after the second: the parent SIGKILLs us there
+    rename(src, dst)
+    done.append(dst)
+    if len(done) == 2:
+        print("\\n".join(done), flush=True)
+        time.sleep(120)
+os.rename = paused
+sweep.set_aside(sys.argv[2], marked)
+"""
+
+
+def test_a_gc_sigkilled_during_the_set_aside_loses_nothing(reg: Registry, config: str) -> None:
+    """SIGKILL while blobs are being set aside (no lock held): what was set aside stays ``pending-``;
+    a push meanwhile that needs one uploads it again; the next run puts the rest back before its
+    own mark, so its mark judges the store as it is, and that run sweeps the garbage."""
+    p = Pusher(reg.host)
+    keep = push_image(p, "killed/keep", "v1", layers=[1400], seed=16)
+    old = push_image(p, "killed/old", "v1", layers=[1100, 1200, 1300], seed=17)
+    data = {d: body(p, old.repo, d) for d, _ in old.blobs} | {old.digest: old.manifest}
+    delete(p, old)
+    age(reg.storage)
+    before = blobs(reg.storage)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "hooks")}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_SET_ASIDE, config, str(reg.storage)], env=env,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        moved = [proc.stdout.readline().strip() for _ in range(2)]  # type: ignore[union-attr]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert all(Path(m).exists() and f"/{sweep.PENDING}" in m for m in moved), moved
+    assert len(blobs(reg.storage)) == len(before) - 2, "killed with two blobs set aside"
+    # meanwhile a copy uploads one of them again (a HEAD said 404): that new copy is the one kept
+    first, second = (Path(m).name.replace("-", ":", 1) for m in moved)
+    p.push_blob("killed/copy", data[first])
+    assert sweep.empty_trash(str(reg.storage)) == 1, "the next run put back the other one"
+    assert blobs(reg.storage) == before and not sweep.trash_root(str(reg.storage)).exists()
+    assert p.blob_sha256(old.repo, second)[0] == second
+    for digest, _ in old.blobs:
+        p.push_blob("killed/copy", data[digest])
+    p.put_manifest("killed/copy", "v1", old.manifest, old.media_type)
+    pulls(p, keep)
+    pulls(p, replace(old, repo="killed/copy", tag="v1"))
+    age(reg.storage)
+    p.request("DELETE", f"/v2/killed/copy/manifests/{old.digest}", "killed/copy")
+    gc(reg, config)  # the next run's own mark and sweep: old's blobs are garbage now, keep is not
+    pulls(p, keep)
+    assert not {d for d, _ in old.blobs} & blobs(reg.storage)
+    after = sweep.run(config, dry_run=True)
+    assert after.deleted_digests == [] and after.layer_links == [], after

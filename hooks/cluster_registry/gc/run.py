@@ -74,6 +74,7 @@ class Report:
     drainSeconds: float = 0.0
     markSeconds: float = 0.0  # the online mark, before the window (writes go on)
     markCpuSeconds: float = 0.0
+    setAsideSeconds: float = 0.0  # after the mark, before the window: the renames of what goes (writes go on)
     sparedSinceMark: int = 0  # blobs and layer links the mark judged unreferenced, written or named since: kept
     sweepSeconds: float = 0.0
     sweepCpuSeconds: float = 0.0  # user + system time of the sweep process (wall time suffers on a busy node)
@@ -91,7 +92,7 @@ class Report:
 
     def as_dict(self, with_lists: bool = False) -> dict[str, Any]:
         out = dict(vars(self))
-        for k in ("drainSeconds", "quietWaitSeconds", "markSeconds", "markCpuSeconds", "sweepSeconds", "sweepCpuSeconds", "windowSeconds",
+        for k in ("drainSeconds", "quietWaitSeconds", "markSeconds", "markCpuSeconds", "setAsideSeconds", "sweepSeconds", "sweepCpuSeconds", "windowSeconds",
                   "runSeconds", "usagePercent"):  # fmt: skip
             out[k] = round(out[k], 3)
         if not with_lists:
@@ -192,7 +193,7 @@ def _run(opts: Options, api: client.ApiClient, rep: Report) -> None:
     _recheck(opts, view, inputs, sel, rep)
     if opts.sweep:
         if opts.storage_root:
-            sweep.empty_trash(opts.storage_root)  # left by a run killed after its window
+            sweep.empty_trash(opts.storage_root)  # left by a killed run: put back what it had not settled
         try:
             _window(opts, api, rep, sizes)
         except WindowExceeded as err:
@@ -279,6 +280,8 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
     marked = None
     try:
         marked = _mark_online(opts, config, rep)
+        if marked is not None and opts.storage_root:
+            rep.setAsideSeconds = sweep.set_aside(opts.storage_root, marked)
         rep.quietWaitSeconds = lock.wait_quiet(opts.quiet_wait)
         w0 = time.monotonic()
         lock.acquire()
@@ -286,6 +289,8 @@ def _window(opts: Options, api: client.ApiClient, rep: Report, sizes: dict[str, 
     finally:
         rep.windowSeconds = time.monotonic() - w0
         lock.release(window_seconds=rep.windowSeconds)  # the gates export it as a metric
+        if marked is not None:
+            marked.aside.restore()  # not settled inside the window (it failed): nothing set aside is lost
         if not opts.registry_config:
             os.unlink(config)
     if marked is not None and opts.storage_root:  # writes go on: see sweep.unlink_after
@@ -331,10 +336,10 @@ def _locked(
     def keep_going() -> bool:
         return lock.safe() and time.monotonic() < deadline
 
-    trash = sweep.Trash()
+    trash = marked.aside if marked is not None else sweep.Trash()
     try:
         if marked is not None and opts.storage_root:
-            res = sweep.sweep_marked(opts.storage_root, marked, online=True, keep_going=keep_going, trash=trash)
+            res = sweep.settle(opts.storage_root, marked, keep_going=keep_going)
             rep.sparedSinceMark = marked.spared
         elif opts.sweep_mode != "distribution" and opts.storage_root:
             res = sweep.run_trash(config, opts.storage_root, binary=opts.registry_binary, keep_going=keep_going,
@@ -352,6 +357,8 @@ def _locked(
     if not lock.safe():
         trash.restore()
         raise TemporaryError("the write lock lapsed during the sweep")
+    if marked is not None:
+        sweep.commit(marked)
     rep.sweepSeconds, rep.sweepCpuSeconds = res.seconds, res.cpu_seconds
     if not quiet:
         rep.blobsDeleted = res.blobs_deleted

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from cluster_registry.gc.select import Manifest, parse_manifest
 
@@ -97,8 +97,12 @@ def _read_link(path: Path) -> tuple[str, float] | None:
 
 
 def _read_blob(storage_root: str | Path, digest: str) -> bytes | None:
+    return _read(blob_path(storage_root, digest))
+
+
+def _read(path: Path) -> bytes | None:
     try:
-        return blob_path(storage_root, digest).read_bytes()
+        return path.read_bytes()
     except (FileNotFoundError, NotADirectoryError):
         return None
 
@@ -149,14 +153,15 @@ def _new_entries(directory: str, since: float, *, prune: bool) -> Iterator[str]:
                 yield f"{algo.name}:{entry.name}"
 
 
-def referenced_since(storage_root: str | Path, since: float) -> set[str]:
+def referenced_since(storage_root: str | Path, since: float, aside: Mapping[str, str] | None = None) -> set[str]:
     """Every digest that something written into the repositories at or after ``since`` (the storage's
     clock: file mtimes) names: a manifest revision linked since then, with everything it references
     (platform manifests followed), and each blob linked into a repository since then (an upload or
     mount whose manifest may still be on its way). Costs a stat per repository and per manifest
     revision and a read per new manifest. A blob linked again into an entry emptied earlier is not
     seen: as with distribution's own locked sweep, an upload whose manifest is not pushed before the
-    window may lose that blob.
+    window may lose that blob. ``aside``: digest -> the directory a blob was renamed to (GC's
+    set-aside), read when the blob is not in its place.
     """
     base = str(v2_root(storage_root) / "repositories")
     out: set[str] = set()
@@ -172,6 +177,8 @@ def referenced_since(storage_root: str | Path, since: float) -> set[str]:
         read.add(digest)
         out.add(digest)
         body = _read_blob(storage_root, digest)
+        if body is None and aside and digest in aside:
+            body = _read(Path(aside[digest]) / "data")
         if body is None:
             continue
         _, info = parse_manifest("", digest, body)

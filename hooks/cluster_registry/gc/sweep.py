@@ -2,28 +2,35 @@
 
 Three modes (``--sweep-mode``):
 
-* ``online`` (the filesystem driver's default): ``mark`` runs distribution's own mark
-  (``--dry-run``) *before* the write lock, while pushes go on; inside the window ``sweep_marked``
-  spares every digest something written since the mark began names (``storage.referenced_since``)
-  and renames the rest into a trash directory the registry never reads; ``empty_trash`` deletes it
-  after the window, with the layer links of the blobs taken (``unlink_after``). The window then
-  costs one stat per repository and per manifest revision plus one rename per blob that goes: it
-  follows what changed since the last GC, not the size of the registry (146.5 s at 50,000 images
-  when the whole mark-and-sweep ran inside it).
-* ``trash``: the same renames, with the mark inside the window.
+* ``online`` (the filesystem driver's default), in four steps, only the third behind the write lock:
+  ``mark`` runs distribution's own mark (``--dry-run``) while pushes go on; ``set_aside`` renames
+  every blob directory it judged unreferenced, and that nothing written since the mark began names,
+  into a ``pending-`` trash directory the registry never reads; inside the window ``settle`` puts
+  back each one something written since the mark began names (``storage.referenced_since``) and
+  ``commit`` declares the rest garbage; after it, ``unlink_after`` takes their layer links and
+  ``empty_trash`` unlinks it all. The window costs one stat per repository and per manifest
+  revision plus one rename per blob put back: it follows what changed since the mark, not the size
+  of the registry nor how much goes (146.5 s at 50,000 images when the whole mark-and-sweep ran
+  inside it; 32 s when the 250,000 renames did).
+* ``trash``: the mark and the renames inside the window (``sweep_marked``).
 * ``distribution``: distribution's mark-and-sweep inside the window. Object storage always runs
   this way: its "directories" have no mtimes to find what was written since a mark, and listing a
   bucket is the slow part anyway.
 
-Why a locked reconcile rather than no lock at all: zot collects online under each repository's own
-lock and skips blobs younger than ``gcDelay``; Harbor (since 2.1) collects without a read-only mode
-and skips manifests and blobs written within a 2-hour time window. Both protect an in-flight push by
-age, which needs a registry that keeps its own locks or a database. distribution has neither, and
-a manifest pushed after a mark may name a blob the mark judged unreferenced (an image deleted by
-this very run and copied again). So the mark runs online, but the last step stays behind the write
-lock, where "written since the mark" can be read exactly from the files' times and nothing else
-changes while the verdict is carried out. Nothing is changed without the lock; a sweep that loses
-it puts back what it renamed (``Trash.restore``).
+Why a set-aside settled under the lock rather than no lock at all: zot collects online under each
+repository's own lock (pushes to that repository wait) and skips blobs younger than ``gcDelay``;
+Harbor (since 2.1) collects without a read-only mode, skips blobs written within a 2-hour time
+window, and before deleting a blob marks its database row ``deleting``: its proxy then answers a
+HEAD for that blob with 404 (the client uploads it again) and refuses a manifest naming it, and a
+push that touched the row first wins (an optimistic version check). Both need a registry that
+keeps its own locks or a database; distribution has neither, and a manifest pushed after a mark
+may name a blob the mark judged unreferenced (an image deleted by this very run and copied again,
+a HEAD or a cross-repository mount that found the blob still there). The rename out of
+distribution's tree is our ``deleting`` state: distribution itself then answers 404 and refuses
+manifests that name the blob, and the version check is the locked ``settle``, where "written since
+the mark" can be read exactly from the files' times and nothing else changes. Nothing is deleted
+before ``commit``; a window that fails puts back what was set aside (``Trash.restore``), and so
+does the next run for a run killed before it (``empty_trash``).
 """
 
 from __future__ import annotations
@@ -162,6 +169,7 @@ class Mark:
     blobs: int = 0  # how many of ``moves`` are blob directories (the rest are layer links)
     spared: int = 0  # candidates written or named since the mark began, kept
     after: list[tuple[str, str, str]] = field(default_factory=list)  # links of blobs the window took: ``unlink_after``
+    aside: Trash = field(default_factory=lambda: Trash())  # the blobs ``set_aside`` took, until ``commit``
 
 
 def verdict(storage_root: str, started: float, res: SweepResult) -> Mark:
@@ -211,9 +219,11 @@ def _newer(path: str, since: float) -> bool:
 
 @dataclass
 class Trash:
-    """What a sweep renamed aside, as (from, to), so a sweep that lost its lock can put it back."""
+    """What a sweep renamed aside, as (from, to), so a sweep that lost its lock can put it back;
+    ``root`` is the directory it renamed into."""
 
     moved: list[tuple[str, str]] = field(default_factory=list)
+    root: str = ""
 
     def restore(self) -> int:
         """Rename everything back (safe without the lock: it only re-adds content-addressed data).
@@ -230,40 +240,32 @@ class Trash:
         return back
 
 
+def _trash_dir(storage_root: str, prefix: str, *subdirs: str) -> str:
+    trash_root(storage_root).mkdir(parents=True, exist_ok=True)
+    to = tempfile.mkdtemp(prefix=f"{prefix}{int(time.time())}-", dir=trash_root(storage_root))
+    for sub in subdirs:
+        os.mkdir(f"{to}/{sub}")
+    return to
+
+
 def sweep_marked(
     storage_root: str,
     marked: Mark,
     *,
-    online: bool,
     keep_going: Callable[[], bool] = lambda: True,
     trash: Trash | None = None,
 ) -> SweepResult:
-    """Inside the window: carry out ``marked``'s verdict by *renaming* each unreferenced blob
-    directory and layer link into a trash directory the registry never reads (the paths
-    distribution's sweep would delete): metadata only; ``empty_trash`` unlinks them after the
-    window. With ``online`` (the mark ran before the lock), first spare every digest that something
-    written since the mark began names (``storage.referenced_since``: a stat per repository and per
-    manifest revision, a read per new manifest), and leave the layer links of the blobs taken to
-    ``unlink_after``: a link to a missing blob answers as no link, so they need no lock.
-    """
+    """Inside the window (``trash`` mode: the mark was taken there too): carry out ``marked``'s
+    verdict by *renaming* each unreferenced blob directory and layer link into a trash directory the
+    registry never reads (the paths distribution's sweep would delete): metadata only;
+    ``empty_trash`` unlinks them after the window."""
     start, cpu0 = time.monotonic(), time.process_time()
-    keep = storage.referenced_since(storage_root, marked.started - MTIME_SLACK) if online else set()
-    trash_root(storage_root).mkdir(parents=True, exist_ok=True)
-    to = tempfile.mkdtemp(prefix=f"{int(time.time())}-", dir=trash_root(storage_root))
-    os.mkdir(f"{to}/blobs")
-    os.mkdir(f"{to}/links")
+    to = _trash_dir(storage_root, "", "blobs", "links")
     trash = trash if trash is not None else Trash()
     deleted: list[str] = []
-    taken: set[str] = set()
     for i, (digest, src, name) in enumerate(marked.moves):
         if i % 256 == 0 and not keep_going():
             raise TemporaryError("sweep stopped: the write lock could not be renewed")
-        if digest in keep:
-            marked.spared += 1
-            continue
-        if online and i >= marked.blobs and digest in taken:
-            marked.after.append((digest, src, name))
-            continue
         try:
             os.rename(src, f"{to}/{name}")
         except FileNotFoundError:
@@ -271,12 +273,77 @@ def sweep_marked(
         trash.moved.append((src, f"{to}/{name}"))
         if i < marked.blobs:
             deleted.append(digest)
-            taken.add(digest)
-    # with ``online`` the mark's time was spent before the window: only this part counts
-    seconds, cpu = time.monotonic() - start, time.process_time() - cpu0
-    if not online:
-        seconds, cpu = seconds + marked.result.seconds, cpu + marked.result.cpu_seconds
+    seconds = time.monotonic() - start + marked.result.seconds
+    cpu = time.process_time() - cpu0 + marked.result.cpu_seconds
     return SweepResult(marked.result.blobs_marked, len(deleted), 0, deleted, [], seconds, cpu)
+
+
+PENDING, SETTLED = "pending-", "settled-"  # set aside, not yet settled under the lock / settled: garbage
+
+
+def set_aside(
+    storage_root: str, marked: Mark, *, keep: set[str] | None = None, keep_going: Callable[[], bool] = lambda: True
+) -> float:
+    """Before the window, writes going on (``online`` mode): rename each blob directory the mark
+    judged unreferenced, and that nothing written since the mark began names (``keep``, read here
+    with ``storage.referenced_since``), into a ``pending-`` trash directory. The renames are what
+    the window used to spend its time on (one per blob that goes: 250,000 at 50,000 images).
+
+    From its rename on, distribution answers for such a blob as for one never uploaded: a HEAD says
+    404 (the client uploads it), a cross-repository mount falls back to an upload, and a manifest
+    naming it is refused (MANIFEST_BLOB_UNKNOWN): no push can end with a manifest whose blob is in
+    the trash, except one whose manifest was linked after ``keep`` was read and before its blob's
+    rename (the manifest PUT checks its blobs first); ``settle`` puts those back inside the window.
+    Layer links wait for ``unlink_after``. A run killed before ``settle`` leaves the directory
+    ``pending-``: the next ``empty_trash`` puts it all back. Returns the seconds it took."""
+    start = time.monotonic()
+    if keep is None:
+        keep = storage.referenced_since(storage_root, marked.started - MTIME_SLACK)
+    marked.aside.root = _trash_dir(storage_root, PENDING, "blobs")
+    for i, (digest, src, name) in enumerate(marked.moves):
+        if i % 256 == 0 and not keep_going():
+            raise TemporaryError("set-aside stopped")
+        if digest in keep:
+            marked.spared += 1
+        elif i >= marked.blobs:
+            marked.after.append((digest, src, name))
+        else:
+            try:
+                os.rename(src, f"{marked.aside.root}/{name}")
+            except FileNotFoundError:
+                continue
+            marked.aside.moved.append((src, f"{marked.aside.root}/{name}"))
+    return time.monotonic() - start
+
+
+def settle(storage_root: str, marked: Mark, *, keep_going: Callable[[], bool] = lambda: True) -> SweepResult:
+    """Inside the window (writes held off): put back every blob ``set_aside`` took that something
+    written since the mark began names (``storage.referenced_since``: a stat per repository and per
+    manifest revision, a read per new manifest), so the cost follows what changed, not what goes.
+    What stays in the trash is then garbage for good: ``commit`` makes it so."""
+    start, cpu0 = time.monotonic(), time.process_time()
+    aside = {os.path.basename(dst).replace("-", ":", 1): dst for _, dst in marked.aside.moved}
+    keep = storage.referenced_since(storage_root, marked.started - MTIME_SLACK, aside)  # a manifest set aside is read there
+    deleted: list[str] = []
+    for i, (src, dst) in enumerate(marked.aside.moved):
+        if i % 256 == 0 and not keep_going():
+            raise TemporaryError("sweep stopped: the write lock could not be renewed")
+        digest = os.path.basename(dst).replace("-", ":", 1)
+        if digest not in keep:
+            deleted.append(digest)
+        elif Trash([(src, dst)]).restore():
+            marked.spared += 1
+    marked.after = [a for a in marked.after if a[0] not in keep]
+    seconds, cpu = time.monotonic() - start, time.process_time() - cpu0
+    return SweepResult(marked.result.blobs_marked, len(deleted), 0, deleted, [], seconds, cpu)
+
+
+def commit(marked: Mark) -> None:
+    """Still inside the window, once the lock is known to have held: the set-aside is garbage for good
+    (one rename; a run killed from here on has its trash emptied, not put back, by the next run)."""
+    if marked.aside.root:
+        os.rename(marked.aside.root, marked.aside.root.replace(f"/{PENDING}", f"/{SETTLED}"))
+        marked.aside = Trash()
 
 
 def unlink_after(storage_root: str, marked: Mark) -> int:
@@ -284,9 +351,7 @@ def unlink_after(storage_root: str, marked: Mark) -> int:
     Each one whose blob is there again (uploaded since the window; the upload writes the blob, then
     its link, which may be the one just renamed) is put back at once, so a link never stays missing
     while its blob exists; the only trace of the race is a push or pull refused for microseconds."""
-    trash_root(storage_root).mkdir(parents=True, exist_ok=True)
-    to = tempfile.mkdtemp(prefix=f"{int(time.time())}-links-", dir=trash_root(storage_root))
-    os.mkdir(f"{to}/links")
+    to = _trash_dir(storage_root, "links-", "links")
     v2 = os.path.join(storage_root, "docker", "registry", "v2")
     gone = 0
     for digest, src, name in marked.after:
@@ -315,9 +380,18 @@ def run_trash(
     (``garbage-collect --dry-run``) decides, ``sweep_marked`` renames. Deleting tens of thousands of
     files is what makes the plain sweep slow on real disks; ``empty_trash`` does that after the window."""
     res = run(config, binary=binary, keep_going=keep_going, dry_run=True)
-    return sweep_marked(storage_root, verdict(storage_root, 0.0, res), online=False, keep_going=keep_going, trash=trash)
+    return sweep_marked(storage_root, verdict(storage_root, 0.0, res), keep_going=keep_going, trash=trash)
 
 
-def empty_trash(storage_root: str) -> None:
-    """Unlink what ``run_trash`` moved aside (also what a run killed before this point left)."""
-    shutil.rmtree(trash_root(storage_root), ignore_errors=True)
+def empty_trash(storage_root: str) -> int:
+    """Unlink the trash, after putting back what a run killed between ``set_aside`` and ``commit``
+    left ``pending-`` (safe without the lock, as ``Trash.restore``). Returns how many were put back."""
+    root, v2 = trash_root(storage_root), Path(storage_root) / "docker" / "registry" / "v2"
+    back = 0
+    for pending in root.glob(f"{PENDING}*/blobs/*"):
+        algo, _, hexd = pending.name.partition("-")
+        home = v2 / "blobs" / algo / hexd[:2] / hexd
+        home.parent.mkdir(parents=True, exist_ok=True)
+        back += Trash([(str(home), str(pending))]).restore()
+    shutil.rmtree(root, ignore_errors=True)
+    return back
