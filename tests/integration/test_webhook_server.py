@@ -26,7 +26,8 @@ from cluster_registry.certs import pki
 from cluster_registry.webhook.mutate import Mutator, Settings
 from cluster_registry.webhook.pods import Owner, PodWatch
 from cluster_registry.webhook.recorder import Recorder, Recording
-from cluster_registry.webhook.server import Limits, TlsFiles, Webhook, start
+from cluster_registry.certs.serving import TlsFiles
+from cluster_registry.webhook.server import Limits, Webhook, start
 from cluster_registry.webhook.view import ArtifactView
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -51,8 +51,11 @@ class Decision:
     data: dict[str, bytes]  # the Secret's data (PEM), whatever the action
 
 
-def service_names(service: str, namespace: str) -> list[str]:
-    return [f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local"]
+def service_names(service: str, namespace: str, short: bool = False) -> list[str]:
+    """The Service's DNS names a client may verify; SHORT adds ``<svc>`` and ``<svc>.<ns>`` (pods
+    reach the registry by those too; the API server calls a webhook by the ``.svc`` name only)."""
+    names = [f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local"]
+    return [service, f"{service}.{namespace}", *names] if short else names
 
 
 def parse_duration(text: str) -> dt.timedelta:
@@ -224,6 +227,28 @@ def plan(
     return Decision(Action.KEEP, "valid", data)
 
 
+def issued(
+    existing: dict[str, bytes] | None,
+    ca: dict[str, bytes],
+    dns_names: list[str],
+    now: dt.datetime,
+    renew_before: dt.timedelta,
+    serving_validity: dt.timedelta = SERVING_VALIDITY,
+) -> Decision:
+    """A second serving certificate signed by the CA in ``ca`` (a Secret's data as :func:`plan` left
+    it): the Secret holds ``tls.crt``, ``tls.key`` and the trust ``bundle`` as ``ca.crt``, never the
+    CA's key. Renewed when :func:`serving_problem` says so (a new CA included), the bundle follows."""
+    data = {k: v for k, v in (existing or {}).items() if k in (TLS_CERT, TLS_KEY)}
+    trust = bundle(ca)
+    if (reason := serving_problem({**data, CA_CERT: ca[CA_CERT]}, dns_names, now, renew_before)) is not None:
+        cert, key = new_serving(ca[CA_CERT], ca[CA_KEY], dns_names, now, serving_validity)
+        action = Action.CREATE if existing is None else Action.RENEW
+        return Decision(action, reason, {CA_CERT: trust, TLS_CERT: cert, TLS_KEY: key})
+    if (existing or {}).get(CA_CERT) != trust:
+        return Decision(Action.TRIM, "the trusted CAs changed", {**data, CA_CERT: trust})
+    return Decision(Action.KEEP, "valid", {**data, CA_CERT: trust})
+
+
 def bundle(data: dict[str, bytes]) -> bytes:
     """The caBundle for the Secret's ``data``: its CA, and the previous one during the overlap."""
     return data[CA_CERT] + data.get(CA_PREVIOUS, b"")
@@ -242,6 +267,11 @@ def _overlap_over(data: dict[str, bytes], now: dt.datetime) -> bool:
     except ValueError:
         return True  # no readable time: the overlap cannot be vouched for any more
     return now - rotated >= OVERLAP or not _usable(data.get(CA_PREVIOUS), now)
+
+
+def fingerprint(cert_pem: bytes) -> str:
+    """The certificate's SHA-256 fingerprint (hex)."""
+    return x509.load_pem_x509_certificate(cert_pem).fingerprint(hashes.SHA256()).hex()
 
 
 def not_after(cert_pem: bytes) -> dt.datetime:

@@ -9,7 +9,7 @@ import os
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +17,7 @@ import click
 from aiohttp import web
 
 from cluster_registry import kube, kubeio
+from cluster_registry.certs.serving import TlsFiles
 from cluster_registry.gate import access, service, tokens
 from cluster_registry.gate.kubesync import ClusterSources, Heartbeat, LockWatcher, SecretPoller
 from cluster_registry.gate.state import GateState
@@ -50,27 +51,20 @@ def _pushers(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _tls(cert: str | None, key: str | None, stop: threading.Event) -> ssl.SSLContext | None:
-    """A server context re-reading the renewed certificate every minute (new handshakes use it)."""
+def _tls(app: web.Application, cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The serving context, following renewals of the certificate files (the webhook's code)."""
     if not cert or not key:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
+    files = TlsFiles(cert, key)
+    files.reload_if_changed()  # a missing or bad pair fails here, at start
 
-    def reload() -> None:
-        seen = Path(cert).stat().st_mtime
-        while not stop.wait(60):
-            try:
-                mtime = Path(cert).stat().st_mtime
-                if mtime != seen:
-                    ctx.load_cert_chain(cert, key)
-                    seen = mtime
-                    log.info("serving certificate reloaded")
-            except (OSError, ssl.SSLError) as err:
-                log.warning("cannot reload the serving certificate", extra={"error": str(err)})
+    async def watch(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(files.watch(5.0))
+        yield
+        task.cancel()
 
-    threading.Thread(target=reload, name="tls-reload", daemon=True).start()
-    return ctx
+    app.cleanup_ctx.append(watch)
+    return files.context
 
 
 @click.command("token-service")
@@ -123,7 +117,7 @@ def token_service(
     host, _, port = listen.rpartition(":")
     log.info("token service serving", extra={"listen": listen, "access": access_mode, "lock": lock_name or None})
     try:
-        web.run_app(app, host=host or "0.0.0.0", port=int(port), ssl_context=_tls(tls_cert, tls_key, stop),
+        web.run_app(app, host=host or "0.0.0.0", port=int(port), ssl_context=_tls(app, tls_cert, tls_key),
                     access_log=None, print=None, handle_signals=True, loop=loop)  # fmt: skip
     finally:
         stop.set()

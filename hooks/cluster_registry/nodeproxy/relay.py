@@ -12,6 +12,14 @@ pair measured 0.89-0.94x. A selector loop of non-blocking splices would add a Py
 readiness event; a separate tool (haproxy, socat) would add a program and its configuration to the
 image for the same kernel path, and the extra TCP hop it cannot avoid either is what is left.
 
+TLS to the registry (``Upstream.tls``): containerd keeps plain HTTP on the node's loopback, and the
+relay originates TLS to the registry Service, verifying the chart's CA and the Service's name, so no
+credential or token crosses the pod network in clear. splice cannot move TLS records (the bytes must
+be decrypted in user space; kTLS is not offered by Python 3.11's ssl module), so a TLS connection
+is pumped by :class:`_TlsConnection`: one thread, both directions, non-blocking sockets, 256 KiB
+buffers filled with as many TLS records as are at hand before each send. One thread per connection
+because an OpenSSL connection must not be used from two threads at once.
+
 Bounds: at most ``max_connections`` relayed connections per process (each holds four threads, two
 sockets and two pipes; 512 took 54 MiB); beyond it new connections wait in the listen backlog until
 one ends. A connection on which neither direction moved a byte for ``idle_timeout`` seconds is
@@ -29,9 +37,11 @@ import os
 import resource
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -57,16 +67,50 @@ def fit_connections(wanted: int) -> int:
     return max(1, (soft - FDS_SPARE) // FDS_PER_CONNECTION)
 
 
+class TlsOrigin:
+    """Client TLS towards the registry: trusts only the CA bundle in ``ca_file`` (re-read when the
+    file changes: a renewed CA reaches new connections) and verifies the upstream's host name."""
+
+    def __init__(self, ca_file: str) -> None:
+        self.ca_file = ca_file
+        self._seen: tuple[float, int] | None = None
+        self._context: ssl.SSLContext | None = None
+        self._lock = threading.Lock()
+
+    def context(self) -> ssl.SSLContext:
+        stat = os.stat(self.ca_file)
+        with self._lock:
+            if self._context is None or self._seen != (stat.st_mtime, stat.st_size):
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+                ctx.load_verify_locations(cafile=self.ca_file)
+                self._context, self._seen = ctx, (stat.st_mtime, stat.st_size)
+            return self._context
+
+
 @dataclass(frozen=True)
 class Upstream:
-    """Where a listener's connections go; HOST is resolved per connection (a Service may move)."""
+    """Where a listener's connections go; HOST is resolved per connection (a Service may move).
+    With ``tls`` the relay speaks TLS to it and verifies that its certificate names HOST."""
 
     host: str
     port: int
     connect_timeout: float
+    tls: TlsOrigin | None = None
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def connect(self) -> socket.socket:
+        """A connected socket (TLS handshake done and verified); raises OSError (ssl.SSLError too)."""
+        sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        if self.tls is None:
+            return sock
+        try:
+            return self.tls.context().wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
 
 
 def _timeouts(sock: socket.socket, seconds: float) -> None:
@@ -175,6 +219,116 @@ class _Connection:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+TLS_BUFFER = 256 << 10
+
+
+class _TlsConnection:
+    """A plain client and a TLS upstream, pumped by one thread: each round tries both directions
+    (receive into a buffer when it is empty, send what it holds), and waits in ``poll`` only when no
+    step moved a byte. Half-closes are relayed as on the splice path (towards the registry as a TCP
+    FIN: distribution reads the end of the stream as it does on plain HTTP)."""
+
+    def __init__(self, client: socket.socket, upstream: ssl.SSLSocket, idle_timeout: float) -> None:
+        self.client, self.upstream, self.idle_timeout = client, upstream, idle_timeout
+        self.moved = [0, 0]  # client -> upstream, upstream -> client
+
+    def run(self) -> None:
+        client, upstream = self.client, self.upstream
+        for sock in (client, upstream):
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        up = _Direction(client, upstream)
+        down = _Direction(upstream, client)
+        poller = select.poll()
+        last = time.monotonic()
+        try:
+            while not (up.done and down.done):
+                waits: dict[int, int] = {}
+                moved = up.step(waits) + down.step(waits)
+                if moved:
+                    last = time.monotonic()
+                    continue
+                for fd, events in waits.items():
+                    poller.register(fd, events)
+                ready = poller.poll(self.idle_timeout * 1000)
+                for fd in waits:
+                    poller.unregister(fd)
+                if not ready and time.monotonic() - last >= self.idle_timeout:
+                    return
+        except OSError:
+            pass  # a reset or a TLS error: end both
+        finally:
+            self.moved = [up.moved, down.moved]
+            client.close()
+            upstream.close()
+
+
+class _Direction:
+    """One direction of a :class:`_TlsConnection`: a buffer between a source and a destination."""
+
+    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+        self.src, self.dst = src, dst
+        self.buffer = memoryview(bytearray(TLS_BUFFER))
+        self.start = self.end = 0
+        self.ended = self.done = False
+        self.moved = 0
+
+    def step(self, waits: dict[int, int]) -> int:
+        """Receive (if the buffer is empty) and send; register what blocked in WAITS. Returns the
+        progress made: bytes moved (a relayed half-close counts as one)."""
+        moved = 0
+        if self.start == self.end and not self.ended:
+            self.start = self.end = 0
+            while self.end < TLS_BUFFER:  # as many records as are at hand
+                got = _io(lambda: self.src.recv_into(self.buffer[self.end:]), self.src, select.POLLIN, waits)
+                if got is None:
+                    break
+                if got == 0:
+                    self.ended = True
+                    break
+                self.end += got
+                moved += got
+        if self.start < self.end:
+            sent = _io(lambda: self.dst.send(self.buffer[self.start:self.end]), self.dst, select.POLLOUT, waits)
+            if sent:
+                self.start += sent
+                self.moved += sent
+                moved += sent
+        if self.ended and self.start == self.end and not self.done:
+            self.done = _end_stream(self.dst, waits)
+            moved += self.done
+        return moved
+
+
+def _end_stream(sock: socket.socket, waits: dict[int, int]) -> bool:
+    """Relay a half-close to SOCK: TLS's close_notify (TLS 1.3 half-close: the peer may go on
+    writing, and a TLS peer takes a bare TCP FIN for a truncation attack and fails the connection),
+    then the TCP FIN. False when the close_notify could not be written yet (WAITS says when)."""
+    if isinstance(sock, ssl.SSLSocket):
+        try:
+            sock.unwrap()  # sends close_notify, then finds the peer's not there yet (non-blocking)
+        except ssl.SSLWantReadError:
+            pass  # sent; the peer's close_notify comes with its end of stream, read as such
+        except ssl.SSLWantWriteError:
+            waits[sock.fileno()] = waits.get(sock.fileno(), 0) | select.POLLOUT
+            return False
+    socket.socket.shutdown(sock, socket.SHUT_WR)  # SSLSocket.shutdown would drop the TLS layer
+    return True
+
+
+def _io(op: Callable[[], int], sock: socket.socket, wanted: int, waits: dict[int, int]) -> int | None:
+    """OP's result, or None when it would block (what it waits for is added to WAITS)."""
+    try:
+        return op()
+    except ssl.SSLWantReadError:
+        waits[sock.fileno()] = waits.get(sock.fileno(), 0) | select.POLLIN
+    except ssl.SSLWantWriteError:
+        waits[sock.fileno()] = waits.get(sock.fileno(), 0) | select.POLLOUT
+    except BlockingIOError:
+        waits[sock.fileno()] = waits.get(sock.fileno(), 0) | wanted
+    return None
+
+
 class Relay:
     """Relay every connection accepted on LISTEN to UPSTREAM; ``serve_forever`` until ``close``."""
 
@@ -217,12 +371,22 @@ class Relay:
     def _handle(self, client: socket.socket) -> None:
         try:
             try:
-                upstream = socket.create_connection((self.upstream.host, self.upstream.port),
-                                                    timeout=self.upstream.connect_timeout)
+                upstream = self.upstream.connect()
+            except ssl.SSLError as e:  # ssl.SSLCertVerificationError included: not the registry
+                log.error("registry TLS refused: closing the client",
+                          extra={"upstream": str(self.upstream), "error": str(e)})
+                client.close()
+                return
             except OSError as e:
                 log.warning("registry unreachable: closing the client",
                             extra={"upstream": str(self.upstream), "error": str(e) or type(e).__name__})
                 client.close()
+                return
+            if isinstance(upstream, ssl.SSLSocket):
+                tls = _TlsConnection(client, upstream, self.idle_timeout)
+                tls.run()
+                log.debug("connection closed", extra={"upstream": str(self.upstream), "sent": tls.moved[0],
+                                                      "received": tls.moved[1]})
                 return
             _timeouts(client, self.idle_timeout)
             _timeouts(upstream, self.idle_timeout)

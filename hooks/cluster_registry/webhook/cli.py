@@ -15,7 +15,8 @@ from cluster_registry.errors import ConfigError
 from cluster_registry.webhook.mutate import Mutator, Policy, Settings
 from cluster_registry.webhook.pods import KubePods, PodWatch
 from cluster_registry.webhook.recorder import KubeArtifactApi, Recorder, Recording
-from cluster_registry.webhook.server import Limits, TlsFiles, Webhook, serve_forever
+from cluster_registry.certs.serving import TlsFiles
+from cluster_registry.webhook.server import Limits, Webhook, serve_forever
 from cluster_registry.webhook.view import ArtifactView
 from cluster_registry.webhook.workers import fit, memory_limit, supervise
 

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import logging
 import os
 import signal
-import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +33,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from cluster_registry.certs.serving import TlsFiles
 from cluster_registry.leader import LeaderElector
 from cluster_registry.webhook.mutate import BadRequest, Mutator, Skip
 from cluster_registry.webhook.recorder import Recording
@@ -43,50 +42,6 @@ from cluster_registry.webhook.view import ArtifactView
 log = logging.getLogger(__name__)
 
 BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-
-class TlsFiles:
-    """A server SSL context whose certificate follows the files ``cert`` and ``key``."""
-
-    def __init__(self, cert: str, key: str) -> None:
-        self.cert = cert
-        self.key = key
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.context.set_alpn_protocols(["http/1.1"])
-        self.fingerprint = ""
-        self.reloads = 0
-
-    @property
-    def loaded(self) -> bool:
-        return bool(self.fingerprint)
-
-    def _read(self) -> tuple[bytes, bytes]:
-        with open(self.cert, "rb") as c, open(self.key, "rb") as k:
-            return c.read(), k.read()
-
-    def reload_if_changed(self) -> bool:
-        """Load the files if they changed and form a valid pair; True if the certificate changed."""
-        cert, key = self._read()
-        fingerprint = hashlib.sha256(cert + b"\0" + key).hexdigest()
-        if fingerprint == self.fingerprint:
-            return False
-        trial = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        trial.load_cert_chain(self.cert, self.key)  # raises on a half-written or mismatched pair
-        self.context.load_cert_chain(self.cert, self.key)
-        first = not self.fingerprint
-        self.fingerprint = fingerprint
-        self.reloads += 1
-        log.info("TLS certificate %s", "loaded" if first else "reloaded", extra={"sha256": fingerprint[:16]})
-        return True
-
-    async def watch(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.reload_if_changed()
-            except (OSError, ssl.SSLError) as err:
-                log.warning("TLS files not reloaded (keeping the current certificate): %s", err)
 
 
 class TooLarge(Exception):
