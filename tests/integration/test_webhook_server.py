@@ -448,10 +448,17 @@ def post_json(server: Proc, body: dict[str, Any]) -> dict[str, Any]:
         conn.close()
 
 
+def test_idle_connections_outlive_the_api_servers_own_idle_timeout() -> None:
+    """#20: the API server keeps an idle connection to a webhook for 90 s (apimachinery's
+    SetTransportDefaults: Go's http.DefaultTransport IdleConnTimeout). Were the webhook to close it
+    first, a pod created just then gets EOF on that connection, which the API server does not retry."""
+    assert Limits().idle_timeout > 90.0
+
+
 async def test_slow_clients_are_cut_off(tmp_path: Path) -> None:
     """Item 2 of #16: a client that trickles its headers is disconnected after the header timeout, one
     that trickles its body gets 408 after the body timeout; neither holds a connection for ever."""
-    running, _hook, _api, ca = await in_process(tmp_path, Limits(header_timeout=1.0, body_timeout=1.0))
+    running, _hook, _api, ca = await in_process(tmp_path, Limits(idle_timeout=1.0, body_timeout=1.0))
     try:
         ctx = client_ssl(ca)
         reader, writer = await asyncio.open_connection("127.0.0.1", running.port, ssl=ctx, server_hostname="127.0.0.1")

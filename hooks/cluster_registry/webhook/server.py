@@ -4,7 +4,7 @@
 (:class:`Limits`): a body larger than the API server can send for a pod is refused unread, a body
 with more JSON arrays and objects than a pod can hold is refused before it is parsed (parsing
 ``[],[],...`` costs ~60 bytes of memory per 3 bytes of input), at most ``concurrent`` requests are
-read and parsed at once, and a client gets ``header_timeout`` seconds for its request line and
+read and parsed at once, and a client gets ``idle_timeout`` seconds for its request line and
 headers (aiohttp's keep-alive timer, which also runs before the first request) and ``body_timeout``
 for its body.
 
@@ -57,7 +57,11 @@ class Limits:
     # holds ~25,000; parsing 100,000 costs ~6 MiB.
     max_structures: int = 100_000
     concurrent: int = 4
-    header_timeout: float = 10.0
+    # An idle keep-alive connection is closed after this, and a request's line and headers must arrive
+    # within it. Longer than the API server keeps an idle connection to a webhook (Go's http.Transport,
+    # 90 s): the client closes first. A server closing first races the API server's next call, which
+    # then gets EOF and is not retried (a POST): the admission fails, or the pod goes unrewritten.
+    idle_timeout: float = 120.0
     body_timeout: float = 10.0
 
 
@@ -294,7 +298,7 @@ async def start(
     while worker and not webhook.view.synced:
         await asyncio.sleep(0.05)
     runner = web.AppRunner(
-        webhook.app(), access_log=None, handle_signals=False, keepalive_timeout=webhook.limits.header_timeout
+        webhook.app(), access_log=None, handle_signals=False, keepalive_timeout=webhook.limits.idle_timeout
     )
     await runner.setup()
     site = web.TCPSite(
