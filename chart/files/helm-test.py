@@ -5,7 +5,8 @@
    Artifact names the probe image, so GC deletes it.
 2. The webhook (when it runs in the cluster) answers an AdmissionReview over the chart's TLS chain.
 
-Arguments: REGISTRY_HOST:PORT CREDENTIALS_FILE REPOSITORY TOKEN_URL [WEBHOOK_URL CA_FILE]. Prints one JSON line.
+Arguments: REGISTRY_URL CREDENTIALS_FILE REPOSITORY TOKEN_URL [WEBHOOK_URL CA_FILE]. Prints one JSON line.
+With registryTLS the registry's URL and TOKEN_URL are https: $SSL_CERT_FILE (the chart's CA) is the trust.
 """
 
 import hashlib
@@ -50,7 +51,7 @@ def bearer(token_url, basic, repo):
 
 
 def push_and_pull(registry, basic, repo, token_url):
-    base = f"http://{registry}/v2/{repo}"
+    base = f"{registry}/v2/{repo}"
     status, headers, body = request("GET", f"{base}/tags/list")
     expect("anonymous request without a token", status, (401,), body)
     if "realm=" not in headers.get("WWW-Authenticate", "").lower():
@@ -63,7 +64,7 @@ def push_and_pull(registry, basic, repo, token_url):
         status, headers, body = request("POST", f"{base}/blobs/uploads/", b"", {"Authorization": auth})
         expect("start upload", status, (202,), body)
         location = headers["Location"]
-        location = location if location.startswith("http") else f"http://{registry}{location}"
+        location = location if location.startswith("http") else f"{registry}{location}"
         sep = "&" if "?" in location else "?"
         status, _, body = request("PUT", f"{location}{sep}digest={digest}", blob,
                                   {"Authorization": auth, "Content-Type": "application/octet-stream"})

@@ -41,6 +41,12 @@ Every value combination the schema cannot express is rejected here, in one place
 {{- if and (eq $v.webhook.tls.mode "certManager") $v.webhook.tls.certManager.issuerRef.name (eq $v.webhook.tls.certManager.issuerRef.kind "") -}}
 {{- fail (printf "%s.webhook.tls.certManager.issuerRef.kind must be set with issuerRef.name" $p) -}}
 {{- end -}}
+{{- if and $v.enableClusterRegistry $v.registryTLS.enabled (not (include "cluster-registry.hookTLS" .)) -}}
+{{- fail (printf "%s.registryTLS.enabled=true needs the in-cluster webhook with %s.webhook.tls.mode=hook: the registry's certificate is issued from that CA by the certs Job (or set registryTLS.enabled=false: plain HTTP, docs/security.md)" $p $p) -}}
+{{- end -}}
+{{- if and $v.enableClusterRegistry $v.registryTLS.enabled (not $v.nodeProxy.enabled) (not $v.webhook.registryHost) -}}
+{{- fail (printf "%s.registryTLS.enabled=true with %s.nodeProxy.enabled=false needs %s.webhook.registryHost: nodes would pull the Service over TLS without trusting the chart's CA (keep the node proxy, which speaks TLS for them, or name a host the nodes trust)" $p $p $p) -}}
+{{- end -}}
 {{- if and (not $v.enableClusterRegistry) $v.webhook.url -}}
 {{- fail (printf "%s.webhook.url is set but %s.enableClusterRegistry=false deploys no webhook configuration" $p $p) -}}
 {{- end -}}

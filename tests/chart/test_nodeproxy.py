@@ -30,5 +30,5 @@ def test_a_hostnetwork_daemonset_on_every_node_listens_on_loopback_only() -> Non
 
 
 def test_no_node_proxy_when_disabled_or_without_the_registry() -> None:
-    for sets in (("nodeProxy.enabled=false",), ("enableClusterRegistry=false",)):
+    for sets in (("nodeProxy.enabled=false", "registryTLS.enabled=false"), ("enableClusterRegistry=false",)):
         assert not [d for d in all_of(render(*sets), "DaemonSet") if d["metadata"]["name"].endswith("-node-proxy")], sets

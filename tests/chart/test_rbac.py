@@ -32,7 +32,9 @@ EXPECTED: dict[tuple[str, str], set[Rule]] = {
         (('admissionregistration.k8s.io',), ('mutatingwebhookconfigurations',), ('get', 'patch', 'update'), ('webhook',)),
     },
     ("Role", "certs"): {
-        (('',), ('secrets',), ('get', 'patch', 'update'), ('webhook-tls',)),
+        (('',), ('secrets',), ('get', 'patch', 'update'), ('webhook-tls', 'registry-tls')),
+        # registryTLS: a renewed certificate restarts the registry (distribution reads it at start)
+        (('apps',), ('deployments',), ('patch',), ('registry',)),
     },
     ("ClusterRole", "component-reconciler"): {
         (('clusterregistry.io',), ('components',), ('get', 'list', 'patch', 'update', 'watch'), ()),
@@ -66,8 +68,9 @@ EXPECTED: dict[tuple[str, str], set[Rule]] = {
         (('',), ('persistentvolumeclaims',), ('get', 'list'), ()),
         (('',), ('secrets',), ('create',), ()),
         (('',), ('secrets',), ('get', 'patch', 'update'),
-         ('webhook-tls', 'registry', 'registry-token', 'registry-push-artifact-reconciler', 'registry-push-sideload',
-          'registry-push-gc')),
+         ('webhook-tls', 'registry', 'registry-tls', 'registry-token', 'registry-push-artifact-reconciler',
+          'registry-push-sideload', 'registry-push-gc')),
+        (('apps',), ('deployments',), ('patch',), ('registry',)),
         (('clusterregistry.io',), ('components', 'artifacts'), ('create', 'get', 'list', 'patch', 'update', 'watch'), ()),
         (('clusterregistry.io',), ('artifacts/status',), ('get', 'patch', 'update'), ()),
         (('',), ('configmaps',), ('get',), ('early-loading',)),

@@ -293,13 +293,13 @@ def test_registry_host_follows_node_port_or_the_value() -> None:
         return str(args[args.index("--registry-host") + 1])
     assert host() == "127.0.0.1:5050" and host("nodeProxy.port=5151") == "127.0.0.1:5151"
     assert host("clusterRegistry.registryService.type=NodePort", "clusterRegistry.registryService.nodePort=30500",
-                "nodeProxy.enabled=false") == "localhost:30500"
+                "nodeProxy.enabled=false", "registryTLS.enabled=false") == "localhost:30500"
     assert host("webhook.registryHost=registry.example:443") == "registry.example:443"
-    assert host("nodeProxy.enabled=false") == f"{RELEASE}-cluster-registry-registry.{NAMESPACE}.svc.cluster.local:5000"
+    assert host("nodeProxy.enabled=false", "registryTLS.enabled=false") == f"{RELEASE}-cluster-registry-registry.{NAMESPACE}.svc.cluster.local:5000"
 
 
 def test_url_mode_deploys_no_webhook_and_no_certs_machinery() -> None:
-    docs = render("webhook.url=https://127.0.0.1:18443/mutate", "webhook.caBundle=Zm9v")
+    docs = render("webhook.url=https://127.0.0.1:18443/mutate", "webhook.caBundle=Zm9v", "registryTLS.enabled=false")
     client = mwc(docs)["clientConfig"]
     assert client == {"url": "https://127.0.0.1:18443/mutate", "caBundle": "Zm9v"}
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
@@ -309,7 +309,7 @@ def test_url_mode_deploys_no_webhook_and_no_certs_machinery() -> None:
 
 
 def test_cert_manager_mode_replaces_the_certs_jobs() -> None:
-    docs = render("webhook.tls.mode=certManager")
+    docs = render("webhook.tls.mode=certManager", "registryTLS.enabled=false")
     cert = find(docs, "Certificate")
     dep = deployment(docs, "webhook")
     tls = [v for v in pod_spec(dep)["volumes"] if v["name"] == "tls"][0]["secret"]["secretName"]
@@ -319,7 +319,8 @@ def test_cert_manager_mode_replaces_the_certs_jobs() -> None:
     annotations = find(docs, "MutatingWebhookConfiguration")["metadata"]["annotations"]
     assert annotations["cert-manager.io/inject-ca-from"] == f"{NAMESPACE}/{cert['metadata']['name']}"
     assert not [d for d in docs if "certs" in d["metadata"]["name"]]
-    docs = render("webhook.tls.mode=certManager", "webhook.tls.certManager.issuerRef.name=corp", "webhook.tls.certManager.issuerRef.kind=ClusterIssuer")
+    docs = render("webhook.tls.mode=certManager", "webhook.tls.certManager.issuerRef.name=corp", "webhook.tls.certManager.issuerRef.kind=ClusterIssuer",
+                  "registryTLS.enabled=false")
     assert find(docs, "Certificate")["spec"]["issuerRef"] == {"name": "corp", "kind": "ClusterIssuer", "group": "cert-manager.io"}
     assert not all_of(docs, "Issuer")
 

@@ -16,4 +16,12 @@
 - {{ include "cluster-registry.componentName" (dict "ctx" . "component" "webhook") }}
 - --renew-before
 - {{ .Values.global.networkfunctionextension.webhook.tls.renewBefore }}
+{{- if include "cluster-registry.registryTLS" . }}
+- --registry-secret
+- {{ include "cluster-registry.registryTLSSecret" . }}
+- --registry-service
+- {{ include "cluster-registry.componentName" (dict "ctx" . "component" "registry") }}
+- --registry-deployment
+- {{ include "cluster-registry.componentName" (dict "ctx" . "component" "registry") }}
+{{- end }}
 {{- end -}}

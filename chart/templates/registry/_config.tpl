@@ -58,6 +58,13 @@ http:
   # which it verifies (auth below): no Python in the data path.
   addr: 0.0.0.0:5000
   relativeurls: true
+  {{- if include "cluster-registry.registryTLS" . }}
+  # The serving certificate from the chart's CA (registryTLS), read at start: a renewal restarts the pods.
+  tls:
+    certificate: /etc/distribution/tls/tls.crt
+    key: /etc/distribution/tls/tls.key
+    minimumtls: tls1.2
+  {{- end }}
   # On SIGTERM, finish in-flight pulls and pushes for up to a minute (the pod's grace period allows it).
   draintimeout: 60s
   headers:
@@ -170,9 +177,56 @@ ReadWriteOnce
 {{/* Usage: include "cluster-registry.pushers" $ -> the components with a push credential, space-separated. */}}
 {{- define "cluster-registry.pushers" -}}artifact-reconciler sideload gc{{- end -}}
 
-{{/* Usage: include "cluster-registry.tokenServiceURL" $ -> "http://<svc>.<ns>.svc:5002/token", the token service as pods reach it. */}}
+{{/* Usage: include "cluster-registry.tokenServiceURL" $ -> "https://<svc>.<ns>.svc:5002/token" (http:// without registryTLS), the token service as pods reach it. */}}
 {{- define "cluster-registry.tokenServiceURL" -}}
-{{- printf "http://%s.%s.svc:5002/token" (include "cluster-registry.componentName" (dict "ctx" . "component" "registry")) .Release.Namespace -}}
+{{- printf "%s://%s.%s.svc:5002/token" (include "cluster-registry.registryScheme" .) (include "cluster-registry.componentName" (dict "ctx" . "component" "registry")) .Release.Namespace -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.registryTLS" $ -> "true" when the registry Service serves TLS (registryTLS.enabled). */}}
+{{- define "cluster-registry.registryTLS" -}}
+{{- if .Values.global.networkfunctionextension.registryTLS.enabled }}true{{ end -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.registryScheme" $ -> "https" or "http", how pods speak to the registry Service. */}}
+{{- define "cluster-registry.registryScheme" -}}
+{{- ternary "https" "http" (eq (include "cluster-registry.registryTLS" .) "true") -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.registryTLSSecret" $ -> the Secret with the registry's serving certificate (tls.crt, tls.key) and the CA bundle its clients trust (ca.crt). */}}
+{{- define "cluster-registry.registryTLSSecret" -}}
+{{- include "cluster-registry.componentName" (dict "ctx" . "component" "registry-tls") -}}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.registryCAPath" $ -> where a client pod finds the CA bundle the registry's certificate verifies against. */}}
+{{- define "cluster-registry.registryCAPath" -}}/etc/cluster-registry/registry-ca/ca.crt{{- end -}}
+
+{{/* Usage: include "cluster-registry.registryCAEnv" $ -> the env entry making the registry client trust the chart's CA (or nothing without registryTLS). */}}
+{{- define "cluster-registry.registryCAEnv" -}}
+{{- if include "cluster-registry.registryTLS" . }}
+- name: CLUSTER_REGISTRY_CA_BUNDLE
+  value: {{ include "cluster-registry.registryCAPath" . }}
+{{- end }}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.registryCAMount" $ -> the volumeMount of the CA bundle (or nothing without registryTLS). */}}
+{{- define "cluster-registry.registryCAMount" -}}
+{{- if include "cluster-registry.registryTLS" . }}
+- name: registry-ca
+  mountPath: {{ dir (include "cluster-registry.registryCAPath" .) }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Usage: include "cluster-registry.registryCAVolume" $ -> the volume with the CA bundle alone (never the key), or nothing without registryTLS. */}}
+{{- define "cluster-registry.registryCAVolume" -}}
+{{- if include "cluster-registry.registryTLS" . }}
+- name: registry-ca
+  secret:
+    secretName: {{ include "cluster-registry.registryTLSSecret" . }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
 {{- end -}}
 
 {{/* Usage: include "cluster-registry.tokenRealm" $ -> the realm distribution names: the node proxy's token port on the node's loopback (nodes pull there), else the Service. */}}
@@ -185,8 +239,10 @@ ReadWriteOnce
 {{- end -}}
 {{- end -}}
 
-{{/* Usage: include "cluster-registry.tokenRealmsEnv" $ -> the env entry telling a pod to ask the token service by its Service when the registry names the node-local realm. */}}
-{{- define "cluster-registry.tokenRealmsEnv" -}}
+{{/* Usage: include "cluster-registry.registryClientEnv" $ -> the env entries of a pod that talks to the registry Service: ask the token
+service by its Service when the registry names the node-local realm, and trust the chart's CA (with registryTLS; mount registryCAVolume). */}}
+{{- define "cluster-registry.registryClientEnv" -}}
 - name: CLUSTER_REGISTRY_TOKEN_REALMS
   value: {{ printf "%s=%s" (include "cluster-registry.tokenRealm" .) (include "cluster-registry.tokenServiceURL" .) | quote }}
+{{- include "cluster-registry.registryCAEnv" . }}
 {{- end -}}

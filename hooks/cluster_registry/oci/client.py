@@ -79,6 +79,7 @@ class RegistryOptions:
 
 
 TOKEN_REALMS_ENV = "CLUSTER_REGISTRY_TOKEN_REALMS"
+CA_BUNDLE_ENV = "CLUSTER_REGISTRY_CA_BUNDLE"  # the chart's CA, which the cluster registry's certificate verifies against
 
 
 def token_realms_from(text: str) -> dict[str, str]:
@@ -128,14 +129,18 @@ class RegistrySession:
         self.self_mount: dict[str, bool] = {}
 
     def ssl_context(self) -> ssl.SSLContext:
-        """The TLS context: the system's trust plus the extra CA bundle. Made by the pool on the
-        first https connection only (loading the CA store takes tens of milliseconds)."""
+        """The TLS context: the system's trust plus the extra CA bundle and the cluster registry's CA
+        ($CLUSTER_REGISTRY_CA_BUNDLE, which the chart sets in every pod that talks to the registry).
+        Made by the pool on the first https connection only (loading the CA store takes tens of
+        milliseconds)."""
         ctx = ssl.create_default_context()
-        if self.options.ca_bundle:
+        for bundle in (self.options.ca_bundle, os.environ.get(CA_BUNDLE_ENV)):
+            if not bundle:
+                continue
             try:
-                ctx.load_verify_locations(cafile=self.options.ca_bundle)
+                ctx.load_verify_locations(cafile=bundle)
             except (OSError, ssl.SSLError) as err:
-                raise ConfigError(f"cannot load CA bundle {self.options.ca_bundle}: {err}") from err
+                raise ConfigError(f"cannot load CA bundle {bundle}: {err}") from err
         return ctx
 
     @property
