@@ -23,6 +23,8 @@ the chart) and the API server's own `apiserver_admission_webhook_admission_durat
 that webhook is reported, beside the webhook's own latency, the TCP connections the API server
 opened to it, and the same calls answered by the Go floor (what the API server adds to any webhook).
 The memory of each webhook process (the supervisor and every worker: RSS, PSS) is reported after load.
+With more than one worker, the same webhook as one process takes its turns too (under "floors",
+``webhook_1_process``): what the workers change on this machine, in the same minutes.
 
 The last line printed is one JSON object with every figure.
 Options (environment): WEBHOOK_BENCH_SECONDS (30), WEBHOOK_BENCH_CONNECTIONS (8),
@@ -309,6 +311,9 @@ def load_bench(tmp: Path) -> dict[str, Any]:
     try:
         offline = ["--offline", "--registry-host", LOCAL, "--rewrite-policy", "Always", "--workers", str(WORKERS)]
         targets["webhook"] = Target(tmp, *start_webhook(tmp, offline), bodies)
+        if WORKERS > 1:  # the same webhook as one process, in the same turns: what the workers change here
+            one = [*offline[:-1], "1"]
+            targets["webhook_1_process"] = Target(tmp, *start_webhook(tmp, one), bodies)
         targets["floor_python"] = Target(tmp, *start_webhook(tmp, [], floor="python"), bodies)
         if shutil.which("go"):
             targets["floor_go"] = Target(tmp, *start_webhook(tmp, [], floor="go"), bodies)
