@@ -44,8 +44,8 @@ def main() -> int:
     args = ap.parse_args()
     cluster = ensure_up()
     suffix = secrets.token_hex(3)
-    release, ns, cnf_ns, bench_ns = f"bp{suffix[:4]}", f"crb-{suffix}", f"cnf-b-{suffix}", f"bench-{suffix}"
-    for n in (ns, cnf_ns, bench_ns):
+    release, ns, cnf_ns = f"bp{suffix[:4]}", f"crb-{suffix}", f"cnf-b-{suffix}"
+    for n in (ns, cnf_ns):
         cluster.kubectl("create", "namespace", n)
     front = cnf.StoreFront(cluster).start()
     out: dict[str, Any] = {"bench": "pullpath", "rounds": args.rounds}
@@ -76,14 +76,16 @@ def main() -> int:
             times: dict[str, list[float]] = {k: [] for k in via}
             for r in range(args.rounds):
                 for k, image in via.items():
-                    times[k].append(cnf.pod_start_seconds(cluster, bench_ns, image, f"system-{r % 3}", "cnf/frontend"))
+                    # in the CNF's namespace, with its pull Secret: the default isolated access serves it only
+                    times[k].append(cnf.pod_start_seconds(cluster, cnf_ns, image, f"system-{r % 3}", "cnf/frontend",
+                                                          cnf.REGISTRY_PULL_SECRET))
             for k, ts in times.items():
                 out[f"pod_start_{k}_s"] = {"median": round(statistics.median(ts), 2), "runs": [round(t, 2) for t in ts]}
             out["image_bytes"] = images["frontend"].size
     finally:
         cluster.helm("uninstall", "cnf", "-n", cnf_ns, "--wait", "--timeout", "60s", check=False)
         cluster.helm("uninstall", release, "-n", ns, "--wait", "--timeout", "120s", check=False)
-        for n in (cnf_ns, ns, bench_ns):
+        for n in (cnf_ns, ns):
             cluster.kubectl("delete", "namespace", n, "--wait=false", check=False)
         front.stop()
     print(json.dumps(out))

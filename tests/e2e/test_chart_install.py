@@ -101,6 +101,8 @@ def test_chart_installs_with_pods_running_spread_over_system_nodes(cluster: Clus
             "--dry-run=server", "-o", "json"), timeout=60, interval=2, what="the webhook to answer"))
         host = "127.0.0.1:5050"  # the default rewrite target: the node proxy (docs/pull-path.md)
         assert pod["spec"]["containers"][0]["image"] == f"{host}/docker.io/library/nginx:1.27"
+        # isolated access (the default): with the namespace's pull Secret, which nodes pull with
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "cluster-registry-pull"}], pod["spec"]
     finally:
         cluster.kubectl("delete", "namespace", workload, "--wait=false", check=False)
     printed = cluster.kubectl("get", "crd", "artifacts.clusterregistry.io", "-o",

@@ -106,8 +106,8 @@ def test_default_install_runs_the_chart_containers_for_real(cluster: Cluster, re
             http_get(f"http://{ip}:5001{path}", timeout=3)  # loopback only: refused from outside the pod
     code, _ = http_get(f"http://{ip}:5000/v2/")
     assert code == 401, "every request needs a token"
-    # registryAccess shared (the default): an anonymous token pulls, as AOSM lets anyone pull
-    assert Pusher(f"{ip}:5000").request("GET", "/v2/", "")[0] == 200
+    # registryAccess isolated (the default): an anonymous caller's token grants no pull
+    assert Pusher(f"{ip}:5000").request("GET", "/v2/e2e/any/tags/list", "e2e/any")[0] == 401
     logs = cluster.pod_logs(release.namespace, pod["metadata"]["name"], "registry")
     assert "listening on [::]:5000" in logs and "debug server listening 127.0.0.1:5001" in logs
 
@@ -129,8 +129,9 @@ def test_three_registry_replicas_share_one_volume(cluster: Cluster, release: Rel
         assert refused.value.status == 401, refused.value
     image = push_image(Pusher(f"{first}:5000", auth=(user, password)), "e2e/shared", "v1", layers=[1 << 20, 4096], seed=11)
     accept = {"Accept": image.media_type}
-    for ip in others:
-        code, _, body = Pusher(f"{ip}:5000").request("GET", "/v2/e2e/shared/manifests/v1", "e2e/shared", headers=accept)
+    for ip in others:  # read with the reconciler's credential (isolated: anonymous callers pull nothing)
+        code, _, body = Pusher(f"{ip}:5000", auth=(user, password)).request("GET", "/v2/e2e/shared/manifests/v1", "e2e/shared",
+                                                                            headers=accept)
         assert code == 200 and body == image.manifest, f"replica {ip} does not see the pushed manifest"
     claims = {v["persistentVolumeClaim"]["claimName"] for p in pods for v in p["spec"]["volumes"]
               if "persistentVolumeClaim" in v}

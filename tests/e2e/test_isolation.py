@@ -1,6 +1,6 @@
 """Issue 15: one namespace cannot pull another's private images, seen from a real node.
 
-One release in isolated mode (`registryAccess.mode: isolated`) and two tenant namespaces, A and B. The
+One release in isolated mode (`registryAccess.mode: isolated`, the chart's default) and two tenant namespaces, A and B. The
 artifact store's front (tests/support/cnf.py) serves `private/` only with its credentials, which only B
 has (its pull Secret); `cnf/` anonymously. Every attack is an HTTP request made from the network
 namespace of a real node (tests/support/podview.py), to the endpoint the node's runtime pulls from
@@ -32,7 +32,7 @@ from tests.support.ociimages import Image, push_image
 from tests.support.podview import from_netns
 
 NODE_ENDPOINT = "127.0.0.1:5050"  # the node proxy: the rewrite target
-PULL_SECRET = "cluster-registry-pull"  # registryAccess.pullSecretName's default
+PULL_SECRET = cnf.REGISTRY_PULL_SECRET
 RECONCILER_CREDENTIALS = "/etc/cluster-registry/credentials/credentials.yaml"  # its push credential, mounted
 USER_NODES = {"kubernetes.azure.com/mode": "user"}  # kwok: the pods' images are never pulled there
 
@@ -73,7 +73,6 @@ def iso(cluster: Cluster) -> Iterator[Iso]:
             cnf.pull_secret(cluster, b, store_host)
             values = single_replica_values()
             ext = values["global"]["networkfunctionextension"]
-            ext["registryAccess"] = {"mode": "isolated"}
             ext["webhook"]["pod"]["mutation"]["matchConditionExpression"] = f"request.namespace in ['{a}', '{b}']"
             ext["artifactReconciler"]["insecureRegistries"] = [store_host]
             try:
@@ -114,15 +113,6 @@ def phase(cluster: Cluster, namespace: str, source: str) -> str:
 def wait_phase(cluster: Cluster, namespace: str, source: str, phases: set[str], timeout: float = 180) -> str:
     return str(wait_for(lambda: (p := phase(cluster, namespace, source)) in phases and p, timeout=timeout, interval=1,
                         what=f"the Artifact of {source} in {namespace} {'/'.join(sorted(phases))}"))
-
-
-def pull_credential(cluster: Cluster, namespace: str) -> tuple[str, str]:
-    """The namespace's pull credential, as its pods hold it (the Secret the chart keeps there)."""
-    secret = wait_for(lambda: cluster.kubectl("get", "secret", "-n", namespace, PULL_SECRET, "--ignore-not-found", "-o", "json").strip(),
-                      timeout=120, what=f"the pull Secret in {namespace}")
-    auths = json.loads(base64.b64decode(json.loads(secret)["data"][".dockerconfigjson"]))["auths"]
-    entry = next(iter(auths.values()))
-    return str(entry["username"]), str(entry["password"])
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -174,11 +164,11 @@ def b_has_private(cluster: Cluster, iso: Iso) -> Iso:
 def test_a_cannot_read_bs_private_image_by_any_path_or_token(cluster: Cluster, b_has_private: Iso) -> None:
     iso = b_has_private
     node = Node(iso)
-    b_creds = pull_credential(cluster, iso.b)
+    b_creds = cnf.namespace_pull_credential(cluster, iso.b)
     # A has a pull credential too once it has an Artifact (a public image, Ready for A).
     tenant_pod(cluster, iso.a, iso.source(iso.public))
     wait_phase(cluster, iso.a, iso.source(iso.public), {"Ready"})
-    a_creds = pull_credential(cluster, iso.a)
+    a_creds = cnf.namespace_pull_credential(cluster, iso.a)
     scope = f"repository:{iso.repo(iso.private)}:pull"
     anon, a_token, b_token, a_catalog, anon_catalog = node.tokens(
         [(scope, None), (scope, a_creds), (scope, b_creds), ("registry:catalog:*", a_creds), ("registry:catalog:*", None)])
@@ -214,11 +204,11 @@ def test_a_public_image_copied_for_b_is_pullable_by_a_only_once_as_artifact_is_r
     tenant_pod(cluster, iso.a, iso.source(iso.public))  # A has a credential (its namespace has an Artifact)
     wait_phase(cluster, iso.a, iso.source(iso.public), {"Ready"})
     scope = f"repository:{iso.repo(image)}:pull"
-    before = node.tokens([(scope, pull_credential(cluster, iso.a))])[0]
+    before = node.tokens([(scope, cnf.namespace_pull_credential(cluster, iso.a))])[0]
     assert node.get([(p, before) for p in reads(iso, image)]) == [401] * 4, "copied for B, not yet Ready for A"
     tenant_pod(cluster, iso.a, iso.source(image))
     wait_phase(cluster, iso.a, iso.source(image), {"Ready"})
-    after = node.tokens([(scope, pull_credential(cluster, iso.a))])[0]
+    after = node.tokens([(scope, cnf.namespace_pull_credential(cluster, iso.a))])[0]
     assert node.get([(p, after) for p in reads(iso, image)]) == [200] * 4
 
 
@@ -249,7 +239,7 @@ def test_tag_at_digest_cannot_repoint_a_shared_tag(cluster: Cluster, iso: Iso) -
     pinned = f"{iso.source(old)}@{old.digest}"
     tenant_pod(cluster, iso.a, pinned)
     wait_phase(cluster, iso.a, pinned, {"Ready"})
-    token = node.tokens([(f"repository:{iso.repo(new)}:pull", pull_credential(cluster, iso.b))])[0]
+    token = node.tokens([(f"repository:{iso.repo(new)}:pull", cnf.namespace_pull_credential(cluster, iso.b))])[0]
     accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
     by_tag = from_netns(iso.netns, [{"url": f"http://{NODE_ENDPOINT}/v2/{iso.repo(new)}/manifests/1.0",
                                      "headers": {**accept, **bearer(str(token))}}])[0]
@@ -267,12 +257,12 @@ def registry_pods(cluster: Cluster, ns: str) -> dict[str, tuple[str, int]]:
 
 def test_pull_key_rotation_keeps_pulls_working_with_no_restart(cluster: Cluster, b_has_private: Iso) -> None:
     iso = b_has_private
-    node, before, old = Node(iso), registry_pods(cluster, iso.ns), pull_credential(cluster, iso.b)
+    node, before, old = Node(iso), registry_pods(cluster, iso.ns), cnf.namespace_pull_credential(cluster, iso.b)
     scope, manifest = f"repository:{iso.repo(iso.private)}:pull", reads(iso, iso.private)[2]
     job = f"rotate-{secrets.token_hex(2)}"
     cluster.kubectl("create", "job", job, f"--from=cronjob/{cnf.fullname(iso.release)}-pull-keys", "-n", iso.ns)
     cluster.kubectl("wait", "--for=condition=complete", f"job/{job}", "-n", iso.ns, "--timeout=120s", timeout=150)
-    new = wait_for(lambda: (c := pull_credential(cluster, iso.b)) != old and c, timeout=120, interval=2,
+    new = wait_for(lambda: (c := cnf.namespace_pull_credential(cluster, iso.b)) != old and c, timeout=120, interval=2,
                    what="B's pull Secret rewritten with the new key")
     for creds in (old, new):  # both keys are valid until the next rotation
         token = wait_for(lambda c=creds: node.tokens([(scope, c)])[0], timeout=30, what="a token")  # type: ignore[misc]

@@ -170,11 +170,14 @@ def release(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def in_registry(cluster: Cluster, release: Release, local: str, image: Image) -> bool:
-    """Whether the registry (by pod IP, with an anonymous token: registryAccess shared) serves LOCAL's manifest."""
+    """Whether the registry (by pod IP, with GC's credential, which may read every repository: the
+    default isolated access serves anonymous callers nothing) serves LOCAL's manifest."""
     repo = local.split("/", 1)[1].rsplit("@", 1)[0].rsplit(":", 1)[0]
     ip = three_ready(cluster, release.namespace, "registry")[0]["status"]["podIP"]
-    code, _, body = Pusher(f"{ip}:5000").request("GET", f"/v2/{repo}/manifests/{image.digest}", repo,
-                                                 headers={"Accept": image.media_type})  # fmt: skip
+    secret = cluster.kubectl_json("get", "secret", "-n", release.namespace, f"{release.prefix}-registry-push-gc")
+    creds = yaml.safe_load(base64.b64decode(secret["data"]["credentials.yaml"]))
+    code, _, body = Pusher(f"{ip}:5000", auth=(creds["username"], creds["password"])).request(
+        "GET", f"/v2/{repo}/manifests/{image.digest}", repo, headers={"Accept": image.media_type})
     assert code in (200, 404), (code, body[:300])
     return code == 200
 

@@ -1,6 +1,8 @@
 """The pull path on real nodes (docs/pull-path.md): the chart with its default rewrite target (the node
-proxy on every node's 127.0.0.1:5050) and the sample CNF scheduled on the real system nodes. Every
-rewritten image is pulled by the node's containerd and runs; the disconnected drill (artifact store
+proxy on every node's 127.0.0.1:5050, isolated registry access) and the sample CNF scheduled on the
+real system nodes. Every rewritten image is pulled by the node's containerd with the namespace's pull
+Secret (kubelet hands it to containerd, which trades it for a token at the realm on the node's
+127.0.0.1:5051) and runs, while an anonymous pull of the same image is refused; the disconnected drill (artifact store
 down, images removed from the nodes, pods deleted, a node cordoned) brings every pod back from the
 cluster registry; with the cluster registry down as well the same drill ends in ImagePullBackOff.
 
@@ -9,6 +11,7 @@ system pool required) and name the plain-HTTP artifact store (the source side, n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -21,7 +24,7 @@ import pytest
 
 from tests.support import cnf
 from tests.support.cnf import cnf_pods, containers
-from tests.support.cluster import Cluster, containerd_images, exclusive_chart, remove_node_images, wait_for
+from tests.support.cluster import Cluster, CommandError, containerd_images, exclusive_chart, remove_node_images, wait_for
 
 pytestmark = pytest.mark.e2e
 NODE_PROXY = "127.0.0.1:5050"  # the chart's default rewrite target
@@ -94,6 +97,8 @@ def test_every_rewritten_image_is_pulled_by_the_nodes_and_runs(cluster: Cluster,
                       "install_to_pods_rewritten_up_s": round(time.monotonic() - env.installed_at, 1)}))
     nodes = {p["spec"]["nodeName"] for p in pods}
     assert nodes <= {"system-0", "system-1", "system-2"} and len(nodes) == 3, nodes
+    for p in pods:  # isolated: the webhook gave each rewritten pod the namespace's pull Secret
+        assert {"name": cnf.REGISTRY_PULL_SECRET} in p["spec"]["imagePullSecrets"], p["metadata"]["name"]
     for p in pods:  # the runtime ran what was pinned: each container's image ID is the pushed digest
         for c, s in zip(containers(p), p["status"].get("initContainerStatuses", []) + p["status"]["containerStatuses"]):
             key = p["metadata"]["labels"]["app.kubernetes.io/name"] if c["name"] != "init" else "init"
@@ -104,16 +109,25 @@ def test_every_rewritten_image_is_pulled_by_the_nodes_and_runs(cluster: Cluster,
     reporter = next(p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/name"] == "reporter")
     assert cluster.kubectl("logs", "-n", env.cnf_ns, reporter["metadata"]["name"]) == cnf.page("reporter", "1.0.0").decode()
     assert any(NODE_PROXY in i for i in containerd_images()), "the nodes' containerd holds the rewritten references"
+    # the same reference from a node: with the namespace's credential it is served, anonymously refused
+    rewritten = f"{NODE_PROXY}/{env.store_host.replace(':', '_')}/cnf/frontend@{env.images['frontend'].digest}"
+    creds = cnf.namespace_pull_credential(cluster, env.cnf_ns)
+    raw = cnf.inspect_raw(rewritten, NODE_PROXY, creds)
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == env.images["frontend"].digest
+    with pytest.raises(CommandError) as refused:
+        cnf.inspect_raw(rewritten, NODE_PROXY, None)
+    assert "unauthorized" in refused.value.stderr.lower() or "401" in refused.value.stderr, refused.value.stderr
 
 
-def test_pod_start_from_the_cluster_registry_and_from_the_store(cluster: Cluster, env: Env, namespace: str) -> None:
-    """The same image, removed from the nodes first, pulled through the node proxy (cluster registry)
-    and from the artifact store (the store front, on the node's loopback): both start, timed."""
+def test_pod_start_from_the_cluster_registry_and_from_the_store(cluster: Cluster, env: Env) -> None:
+    """The same image, removed from the nodes first, pulled through the node proxy (cluster registry,
+    with the CNF namespace's pull Secret) and from the artifact store (the store front, on the node's
+    loopback): both start, timed."""
     digest = env.images["frontend"].digest
     via = {"cluster_registry": f"{NODE_PROXY}/{env.store_host.replace(':', '_')}/cnf/frontend@{digest}",
            "artifact_store": f"{env.front.host}/cnf/frontend@{digest}"}
-    times = {k: [cnf.pod_start_seconds(cluster, namespace, image, f"system-{r}", "cnf/frontend") for r in range(2)]
-             for k, image in via.items()}
+    times = {k: [cnf.pod_start_seconds(cluster, env.cnf_ns, image, f"system-{r}", "cnf/frontend", cnf.REGISTRY_PULL_SECRET)
+                 for r in range(2)] for k, image in via.items()}
     print(json.dumps({f"pod_start_{k}_s": v for k, v in times.items()}))  # noqa: T201 - the issue's figures
     assert all(t < 120 for ts in times.values() for t in ts), times
 

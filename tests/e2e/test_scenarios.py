@@ -1,6 +1,7 @@
 """Issue 9: the operator's scenarios end to end on the local control plane, on the chart's own pods.
 
-One install of chart/ (real helm, `--wait --wait-for-jobs`, its pods run on the real system nodes) and one
+One install of chart/ (real helm, `--wait --wait-for-jobs`, its pods run on the real system nodes; its
+default isolated registry access: nodes pull with the namespace's pull Secret) and one
 sample CNF (examples/sample-cnf, published to the artifact store as an OCI chart with `helm push`)
 are shared by the scenarios, which run in this file's order:
 
@@ -124,6 +125,8 @@ def scale_frontend(cluster: Cluster, namespace: str, replicas: int, what: str) -
 def expect_rewritten(env: Env, pod: dict[str, Any]) -> None:
     for container, image in images_of(pod).items():
         assert image == env.pinned(container), (pod["metadata"]["name"], container, image)
+    # isolated access: the namespace's pull Secret, which the node's runtime pulls the rewritten images with
+    assert {"name": cnf.REGISTRY_PULL_SECRET} in pod["spec"].get("imagePullSecrets", []), pod["metadata"]["name"]
 
 
 def trigger(cluster: Cluster, namespace: str, cronjob: str, job: str) -> None:
@@ -131,17 +134,17 @@ def trigger(cluster: Cluster, namespace: str, cronjob: str, job: str) -> None:
 
 
 def pull_everything(env: Env, cluster: Cluster, keys: list[str]) -> None:
-    """Every rewritten reference of KEYS pulls from every registry replica with the store's digest."""
+    """Every rewritten reference of KEYS pulls from every registry replica with the store's digest, with
+    the lazy CNF namespace's pull credential (as its pods' pulls are made)."""
     endpoints = cnf.registry_endpoints(cluster, env.namespace)
     assert len(endpoints) >= 2, endpoints
+    creds = cnf.namespace_pull_credential(cluster, env.cnf_ns)
     for n, key in enumerate(keys):
         for m, endpoint in enumerate(endpoints):
             if (n + m) % len(endpoints) == 0:  # one full pull per image, the others by manifest
-                got = cnf.pull(env.rewritten(key), endpoint)
+                got = cnf.pull(env.rewritten(key), endpoint, creds)
             else:
-                _, _, path = env.rewritten(key).partition("/")
-                raw = cnf.skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{endpoint}/{path}").stdout
-                got = reference_digest(raw)
+                got = reference_digest(cnf.inspect_raw(env.rewritten(key), endpoint, creds))
             assert got == env.images[key].digest, (key, endpoint)
 
 
@@ -151,13 +154,13 @@ def reference_digest(raw: bytes) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def registry_status(endpoint: str, path: str, accept: str) -> int:
-    """HEAD PATH at ENDPOINT as a node's runtime would: with an anonymous pull token (the chart's
-    default shared access grants one) from the realm the registry's challenge names."""
+def registry_status(endpoint: str, path: str, accept: str, creds: tuple[str, str]) -> int:
+    """HEAD PATH at ENDPOINT as a node's runtime would: with a pull token for CREDS from the realm the
+    registry's challenge names."""
     challenge = podview.bearer_challenge(cnf.NODE_NETNS, endpoint)
     repo = path.split("/v2/", 1)[1].rsplit("/manifests/", 1)[0]
-    token = podview.tokens(cnf.NODE_NETNS, challenge, [(f"repository:{repo}:pull", None)])[0]
-    assert token, f"no anonymous pull token for {repo}"
+    token = podview.tokens(cnf.NODE_NETNS, challenge, [(f"repository:{repo}:pull", creds)])[0]
+    assert token, f"no pull token for {repo}"
     answer = podview.from_netns(cnf.NODE_NETNS, [{"url": f"http://{endpoint}{path}", "method": "HEAD",
                                                   "headers": {"Accept": accept, "Authorization": f"Bearer {token}"}}])
     return int(answer[0]["status"])
@@ -235,6 +238,9 @@ def test_scenario_1_lazy_loading(cluster: Cluster, env: Env) -> None:
 
     # A node pulls every rewritten reference from the cluster registry: digests match the store's.
     pull_everything(env, cluster, list(env.images))
+    with pytest.raises(CommandError) as refused:  # isolated: an anonymous pull is refused
+        cnf.inspect_raw(env.rewritten("frontend"), cnf.registry_endpoints(cluster, env.namespace)[0], None)
+    assert "unauthorized" in refused.value.stderr.lower(), refused.value.stderr
     store = cnf.store_pusher(cluster)
     for key, img in env.images.items():
         ref = reference.parse(env.source(key))
@@ -457,11 +463,12 @@ def test_scenario_4_gc(cluster: Cluster, env: Env) -> None:
 
     endpoints = cnf.registry_endpoints(cluster, rns)
     accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
+    gc_creds = cnf.registry_credentials(cluster, rns, env.release, "gc")  # pulls any repository: 404, not 401
     for key in ("init", "frontend", "reporter"):
         ref = reference.parse(env.rewritten(key))
         for endpoint in endpoints:
-            assert registry_status(endpoint, f"/v2/{ref.repository}/manifests/{ref.pull_ref}", accept) == 404, key
-            assert registry_status(endpoint, f"/v2/{ref.repository}/manifests/{env.images[key].digest}", accept) == 404, key
+            for pull_ref in (ref.pull_ref, env.images[key].digest):
+                assert registry_status(endpoint, f"/v2/{ref.repository}/manifests/{pull_ref}", accept, gc_creds) == 404, key
     pull_everything(env, cluster, ["backend", "agent"])
     after = cnf.du(volume)
     # The CNF's images share their busybox layer: only what no kept image uses can be freed.

@@ -5,7 +5,10 @@ from commit 25e60ac, its pods running that commit's image) to the working tree, 
 Data: Artifacts (one with the owners the webhook records for running pods) and a Component, all
 copied into the registry by the installed reconcilers. After the upgrade nothing is lost: the same
 objects (same uids) keep their status, the images still pull byte-exact from every registry replica
-(the registry volume and its credentials Secret survive), the Component stays Ready. The CRD change
+(the registry volume and its credentials Secret survive), the Component stays Ready. 0.1.0's registry
+served anyone; 0.2.0 defaults to isolated access: after the upgrade the images pull with the workload
+namespace's new pull Secret and no longer anonymously, a pod rewritten by 0.1.0 (no pull Secret) keeps
+running untouched, and its replacement is rewritten with the pull Secret. The CRD change
 between the two (Component ``spec.suspend``, new in 0.2.0; docs/upgrading.md) is exercised: refused
 by 0.1.0's schema, kept by 0.2.0's, and gone again after the rollback, which keeps everything else.
 """
@@ -97,13 +100,45 @@ def all_ready(cluster: Cluster, namespace: str, n: int, what: str) -> dict[str, 
         raise AssertionError(f"{err}: {states}") from None
 
 
-def pulls(cluster: Cluster, namespace: str, arts: dict[str, dict[str, Any]]) -> None:
-    """Every Artifact's image pulls, every blob verified, from every registry replica, as the digest it recorded."""
+def pulls(cluster: Cluster, namespace: str, arts: dict[str, dict[str, Any]], creds: tuple[str, str] | None = None) -> None:
+    """Every Artifact's image pulls (with CREDS; None: anonymously), every blob verified, from every
+    registry replica, as the digest it recorded."""
     endpoints = cnf.registry_endpoints(cluster, namespace)
     assert len(endpoints) == 3, endpoints
     for a in arts.values():
         for endpoint in endpoints:
-            assert cnf.pull(a["status"]["localArtifact"], endpoint) == a["status"]["digest"], (a["metadata"]["name"], endpoint)
+            got = cnf.pull(a["status"]["localArtifact"], endpoint, creds)
+            assert got == a["status"]["digest"], (a["metadata"]["name"], endpoint)
+
+
+def app_pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    items = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "app=app")["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def rewritten_app_pod(cluster: Cluster, namespace: str, store: str, replaced: str = "") -> dict[str, Any]:
+    """The app's running pod rewritten off STORE (other than REPLACED, a pod uid); one admitted before
+    its Artifact was Ready (WhenReady leaves it on the store) is deleted for the ReplicaSet to remake."""
+    def check() -> dict[str, Any] | None:
+        for p in app_pods(cluster, namespace):
+            if p["metadata"]["uid"] == replaced:
+                continue
+            if p["spec"]["containers"][0]["image"].startswith(store + "/"):
+                cluster.kubectl("delete", "pod", "-n", namespace, p["metadata"]["name"], "--wait=false")
+            elif p["status"].get("phase") == "Running":
+                return p
+        return None
+
+    return dict(wait_for(check, timeout=120, interval=2, what="the app's pod rewritten and running"))
+
+
+def app(image: str) -> dict[str, Any]:
+    """A Deployment of IMAGE on the (kwok) user nodes: the webhook rewrites its pods, nothing pulls there."""
+    labels = {"app": "app"}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "app"},
+            "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels},
+                     "spec": {"nodeSelector": {"kubernetes.azure.com/mode": "user"}, "imagePullSecrets": [{"name": cnf.PULL_SECRET}],
+                              "containers": [{"name": "c", "image": image}]}}}}  # fmt: skip
 
 
 def suspend_field(cluster: Cluster) -> bool:
@@ -159,6 +194,11 @@ def test_upgrade_from_the_last_release_keeps_everything_and_rolls_back(cluster: 
             assert {a["status"]["digest"] for a in arts.values()} == {i.digest for i in images.values()}
             component = wait_for(lambda: (lambda c: c if ready(c) else None)(objects(cluster, "components", wl)["cnf"]),
                                  timeout=120, interval=2, what="the Component Ready")  # fmt: skip
+            # a workload rewritten by 0.1.0's webhook: no pull Secret of ours (0.1.0 had none)
+            cluster.apply(app(source["direct"]), wl)
+            arts = all_ready(cluster, wl, 4, "the app's Artifact (the webhook's record) Ready too")
+            old_pod = rewritten_app_pod(cluster, wl, store)
+            assert old_pod["spec"]["imagePullSecrets"] == [{"name": cnf.PULL_SECRET}]
             pulls(cluster, namespace, arts)
             # 0.1.0's schema has no spec.suspend: the API server refuses it (kubectl validates strictly).
             assert not suspend_field(cluster)
@@ -177,14 +217,25 @@ def test_upgrade_from_the_last_release_keeps_everything_and_rolls_back(cluster: 
             assert chart_of(cluster, release, namespace) == f"cluster-registry-{chart_version(CHART)}"
             cnf.wait_replicas(cluster, namespace)
             assert suspend_field(cluster), "the upgrade brought the new CRD schema"
-            after = all_ready(cluster, wl, 3, "the Artifacts Ready after the upgrade")
+            after = all_ready(cluster, wl, len(arts), "the Artifacts Ready after the upgrade")
             assert {n: a["metadata"]["uid"] for n, a in after.items()} == {n: a["metadata"]["uid"] for n, a in arts.items()}
             assert {n: kept(a["status"]) for n, a in after.items()} == {n: kept(a["status"]) for n, a in arts.items()}
             again = objects(cluster, "components", wl)["cnf"]
             assert again["metadata"]["uid"] == component["metadata"]["uid"] and ready(again)
             assert cluster.kubectl_json("get", "secret", "-n", namespace, secret["metadata"]["name"])["data"] == secret["data"]
             assert cluster.kubectl_json("get", "pvc", "-n", namespace, pvc["metadata"]["name"])["metadata"]["uid"] == pvc["metadata"]["uid"]
-            pulls(cluster, namespace, after)
+            # isolated now: the workload namespace's pull Secret pulls, an anonymous caller does not
+            creds = cnf.namespace_pull_credential(cluster, wl)
+            pulls(cluster, namespace, after, creds)
+            with pytest.raises(CommandError):
+                cnf.inspect_raw(after["direct"]["status"]["localArtifact"], cnf.registry_endpoints(cluster, namespace)[0], None)
+            # the pod 0.1.0 rewrote runs on untouched; its replacement gets the pull Secret from 0.2.0's webhook
+            (still,) = app_pods(cluster, wl)
+            assert still["metadata"]["uid"] == old_pod["metadata"]["uid"] and still["status"]["phase"] == "Running"
+            cluster.kubectl("delete", "pod", "-n", wl, still["metadata"]["name"], "--wait=false")
+            new_pod = rewritten_app_pod(cluster, wl, store, still["metadata"]["uid"])
+            assert new_pod["spec"]["containers"][0]["image"].startswith("127.0.0.1:5050/"), "0.2.0: the node proxy"
+            assert new_pod["spec"]["imagePullSecrets"] == [{"name": cnf.PULL_SECRET}, {"name": cnf.REGISTRY_PULL_SECRET}]
             assert after["owned"]["spec"] == arts["owned"]["spec"]
             # The 0.2.0 reconcilers work on the old data: a Component made now becomes Ready too.
             later = {"apiVersion": f"{GROUP}/v1alpha1", "kind": "Component", "metadata": {"name": "later"},

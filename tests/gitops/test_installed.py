@@ -1,7 +1,8 @@
 """The chart's ecosystem on one real install (local control plane, pods on its real system nodes):
 
 1. `helm test`: the chart's test hook pushes a probe image through the registry endpoint, pulls it
-   back anonymously byte for byte, and has the webhook answer an AdmissionReview over the chart's TLS.
+   back byte for byte, sees an anonymous pull of it refused (the default isolated access), and has the
+   webhook answer an AdmissionReview over the chart's TLS.
 2. Flux (its real source-controller and kustomize-controller, out of cluster): examples/flux/cnf,
    served from the artifact store as an OCIRepository. `cnf-images` applies the Component with
    `wait: true`; `cnf` dependsOn it and is held back (no Deployment exists) until Flux's own kstatus
@@ -117,6 +118,7 @@ def test_helm_test_hook_pushes_pulls_and_reaches_the_webhook(cluster: Cluster, e
     assert "Phase:          Succeeded" in out or "Phase: Succeeded" in out.replace("  ", " "), out
     report = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert report["pushedAndPulled"].startswith("sha256:") and report["webhookAdmitted"] is True, report
+    assert report["anonymousPull"] == "refused", report  # the default isolated access
     # The probe Pod stays (for --logs) until the next `helm test`; its script ConfigMap is gone (hook-succeeded).
     left = cluster.kubectl("get", "pods,configmaps", "-n", env.namespace, "-l", "app.kubernetes.io/component=helm-test",
                            "-o", "name").split()

@@ -44,6 +44,9 @@ CHART_NAME = "sample-cnf"
 CHART_REPO = "charts"  # oci://<store>/charts/sample-cnf
 VALUES = "global.networkfunctionextension"
 PULL_SECRET = "cnf-pull"
+# registryAccess.pullSecretName's default: in isolated mode (the chart's default) the artifact reconciler
+# keeps it in every namespace with an Artifact and the webhook adds it to the pods it rewrites
+REGISTRY_PULL_SECRET = "cluster-registry-pull"
 # `helm install` arguments that schedule the CNF on the real system nodes (its default is the kwok user pool)
 ON_SYSTEM_NODES = ["--set-json", 'nodeSelector={"kubernetes.azure.com/mode":"system"}']
 STORE_SERVICE = "cnf-store"
@@ -291,6 +294,16 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def namespace_pull_credential(cluster: Cluster, namespace: str, timeout: float = 120) -> tuple[str, str]:
+    """NAMESPACE's pull credential for the cluster registry, as its pods hold it (the Secret the chart
+    keeps there once the namespace has an Artifact)."""
+    secret = wait_for(lambda: cluster.kubectl("get", "secret", "-n", namespace, REGISTRY_PULL_SECRET, "--ignore-not-found",
+                                              "-o", "json").strip(), timeout=timeout, what=f"the pull Secret in {namespace}")
+    auths = json.loads(base64.b64decode(json.loads(secret)["data"][".dockerconfigjson"]))["auths"]
+    entry = next(iter(auths.values()))
+    return str(entry["username"]), str(entry["password"])
+
+
 def registry_credentials(cluster: Cluster, namespace: str, release: str, component: str = "artifact-reconciler") -> tuple[str, str]:
     """COMPONENT's push credential the chart generated (its own Secret; by default the artifact reconciler's)."""
     secret = cluster.kubectl_json("get", "secret", "-n", namespace, f"{fullname(release)}-registry-push-{component}")
@@ -353,17 +366,26 @@ def skopeo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[byte
     return proc
 
 
-def pull(rewritten: str, endpoint: str) -> str:
-    """Pull REWRITTEN (`<registry service>:5000/<repo>[:tag][@digest]`) from ENDPOINT (a registry pod's
-    IP:5000, where a node's runtime lands through the Service) with the real skopeo: the raw manifest
-    (its sha256 is returned) and the whole image, every platform, into a throwaway OCI layout (skopeo
-    verifies every blob's digest)."""
+def inspect_raw(rewritten: str, endpoint: str, creds: tuple[str, str] | None) -> bytes:
+    """The raw manifest of REWRITTEN (`<registry host>/<repo>[:tag][@digest]`) at ENDPOINT, with the
+    real skopeo from a node, authenticated at the realm with CREDS (a namespace's pull credential) as
+    a node's runtime is with the pod's pull Secret; None: anonymously."""
     _, _, path = rewritten.partition("/")
-    ref = f"docker://{endpoint}/{path}"
-    raw = skopeo("inspect", "--raw", "--tls-verify=false", ref).stdout
+    auth = ["--creds", ":".join(creds)] if creds else ["--no-creds"]
+    return skopeo("inspect", "--raw", "--tls-verify=false", *auth, f"docker://{endpoint}/{path}").stdout
+
+
+def pull(rewritten: str, endpoint: str, creds: tuple[str, str] | None) -> str:
+    """Pull REWRITTEN from ENDPOINT (a registry pod's IP:5000, where a node's runtime lands through the
+    Service) with the real skopeo and CREDS (see inspect_raw): the raw manifest (its sha256 is
+    returned) and the whole image, every platform, into a throwaway OCI layout (skopeo verifies every
+    blob's digest)."""
+    _, _, path = rewritten.partition("/")
+    raw = inspect_raw(rewritten, endpoint, creds)
+    auth = ["--src-creds", ":".join(creds)] if creds else ["--src-no-creds"]
     with tempfile.TemporaryDirectory(prefix="pull-") as tmp:
-        skopeo("copy", "--all", "--src-tls-verify=false", "--preserve-digests", ref, f"oci:{tmp}/layout:x",
-               timeout=300)
+        skopeo("copy", "--all", "--src-tls-verify=false", *auth, "--preserve-digests", f"docker://{endpoint}/{path}",
+               f"oci:{tmp}/layout:x", timeout=300)
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
@@ -372,9 +394,12 @@ def wait_gone(cluster: Cluster, *args: str, timeout: float = 120) -> None:
              timeout=timeout, interval=1, what=f"{' '.join(args)} gone")
 
 
-def pod_start_seconds(cluster: Cluster, namespace: str, image: str, node: str, forget: str) -> float:
+def pod_start_seconds(cluster: Cluster, namespace: str, image: str, node: str, forget: str,
+                      pull_secret: str | None = None) -> float:
     """Seconds from creating a pod of IMAGE (serving :8080) on NODE to Ready, every image whose name
-    contains FORGET first removed from the real nodes' containerd (content too), so the node pulls it."""
+    contains FORGET first removed from the real nodes' containerd (content too), so the node pulls it
+    (with PULL_SECRET, the namespace's registry pull Secret, when given). The pod opts out of the
+    webhook: its IMAGE is pulled as named."""
     import time
 
     from tests.support.cluster import remove_node_images
@@ -382,8 +407,9 @@ def pod_start_seconds(cluster: Cluster, namespace: str, image: str, node: str, f
     remove_node_images(forget)
     name = f"start-{secrets.token_hex(3)}"
     t0 = time.monotonic()
-    cluster.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+    cluster.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"clusterregistry.io/skip": "true"}},
                    "spec": {"nodeName": node, "terminationGracePeriodSeconds": 0,
+                            **({"imagePullSecrets": [{"name": pull_secret}]} if pull_secret else {}),
                             "containers": [{"name": "c", "image": image,
                                             "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}},
                   namespace)
