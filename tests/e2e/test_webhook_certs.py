@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from tests.support.cluster import Cluster
 
@@ -105,3 +106,43 @@ def test_certs_parallel_runs_agree(cluster: Cluster, namespace: str, mwc: str) -
     assert actions.count("created") == 1 and actions.count("unchanged") == 3, actions
     data = secret_data(cluster, namespace)
     assert base64.b64decode(bundles(cluster, mwc)[1] or "") == data["ca.crt"]
+
+
+def test_registry_certificate_from_the_same_ca_renewal_restarts_the_registry(cluster: Cluster, namespace: str, mwc: str) -> None:
+    """registryTLS (#15): the same run issues the registry's serving certificate from the webhook's CA
+    (its Secret holds the trust bundle, never the CA key); a renewal patches the registry Deployment's
+    pod template once (distribution reads its certificate only at start), a re-run changes nothing."""
+    cluster.apply({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "reg", "namespace": namespace},
+                   "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "reg"}},
+                            "template": {"metadata": {"labels": {"app": "reg"}},
+                                         "spec": {"containers": [{"name": "r", "image": "registry.invalid/none"}]}}}},
+                  namespace)  # fmt: skip
+    registry = ("--registry-secret", "reg-tls", "--registry-service", "reg", "--registry-deployment", "reg")
+
+    def reg_data() -> dict[str, bytes]:
+        got = cluster.kubectl_json("get", "secret", "reg-tls", "-n", namespace)
+        return {k: base64.b64decode(v) for k, v in got["data"].items()}
+
+    def restarted() -> str | None:
+        template = cluster.kubectl_json("get", "deployment", "reg", "-n", namespace)["spec"]["template"]["metadata"]
+        return (template.get("annotations") or {}).get("clusterregistry.io/serving-certificate")
+
+    first = report(run_certs(cluster, namespace, mwc, *registry))["registry"]
+    assert first["action"] == "created" and first["restarted"] is False
+    data = reg_data()
+    assert set(data) == {"ca.crt", "tls.crt", "tls.key"}, "the CA key stays in the webhook's Secret"
+    assert data["ca.crt"] == secret_data(cluster, namespace)["ca.crt"]
+    cert = x509.load_pem_x509_certificate(data["tls.crt"])
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(data["ca.crt"]))
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert sans == ["reg", f"reg.{namespace}", f"reg.{namespace}.svc", f"reg.{namespace}.svc.cluster.local"]
+    assert restarted() is None, "nothing served the certificate before: no restart"
+
+    renewed = report(run_certs(cluster, namespace, mwc, *registry, "--renew-before", "8800h", "--validity", "9000h"))["registry"]
+    assert renewed["action"] == "renewed" and renewed["restarted"] is True
+    new = reg_data()
+    assert new["tls.crt"] != data["tls.crt"] and new["ca.crt"] == data["ca.crt"]
+    fingerprint = x509.load_pem_x509_certificate(new["tls.crt"]).fingerprint(hashes.SHA256()).hex()
+    assert restarted() == fingerprint, "the registry's pods roll to serve the new certificate"
+    again = report(run_certs(cluster, namespace, mwc, *registry))["registry"]
+    assert again["action"] == "unchanged" and again["restarted"] is False and reg_data() == new
