@@ -11,7 +11,7 @@
    `node`: the rewrite target, the node proxy on 127.0.0.1:5050, to the registry Service, to the pod;
    `clusterip`: the registry Service's ClusterIP (kube-proxy's NAT, no node proxy: what the relay adds);
    `service`: the pod's registry port (where the Service leads: the chart's front, its auth and TLS);
-   `direct`: the front-less distribution in the same pod.
+   `direct`: the front-less distribution in the same pod (with the chart's TLS when the chart serves TLS).
    Authenticated paths use the artifact reconciler's push credential (pull is what is measured).
 3. CPU seconds per GB of each path from /proc (the real nodes' containers are host processes): the
    direct path's is the direct distribution's; the service path's every container process of the
@@ -243,7 +243,9 @@ def main() -> int:
             cnf.install_cluster_registry(cluster, release, ns, single_replica_values("4Gi"))
             pod = ready_registry_pod(cluster, ns)
             proxy = next(p for p in component_pods(cluster, ns, "node-proxy") if p["spec"]["nodeName"] == pod["spec"]["nodeName"])
-            with direct_distribution(cluster, ns, pod) as direct_addr:
+            # with the chart's TLS (registryTLS, the default) when it serves it: every path then speaks TLS
+            # to distribution, and the ratios measure what the fronts add, not what TLS costs
+            with direct_distribution(cluster, ns, pod, tls=True) as direct_addr:
                 service = [container_pid(cluster, pod, c["name"]) for c in pod["spec"]["containers"]]
                 proxy_pids = [container_pid(cluster, proxy, c["name"]) for c in proxy["spec"]["containers"]]
                 svc = cluster.kubectl_json("get", "service", "-n", ns, f"{release}-cluster-registry-registry")["spec"]

@@ -75,15 +75,17 @@ def chart_config(cluster: Cluster, pod: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def direct_distribution(cluster: Cluster, namespace: str, pod: dict[str, Any], port: int = DIRECT_PORT) -> Iterator[str]:
+def direct_distribution(cluster: Cluster, namespace: str, pod: dict[str, Any], port: int = DIRECT_PORT,
+                        tls: bool = False) -> Iterator[str]:
     """Run a second, front-less distribution in POD's registry container on its PORT (see the module
-    docstring); yields its address, ``<pod IP>:PORT``; stopped by its PID in the pod when done."""
+    docstring); yields its address, ``<pod IP>:PORT``; stopped by its PID in the pod when done. TLS:
+    keep the chart's ``http.tls`` (registryTLS), so it is compared over the same transport."""
     c = registry_container(pod)
     config = chart_config(cluster, pod)
     config.pop("auth", None)
     config.pop("notifications", None)
     http = config.setdefault("http", {})
-    for key in ("tls", "debug", "host"):
+    for key in ("debug", "host") if tls else ("tls", "debug", "host"):
         http.pop(key, None)
     http["addr"] = f"0.0.0.0:{port}"  # the node's network reaches it, as it reaches the chart's port
     unset = [a for e in c.get("env", []) if FRONT_ENV.match(e["name"]) for a in ("-u", e["name"])]
