@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from cluster_registry.nodeproxy.relay import FDS_PER_CONNECTION, FDS_SPARE, Relay, Upstream, fit_connections
+from cluster_registry.nodeproxy.relay import FDS_PER_CONNECTION, FDS_SPARE, Relay, TlsOrigin, Upstream, fit_connections
 
 pytestmark = pytest.mark.integration
 
@@ -52,8 +52,9 @@ def _run(handler: Handler, conn: socket.socket) -> None:
 
 
 @contextmanager
-def relay(port: int, max_connections: int = 64, idle_timeout: float = 300.0) -> Iterator[tuple[int, Relay]]:
-    r = Relay(("127.0.0.1", 0), Upstream("127.0.0.1", port, 1.0), threading.BoundedSemaphore(max_connections), idle_timeout)
+def relay(port: int, max_connections: int = 64, idle_timeout: float = 300.0, host: str = "127.0.0.1",
+          tls: TlsOrigin | None = None) -> Iterator[tuple[int, Relay]]:
+    r = Relay(("127.0.0.1", 0), Upstream(host, port, 1.0, tls), threading.BoundedSemaphore(max_connections), idle_timeout)
     thread = threading.Thread(target=r.serve_forever, daemon=True)
     thread.start()
     try:

@@ -17,13 +17,14 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
 
 from cluster_registry.certs import pki
 from cluster_registry.nodeproxy.relay import Relay, TlsOrigin, Upstream
+from tests.integration.test_nodeproxy import recv_all, relay
 from tests.support.registry import registry_binary, run_registry
 
 pytestmark = pytest.mark.integration
@@ -32,16 +33,9 @@ NOW = dt.datetime.now(dt.timezone.utc)
 DAY = dt.timedelta(days=1)
 
 
-@contextmanager
-def tls_relay(port: int, ca_file: Path, host: str = "localhost") -> Iterator[tuple[int, Relay]]:
-    r = Relay(("127.0.0.1", 0), Upstream(host, port, 2.0, TlsOrigin(str(ca_file))), threading.BoundedSemaphore(16))
-    thread = threading.Thread(target=r.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield r.address[1], r
-    finally:
-        r.close()
-        thread.join(5)
+def tls_relay(port: int, ca_file: Path, host: str = "localhost") -> AbstractContextManager[tuple[int, Relay]]:
+    """The relay towards a TLS upstream on 127.0.0.1:PORT, trusting CA_FILE and verifying HOST."""
+    return relay(port, host=host, tls=TlsOrigin(str(ca_file)))
 
 
 @contextmanager
@@ -75,13 +69,6 @@ def tls_server(cert: bytes, key: bytes, tmp: Path, handler: object) -> Iterator[
         yield server.getsockname()[1], received
     finally:
         server.close()
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _ca(tmp: Path) -> tuple[bytes, bytes, Path]:
