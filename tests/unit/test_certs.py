@@ -151,3 +151,39 @@ def test_long_service_names_fit_the_common_name_limit() -> None:
     d = pki.plan(None, names, NOW, MONTH)
     sans = cert(d.data).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == names
+
+
+# -- the registry's serving certificate (registryTLS, #15): issued from the webhook's CA -----------
+
+REGISTRY_NAMES = pki.service_names("cr-registry", "cluster-registry", short=True)
+
+
+def test_registry_certificate_lifecycle_follows_the_webhook_ca() -> None:
+    ca = pki.plan(None, NAMES, NOW, MONTH).data
+    made = pki.issued(None, ca, REGISTRY_NAMES, NOW, MONTH)
+    assert made.action is pki.Action.CREATE and set(made.data) == {"ca.crt", "tls.crt", "tls.key"}, "never the CA key"
+    assert made.data["ca.crt"] == pki.bundle(ca)
+    cert(made.data).verify_directly_issued_by(cert(ca, pki.CA_CERT))
+    sans = cert(made.data).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == [
+        "cr-registry", "cr-registry.cluster-registry", "cr-registry.cluster-registry.svc",
+        "cr-registry.cluster-registry.svc.cluster.local"]
+
+    assert pki.issued(made.data, ca, REGISTRY_NAMES, NOW, MONTH) == pki.Decision(pki.Action.KEEP, "valid", made.data)
+    later = NOW + pki.SERVING_VALIDITY - MONTH
+    renewed = pki.issued(made.data, ca, REGISTRY_NAMES, later, MONTH)
+    assert renewed.action is pki.Action.RENEW and renewed.data["tls.crt"] != made.data["tls.crt"]
+
+    # a new CA (regenerated): the registry's certificate no longer chains to it, so it is reissued,
+    # and its clients' bundle holds both CAs during the overlap
+    new_ca = pki.plan({**ca, pki.CA_KEY: b"broken"}, NAMES, NOW, MONTH)
+    assert new_ca.action is pki.Action.REGENERATE
+    moved = pki.issued(made.data, new_ca.data, REGISTRY_NAMES, NOW, MONTH)
+    assert moved.action is pki.Action.RENEW and moved.data["ca.crt"] == pki.bundle(new_ca.data)
+    assert ca["ca.crt"] in moved.data["ca.crt"], "the old CA stays trusted during the overlap"
+    # the overlap ends: the bundle shrinks, the certificate stays
+    trimmed = pki.plan(new_ca.data, NAMES, NOW + pki.OVERLAP, MONTH)
+    assert trimmed.action is pki.Action.TRIM
+    after = pki.issued(moved.data, trimmed.data, REGISTRY_NAMES, NOW + pki.OVERLAP, MONTH)
+    assert after.action is pki.Action.TRIM and after.data["tls.crt"] == moved.data["tls.crt"]
+    assert after.data["ca.crt"] == trimmed.data["ca.crt"]
