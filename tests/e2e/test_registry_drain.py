@@ -10,7 +10,6 @@ while pulls keep starting: every pull completes with the blob's digest.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import subprocess
@@ -42,8 +41,8 @@ def _pull(p: Pusher, digest: str, rate: float, on_connect: Any = None) -> dict[s
     """GET one blob at about RATE bytes/s; what arrived (a cut-off pull shows in bytes and error).
     Each pull gets a token of its own (P knows the auth scheme; tokens are short-lived)."""
     p = Pusher(p.host, auth=p.auth, _challenge=p._challenge)
-    h, _, port = p.host.rpartition(":")
-    conn = http.client.HTTPConnection(h, int(port), timeout=60)
+    conn = p._conn()  # HTTPS with registryTLS (the chart's default)
+    conn.timeout = 60
     got, sha, error, status = 0, hashlib.sha256(), "", 0
     start = time.monotonic()
     try:
