@@ -7,6 +7,10 @@ The caller (the test, on the host) builds the requests; this module, started wit
 ``nsenter --net=NETNS python -m tests.support.podview``, sends them in order and prints one
 JSON list of results. Only the network namespace changes, so host paths (a CA file) still resolve.
 TLS is verified against CA_FILE (the chain only: the pod dials an IP, as a node dials the Service's).
+A plain ``http://`` request to a non-loopback host that the server refuses as plain HTTP (the chart's
+registry with registryTLS: Go's fixed 400, or the token service closing) is sent again over https, as a
+pod configured for the TLS endpoint would (unverified without CA_FILE); ``"upgrade": False`` in a
+request keeps what plain HTTP got (the attack tests).
 """
 
 from __future__ import annotations
@@ -24,28 +28,41 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _refused_as_plain(req: dict[str, Any], answer: dict[str, Any]) -> bool:
+    u = urllib.parse.urlsplit(req["url"])
+    if u.scheme != "http" or u.hostname in ("127.0.0.1", "localhost") or not req.get("upgrade", True):
+        return False
+    return (answer["status"] == 400 and "HTTPS server" in answer.get("body", "")) or (
+        answer["status"] == 0 and ("RemoteDisconnected" in answer["error"] or "Reset" in answer["error"]))
+
+
 def send(requests: list[dict[str, Any]], ca_file: str | None) -> list[dict[str, Any]]:
-    context = None
-    if ca_file:
-        context = ssl.create_default_context(cafile=ca_file)
-        context.check_hostname = False
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else ssl._create_unverified_context()  # noqa: S323
+    context.check_hostname = False
     out = []
     for req in requests:
-        u = urllib.parse.urlsplit(req["url"])
-        host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
-        conn = (http.client.HTTPSConnection(host, port, context=context, timeout=30) if u.scheme == "https"
-                else http.client.HTTPConnection(host, port, timeout=30))
-        try:
-            conn.request(req.get("method", "GET"), u.path + (f"?{u.query}" if u.query else ""), headers=req.get("headers", {}))
-            resp = conn.getresponse()
-            body = resp.read()
-            out.append({"status": resp.status, "www_authenticate": resp.getheader("WWW-Authenticate", ""),
-                        "digest": resp.getheader("Docker-Content-Digest", ""), "body": body[:4096].decode(errors="replace")})
-        except (OSError, ssl.SSLError) as err:
-            out.append({"status": 0, "error": f"{type(err).__name__}: {err}"})
-        finally:
-            conn.close()
+        answer = _send(req, context)
+        if _refused_as_plain(req, answer):
+            answer = _send({**req, "url": "https" + req["url"][4:]}, context)
+        out.append(answer)
     return out
+
+
+def _send(req: dict[str, Any], context: ssl.SSLContext) -> dict[str, Any]:
+    u = urllib.parse.urlsplit(req["url"])
+    host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+    conn = (http.client.HTTPSConnection(host, port, context=context, timeout=30) if u.scheme == "https"
+            else http.client.HTTPConnection(host, port, timeout=30))
+    try:
+        conn.request(req.get("method", "GET"), u.path + (f"?{u.query}" if u.query else ""), headers=req.get("headers", {}))
+        resp = conn.getresponse()
+        body = resp.read()
+        return {"status": resp.status, "www_authenticate": resp.getheader("WWW-Authenticate", ""),
+                "digest": resp.getheader("Docker-Content-Digest", ""), "body": body[:4096].decode(errors="replace")}
+    except (OSError, ssl.SSLError) as err:
+        return {"status": 0, "error": f"{type(err).__name__}: {err}"}
+    finally:
+        conn.close()
 
 
 def from_netns(netns: str, requests: list[dict[str, Any]], ca_file: str | None = None) -> list[dict[str, Any]]:
