@@ -16,7 +16,7 @@ TLS to the registry (``Upstream.tls``): containerd keeps plain HTTP on the node'
 relay originates TLS to the registry Service, verifying the chart's CA and the Service's name, so no
 credential or token crosses the pod network in clear. splice cannot move TLS records (the bytes must
 be decrypted in user space; kTLS is not offered by Python 3.11's ssl module), so a TLS connection
-is pumped by :class:`_TlsConnection`: one thread, both directions, non-blocking sockets, 256 KiB
+is pumped by :class:`_TlsConnection`: one thread, both directions, non-blocking sockets, 128 KiB
 buffers filled with as many TLS records as are at hand before each send. One thread per connection
 because an OpenSSL connection must not be used from two threads at once.
 
@@ -219,7 +219,7 @@ class _Connection:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-TLS_BUFFER = 256 << 10
+TLS_BUFFER = 128 << 10  # per direction; 512 TLS connections hold at most 128 MiB of buffers
 
 
 class _TlsConnection:
