@@ -225,8 +225,8 @@ TLS_BUFFER = 128 << 10  # per direction; 512 TLS connections hold at most 128 Mi
 class _TlsConnection:
     """A plain client and a TLS upstream, pumped by one thread: each round tries both directions
     (receive into a buffer when it is empty, send what it holds), and waits in ``poll`` only when no
-    step moved a byte. Half-closes are relayed as on the splice path (towards the registry as a TCP
-    FIN: distribution reads the end of the stream as it does on plain HTTP)."""
+    step moved a byte. Half-closes are relayed as on the splice path (towards the registry as
+    close_notify and a TCP FIN, :func:`_end_stream`)."""
 
     def __init__(self, client: socket.socket, upstream: ssl.SSLSocket, idle_timeout: float) -> None:
         self.client, self.upstream, self.idle_timeout = client, upstream, idle_timeout
