@@ -239,20 +239,51 @@ def test_a_manifest_linked_after_the_set_aside_read_what_to_keep_gets_its_blobs_
     assert not {gone.digest, *(d for d, _ in gone.blobs)} & blobs(reg.storage), "the real garbage was swept"
 
 
-KILLED_MID_SET_ASIDE = """
-import os, sys, time
+PAUSED_MID_SET_ASIDE = """
+import os, sys
 from cluster_registry.gc import sweep
 marked = sweep.mark(sys.argv[1], sys.argv[2])
 rename, done = os.rename, []
-def paused(src, dst):  # the real rename, then a pause after the second: the parent SIGKILLs us there
+def paused(src, dst):  # the real rename; after the second, print both and wait for a line on stdin
     rename(src, dst)
     done.append(dst)
     if len(done) == 2:
         print("\\n".join(done), flush=True)
-        time.sleep(120)
+        sys.stdin.readline()
 os.rename = paused
 sweep.set_aside(sys.argv[2], marked)
+print(len(marked.aside.moved), flush=True)
 """
+
+
+def set_aside_paused(config: str, root: Path) -> tuple[subprocess.Popen[str], list[str]]:
+    """A GC process (real ``mark`` and ``set_aside``) paused after its second rename; the paths it moved."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "hooks")}
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_MID_SET_ASIDE, config, str(root)], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    moved = [proc.stdout.readline().strip() for _ in range(2)]  # type: ignore[union-attr]
+    assert all(Path(m).exists() and f"/{sweep.PENDING}" in m for m in moved), moved
+    return proc, moved
+
+
+def test_a_second_run_starting_mid_set_aside_deletes_none_of_it(reg: Registry, config: str) -> None:
+    """A second run started by hand while the first sets aside: its ``empty_trash`` puts back what the
+    first set aside and never removes the first's pending directory while it is in use; the first's
+    later renames then fail and leave their blobs in place (its window would have nothing to settle)."""
+    p = Pusher(reg.host)
+    old = push_image(p, "twice/old", "v1", layers=[1100, 1200, 1300], seed=18)
+    delete(p, old)
+    age(reg.storage)
+    before = blobs(reg.storage)
+    first, _ = set_aside_paused(config, reg.storage)
+    try:
+        assert sweep.empty_trash(str(reg.storage)) == 2, "the second run put back the first's two"
+        out, _ = first.communicate("go\n", timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0 and out.strip() == "2", out  # none of its later renames landed
+    assert blobs(reg.storage) == before, "nothing was deleted without a verdict under the lock"
 
 
 def test_a_gc_sigkilled_during_the_set_aside_loses_nothing(reg: Registry, config: str) -> None:
@@ -266,15 +297,9 @@ def test_a_gc_sigkilled_during_the_set_aside_loses_nothing(reg: Registry, config
     delete(p, old)
     age(reg.storage)
     before = blobs(reg.storage)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "hooks")}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_SET_ASIDE, config, str(reg.storage)], env=env,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        moved = [proc.stdout.readline().strip() for _ in range(2)]  # type: ignore[union-attr]
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert all(Path(m).exists() and f"/{sweep.PENDING}" in m for m in moved), moved
+    proc, moved = set_aside_paused(config, reg.storage)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     assert len(blobs(reg.storage)) == len(before) - 2, "killed with two blobs set aside"
     # meanwhile a copy uploads one of them again (a HEAD said 404): that new copy is the one kept
     first, second = (Path(m).name.replace("-", ":", 1) for m in moved)

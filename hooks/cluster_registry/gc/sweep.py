@@ -385,13 +385,30 @@ def run_trash(
 
 def empty_trash(storage_root: str) -> int:
     """Unlink the trash, after putting back what a run killed between ``set_aside`` and ``commit``
-    left ``pending-`` (safe without the lock, as ``Trash.restore``). Returns how many were put back."""
+    left ``pending-`` (safe without the lock, as ``Trash.restore``). A pending directory is emptied
+    entry by entry and never removed whole, so a second run started by hand while this one sets
+    aside into it loses nothing (a blob renamed into a directory removed under it stays where it
+    was). Returns how many blobs were put back."""
     root, v2 = trash_root(storage_root), Path(storage_root) / "docker" / "registry" / "v2"
     back = 0
-    for pending in root.glob(f"{PENDING}*/blobs/*"):
-        algo, _, hexd = pending.name.partition("-")
+    for entry in root.glob(f"{PENDING}*/blobs/*"):
+        algo, _, hexd = entry.name.partition("-")
         home = v2 / "blobs" / algo / hexd[:2] / hexd
         home.parent.mkdir(parents=True, exist_ok=True)
-        back += Trash([(str(home), str(pending))]).restore()
-    shutil.rmtree(root, ignore_errors=True)
+        if Trash([(str(home), str(entry))]).restore():
+            back += 1
+        elif home.exists():  # uploaded again meanwhile: that copy serves, this one is a duplicate
+            shutil.rmtree(entry, ignore_errors=True)
+    for d in root.glob("*"):
+        if d.name.startswith(PENDING):
+            continue
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            d.unlink(missing_ok=True)
+    for d in [*root.glob(f"{PENDING}*/blobs"), *root.glob(f"{PENDING}*"), root]:
+        try:
+            d.rmdir()
+        except OSError:
+            continue  # not empty: in use
     return back
