@@ -322,13 +322,13 @@ def settle(storage_root: str, marked: Mark, *, keep_going: Callable[[], bool] = 
     manifest revision, a read per new manifest), so the cost follows what changed, not what goes.
     What stays in the trash is then garbage for good: ``commit`` makes it so."""
     start, cpu0 = time.monotonic(), time.process_time()
-    aside = {os.path.basename(dst).replace("-", ":", 1): dst for _, dst in marked.aside.moved}
-    keep = storage.referenced_since(storage_root, marked.started - MTIME_SLACK, aside)  # a manifest set aside is read there
+    aside = {_trashed_digest(dst): (src, dst) for src, dst in marked.aside.moved}
+    # a manifest pushed again since the mark may itself be set aside: it is read there
+    keep = storage.referenced_since(storage_root, marked.started - MTIME_SLACK, {d: dst for d, (_, dst) in aside.items()})
     deleted: list[str] = []
-    for i, (src, dst) in enumerate(marked.aside.moved):
+    for i, (digest, (src, dst)) in enumerate(aside.items()):
         if i % 256 == 0 and not keep_going():
             raise TemporaryError("sweep stopped: the write lock could not be renewed")
-        digest = os.path.basename(dst).replace("-", ":", 1)
         if digest not in keep:
             deleted.append(digest)
         elif Trash([(src, dst)]).restore():
@@ -336,6 +336,11 @@ def settle(storage_root: str, marked: Mark, *, keep_going: Callable[[], bool] = 
     marked.after = [a for a in marked.after if a[0] not in keep]
     seconds, cpu = time.monotonic() - start, time.process_time() - cpu0
     return SweepResult(marked.result.blobs_marked, len(deleted), 0, deleted, [], seconds, cpu)
+
+
+def _trashed_digest(path: str | Path) -> str:
+    """The digest of a blob directory renamed to ``<trash>/blobs/<algo>-<hex>`` (``verdict``'s names)."""
+    return os.path.basename(path).replace("-", ":", 1)
 
 
 def commit(marked: Mark) -> None:
@@ -389,11 +394,9 @@ def empty_trash(storage_root: str) -> int:
     entry by entry and never removed whole, so a second run started by hand while this one sets
     aside into it loses nothing (a blob renamed into a directory removed under it stays where it
     was). Returns how many blobs were put back."""
-    root, v2 = trash_root(storage_root), Path(storage_root) / "docker" / "registry" / "v2"
-    back = 0
+    root, back = trash_root(storage_root), 0
     for entry in root.glob(f"{PENDING}*/blobs/*"):
-        algo, _, hexd = entry.name.partition("-")
-        home = v2 / "blobs" / algo / hexd[:2] / hexd
+        home = storage.blob_path(storage_root, _trashed_digest(entry)).parent
         home.parent.mkdir(parents=True, exist_ok=True)
         if Trash([(str(home), str(entry))]).restore():
             back += 1
