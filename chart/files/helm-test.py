@@ -3,7 +3,9 @@
 1. The token service gives the artifact reconciler's credential a push token; distribution (auth: token)
    takes the push and serves the image back with it, byte for byte; without a token it refuses. No
    Artifact names the probe image, so GC deletes it.
-2. The webhook (when it runs in the cluster) answers an AdmissionReview over the chart's TLS chain.
+2. An anonymous caller (its token asked for without credentials) is refused the probe image with
+   `registryAccess.mode: isolated` ($REGISTRY_ACCESS) and served it with `shared`.
+3. The webhook (when it runs in the cluster) answers an AdmissionReview over the chart's TLS chain.
 
 Arguments: REGISTRY_URL CREDENTIALS_FILE REPOSITORY TOKEN_URL [WEBHOOK_URL CA_FILE]. Prints one JSON line.
 With registryTLS the registry's URL and TOKEN_URL are https: $SSL_CERT_FILE (the chart's CA) is the trust.
@@ -11,6 +13,7 @@ With registryTLS the registry's URL and TOKEN_URL are https: $SSL_CERT_FILE (the
 
 import hashlib
 import json
+import os
 import ssl
 import sys
 import urllib.error
@@ -48,6 +51,17 @@ def bearer(token_url, basic, repo):
                               None, {"Authorization": basic})
     expect("get a push token", status, (200,), body)
     return "Bearer " + json.loads(body)["token"]
+
+
+def anonymous_pull(base, digest, token_url, repo, access):
+    """What an anonymous caller gets for the probe image at BASE: "refused" (isolated) or "served" (shared)."""
+    status, _, body = request("GET", f"{token_url}?service=cluster-registry&scope=repository:{repo}:pull")
+    headers = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    if status == 200:  # isolated: a token with no grant, or none at all
+        headers["Authorization"] = "Bearer " + json.loads(body)["token"]
+    status, _, body = request("GET", f"{base}/manifests/{digest}", None, headers)
+    expect(f"anonymous pull, {access} access", status, (200,) if access == "shared" else (401, 403), body)
+    return "served" if access == "shared" else "refused"
 
 
 def push_and_pull(registry, basic, repo, token_url):
@@ -90,7 +104,7 @@ def push_and_pull(registry, basic, repo, token_url):
     expect("pull layer", status, (200,), body)
     if body != layer:
         sys.exit("helm-test: the registry served a different layer than was pushed")
-    return digest
+    return digest, anonymous_pull(base, digest, token_url, repo, os.environ.get("REGISTRY_ACCESS", "isolated"))
 
 
 def admission(url, ca_file):
@@ -113,7 +127,8 @@ def admission(url, ca_file):
 
 def main(argv):
     registry, creds, repo, token_url = argv[:4]
-    report = {"pushedAndPulled": push_and_pull(registry, credentials(creds), repo, token_url)}
+    digest, anonymous = push_and_pull(registry, credentials(creds), repo, token_url)
+    report = {"pushedAndPulled": digest, "anonymousPull": anonymous}
     if len(argv) == 6:
         report["webhookAdmitted"] = admission(argv[4], argv[5])
     print(json.dumps(report))
