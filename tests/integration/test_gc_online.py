@@ -212,9 +212,13 @@ def test_a_push_that_found_its_blobs_before_the_set_aside_uploads_them_again(reg
     assert after.deleted_digests == [] and after.layer_links == [], after
 
 
-def test_a_manifest_linked_after_the_set_aside_read_what_to_keep_gets_its_blobs_back(reg: Registry, config: str) -> None:
+def test_a_manifest_linked_during_the_set_aside_gets_its_blobs_back(
+    reg: Registry, config: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The one race the set-aside leaves: a manifest PUT checks its blobs, the set-aside reads what
-    to keep, the manifest is linked, then its blobs are renamed. The window puts them back."""
+    to keep, the manifest is linked, then its blobs are renamed. The set-aside's second look, once
+    its renames are done, puts them back; one linked during that second look too is put back by the
+    window. The timing is staged by handing each look what it would have read before the link."""
     p = Pusher(reg.host)
     raced = push_image(p, "aside/raced", "v1", layers=[1700, 800], seed=14)
     gone = push_image(p, "aside/gone", "v1", layers=[600], seed=15)
@@ -222,21 +226,28 @@ def test_a_manifest_linked_after_the_set_aside_read_what_to_keep_gets_its_blobs_
     delete(p, gone)
     age(reg.storage)
     root = str(reg.storage)
-    marked = sweep.mark(config, root)
-    keep = storage.referenced_since(root, marked.started - sweep.MTIME_SLACK)
-    p.put_manifest(raced.repo, "again", raced.manifest, raced.media_type)  # linked after ``keep`` was read
-    sweep.set_aside(root, marked, keep=keep)
-    assert not p.blob_exists(raced.repo, raced.blobs[1][0]), "its blobs were set aside: the race happened"
-    opts = Options(registry_url=reg.url, storage_root=root, storage_size=1 << 30)
-    rep = Report()
-    try:
-        _locked(opts, Lock(), config, rep, storage.blob_sizes(root), marked)  # type: ignore[arg-type]
-        sweep.unlink_after(root, marked)
-    finally:
-        sweep.empty_trash(root)
-    assert rep.sparedSinceMark >= len(raced.blobs), rep
-    pulls(p, replace(raced, tag="again"))
-    assert not {gone.digest, *(d for d, _ in gone.blobs)} & blobs(reg.storage), "the real garbage was swept"
+    for late in (False, True):  # linked during the renames / during the second look as well
+        marked = sweep.mark(config, root)
+        stale = storage.referenced_since(root, marked.started - sweep.MTIME_SLACK)
+        tag = f"again-{late}"
+        p.put_manifest(raced.repo, tag, raced.manifest, raced.media_type)  # linked after ``stale`` was read
+        with monkeypatch.context() as m:
+            if late:
+                m.setattr(storage, "referenced_since", lambda *_: stale)
+            sweep.set_aside(root, marked, keep=stale)
+        assert p.blob_exists(raced.repo, raced.blobs[1][0]) != late, "put back by the second look unless it missed"
+        opts = Options(registry_url=reg.url, storage_root=root, storage_size=1 << 30)
+        rep = Report()
+        try:
+            _locked(opts, Lock(), config, rep, storage.blob_sizes(root), marked)  # type: ignore[arg-type]
+            sweep.unlink_after(root, marked)
+        finally:
+            sweep.empty_trash(root)
+        assert rep.sparedSinceMark >= len(raced.blobs), rep
+        pulls(p, replace(raced, tag=tag))
+        assert not {gone.digest, *(d for d, _ in gone.blobs)} & blobs(reg.storage), "the real garbage was swept"
+        p.request("DELETE", f"/v2/{raced.repo}/manifests/{raced.digest}", raced.repo)
+        age(reg.storage)
 
 
 PAUSED_MID_SET_ASIDE = """

@@ -293,7 +293,9 @@ def set_aside(
     404 (the client uploads it), a cross-repository mount falls back to an upload, and a manifest
     naming it is refused (MANIFEST_BLOB_UNKNOWN): no push can end with a manifest whose blob is in
     the trash, except one whose manifest was linked after ``keep`` was read and before its blob's
-    rename (the manifest PUT checks its blobs first); ``settle`` puts those back inside the window.
+    rename (the manifest PUT checks its blobs first). Those are put back by a second look once the
+    renames are done (``_put_back``), so they are unpullable for about as long as the renames took;
+    ``settle`` puts back, inside the window, the few a push in flight during that second look leaves.
     Layer links wait for ``unlink_after``. A run killed before ``settle`` leaves the directory
     ``pending-``: the next ``empty_trash`` puts it all back. Returns the seconds it took."""
     start = time.monotonic()
@@ -313,6 +315,7 @@ def set_aside(
             except FileNotFoundError:
                 continue
             marked.aside.moved.append((src, f"{marked.aside.root}/{name}"))
+    _put_back(storage_root, marked)
     return time.monotonic() - start
 
 
@@ -322,20 +325,28 @@ def settle(storage_root: str, marked: Mark, *, keep_going: Callable[[], bool] = 
     manifest revision, a read per new manifest), so the cost follows what changed, not what goes.
     What stays in the trash is then garbage for good: ``commit`` makes it so."""
     start, cpu0 = time.monotonic(), time.process_time()
+    deleted = _put_back(storage_root, marked, keep_going)
+    seconds, cpu = time.monotonic() - start, time.process_time() - cpu0
+    return SweepResult(marked.result.blobs_marked, len(deleted), 0, deleted, [], seconds, cpu)
+
+
+def _put_back(storage_root: str, marked: Mark, keep_going: Callable[[], bool] = lambda: True) -> list[str]:
+    """Put back each blob set aside that something written since the mark began names (and keep its
+    layer links); returns the digests left in the trash."""
     aside = {_trashed_digest(dst): (src, dst) for src, dst in marked.aside.moved}
     # a manifest pushed again since the mark may itself be set aside: it is read there
     keep = storage.referenced_since(storage_root, marked.started - MTIME_SLACK, {d: dst for d, (_, dst) in aside.items()})
-    deleted: list[str] = []
+    left: list[str] = []
     for i, (digest, (src, dst)) in enumerate(aside.items()):
         if i % 256 == 0 and not keep_going():
             raise TemporaryError("sweep stopped: the write lock could not be renewed")
         if digest not in keep:
-            deleted.append(digest)
+            left.append(digest)
         elif Trash([(src, dst)]).restore():
             marked.spared += 1
+    marked.aside.moved = [aside[d] for d in left]
     marked.after = [a for a in marked.after if a[0] not in keep]
-    seconds, cpu = time.monotonic() - start, time.process_time() - cpu0
-    return SweepResult(marked.result.blobs_marked, len(deleted), 0, deleted, [], seconds, cpu)
+    return left
 
 
 def _trashed_digest(path: str | Path) -> str:
