@@ -88,9 +88,9 @@ def _observe(gauges: object | None, rep: Report) -> None:
 @click.option("--lease-duration", default=15, show_default=True, type=click.IntRange(5, 45), help="The lock's TTL in seconds (a dead GC frees writes within it).")
 @click.option("--no-sweep", is_flag=True, help="Soft delete only; skip the read-only window.")
 @click.option("--sweep-mode", type=click.Choice(["online", "trash", "distribution"]), default="online", show_default=True,
-              help="online (filesystem driver): distribution's mark runs before the window; the window spares what "
-                   "was written since and renames the rest aside, deleted after. trash: the same with the mark inside "
-                   "the window. distribution: `registry garbage-collect` deletes inside the window (object storage "
+              help="online (filesystem driver): distribution's mark, then the renames of what goes out of the "
+                   "registry's tree, run before the window; the window puts back what was written since names, the "
+                   "rest is deleted after. trash: the mark and the renames inside the window. distribution: `registry garbage-collect` deletes inside the window (object storage "
                    "always sweeps this way).")  # fmt: skip
 @click.option("--metrics-listen", help="HOST:PORT to serve Prometheus metrics on while running.")
 @click.option("--artifact-namespace", "artifact_namespaces", multiple=True,
