@@ -432,7 +432,9 @@ def _apiserver_bench(cluster: Any, port: int, ca: bytes, own_metrics: bool, dry_
     v = "global.networkfunctionextension.webhook"
     rendered = cluster.helm("template", "bench", str(ROOT / "chart"), "--namespace", "cluster-registry-bench", "--kube-version", "1.35.4",
                             "--show-only", "templates/webhook/mutatingwebhookconfiguration.yaml",
-                            "--set", f"{v}.url=https://127.0.0.1:{port}/mutate", "--set", f"{v}.caBundle={base64.b64encode(ca).decode()}",
+                            "--set", f"{v}.url=https://127.0.0.1:{port}/mutate",
+                            "--set", f"{v}.caBundle={base64.b64encode(ca).decode()}",
+                            "--set", "global.networkfunctionextension.registryTLS.enabled=false",  # it needs the in-cluster webhook
                             "--set-string", f"{v}.pod.mutation.matchConditionExpression=request.namespace == '{ns}'")
     import yaml
 
