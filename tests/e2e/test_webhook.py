@@ -83,6 +83,7 @@ def render_mwc(cluster: Cluster, release: str, url: str, ca_pem: bytes, expressi
         "--set", f"{v}.url={url}",
         "--set", f"{v}.caBundle={base64.b64encode(ca_pem).decode()}",
         "--set", f"{v}.failurePolicy={failure_policy}",
+        "--set", "global.networkfunctionextension.registryTLS.enabled=false",  # it needs the in-cluster webhook
         "--set-string", f"{v}.pod.mutation.matchConditionExpression={expression}",
     )  # fmt: skip
     doc: dict[str, Any] = yaml.safe_load(out)
