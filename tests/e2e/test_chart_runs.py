@@ -251,11 +251,12 @@ def test_registry_pod_killed_mid_push_is_replaced_and_the_copy_completes(cluster
     # The replacement pod came up and the Deployment is whole again.
     pods = three_ready(cluster, release.namespace, "registry")
     assert victim not in {p["metadata"]["name"] for p in pods}
-    # Every replica serves the copied image, byte-exact.
+    # Every replica serves the copied image, byte-exact (to the reconciler's credential: isolated access
+    # serves anonymous callers nothing).
     local = done["status"]["localArtifact"]
     repo = local.split("/", 1)[1].rsplit("@", 1)[0].rsplit(":", 1)[0]
     for p in pods:
-        code, _, body = Pusher(f"{p['status']['podIP']}:5000").request(
+        code, _, body = Pusher(f"{p['status']['podIP']}:5000", auth=registry_credentials(cluster, release)).request(
             "GET", f"/v2/{repo}/manifests/{image.digest}", repo, headers={"Accept": image.media_type})
         assert code == 200 and body == image.manifest
 
