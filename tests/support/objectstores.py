@@ -119,8 +119,10 @@ def chart_config(store: Store, tmp: Path, token_auth: dict[str, str] | None = No
                           "--show-only", "templates/registry/configmap.yaml"], check=True, capture_output=True, text=True).stdout  # fmt: skip
     rendered = yaml.safe_load(yaml.safe_load(out)["data"]["config.yml"])
     # These replicas test the storage driver, not access: without the token auth section (tested with the
-    # token service in test_token_service.py) the harness's clients need no realm.
+    # token service in test_token_service.py) the harness's clients need no realm, and without the chart's
+    # TLS (its certificate is issued in the cluster; tested in test_nodeproxy_tls.py, e2e test_registry_tls.py).
     rendered.pop("auth", None)
+    rendered.get("http", {}).pop("tls", None)
     if token_auth:
         rendered["auth"] = {"token": token_auth}
     config = tmp / f"{store.backend}-config.yml"
