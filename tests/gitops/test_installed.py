@@ -26,6 +26,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -372,8 +373,9 @@ def test_argocd_health_checks_on_real_objects_in_every_phase(cluster: Cluster, e
 # -- 4. metric names -------------------------------------------------------------------------------
 
 
-def scrape(cluster: Cluster, namespace: str, pod: str, port: int, scheme: str) -> str:
-    """GET /metrics of POD's PORT through `kubectl port-forward` (pods run in the nodes' own networks)."""
+def scrape(cluster: Cluster, namespace: str, pod: str, port: int, scheme: str, path: str = "/metrics") -> str:
+    """GET PATH of POD's PORT through `kubectl port-forward` (pods run in the nodes' own networks); an
+    HTTP error's body is the answer too."""
     fwd = subprocess.Popen([str(BIN / "kubectl"), "port-forward", "-n", namespace, f"pod/{pod}", f":{port}"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env())
     try:
@@ -383,9 +385,12 @@ def scrape(cluster: Cluster, namespace: str, pod: str, port: int, scheme: str) -
         assert local, line + (fwd.stderr.read() if fwd.stderr and fwd.poll() is not None else "")
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # 127.0.0.1 is not in the certificate
-        with urllib.request.urlopen(f"{scheme}://127.0.0.1:{local[1]}/metrics", timeout=10,  # noqa: S310 - loopback
-                                    context=context if scheme == "https" else None) as r:
-            return str(r.read().decode())
+        try:
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{local[1]}{path}", timeout=10,  # noqa: S310 - loopback
+                                        context=context if scheme == "https" else None) as r:
+                return str(r.read().decode())
+        except urllib.error.HTTPError as e:
+            return str(e.read().decode())
     finally:
         fwd.terminate()
         fwd.wait(10)
@@ -411,9 +416,11 @@ def test_every_metric_the_rules_and_dashboard_use_is_exported(cluster: Cluster, 
     names: set[str] = set()
     sources = {"webhook": [("https", "https")], "artifact-reconciler": [("http", "http")],
                "component-reconciler": [("http", "http")],
-               "registry": [("token", "http")]}  # the token service's, then distribution's (from its loopback)
+               "registry": [("token", "https")]}  # the token service's, then distribution's (from its loopback); registryTLS
     for comp, endpoints in sources.items():
         pod = next(p for p in component_pods(cluster, env.namespace, comp) if pod_ready(p))
+        if comp == "registry":  # distribution's request counters appear with its first request: make one
+            assert "UNAUTHORIZED" in scrape(cluster, env.namespace, pod["metadata"]["name"], container_port(pod, "registry"), "https", "/v2/")
         for port, scheme in endpoints:
             names |= exported(scrape(cluster, env.namespace, pod["metadata"]["name"], container_port(pod, port), scheme))
     missing = {n for n in used_metric_names() - names if n not in EXTERNAL}
