@@ -238,6 +238,28 @@ async def test_tls_with_ca_bundle(tmp_path: Path, src: Registry) -> None:
         assert "--ca-bundle" in str(err.value)
 
 
+async def test_a_long_lived_session_trusts_a_ca_added_to_its_bundle(tmp_path: Path, src: Registry) -> None:
+    """The reconciler keeps one session for its life; when the chart's CA is renewed, the mounted
+    bundle holds the old and the new CA and the registry serves a certificate from the new one. The
+    session must trust it then, without a restart (it kept its first TLS context before)."""
+    img = push_image(Pusher(src.host), "app", "1", layers=[20_000], seed=5)
+    with run_registry(tmp_path / "old", tls=True) as old, run_registry(tmp_path / "new", tls=True) as new:
+        assert old.ca_file and new.ca_file
+        bundle = tmp_path / "ca.crt"
+        bundle.write_bytes(old.ca_file.read_bytes())
+        async with RegistrySession(options(src.host, ca_bundle=str(bundle))) as s:
+            await copy(f"{src.host}/app:1", f"{old.host}/app:1", session=s)
+            with pytest.raises(TLSError):  # not trusted yet: the bundle holds the old CA only
+                await copy(f"{src.host}/app:1", f"{new.host}/app:1", session=s)
+            tmp = tmp_path / "ca.crt.new"  # swapped in whole, as a Secret volume does
+            tmp.write_bytes(old.ca_file.read_bytes() + new.ca_file.read_bytes())
+            tmp.replace(bundle)
+            r = await copy(f"{src.host}/app:1", f"{new.host}/app:1", session=s)
+            await copy(f"{src.host}/app:1", f"{old.host}/again:1", session=s)  # the old CA still trusted
+        assert r.digest == img.digest
+        assert_copied(Pusher(src.host), Pusher(new.host, ca_file=str(new.ca_file)), img, "app")
+
+
 @pytest.mark.parametrize("lock_on", [r"^POST /v2/app/blobs/uploads/", r"^PUT /v2/app/manifests/1"], ids=["blobs", "tag"])
 async def test_write_lock_defers_and_leaves_no_tag(src: Registry, dst: Registry, lock_on: str) -> None:
     img = push_image(Pusher(src.host), "app", "1", layers=[20_000], seed=8)

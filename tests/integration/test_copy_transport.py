@@ -140,7 +140,7 @@ async def test_plain_http_copy_makes_no_tls_context(src: Registry, dst: Registry
     async with RegistrySession(opts) as s:
         r = await copy_image(reference.parse(f"{src.host}/plain/app:1"), reference.parse(f"{dst.host}/plain/app:1"), session=s)
         assert r.digest == img.digest
-        assert s.pool.ssl_context is None  # no CA store loaded for plain HTTP
+        assert s._ssl is None  # no CA store loaded for plain HTTP
         assert idle_connections(s) >= 1  # keep-alive connections are pooled for reuse
     assert_copied(Pusher(src.host), Pusher(dst.host), img, "plain/app")
 

@@ -113,6 +113,15 @@ class _Token:
     expires: float
 
 
+def _stamp(path: str) -> tuple[int, int] | None:
+    """What tells a CA file's new content from its old (a Secret volume swaps its files in whole)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # loading it names the problem
+    return st.st_mtime_ns, st.st_size
+
+
 class RegistrySession:
     """A pool of connections and tokens. Use as ``async with RegistrySession(opts) as s:``."""
 
@@ -127,20 +136,24 @@ class RegistrySession:
         self.known_blobs: dict[tuple[str, str], str] = {}
         #: registry host -> False once it refused a mount from the target repository itself.
         self.self_mount: dict[str, bool] = {}
+        self._ssl: tuple[tuple[tuple[int, int] | None, ...], ssl.SSLContext] | None = None  # (bundle stamps, context)
 
     def ssl_context(self) -> ssl.SSLContext:
-        """The TLS context: the system's trust plus the extra CA bundle and the cluster registry's CA
-        ($CLUSTER_REGISTRY_CA_BUNDLE, which the chart sets in every pod that talks to the registry).
-        Made by the pool on the first https connection only (loading the CA store takes tens of
-        milliseconds)."""
+        """The TLS context for a new https connection: the system's trust plus the extra CA bundle and
+        the cluster registry's CA ($CLUSTER_REGISTRY_CA_BUNDLE, which the chart sets in every pod that
+        talks to the registry). Kept until a bundle file changes (loading the CA store takes tens of
+        milliseconds): a long-lived reconciler trusts a renewed CA once its mounted Secret shows it."""
+        bundles = [b for b in (self.options.ca_bundle, os.environ.get(CA_BUNDLE_ENV)) if b]
+        stamp = tuple(_stamp(b) for b in bundles)
+        if self._ssl is not None and self._ssl[0] == stamp:
+            return self._ssl[1]
         ctx = ssl.create_default_context()
-        for bundle in (self.options.ca_bundle, os.environ.get(CA_BUNDLE_ENV)):
-            if not bundle:
-                continue
+        for bundle in bundles:
             try:
                 ctx.load_verify_locations(cafile=bundle)
             except (OSError, ssl.SSLError) as err:
                 raise ConfigError(f"cannot load CA bundle {bundle}: {err}") from err
+        self._ssl = (stamp, ctx)
         return ctx
 
     @property

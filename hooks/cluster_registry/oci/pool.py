@@ -25,13 +25,12 @@ _T = TypeVar("_T")
 class ConnectionPool:
     """Idle keep-alive connections per (scheme, host:port), shared by the worker threads.
 
-    The TLS context is made on the first https connection (``make_ssl``), so a process that only
-    speaks plain HTTP never loads the CA store. Connections time out after ``connect_timeout``
+    Each new https connection takes its TLS context from ``make_ssl`` (which keeps it until its CA
+    files change), so a process that only speaks plain HTTP never loads the CA store. Connections time out after ``connect_timeout``
     while connecting and ``timeout`` per read or write afterwards. ``close`` also shuts down the
     connections in use, which unblocks any thread still waiting on one.
     """
 
-    ssl_context: ssl.SSLContext | None = None
     timeout: float = 300.0
     max_idle: float = 15.0  # seconds; servers close idle keep-alive connections sooner or later
     connect_timeout: float | None = None  # None: ``timeout``
@@ -58,14 +57,12 @@ class ConnectionPool:
                     self._active.add(idle_conn)
                     return idle_conn, True
                 idle_conn.close()
-            if scheme == "https" and self.ssl_context is None:
-                self.ssl_context = self.make_ssl()
         host, _, port = netloc.rpartition(":") if netloc.rsplit(":", 1)[-1].isdigit() else (netloc, "", "")
         host = host.strip("[]")
         connect_timeout = self.timeout if self.connect_timeout is None else self.connect_timeout
         if scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                host, int(port) if port else None, timeout=connect_timeout, context=self.ssl_context
+                host, int(port) if port else None, timeout=connect_timeout, context=self.make_ssl()
             )
         else:
             conn = http.client.HTTPConnection(host, int(port) if port else None, timeout=connect_timeout)
