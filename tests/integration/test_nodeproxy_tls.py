@@ -24,7 +24,7 @@ import pytest
 
 from cluster_registry.certs import pki
 from cluster_registry.nodeproxy.relay import Relay, TlsOrigin, Upstream
-from tests.integration.test_nodeproxy import recv_all, relay
+from tests.integration.test_nodeproxy import recv_all, relay, upstream
 from tests.support.registry import registry_binary, run_registry
 
 pytestmark = pytest.mark.integration
@@ -46,29 +46,14 @@ def tls_server(cert: bytes, key: bytes, tmp: Path, handler: object) -> Iterator[
     (tmp / "srv.key").write_bytes(key)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(tmp / "srv.crt", tmp / "srv.key")
-    server = socket.create_server(("127.0.0.1", 0))
     received: list[bytes] = []
 
-    def serve(raw: socket.socket) -> None:
-        try:
-            with ctx.wrap_socket(raw, server_side=True) as conn:
-                handler(conn, received)  # type: ignore[operator]
-        except (OSError, ssl.SSLError):
-            raw.close()
+    def serve(raw: socket.socket) -> None:  # upstream() closes RAW after it
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            handler(conn, received)  # type: ignore[operator]
 
-    def accept() -> None:
-        while True:
-            try:
-                raw, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(raw,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield server.getsockname()[1], received
-    finally:
-        server.close()
+    with upstream(serve) as port:
+        yield port, received
 
 
 def _ca(tmp: Path) -> tuple[bytes, bytes, Path]:
